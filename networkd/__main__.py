@@ -1,0 +1,3 @@
+from networkd.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""etcd v3 access: the aetcd adapter, snapshots of key prefixes, the process lease."""

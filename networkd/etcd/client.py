@@ -1,0 +1,363 @@
+"""The only code that touches aetcd.
+
+aetcd is asyncio (grpc.aio); Twisted's coroutine driver cannot await its
+futures.  Every call here runs as an asyncio task and is handed back as a
+Deferred, so the rest of networkd sees Deferreds only.  Errors come out as
+two named types: ``EtcdUnavailable`` (retry later) and ``Compacted``
+(re-read the prefix).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable
+
+import aetcd
+import grpc
+from aetcd import exceptions as aetcd_errors
+from aetcd import rpc, transactions
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.logger import Logger
+
+from networkd.options import Endpoint
+
+log = Logger()
+
+# gRPC retries a broken channel with its own backoff, by default up to two
+# minutes apart.  Keep it short: etcd coming back must be noticed at once.
+CHANNEL_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 200,
+    "grpc.min_reconnect_backoff_ms": 200,
+    "grpc.max_reconnect_backoff_ms": 1000,
+    "grpc.keepalive_time_ms": 10000,
+    "grpc.keepalive_timeout_ms": 3000,
+    "grpc.keepalive_permit_without_calls": 1,
+}
+
+CONNECTION_ERRORS = (
+    aetcd_errors.ConnectionFailedError,
+    aetcd_errors.ConnectionTimeoutError,
+    aetcd_errors.InternalError,
+    aetcd_errors.WatchTimeoutError,
+    rpc.AioRpcError,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+
+class EtcdUnavailable(Exception):
+    """etcd did not answer; the call may be retried later."""
+
+
+class Compacted(Exception):
+    """The revision asked for was compacted away; re-read the prefix."""
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self):
+        def read(path):
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: bytes
+    value: bytes
+    mod_revision: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    deleted: bool
+    key: bytes
+    value: bytes
+    mod_revision: int
+
+
+class _LeaseCompare(transactions.BaseCompare):
+    """aetcd has no compare on a key's lease; etcd has (``Compare.LEASE``)."""
+
+    def build_compare(self, compare):
+        compare.target = rpc.Compare.LEASE
+        compare.lease = int(self.value)
+
+
+class _Client(aetcd.Client):
+    """aetcd's client, plus TLS channels (aetcd itself only opens insecure ones)."""
+
+    def __init__(self, *args, credentials=None, **kwargs):
+        self._credentials = credentials
+        super().__init__(*args, **kwargs)
+
+    async def connect(self) -> None:
+        if self._credentials is None or self._connected.is_set():
+            return await super().connect()
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            self.channel = rpc.secure_channel(target, self._credentials, options=self._options.items())
+            if self._username is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                resp = await self.auth_stub.Authenticate(
+                    rpc.AuthenticateRequest(name=self._username, password=self._password),
+                    timeout=self._timeout,
+                )
+                self.metadata = (("token", resp.token),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(
+                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+class WatchHandle:
+    """A running prefix watch: ``done`` fires when it ends, ``cancel()`` ends it."""
+
+    def __init__(self, task: asyncio.Task):
+        self._task = task
+        self.done: Deferred = Deferred.fromFuture(task).addErrback(_twisted_cancel)
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+
+def _translate(error: BaseException, endpoint: Endpoint) -> BaseException:
+    if isinstance(error, aetcd_errors.RevisionCompactedError):
+        return Compacted(f"revision compacted below {error.compacted_revision}")
+    if isinstance(error, CONNECTION_ERRORS):
+        detail = str(error) or type(error).__name__
+        return EtcdUnavailable(f"etcd {endpoint}: {detail.splitlines()[0][:200]}")
+    return error
+
+
+class EtcdClient:
+    """etcd v3 over aetcd, with endpoint fail-over; every method returns a Deferred."""
+
+    def __init__(
+        self,
+        endpoints: Iterable[Endpoint],
+        *,
+        tls: TLSFiles | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        call_timeout: float = 3.0,
+    ):
+        self.endpoints = tuple(endpoints)
+        self._tls = tls
+        self._user = user
+        self._password = password
+        self.call_timeout = call_timeout
+        self._index = 0
+        self._client: _Client | None = None
+        self.failovers = 0
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.endpoints[self._index]
+
+    def _current(self) -> _Client:
+        if self._client is None:
+            endpoint = self.endpoint
+            secure = endpoint.secure or (self._tls is not None and any(vars(self._tls).values()))
+            self._client = _Client(
+                endpoint.host,
+                endpoint.port,
+                username=self._user,
+                password=self._password,
+                timeout=None,
+                options=CHANNEL_OPTIONS,
+                credentials=(self._tls or TLSFiles()).credentials() if secure else None,
+            )
+        return self._client
+
+    def _failed(self, client: _Client) -> None:
+        """Move on to the next endpoint after a connection error on ``client``."""
+        if len(self.endpoints) < 2 or client is not self._client:
+            return
+        old = self._client
+        self._client = None
+        self._index = (self._index + 1) % len(self.endpoints)
+        self.failovers += 1
+        log.warn("etcd: failing over to {endpoint}", endpoint=self.endpoint)
+        asyncio.ensure_future(_close_quietly(old))
+
+    def _call(self, operation: Callable[[_Client], Awaitable], timeout: float | None = None) -> Deferred:
+        async def run():
+            client = self._current()
+            endpoint = self.endpoint
+            try:
+                return await asyncio.wait_for(operation(client), timeout or self.call_timeout)
+            except BaseException as e:
+                translated = _translate(e, endpoint)
+                if isinstance(translated, EtcdUnavailable):
+                    self._failed(client)
+                if translated is e:
+                    raise
+                raise translated from e
+
+        return Deferred.fromFuture(asyncio.ensure_future(run())).addErrback(_twisted_cancel)
+
+    # -- reads ---------------------------------------------------------------
+
+    def get_prefix(self, prefix: bytes) -> Deferred:
+        """(revision, [KeyValue]) for every key under ``prefix``, read at one revision."""
+
+        async def op(client):
+            result = await client.get_prefix(prefix)
+            return result.header.revision, [
+                KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in result
+            ]
+
+        return self._call(op)
+
+    def get(self, key: bytes) -> Deferred:
+        """A KeyValue, or None if the key does not exist."""
+
+        async def op(client):
+            kv = await client.get(key)
+            return None if kv is None else KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease)
+
+        return self._call(op)
+
+    def watch_prefix(self, prefix: bytes, start_revision: int, on_event: Callable[[WatchEvent], None]) -> Deferred:
+        """Start a watch; fires with a WatchHandle once etcd accepted it.
+
+        ``on_event`` is called for every change, in order, on the reactor's
+        loop.  The handle's ``done`` fails with EtcdUnavailable or Compacted.
+        """
+
+        async def op(client):
+            return await client.watch_prefix(prefix, start_revision=start_revision)
+
+        def start(watch) -> WatchHandle:
+            endpoint = self.endpoint
+            client = self._client
+
+            async def pump():
+                try:
+                    async for event in watch:
+                        kv = event.kv
+                        on_event(WatchEvent(event.kind == "DELETE", kv.key, kv.value, kv.mod_revision))
+                except asyncio.CancelledError:
+                    await _quietly(watch.cancel())
+                    raise
+                except BaseException as e:
+                    translated = _translate(e, endpoint)
+                    if isinstance(translated, EtcdUnavailable) and client is not None:
+                        self._failed(client)
+                    if translated is e:
+                        raise
+                    raise translated from e
+                raise EtcdUnavailable(f"etcd {endpoint}: watch stream ended")
+
+            return WatchHandle(asyncio.ensure_future(pump()))
+
+        return self._call(op).addCallback(start)
+
+    # -- writes --------------------------------------------------------------
+
+    def put(self, key: bytes, value: bytes, lease: int | None = None) -> Deferred:
+        return self._call(lambda client: client.put(key, value, lease=lease))
+
+    def delete(self, key: bytes) -> Deferred:
+        """True if the key existed."""
+
+        async def op(client):
+            return (await client.delete(key)) is not None
+
+        return self._call(op)
+
+    def put_if_absent(self, key: bytes, value: bytes, lease: int | None = None) -> Deferred:
+        """Create ``key`` only if it does not exist (create_revision == 0); True if created."""
+
+        async def op(client):
+            tx = client.transactions
+            ok, _ = await client.transaction(
+                compare=[tx.create(key) == 0],
+                success=[tx.put(key, value, lease=lease)],
+                failure=[],
+            )
+            return ok
+
+        return self._call(op)
+
+    def delete_if_lease(self, key: bytes, lease: int) -> Deferred:
+        """Delete ``key`` only if it is attached to ``lease``; True if deleted."""
+
+        async def op(client):
+            ok, _ = await client.transaction(
+                compare=[_LeaseCompare(key) == lease],
+                success=[client.transactions.delete(key)],
+                failure=[],
+            )
+            return ok
+
+        return self._call(op)
+
+    def compact(self, revision: int) -> Deferred:
+        return self._call(lambda client: client.compact(revision, physical=True))
+
+    # -- leases --------------------------------------------------------------
+
+    def grant_lease(self, ttl: int) -> Deferred:
+        """A new lease id with ``ttl`` seconds."""
+
+        async def op(client):
+            return (await client.lease(ttl)).id
+
+        return self._call(op)
+
+    def keep_alive(self, lease: int, timeout: float | None = None) -> Deferred:
+        """Refresh ``lease``; fires with the TTL etcd granted, 0 if the lease is gone."""
+
+        async def op(client):
+            reply = await client.refresh_lease(lease)
+            return 0 if reply is None else max(0, reply.TTL)
+
+        return self._call(op, timeout)
+
+    def revoke_lease(self, lease: int, timeout: float | None = None) -> Deferred:
+        return self._call(lambda client: client.revoke_lease(lease), timeout)
+
+    def close(self) -> Deferred:
+        client, self._client = self._client, None
+        if client is None:
+            return succeed(None)
+        return Deferred.fromFuture(asyncio.ensure_future(_close_quietly(client)))
+
+
+def _twisted_cancel(failure):
+    """An asyncio cancellation, seen from Twisted, is Twisted's CancelledError."""
+    failure.trap(asyncio.CancelledError)
+    raise CancelledError()
+
+
+async def _quietly(awaitable) -> None:
+    try:
+        await asyncio.wait_for(awaitable, 1.0)
+    except BaseException:
+        pass
+
+
+async def _close_quietly(client: _Client) -> None:
+    await _quietly(client.close())

@@ -1,0 +1,213 @@
+"""Whole snapshots of an etcd key prefix: list, then watch from revision+1.
+
+Consumers never see single events: they get the complete current content
+of the prefix with its revision, and reconcile to it.  A burst of events is
+delivered as one snapshot.  When etcd goes away the last snapshot stays, the
+watch resumes from the last revision when etcd is back, and a compacted
+revision makes the prefix be read again from scratch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from networkd.backoff import Backoff
+from networkd.etcd.client import Compacted, EtcdUnavailable, WatchEvent
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """All keys under ``prefix`` at ``revision``; keys are relative to the prefix."""
+
+    prefix: str
+    revision: int
+    values: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+
+Subscriber = Callable[[Snapshot], None]
+
+
+@dataclass
+class PrefixStatus:
+    """What the API and /healthz tell about one watched prefix."""
+
+    prefix: str
+    connected: bool = False
+    revision: int = 0
+    synced_at: float | None = None  # clock time of the last successful list or event
+    lost_at: float | None = None  # clock time the connection was lost, None while up
+    last_error: str | None = None
+    reconnects: int = 0
+    relists: int = 0
+
+
+class PrefixWatcher(service.Service):
+    """Keeps a live snapshot of one prefix and hands it to subscribers."""
+
+    def __init__(self, client, prefix: str, reactor, backoff: Backoff | None = None):
+        self.name = f"watch {prefix}"
+        self._client = client
+        self.prefix = prefix
+        self._prefix_bytes = prefix.encode()
+        self._reactor = reactor
+        self._backoff = backoff or Backoff()
+        self._subscribers: list[Subscriber] = []
+        self._values: dict[str, str] = {}
+        self._revision = 0
+        self._listed = False
+        self._must_relist = True
+        self._publish_call = None
+        self._loop: defer.Deferred | None = None
+        self._waiting: defer.Deferred | None = None
+        self._watch = None
+        self.snapshot: Snapshot | None = None
+        self.status = PrefixStatus(prefix)
+
+    # -- subscribers ---------------------------------------------------------
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """Call ``subscriber`` with every new snapshot (and now, if one exists)."""
+        self._subscribers.append(subscriber)
+        if self.snapshot is not None:
+            self._deliver(subscriber, self.snapshot)
+
+    def _deliver(self, subscriber: Subscriber, snapshot: Snapshot) -> None:
+        try:
+            subscriber(snapshot)
+        except Exception:
+            log.failure("snapshot subscriber {s!r} failed on {prefix}", s=subscriber, prefix=self.prefix)
+
+    def _schedule_publish(self) -> None:
+        """Coalesce: events of one burst become one snapshot."""
+        if self._publish_call is None or not self._publish_call.active():
+            self._publish_call = self._reactor.callLater(0, self._publish)
+
+    def _publish(self) -> None:
+        self._publish_call = None
+        self.snapshot = Snapshot(self.prefix, self._revision, MappingProxyType(dict(self._values)))
+        for subscriber in list(self._subscribers):
+            self._deliver(subscriber, self.snapshot)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def startService(self):
+        super().startService()
+        self._loop = defer.Deferred.fromCoroutine(self._run())
+        self._loop.addErrback(lambda f: f.trap(defer.CancelledError))
+        self._loop.addErrback(lambda f: log.failure("watch loop of {prefix} died", f, prefix=self.prefix))
+
+    def stopService(self):
+        super().stopService()
+        self._interrupt()
+        if self._publish_call is not None and self._publish_call.active():
+            self._publish_call.cancel()
+        loop, self._loop = self._loop, None
+        return loop if loop is not None else defer.succeed(None)
+
+    def resync(self) -> None:
+        """Read the whole prefix again (SIGHUP)."""
+        log.info("resync of {prefix} requested", prefix=self.prefix)
+        self._must_relist = True
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    # -- the loop ------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while self.running:
+            try:
+                if self._must_relist:
+                    await self._list()
+                await self._follow()
+            except Compacted as e:
+                log.info("{prefix}: {error}; reading it again", prefix=self.prefix, error=e)
+                self._must_relist = True
+                self.status.relists += 1
+            except EtcdUnavailable as e:
+                self._lost(str(e))
+                await self._sleep(self._backoff.next())
+            except defer.CancelledError:
+                if not self.running:
+                    return
+            except Exception as e:  # never let the loop die on a surprise
+                log.failure("watch of {prefix} failed", prefix=self.prefix)
+                self._lost(f"{type(e).__name__}: {e}")
+                await self._sleep(self._backoff.next())
+
+    async def _list(self) -> None:
+        revision, kvs = await self._client.get_prefix(self._prefix_bytes)
+        self._values = {self._relative(kv.key): _text(kv.value) for kv in kvs}
+        self._revision = revision
+        self._must_relist = False
+        self._listed = True
+        self._up()
+        self._schedule_publish()
+
+    async def _follow(self) -> None:
+        self._watch = await self._client.watch_prefix(self._prefix_bytes, self._revision + 1, self._on_event)
+        try:
+            self._up()
+            self._backoff.reset()
+            await self._watch.done
+        finally:
+            self._watch = None
+
+    def _on_event(self, event: WatchEvent) -> None:
+        key = self._relative(event.key)
+        if event.deleted:
+            self._values.pop(key, None)
+        else:
+            self._values[key] = _text(event.value)
+        self._revision = max(self._revision, event.mod_revision)
+        self.status.revision = self._revision
+        self.status.synced_at = self._reactor.seconds()
+        self._schedule_publish()
+
+    async def _sleep(self, seconds: float) -> None:
+        self._waiting = task.deferLater(self._reactor, seconds, lambda: None)
+        try:
+            await self._waiting
+        except defer.CancelledError:
+            pass
+        finally:
+            self._waiting = None
+
+    def _relative(self, key: bytes) -> str:
+        return _text(key[len(self._prefix_bytes):])
+
+    # -- status --------------------------------------------------------------
+
+    def _up(self) -> None:
+        if not self.status.connected and self.status.lost_at is not None:
+            log.info("etcd is back for {prefix} at revision {rev}", prefix=self.prefix, rev=self._revision)
+        self.status.connected = True
+        self.status.lost_at = None
+        self.status.last_error = None
+        self.status.revision = self._revision
+        self.status.synced_at = self._reactor.seconds()
+
+    def _lost(self, error: str) -> None:
+        if self.status.connected or self.status.lost_at is None:
+            log.warn("etcd watch of {prefix} lost: {error}; keeping the last snapshot",
+                     prefix=self.prefix, error=error)
+            self.status.lost_at = self._reactor.seconds()
+            self.status.reconnects += 1
+        self.status.connected = False
+        self.status.last_error = error
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")

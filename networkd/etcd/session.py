@@ -1,0 +1,138 @@
+"""The process lease: granted once, kept alive every TTL/3, revoked on stop.
+
+Locks borrow this lease; they never own one.  ``last_ack`` is the clock
+time at which the newest *acknowledged* keep-alive was sent, so
+``clock.seconds() - last_ack`` bounds how long etcd may already have been
+counting the lease down.  Self-fencing is built on that number.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from networkd.backoff import Backoff
+from networkd.etcd.client import EtcdUnavailable
+
+log = Logger()
+
+
+class SessionExpired(Exception):
+    """etcd says our lease is gone: everything attached to it is gone too."""
+
+
+class Session(service.Service):
+    name = "etcd session"
+
+    def __init__(self, client, ttl: int, reactor, backoff: Backoff | None = None):
+        self._client = client
+        self.ttl = ttl
+        self._reactor = reactor
+        self._backoff = backoff or Backoff(0.1, max(0.5, ttl / 3))
+        self.lease: int | None = None
+        self.last_ack: float | None = None
+        self.last_error: str | None = None
+        self.lost_count = 0
+        self._ack_listeners: list[Callable[[int], None]] = []
+        self._lost_listeners: list[Callable[[], None]] = []
+        self._loop: defer.Deferred | None = None
+        self._waiting: defer.Deferred | None = None
+
+    @property
+    def interval(self) -> float:
+        return self.ttl / 3
+
+    def ack_age(self) -> float | None:
+        """Seconds since the newest acknowledged keep-alive was sent (None: never)."""
+        return None if self.last_ack is None else self._reactor.seconds() - self.last_ack
+
+    def on_ack(self, listener: Callable[[int], None]) -> None:
+        """``listener(lease)`` after every acknowledged keep-alive (and the grant)."""
+        self._ack_listeners.append(listener)
+
+    def on_lost(self, listener: Callable[[], None]) -> None:
+        """``listener()`` when etcd says the lease expired; a new one follows."""
+        self._lost_listeners.append(listener)
+
+    def startService(self):
+        super().startService()
+        self._loop = defer.Deferred.fromCoroutine(self._run())
+        self._loop.addErrback(lambda f: f.trap(defer.CancelledError))
+        self._loop.addErrback(lambda f: log.failure("etcd session loop died", f))
+
+    def stopService(self):
+        super().stopService()
+        return defer.Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()
+        if self._loop is not None:
+            await self._loop
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            try:
+                await self._client.revoke_lease(lease, timeout=1.0)
+                log.info("revoked lease {lease:x}", lease=lease)
+            except Exception as e:
+                log.warn("could not revoke lease {lease:x}: {e}; it expires by itself", lease=lease, e=e)
+
+    async def _run(self) -> None:
+        while self.running:
+            sent = self._reactor.seconds()
+            try:
+                if self.lease is None:
+                    self.lease = await self._client.grant_lease(self.ttl)
+                    log.info("granted lease {lease:x} with TTL {ttl}s", lease=self.lease, ttl=self.ttl)
+                else:
+                    granted = await self._client.keep_alive(self.lease, timeout=self.interval)
+                    if granted <= 0:
+                        raise SessionExpired(f"lease {self.lease:x} expired")
+                self._acked(sent)
+                delay = max(0.0, sent + self.interval - self._reactor.seconds())
+            except SessionExpired as e:
+                self._expired(str(e))
+                delay = 0.0
+            except EtcdUnavailable as e:
+                self.last_error = str(e)
+                delay = self._backoff.next()
+            except Exception as e:
+                log.failure("etcd keep-alive failed")
+                self.last_error = f"{type(e).__name__}: {e}"
+                delay = self._backoff.next()
+            if self.running:
+                await self._sleep(delay)
+
+    def _acked(self, sent: float) -> None:
+        self.last_ack = sent
+        self.last_error = None
+        self._backoff.reset()
+        for listener in list(self._ack_listeners):
+            try:
+                listener(self.lease)
+            except Exception:
+                log.failure("lease ack listener failed")
+
+    def _expired(self, why: str) -> None:
+        log.warn("etcd session lost: {why}", why=why)
+        self.lease = None
+        self.last_ack = None
+        self.last_error = why
+        self.lost_count += 1
+        for listener in list(self._lost_listeners):
+            try:
+                listener()
+            except Exception:
+                log.failure("lease lost listener failed")
+
+    async def _sleep(self, seconds: float) -> None:
+        self._waiting = task.deferLater(self._reactor, seconds, lambda: None)
+        try:
+            await self._waiting
+        except defer.CancelledError:
+            pass
+        finally:
+            self._waiting = None

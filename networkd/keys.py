@@ -1,0 +1,43 @@
+"""The etcd key layout, under a configurable root (default ``/lain``).
+
+Same paths as the Go networkd, in the v3 keyspace, so LAIN tooling and docs
+keep working.  Prefixes end with ``/`` so that ``vips`` never matches
+``vips_old``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    root: str = "/lain"
+
+    @property
+    def vips(self) -> str:
+        """VIP configs: ``<root>/config/vips/<ip>[:<port>]`` = JSON."""
+        return f"{self.root}/config/vips/"
+
+    @property
+    def domains(self) -> str:
+        """Local DNS names: ``<root>/config/domains/<name>`` = {"ips": [...], "type": ...}."""
+        return f"{self.root}/config/domains/"
+
+    @property
+    def domain_servers(self) -> str:
+        """Forwarding zones: ``<root>/config/domain_servers/<zone>`` = {"servers": ["IP#PORT"]}."""
+        return f"{self.root}/config/domain_servers/"
+
+    @property
+    def pod_groups(self) -> str:
+        """deployd pod groups: ``<root>/deployd/pod_groups/<app>/<podgroup>`` = JSON."""
+        return f"{self.root}/deployd/pod_groups/"
+
+    @property
+    def vip_locks(self) -> str:
+        """VIP locks: ``<root>/networkd/vips/<ip>.lock`` = holder hostname, on its lease."""
+        return f"{self.root}/networkd/vips/"
+
+    def vip_lock(self, ip: str) -> str:
+        return f"{self.vip_locks}{ip}.lock"

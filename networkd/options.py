@@ -1,0 +1,266 @@
+"""Command-line options: parsing, validation and the Go daemon's flag aliases.
+
+Everything is checked here, before any service starts, so that a bad value
+is one clear line and exit status 2 instead of a half-started daemon.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from twisted.python import usage
+
+from networkd import __version__
+
+# Go flag name -> our option name.  The Go daemon spelled them with dots.
+GO_ALIASES = {
+    "etcd.endpoint": "etcd",
+    "godns.addr": "dns-listen",
+    "api.addr": "api-listen",
+    "net.interface": "interface",
+    "net.address": "node-ip",
+}
+
+FIREWALL_BACKENDS = ("auto", "legacy", "nft")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One etcd endpoint as gRPC wants it."""
+
+    host: str
+    port: int
+    secure: bool
+
+    def __str__(self) -> str:
+        scheme = "https" if self.secure else "http"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_port(text: str, what: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise usage.UsageError(f"{what}: port {text!r} is not a number") from None
+    if not 1 <= port <= 65535:
+        raise usage.UsageError(f"{what}: port {port} is out of range 1-65535")
+    return port
+
+
+def parse_listen(text: str, what: str) -> ListenAddress:
+    """Parse ``IP:PORT`` or ``[IPv6]:PORT``; a bare ``:PORT`` means 127.0.0.1."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise usage.UsageError(f"{what}: {text!r} is not [IPv6]:PORT")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise usage.UsageError(f"{what}: {text!r} is not IP:PORT")
+    host = host or "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise usage.UsageError(f"{what}: {host!r} in {text!r} is not an IP address") from None
+    return ListenAddress(str(ip), parse_port(port, what))
+
+
+def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
+    """Parse a comma-separated list of ``[http[s]://]host:port`` endpoints."""
+    endpoints = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if "://" not in item:
+            item = "http://" + item
+        parts = urlsplit(item)
+        if parts.scheme not in ("http", "https"):
+            raise usage.UsageError(f"--etcd: {item!r}: scheme must be http or https")
+        if not parts.hostname:
+            raise usage.UsageError(f"--etcd: {item!r} has no host")
+        try:
+            port = parts.port or 2379
+        except ValueError:
+            raise usage.UsageError(f"--etcd: {item!r} has a bad port") from None
+        if parts.path not in ("", "/"):
+            raise usage.UsageError(f"--etcd: {item!r}: endpoints take no path")
+        endpoints.append(Endpoint(parts.hostname, port, parts.scheme == "https"))
+    if not endpoints:
+        raise usage.UsageError("--etcd: no endpoint given")
+    return tuple(endpoints)
+
+
+def parse_cidrs(text: str, what: str) -> tuple:
+    nets = []
+    for item in (part.strip() for part in text.split(",")):
+        if item:
+            try:
+                nets.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise usage.UsageError(f"{what}: {item!r} is not a CIDR") from None
+    return tuple(nets)
+
+
+def readable_file(path: str, what: str) -> str:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise usage.UsageError(f"{what}: cannot read {path!r}: {e.strerror}") from None
+    return path
+
+
+def first_ipv4_of(interface: str) -> str | None:
+    """The first IPv4 address of ``interface``, or None (read-only netlink query)."""
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ipr:
+            index = ipr.link_lookup(ifname=interface)
+            if not index:
+                return None
+            for msg in ipr.get_addr(family=socket.AF_INET, index=index[0]):
+                address = msg.get_attr("IFA_ADDRESS")
+                if address and msg["prefixlen"] != 32:
+                    return address
+            for msg in ipr.get_addr(family=socket.AF_INET, index=index[0]):
+                return msg.get_attr("IFA_ADDRESS")
+    except OSError:
+        return None
+    return None
+
+
+class Options(usage.Options):
+    """networkd options (``twistd -n networkd --help``)."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "networkd floats VIPs between nodes with etcd locks, serves DNS for "
+        "the node, guards resolv.conf and answers an HTTP API.  Go flag names "
+        "(--etcd.endpoint, --godns.addr, --api.addr, --net.interface, "
+        "--net.address) are accepted as aliases."
+    )
+
+    optFlags = [
+        ["no-vips", None, "Do not manage floating VIPs."],
+        ["no-dns", None, "Do not run the DNS server."],
+        ["no-resolv-conf", None, "Do not touch the resolv.conf file."],
+        ["keep-resolv-conf", None, "On stop, leave our nameserver line in resolv.conf."],
+        ["verbose", "v", "Log at debug level."],
+    ]
+
+    optParameters = [
+        ["etcd", None, "http://127.0.0.1:2379", "Comma-separated etcd v3 endpoints (http:// or https://)."],
+        ["etcd-root", None, "/lain", "Root of the LAIN keys in etcd."],
+        ["etcd-ca", None, None, "CA certificate (PEM) to verify etcd's TLS certificate."],
+        ["etcd-cert", None, None, "Client certificate (PEM) for etcd TLS."],
+        ["etcd-key", None, None, "Client private key (PEM) for etcd TLS."],
+        ["etcd-user", None, None, "etcd user name (needs --etcd-password)."],
+        ["etcd-password", None, None, "etcd password (needs --etcd-user)."],
+        ["hostname", None, None, "This node's name in etcd (default: the system host name)."],
+        ["interface", None, "eth0", "Interface that carries VIPs; its first IPv4 is the default node IP."],
+        ["node-ip", None, None, "This node's IP (default: first IPv4 of --interface)."],
+        ["dns-listen", None, "127.0.0.1:53", "DNS listen address, UDP and TCP."],
+        ["api-listen", None, "127.0.0.1:3000", "HTTP API listen address."],
+        ["resolv-conf", None, "/etc/resolv.conf", "The resolv.conf file to guard and read upstreams from."],
+        ["systemd-resolv-conf", None, "/run/systemd/resolve/resolv.conf",
+         "Upstream list used when --resolv-conf is systemd-resolved's stub."],
+        ["hosts-file", None, "/etc/hosts", "Hosts file served as local DNS data."],
+        ["lock-ttl", None, "3", "VIP lock lease TTL in seconds (>= 2)."],
+        ["dns-ttl", None, "60", "TTL of local DNS answers, seconds."],
+        ["dns-cache-size", None, "10000", "Entries in the DNS cache."],
+        ["dns-allow", None, "", "Comma-separated CIDRs allowed to query besides loopback."],
+        ["firewall-backend", None, "auto", "iptables back end: auto, legacy (python-iptables) or nft (iptables-restore)."],
+    ] + [[alias, None, None, f"Alias of --{name} (Go flag name)."] for alias, name in GO_ALIASES.items()]
+
+    def opt_version(self):
+        """Print the version and exit."""
+        print(f"networkd {__version__}")
+        print(f"Python {sys.version.split()[0]}")
+        sys.exit(0)
+
+    def postOptions(self):
+        for alias, name in GO_ALIASES.items():
+            if self[alias] is not None:
+                self[name] = self[alias]
+
+        self["etcd-endpoints"] = parse_endpoints(self["etcd"])
+        root = "/" + self["etcd-root"].strip("/")
+        if root == "/":
+            raise usage.UsageError("--etcd-root: must not be empty")
+        self["etcd-root"] = root
+        for name in ("etcd-ca", "etcd-cert", "etcd-key"):
+            if self[name]:
+                readable_file(self[name], f"--{name}")
+        if bool(self["etcd-cert"]) != bool(self["etcd-key"]):
+            raise usage.UsageError("--etcd-cert and --etcd-key go together")
+        if bool(self["etcd-user"]) != bool(self["etcd-password"]):
+            raise usage.UsageError("--etcd-user and --etcd-password go together")
+
+        self["hostname"] = self["hostname"] or socket.gethostname()
+        self["dns-listen"] = parse_listen(self["dns-listen"], "--dns-listen")
+        self["api-listen"] = parse_listen(self["api-listen"], "--api-listen")
+        self["lock-ttl"] = self._integer("lock-ttl", 2, 3600)
+        self["dns-ttl"] = self._integer("dns-ttl", 0, 86400)
+        self["dns-cache-size"] = self._integer("dns-cache-size", 0, 10_000_000)
+        self["dns-allow"] = parse_cidrs(self["dns-allow"], "--dns-allow")
+        if self["firewall-backend"] not in FIREWALL_BACKENDS:
+            raise usage.UsageError(
+                f"--firewall-backend: {self['firewall-backend']!r} is not one of {', '.join(FIREWALL_BACKENDS)}"
+            )
+        if len(self["interface"]) > 15 or not self["interface"] or "/" in self["interface"]:
+            raise usage.UsageError(f"--interface: {self['interface']!r} is not an interface name")
+        self["node-ip"] = self._node_ip()
+
+    def _integer(self, name: str, low: int, high: int) -> int:
+        try:
+            value = int(self[name])
+        except (TypeError, ValueError):
+            raise usage.UsageError(f"--{name}: {self[name]!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise usage.UsageError(f"--{name}: {value} is out of range {low}-{high}")
+        return value
+
+    def _node_ip(self) -> str | None:
+        if self["node-ip"]:
+            try:
+                return str(ipaddress.IPv4Address(self["node-ip"]))
+            except ValueError:
+                raise usage.UsageError(f"--node-ip: {self['node-ip']!r} is not an IPv4 address") from None
+        found = first_ipv4_of(self["interface"])
+        if found is None and not (self["no-vips"] and self["no-dns"]):
+            raise usage.UsageError(
+                f"--node-ip: interface {self['interface']!r} has no IPv4 address; pass --node-ip"
+            )
+        return found
+
+
+class CommandLineOptions(Options):
+    """Options as the command line sees them: a usage error is one line and exit 2."""
+
+    def parseOptions(self, options=None):
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            sys.stderr.write(f"networkd: error: {e}\n")
+            sys.stderr.flush()
+            sys.exit(2)

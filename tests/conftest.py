@@ -1,0 +1,49 @@
+"""Shared fixtures: a real etcd server, a fresh key root per test, namespaces."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import pytest
+
+from tests.support.etcd_server import EtcdServer
+from tests.support.privileges import require_privileged
+
+
+@pytest.fixture(scope="session")
+def etcd_server():
+    """One etcd for the session; tests isolate themselves with ``etcd_root``."""
+    if not shutil.which("etcd"):
+        pytest.fail("etcd is not installed (Debian package etcd-server); run `make test`")
+    server = EtcdServer().start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def private_etcd():
+    """An etcd of this test's own, for tests that stop, restart or compact it."""
+    server = EtcdServer().start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def etcd_root():
+    """A key root nobody else uses, e.g. ``/t3f9a1c``."""
+    return f"/t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def privileged():
+    require_privileged()
+
+
+@pytest.fixture
+def lan(privileged):
+    from tests.support.netns import Lan
+
+    lan = Lan()
+    yield lan
+    lan.delete()

@@ -1,0 +1,23 @@
+"""Waiting for a condition inside a Twisted test without blocking the reactor."""
+
+from __future__ import annotations
+
+import time
+
+from twisted.internet import reactor, task
+
+
+async def eventually(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = ""):
+    """Await until ``predicate()`` is truthy; return its value or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {message or predicate}")
+        await task.deferLater(reactor, interval, lambda: None)
+
+
+async def sleep(seconds: float) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)

@@ -1,0 +1,237 @@
+"""PrefixWatcher and Session against a real etcd server."""
+
+from __future__ import annotations
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from networkd.etcd.client import EtcdClient, EtcdUnavailable
+from networkd.etcd.reflector import PrefixWatcher
+from networkd.etcd.session import Session
+from networkd.options import parse_endpoints
+from tests.support.tcpproxy import TCPProxy
+from tests.support.waiting import eventually, sleep
+
+
+def client_for(*endpoints: str) -> EtcdClient:
+    return EtcdClient(parse_endpoints(",".join(endpoints)), call_timeout=1.0)
+
+
+class Recorder:
+    def __init__(self):
+        self.snapshots = []
+
+    def __call__(self, snapshot):
+        self.snapshots.append(snapshot)
+
+    @property
+    def last(self):
+        return self.snapshots[-1] if self.snapshots else None
+
+    def values(self):
+        return dict(self.last.values) if self.last else None
+
+
+async def started(watcher):
+    watcher.startService()
+    return watcher
+
+
+@pytest_twisted.ensureDeferred
+async def test_initial_snapshot_then_every_change(etcd_server, etcd_root):
+    etcd_server.put(f"{etcd_root}/config/domains/a.lain", '{"ips":["10.0.0.1"]}')
+    etcd_server.put(f"{etcd_root}/config/other", "not in the prefix")
+    client = client_for(etcd_server.endpoint)
+    watcher = PrefixWatcher(client, f"{etcd_root}/config/domains/", reactor)
+    seen = Recorder()
+    watcher.subscribe(seen)
+    watcher.startService()
+    try:
+        await eventually(lambda: seen.last, message="first snapshot")
+        assert seen.values() == {"a.lain": '{"ips":["10.0.0.1"]}'}
+
+        etcd_server.put(f"{etcd_root}/config/domains/b.lain", "b")
+        await eventually(lambda: seen.values() == {"a.lain": '{"ips":["10.0.0.1"]}', "b.lain": "b"})
+        etcd_server.delete(f"{etcd_root}/config/domains/a.lain")
+        await eventually(lambda: seen.values() == {"b.lain": "b"})
+        assert seen.last.revision == etcd_server.revision()
+
+        late = Recorder()
+        watcher.subscribe(late)
+        assert late.values() == {"b.lain": "b"}, "a new subscriber gets the current snapshot at once"
+    finally:
+        await watcher.stopService()
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_burst_is_coalesced_into_few_snapshots(etcd_server, etcd_root):
+    client = client_for(etcd_server.endpoint)
+    watcher = PrefixWatcher(client, f"{etcd_root}/", reactor)
+    seen = Recorder()
+    watcher.subscribe(seen)
+    watcher.startService()
+    try:
+        await eventually(lambda: seen.last)
+        before = len(seen.snapshots)
+        # One etcd transaction of 50 puts: one revision, one watch response.
+        ops = "\n".join(f'put {etcd_root}/k{i} v{i}' for i in range(50)) + "\n\n\n"
+        etcd_server.ctl("txn", input="\n" + ops)
+        await eventually(lambda: len(seen.values()) == 50)
+        assert len(seen.snapshots) - before == 1
+    finally:
+        await watcher.stopService()
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_survives_etcd_restart_without_losing_writes(private_etcd, etcd_root):
+    client = client_for(private_etcd.endpoint)
+    watcher = PrefixWatcher(client, f"{etcd_root}/", reactor)
+    seen = Recorder()
+    watcher.subscribe(seen)
+    watcher.startService()
+    try:
+        private_etcd.put(f"{etcd_root}/before", "1")
+        await eventually(lambda: seen.values() == {"before": "1"})
+
+        private_etcd.stop()
+        await eventually(lambda: not watcher.status.connected, timeout=10, message="loss noticed")
+        await sleep(3)
+        assert seen.values() == {"before": "1"}, "the last snapshot is kept while etcd is away"
+        assert watcher.status.last_error
+
+        private_etcd.start()
+        private_etcd.put(f"{etcd_root}/after", "2")
+        await eventually(lambda: seen.values() == {"before": "1", "after": "2"}, timeout=15)
+        assert watcher.status.connected
+        assert {f"{etcd_root}/{k}": v for k, v in seen.values().items()} == private_etcd.get_prefix(f"{etcd_root}/")
+    finally:
+        await watcher.stopService()
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_compaction_while_disconnected_relists(private_etcd, etcd_root):
+    proxy = TCPProxy(private_etcd.client_port)
+    client = client_for(proxy.endpoint)
+    watcher = PrefixWatcher(client, f"{etcd_root}/", reactor)
+    seen = Recorder()
+    watcher.subscribe(seen)
+    try:
+        for i in range(5):
+            private_etcd.put(f"{etcd_root}/k{i}", f"v{i}")
+        watcher.startService()
+        await eventually(lambda: seen.values() and len(seen.values()) == 5)
+
+        proxy.cut()
+        await eventually(lambda: not watcher.status.connected, timeout=10)
+        private_etcd.delete(f"{etcd_root}/k0")
+        private_etcd.put(f"{etcd_root}/k1", "changed")
+        private_etcd.put(f"{etcd_root}/new", "x")
+        private_etcd.ctl("compact", str(private_etcd.revision()))
+        proxy.heal()
+
+        expected = {k[len(etcd_root) + 1:]: v for k, v in private_etcd.get_prefix(f"{etcd_root}/").items()}
+        await eventually(lambda: seen.values() == expected, timeout=15)
+        assert watcher.status.relists >= 1, "the watcher had to read the prefix again"
+    finally:
+        await watcher.stopService()
+        await client.close()
+        proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_resync_reads_everything_again(etcd_server, etcd_root):
+    client = client_for(etcd_server.endpoint)
+    watcher = PrefixWatcher(client, f"{etcd_root}/", reactor)
+    seen = Recorder()
+    watcher.subscribe(seen)
+    watcher.startService()
+    try:
+        etcd_server.put(f"{etcd_root}/a", "1")
+        await eventually(lambda: seen.values() == {"a": "1"})
+        count = len(seen.snapshots)
+        watcher.resync()
+        await eventually(lambda: len(seen.snapshots) > count)
+        assert seen.values() == {"a": "1"}
+    finally:
+        await watcher.stopService()
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_fails_over_to_the_next_endpoint(etcd_server, etcd_root):
+    from tests.support.ports import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    client = client_for(dead, etcd_server.endpoint)
+    etcd_server.put(f"{etcd_root}/x", "y")
+    watcher = PrefixWatcher(client, f"{etcd_root}/", reactor)
+    seen = Recorder()
+    watcher.subscribe(seen)
+    watcher.startService()
+    try:
+        await eventually(lambda: seen.values() == {"x": "y"}, timeout=10)
+        assert client.failovers >= 1
+    finally:
+        await watcher.stopService()
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_guarded_create_and_delete(etcd_server, etcd_root):
+    client = client_for(etcd_server.endpoint)
+    try:
+        lease = await client.grant_lease(5)
+        other = await client.grant_lease(5)
+        key = f"{etcd_root}/lock".encode()
+        assert await client.put_if_absent(key, b"me", lease) is True
+        assert await client.put_if_absent(key, b"you", other) is False
+        assert (await client.get(key)).value == b"me"
+        assert await client.delete_if_lease(key, other) is False
+        assert (await client.get(key)).value == b"me"
+        assert await client.delete_if_lease(key, lease) is True
+        assert await client.get(key) is None
+        await client.revoke_lease(lease)
+        await client.revoke_lease(other)
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_alive_timestamp_stops_while_etcd_is_down(private_etcd):
+    client = client_for(private_etcd.endpoint)
+    session = Session(client, ttl=3, reactor=reactor)
+    session.startService()
+    try:
+        await eventually(lambda: session.last_ack is not None)
+        first = session.last_ack
+        await eventually(lambda: session.last_ack > first, timeout=3, message="keep-alive advances")
+
+        private_etcd.stop()
+        await sleep(1.5)
+        frozen = session.last_ack
+        await sleep(2)
+        assert session.last_ack == frozen, "no acknowledgement while etcd is down"
+        assert session.ack_age() > 2
+        assert session.last_error
+
+        private_etcd.start()
+        await eventually(lambda: session.last_ack and session.last_ack > frozen, timeout=15)
+    finally:
+        await session.stopService()
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unreachable_etcd_is_a_named_error():
+    from tests.support.ports import free_port
+
+    client = client_for(f"http://127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(EtcdUnavailable):
+            await client.get_prefix(b"/x/")
+    finally:
+        await client.close()
