@@ -100,13 +100,30 @@ class Networkd(service.MultiService):
         # twistd starts its log observers before the services: filter them now.
         filter_debug_logs(self.options["verbose"])
         super().startService()
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.resync))
+        self.reactor.callWhenRunning(self._install_signal_handlers)
         log.info(
             "networkd started: host {host}, node IP {ip}, etcd {etcd}, root {root}",
             host=self.options["hostname"], ip=self.options["node-ip"],
             etcd=",".join(str(e) for e in self.client.endpoints), root=self.options["etcd-root"],
         )
+
+    def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop cleanly with exit status 0; SIGHUP re-reads etcd.
+
+        Installed once the reactor runs, replacing Twisted's own handlers,
+        which would make twistd re-raise the signal and exit with -15.
+        """
+        def stop(signum, _frame):
+            log.info("received {name}, stopping", name=signal.Signals(signum).name)
+            self.reactor.callFromThread(self._stop_reactor)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.resync))
+
+    def _stop_reactor(self) -> None:
+        if self.reactor.running:
+            self.reactor.stop()
 
     def stopService(self):
         log.info("networkd stopping")

@@ -130,23 +130,21 @@ def readable_file(path: str, what: str) -> str:
 
 
 def first_ipv4_of(interface: str) -> str | None:
-    """The first IPv4 address of ``interface``, or None (read-only netlink query)."""
-    from pyroute2 import IPRoute
+    """The primary IPv4 address of ``interface``, or None.
 
-    try:
-        with IPRoute() as ipr:
-            index = ipr.link_lookup(ifname=interface)
-            if not index:
-                return None
-            for msg in ipr.get_addr(family=socket.AF_INET, index=index[0]):
-                address = msg.get_attr("IFA_ADDRESS")
-                if address and msg["prefixlen"] != 32:
-                    return address
-            for msg in ipr.get_addr(family=socket.AF_INET, index=index[0]):
-                return msg.get_attr("IFA_ADDRESS")
-    except OSError:
-        return None
-    return None
+    SIOCGIFADDR returns the interface's primary address, never a secondary
+    /32 such as a VIP this node holds (the Go daemon could pick one).
+    """
+    import fcntl
+    import struct
+
+    SIOCGIFADDR = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            result = fcntl.ioctl(s.fileno(), SIOCGIFADDR, struct.pack("256s", interface.encode()[:15]))
+        except OSError:
+            return None
+    return socket.inet_ntoa(result[20:24])
 
 
 class Options(usage.Options):

@@ -1,0 +1,102 @@
+"""The daemon as operators run it: ``twistd -n networkd``."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+from tests.support.daemon import TWISTD, Daemon
+from tests.support.ports import free_port
+
+BASE = ["--no-vips", "--no-dns", "--no-resolv-conf"]
+
+
+def twistd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    d = Daemon([])
+    return subprocess.run(
+        [TWISTD, "--nodaemon", "--pidfile=", "networkd", *args],
+        capture_output=True, text=True, timeout=timeout, env=d.env, cwd=d.workdir,
+    )
+
+
+def test_help_lists_every_option():
+    result = twistd("--help")
+    assert result.returncode == 0
+    for option in (
+        "--etcd=", "--etcd-root=", "--etcd-ca=", "--etcd-cert=", "--etcd-key=", "--etcd-user=",
+        "--etcd-password=", "--hostname=", "--interface=", "--node-ip=", "--dns-listen=",
+        "--api-listen=", "--resolv-conf=", "--hosts-file=", "--lock-ttl=", "--no-vips", "--no-dns",
+        "--no-resolv-conf", "--verbose", "--version", "--etcd.endpoint=", "--godns.addr=",
+        "--api.addr=", "--net.interface=", "--net.address=",
+    ):
+        assert option in result.stdout, option
+
+
+def test_bad_dns_listen_exits_2_with_one_clear_line():
+    result = twistd(*BASE, "--dns-listen", "127.0.0.1:99999")
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["networkd: error: --dns-listen: port 99999 is out of range 1-65535"]
+
+
+def test_bad_go_alias_value_names_the_option():
+    result = twistd(*BASE, "--godns.addr", "localhost:53")
+    assert result.returncode == 2
+    assert "--dns-listen: 'localhost' in 'localhost:53' is not an IP address" in result.stderr
+
+
+def test_unreadable_certificate_exits_2(tmp_path):
+    result = twistd(*BASE, "--etcd-ca", str(tmp_path / "missing.pem"))
+    assert result.returncode == 2
+    assert "--etcd-ca: cannot read" in result.stderr
+
+
+def test_version():
+    result = twistd("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("networkd ")
+
+
+def test_forcing_another_reactor_is_refused():
+    d = Daemon([])
+    result = subprocess.run(
+        [TWISTD, "--nodaemon", "--pidfile=", "--reactor=select", "networkd", *BASE],
+        capture_output=True, text=True, timeout=30, env=d.env, cwd=d.workdir,
+    )
+    assert result.returncode != 0
+    assert "needs Twisted's asyncio reactor" in result.stdout + result.stderr
+
+
+def test_runs_until_sigterm_then_exits_0_quickly(etcd_server, etcd_root):
+    daemon = Daemon([*BASE, "--etcd", etcd_server.endpoint, "--etcd-root", etcd_root,
+                     "--api-listen", f"127.0.0.1:{free_port()}"]).start()
+    try:
+        daemon.wait_for_log("networkd started")
+        time.sleep(1.0)
+        assert daemon.running(), daemon.log()
+
+        daemon.signal(signal.SIGHUP)  # forces a resync, does not stop the daemon
+        time.sleep(0.5)
+        assert daemon.running(), daemon.log()
+
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        daemon.process.wait(5)
+        assert time.monotonic() - started < 2.0
+        assert daemon.process.returncode == 0, daemon.log()
+        assert "Traceback" not in daemon.log()
+    finally:
+        daemon.kill()
+
+
+def test_stays_up_while_etcd_is_unreachable():
+    dead = f"http://127.0.0.1:{free_port()}"
+    daemon = Daemon([*BASE, "--etcd", dead, "--api-listen", f"127.0.0.1:{free_port()}"]).start()
+    try:
+        daemon.wait_for_log("networkd started")
+        time.sleep(2.0)
+        assert daemon.running(), daemon.log()
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
