@@ -1,0 +1,36 @@
+# networkd: `make demo` runs the daemon against a throw-away etcd; `make test` runs the tests.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: deps venv test demo bench-dns bench-failover rpm clean
+
+deps:
+	scripts/install-deps.sh
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: deps venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: deps venv
+	scripts/demo.sh
+
+bench-dns: deps venv
+	$(PY) bench/dns.py
+
+bench-failover: deps venv
+	$(PY) bench/failover.py
+
+rpm:
+	packaging/rpm/build.sh
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

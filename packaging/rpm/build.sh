@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Build the RPM (needs rpmbuild): packaging/rpm/build.sh
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+version=$(python3 -c 'import re;print(re.search(r"__version__ = \"(.*)\"", open("networkd/__init__.py").read())[1])')
+top=$(mktemp -d)
+mkdir -p "$top"/{SOURCES,SPECS,BUILD,RPMS,SRPMS}
+git archive --prefix="networkd-$version/" -o "$top/SOURCES/networkd-$version.tar.gz" HEAD
+rpmbuild --define "_topdir $top" -ba packaging/rpm/networkd.spec
+find "$top/RPMS" "$top/SRPMS" -name '*.rpm' -exec cp -v {} . \;
