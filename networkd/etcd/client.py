@@ -191,22 +191,24 @@ class EtcdClient:
         return self._client
 
     def _failed(self, client: _Client) -> None:
-        """Move on to the next endpoint after a connection error on ``client``."""
-        if len(self.endpoints) < 2 or client is not self._client:
+        """Drop ``client`` after a connection error; with several endpoints, use the next."""
+        if client is not self._client:
             return
-        old = self._client
+        # A fresh aetcd client per connection loss: aetcd's watcher does not
+        # always recover from a broken stream, a new one does.
         self._client = None
-        self._index = (self._index + 1) % len(self.endpoints)
-        self.failovers += 1
-        log.warn("etcd: failing over to {endpoint}", endpoint=self.endpoint)
-        asyncio.ensure_future(_close_quietly(old))
+        if len(self.endpoints) > 1:
+            self._index = (self._index + 1) % len(self.endpoints)
+            self.failovers += 1
+            log.warn("etcd: failing over to {endpoint}", endpoint=self.endpoint)
+        asyncio.ensure_future(_close_quietly(client))
 
     def _call(self, operation: Callable[[_Client], Awaitable], timeout: float | None = None) -> Deferred:
         async def run():
             client = self._current()
             endpoint = self.endpoint
             try:
-                return await asyncio.wait_for(operation(client), timeout or self.call_timeout)
+                return await _bounded(operation(client), timeout or self.call_timeout)
             except BaseException as e:
                 translated = _translate(e, endpoint)
                 if isinstance(translated, EtcdUnavailable):
@@ -352,9 +354,30 @@ def _twisted_cancel(failure):
     raise CancelledError()
 
 
-async def _quietly(awaitable) -> None:
+async def _bounded(awaitable, timeout: float):
+    """Like asyncio.wait_for, but never waits for a cancelled call to unwind.
+
+    Some aetcd internals swallow cancellation (its watcher awaits its own
+    stream task under ``except CancelledError: pass``); wait_for would then
+    hang for ever.  Here the call is cancelled and left to finish alone.
+    """
+    call = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({call}, timeout=timeout)
+    if not done:
+        call.cancel()
+        call.add_done_callback(_consume)
+        raise asyncio.TimeoutError()
+    return call.result()
+
+
+def _consume(future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _quietly(awaitable, timeout: float = 1.0) -> None:
     try:
-        await asyncio.wait_for(awaitable, 1.0)
+        await _bounded(awaitable, timeout)
     except BaseException:
         pass
 

@@ -131,6 +131,7 @@ class PrefixWatcher(service.Service):
             try:
                 if self._must_relist:
                     await self._list()
+                    continue  # stop or resync may have come while listing
                 await self._follow()
             except Compacted as e:
                 log.info("{prefix}: {error}; reading it again", prefix=self.prefix, error=e)
@@ -158,6 +159,8 @@ class PrefixWatcher(service.Service):
 
     async def _follow(self) -> None:
         self._watch = await self._client.watch_prefix(self._prefix_bytes, self._revision + 1, self._on_event)
+        if not self.running or self._must_relist:
+            self._watch.cancel()  # stop or resync came while the watch was being set up
         try:
             self._up()
             self._backoff.reset()
