@@ -18,7 +18,9 @@ ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
 class EtcdServer:
     """Start, stop and restart one etcd member with its own data dir and ports."""
 
-    def __init__(self):
+    def __init__(self, tls: dict | None = None):
+        """``tls``: {"cert": path, "key": path, "ca": path} to serve https (client certs verified)."""
+        self.tls = tls
         self.data_dir = tempfile.mkdtemp(prefix="networkd-etcd-")
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -27,7 +29,8 @@ class EtcdServer:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     def start(self, timeout: float = 15.0) -> "EtcdServer":
         if not os.path.exists(ETCD):
@@ -46,6 +49,7 @@ class EtcdServer:
                 "--heartbeat-interval", "50",
                 "--election-timeout", "500",
                 "--log-level", "warn",
+                *self._tls_args(),
             ],
             stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.environ.get("ETCD_UNSUPPORTED_ARCH", "")},
@@ -59,6 +63,17 @@ class EtcdServer:
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"etcd did not become healthy: {self.log_tail()}")
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        return ["--cert-file", self.tls["cert"], "--key-file", self.tls["key"],
+                "--trusted-ca-file", self.tls["ca"], "--client-cert-auth"]
+
+    def _ctl_tls_args(self) -> list[str]:
+        if not self.tls:
+            return []
+        return [f"--cacert={self.tls['ca']}", f"--cert={self.tls['client_cert']}", f"--key={self.tls['client_key']}"]
 
     def stop(self) -> None:
         process, self.process = self.process, None
@@ -82,7 +97,8 @@ class EtcdServer:
     def ctl(self, *args: str, check: bool = True, timeout: float = 10, input: str | None = None):
         """Run etcdctl (v3 API) against this server."""
         return subprocess.run(
-            [ETCDCTL, f"--endpoints={self.endpoint}", "--dial-timeout=2s", "--command-timeout=5s", *args],
+            [ETCDCTL, f"--endpoints={self.endpoint}", "--dial-timeout=2s", "--command-timeout=5s",
+             *self._ctl_tls_args(), *args],
             capture_output=True, text=True, check=check, timeout=timeout, input=input,
             env={**os.environ, "ETCDCTL_API": "3"},
         )
