@@ -1,8 +1,10 @@
-"""Capped exponential backoff with jitter, as a small policy object."""
+"""Retry pacing: capped exponential backoff, and pauses a stop can cut short."""
 
 from __future__ import annotations
 
 import random
+
+from twisted.internet import defer, task
 
 
 class Backoff:
@@ -22,3 +24,24 @@ class Backoff:
 
     def reset(self) -> None:
         self._attempt = 0
+
+
+class Pause:
+    """A wait on the reactor's clock that ``wake()`` cuts short (stop, resync)."""
+
+    def __init__(self, reactor):
+        self._reactor = reactor
+        self._waiting = None
+
+    async def __call__(self, seconds: float) -> None:
+        self._waiting = task.deferLater(self._reactor, seconds, lambda: None)
+        try:
+            await self._waiting
+        except defer.CancelledError:
+            pass
+        finally:
+            self._waiting = None
+
+    def wake(self) -> None:
+        if self._waiting is not None:
+            self._waiting.cancel()

@@ -33,21 +33,32 @@ class Recorder:
         return dict(self.last.values) if self.last else None
 
 
-async def started(watcher):
-    watcher.startService()
-    return watcher
+class Watching:
+    """``async with Watching(endpoint, prefix) as (watcher, seen)``: a started
+    PrefixWatcher with a Recorder subscribed, stopped and closed afterwards."""
+
+    def __init__(self, endpoint: str, prefix: str, start: bool = True):
+        self.client = client_for(*endpoint.split(","))
+        self.watcher = PrefixWatcher(self.client, prefix, reactor)
+        self.seen = Recorder()
+        self.watcher.subscribe(self.seen)
+        self.start = start
+
+    async def __aenter__(self):
+        if self.start:
+            self.watcher.startService()
+        return self.watcher, self.seen
+
+    async def __aexit__(self, *exc):
+        await self.watcher.stopService()
+        await self.client.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_initial_snapshot_then_every_change(etcd_server, etcd_root):
     etcd_server.put(f"{etcd_root}/config/domains/a.lain", '{"ips":["10.0.0.1"]}')
     etcd_server.put(f"{etcd_root}/config/other", "not in the prefix")
-    client = client_for(etcd_server.endpoint)
-    watcher = PrefixWatcher(client, f"{etcd_root}/config/domains/", reactor)
-    seen = Recorder()
-    watcher.subscribe(seen)
-    watcher.startService()
-    try:
+    async with Watching(etcd_server.endpoint, f"{etcd_root}/config/domains/") as (watcher, seen):
         await eventually(lambda: seen.last, message="first snapshot")
         assert seen.values() == {"a.lain": '{"ips":["10.0.0.1"]}'}
 
@@ -60,19 +71,11 @@ async def test_initial_snapshot_then_every_change(etcd_server, etcd_root):
         late = Recorder()
         watcher.subscribe(late)
         assert late.values() == {"b.lain": "b"}, "a new subscriber gets the current snapshot at once"
-    finally:
-        await watcher.stopService()
-        await client.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_burst_is_coalesced_into_few_snapshots(etcd_server, etcd_root):
-    client = client_for(etcd_server.endpoint)
-    watcher = PrefixWatcher(client, f"{etcd_root}/", reactor)
-    seen = Recorder()
-    watcher.subscribe(seen)
-    watcher.startService()
-    try:
+    async with Watching(etcd_server.endpoint, f"{etcd_root}/") as (watcher, seen):
         await eventually(lambda: seen.last)
         before = len(seen.snapshots)
         # One etcd transaction of 50 puts: one revision, one watch response.
@@ -80,19 +83,11 @@ async def test_burst_is_coalesced_into_few_snapshots(etcd_server, etcd_root):
         etcd_server.ctl("txn", input="\n" + ops)
         await eventually(lambda: len(seen.values()) == 50)
         assert len(seen.snapshots) - before == 1
-    finally:
-        await watcher.stopService()
-        await client.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_survives_etcd_restart_without_losing_writes(private_etcd, etcd_root):
-    client = client_for(private_etcd.endpoint)
-    watcher = PrefixWatcher(client, f"{etcd_root}/", reactor)
-    seen = Recorder()
-    watcher.subscribe(seen)
-    watcher.startService()
-    try:
+    async with Watching(private_etcd.endpoint, f"{etcd_root}/") as (watcher, seen):
         private_etcd.put(f"{etcd_root}/before", "1")
         await eventually(lambda: seen.values() == {"before": "1"})
 
@@ -107,58 +102,42 @@ async def test_survives_etcd_restart_without_losing_writes(private_etcd, etcd_ro
         await eventually(lambda: seen.values() == {"before": "1", "after": "2"}, timeout=15)
         assert watcher.status.connected
         assert {f"{etcd_root}/{k}": v for k, v in seen.values().items()} == private_etcd.get_prefix(f"{etcd_root}/")
-    finally:
-        await watcher.stopService()
-        await client.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_compaction_while_disconnected_relists(private_etcd, etcd_root):
     proxy = TCPProxy(private_etcd.client_port)
-    client = client_for(proxy.endpoint)
-    watcher = PrefixWatcher(client, f"{etcd_root}/", reactor)
-    seen = Recorder()
-    watcher.subscribe(seen)
     try:
-        for i in range(5):
-            private_etcd.put(f"{etcd_root}/k{i}", f"v{i}")
-        watcher.startService()
-        await eventually(lambda: seen.values() and len(seen.values()) == 5)
+        async with Watching(proxy.endpoint, f"{etcd_root}/", start=False) as (watcher, seen):
+            for i in range(5):
+                private_etcd.put(f"{etcd_root}/k{i}", f"v{i}")
+            watcher.startService()
+            await eventually(lambda: seen.values() and len(seen.values()) == 5)
 
-        proxy.cut()
-        await eventually(lambda: not watcher.status.connected, timeout=10)
-        private_etcd.delete(f"{etcd_root}/k0")
-        private_etcd.put(f"{etcd_root}/k1", "changed")
-        private_etcd.put(f"{etcd_root}/new", "x")
-        private_etcd.ctl("compact", str(private_etcd.revision()))
-        proxy.heal()
+            proxy.cut()
+            await eventually(lambda: not watcher.status.connected, timeout=10)
+            private_etcd.delete(f"{etcd_root}/k0")
+            private_etcd.put(f"{etcd_root}/k1", "changed")
+            private_etcd.put(f"{etcd_root}/new", "x")
+            private_etcd.ctl("compact", str(private_etcd.revision()))
+            proxy.heal()
 
-        expected = {k[len(etcd_root) + 1:]: v for k, v in private_etcd.get_prefix(f"{etcd_root}/").items()}
-        await eventually(lambda: seen.values() == expected, timeout=15)
-        assert watcher.status.relists >= 1, "the watcher had to read the prefix again"
+            expected = {k[len(etcd_root) + 1:]: v for k, v in private_etcd.get_prefix(f"{etcd_root}/").items()}
+            await eventually(lambda: seen.values() == expected, timeout=15)
+            assert watcher.status.relists >= 1, "the watcher had to read the prefix again"
     finally:
-        await watcher.stopService()
-        await client.close()
         proxy.close()
 
 
 @pytest_twisted.ensureDeferred
 async def test_resync_reads_everything_again(etcd_server, etcd_root):
-    client = client_for(etcd_server.endpoint)
-    watcher = PrefixWatcher(client, f"{etcd_root}/", reactor)
-    seen = Recorder()
-    watcher.subscribe(seen)
-    watcher.startService()
-    try:
+    async with Watching(etcd_server.endpoint, f"{etcd_root}/") as (watcher, seen):
         etcd_server.put(f"{etcd_root}/a", "1")
         await eventually(lambda: seen.values() == {"a": "1"})
         count = len(seen.snapshots)
         watcher.resync()
         await eventually(lambda: len(seen.snapshots) > count)
         assert seen.values() == {"a": "1"}
-    finally:
-        await watcher.stopService()
-        await client.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -166,18 +145,11 @@ async def test_fails_over_to_the_next_endpoint(etcd_server, etcd_root):
     from tests.support.ports import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
-    client = client_for(dead, etcd_server.endpoint)
     etcd_server.put(f"{etcd_root}/x", "y")
-    watcher = PrefixWatcher(client, f"{etcd_root}/", reactor)
-    seen = Recorder()
-    watcher.subscribe(seen)
-    watcher.startService()
-    try:
+    watching = Watching(f"{dead},{etcd_server.endpoint}", f"{etcd_root}/")
+    async with watching as (watcher, seen):
         await eventually(lambda: seen.values() == {"x": "y"}, timeout=10)
-        assert client.failovers >= 1
-    finally:
-        await watcher.stopService()
-        await client.close()
+        assert watching.client.failovers >= 1
 
 
 @pytest_twisted.ensureDeferred

@@ -14,10 +14,10 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from networkd.backoff import Backoff
+from networkd.backoff import Backoff, Pause
 from networkd.etcd.client import Compacted, EtcdUnavailable, WatchEvent
 
 log = Logger()
@@ -66,7 +66,7 @@ class PrefixWatcher(service.Service):
         self._must_relist = True
         self._publish_call = None
         self._loop: defer.Deferred | None = None
-        self._waiting: defer.Deferred | None = None
+        self._sleep = Pause(reactor)
         self._watch = None
         self.snapshot: Snapshot | None = None
         self.status = PrefixStatus(prefix)
@@ -121,8 +121,7 @@ class PrefixWatcher(service.Service):
     def _interrupt(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
-        if self._waiting is not None:
-            self._waiting.cancel()
+        self._sleep.wake()
 
     # -- the loop ------------------------------------------------------------
 
@@ -179,14 +178,6 @@ class PrefixWatcher(service.Service):
         self.status.synced_at = self._reactor.seconds()
         self._schedule_publish()
 
-    async def _sleep(self, seconds: float) -> None:
-        self._waiting = task.deferLater(self._reactor, seconds, lambda: None)
-        try:
-            await self._waiting
-        except defer.CancelledError:
-            pass
-        finally:
-            self._waiting = None
 
     def _relative(self, key: bytes) -> str:
         return _text(key[len(self._prefix_bytes):])

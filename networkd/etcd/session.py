@@ -11,10 +11,10 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
-from networkd.backoff import Backoff
+from networkd.backoff import Backoff, Pause
 from networkd.etcd.client import EtcdUnavailable
 
 log = Logger()
@@ -39,7 +39,7 @@ class Session(service.Service):
         self._ack_listeners: list[Callable[[int], None]] = []
         self._lost_listeners: list[Callable[[], None]] = []
         self._loop: defer.Deferred | None = None
-        self._waiting: defer.Deferred | None = None
+        self._sleep = Pause(reactor)
 
     @property
     def interval(self) -> float:
@@ -68,8 +68,7 @@ class Session(service.Service):
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        if self._waiting is not None:
-            self._waiting.cancel()
+        self._sleep.wake()
         if self._loop is not None:
             await self._loop
         lease, self.lease = self.lease, None
@@ -128,11 +127,3 @@ class Session(service.Service):
             except Exception:
                 log.failure("lease lost listener failed")
 
-    async def _sleep(self, seconds: float) -> None:
-        self._waiting = task.deferLater(self._reactor, seconds, lambda: None)
-        try:
-            await self._waiting
-        except defer.CancelledError:
-            pass
-        finally:
-            self._waiting = None
