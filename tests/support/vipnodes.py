@@ -1,0 +1,211 @@
+"""Test nodes for VIPs: namespaces on a bridge, each reaching etcd, each with a daemon.
+
+etcd listens on the host's 127.0.0.1, which a daemon inside a node namespace
+cannot reach.  ``NsForwarder`` opens a listening socket *inside* the node's
+namespace (a short-lived thread joins the namespace with setns(2); a socket
+stays in the namespace it was made in) and relays its connections, from the
+host side, to etcd.  So every node uses ``--etcd http://127.0.0.1:PORT`` in
+its own namespace, and ``cut()``/``heal()`` partition one node from etcd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+
+from tests.support.daemon import Daemon
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def socket_in_netns(netns: str, host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening TCP socket that belongs to network namespace ``netns``."""
+    result: dict = {}
+
+    def make():
+        try:
+            fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns failed")
+            finally:
+                os.close(fd)
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((host, port))
+            s.listen(64)
+            result["socket"] = s
+        except BaseException as e:  # reported to the caller
+            result["error"] = e
+
+    thread = threading.Thread(target=make)  # this thread ends in the namespace; it exits now
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["socket"]
+
+
+class NsForwarder:
+    """127.0.0.1:port inside ``netns`` -> 127.0.0.1:target_port on the host; can be cut."""
+
+    def __init__(self, netns: str, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self._listener = socket_in_netns(netns)
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self._cut = False
+        self._closed = False
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if self._cut:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=2)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self) -> None:
+        self._cut = True
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for s in sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def heal(self) -> None:
+        self._cut = False
+
+    def close(self) -> None:
+        self._closed = True
+        self.cut()
+        self._listener.close()
+
+
+def pod_group(app: str, proc: str, placements: list[tuple[int, str, str, str]], proctype: str = "proc") -> str:
+    """A deployd pod group value: placements of (instance, node name, node ip, container ip)."""
+    return json.dumps({
+        "Spec": {"Name": f"{app}.{proctype}.{proc}", "Namespace": app},
+        "Pods": [
+            {"InstanceNo": instance, "Containers": [
+                {"NodeName": node, "NodeIp": node_ip, "ContainerIp": container_ip, "ContainerPort": 80}]}
+            for instance, node, node_ip, container_ip in placements
+        ],
+    })
+
+
+def vip_value(app: str, proc: str, ports: list[dict], excluded: list[str] | None = None) -> str:
+    value = {"app": app, "proc": proc, "ports": ports}
+    if excluded is not None:
+        value["excluded_nodes"] = excluded
+    return json.dumps(value)
+
+
+class Node:
+    """One namespace with its etcd forwarder and (once started) its daemon."""
+
+    def __init__(self, name: str, ns, ip: str, etcd_port: int, etcd_root: str, firewall: str, ttl: int = 3):
+        self.name = name
+        self.ns = ns
+        self.ip = ip
+        self.forwarder = NsForwarder(ns.name, etcd_port)
+        self.etcd_root = etcd_root
+        self.firewall = firewall
+        self.ttl = ttl
+        self.daemon: Daemon | None = None
+        self.api_port: int | None = None
+
+    def args(self) -> list[str]:
+        return [
+            "--etcd", self.forwarder.endpoint, "--etcd-root", self.etcd_root,
+            "--hostname", self.name, "--interface", "eth0", "--node-ip", self.ip,
+            "--no-dns", "--no-resolv-conf", "--api-listen", "127.0.0.1:3000",  # inside the namespace: always free
+            "--lock-ttl", str(self.ttl), "--firewall-backend", self.firewall,
+        ]
+
+    def start(self, wait: bool = True) -> Daemon:
+        self.daemon = Daemon(self.args(), netns=self.ns.name).start()
+        if wait:
+            self.daemon.wait_for_log("DNAT rules in place", timeout=20)
+        return self.daemon
+
+    def addresses(self) -> set[str]:
+        """The /32 addresses on eth0, parsed exactly."""
+        out = self.ns.run("ip", "-o", "-4", "addr", "show", "dev", "eth0").stdout
+        found = set()
+        for line in out.splitlines():
+            parts = line.split()
+            if "inet" in parts:
+                cidr = parts[parts.index("inet") + 1]
+                ip, _, prefix = cidr.partition("/")
+                if prefix == "32":
+                    found.add(ip)
+        return found
+
+    def nat(self) -> list[str]:
+        """Our chains' rules as iptables-save prints them, for the back end in use."""
+        save = "iptables-legacy-save" if self.firewall == "legacy" else "iptables-nft-save"
+        out = self.ns.run(save, "-t", "nat").stdout
+        return sorted(line for line in out.splitlines() if line.startswith("-A lain-"))
+
+    def dnat(self) -> set[tuple[str, str, str]]:
+        """(chain, match 'ip:port/proto', target 'ip:port') of every DNAT rule of ours."""
+        rules = set()
+        for line in self.nat():
+            t = line.split()
+            d = t[t.index("-d") + 1].split("/")[0]
+            rules.add((t[1], f"{d}:{t[t.index('--dport') + 1]}/{t[t.index('-p') + 1]}",
+                       t[t.index("--to-destination") + 1]))
+        return rules
+
+    def stop(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
+
+    def close(self) -> None:
+        if self.daemon is not None:
+            self.daemon.kill()
+        self.forwarder.close()
