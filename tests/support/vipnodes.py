@@ -209,3 +209,125 @@ class Node:
         if self.daemon is not None:
             self.daemon.kill()
         self.forwarder.close()
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = ""):
+    """Poll ``predicate`` (blocking; the daemons are other processes); return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {message or predicate}")
+        time.sleep(interval)
+
+
+class AddressSampler:
+    """Samples which nodes carry ``ip`` every ``interval`` seconds, over netlink in each namespace."""
+
+    def __init__(self, nodes: list["Node"], ip: str, interval: float = 0.01):
+        self.ip = ip
+        self.interval = interval
+        self._namespaces = {n.name: n.ns.name for n in nodes}
+        self._ipr: dict = {}
+        self.samples: list[tuple[float, frozenset[str]]] = []
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def holders_now(self) -> frozenset[str]:
+        found = set()
+        for name, ipr in self._ipr.items():
+            for msg in ipr.get_addr(family=socket.AF_INET):
+                if msg.get_attr("IFA_ADDRESS") == self.ip and msg["prefixlen"] == 32:
+                    found.add(name)
+        return frozenset(found)
+
+    def _run(self) -> None:
+        # pyroute2's sync API runs an event loop of its own: only in a thread without one.
+        from pyroute2 import IPRoute
+
+        try:
+            self._ipr = {name: IPRoute(netns=ns) for name, ns in self._namespaces.items()}
+            self._ready.set()
+            while not self._stop.is_set():
+                self.samples.append((time.monotonic(), self.holders_now()))
+                time.sleep(self.interval)
+        finally:
+            self._ready.set()
+            for ipr in self._ipr.values():
+                ipr.close()
+
+    def __enter__(self) -> "AddressSampler":
+        self._thread.start()
+        self._ready.wait(5)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+    def overlaps(self) -> list[tuple[float, frozenset[str]]]:
+        return [s for s in self.samples if len(s[1]) > 1]
+
+    def first(self, predicate, after: float = 0.0) -> float | None:
+        for t, holders in self.samples:
+            if t >= after and predicate(holders):
+                return t
+        return None
+
+
+class Cluster:
+    """Node namespaces on one bridge, each with an etcd forwarder and a daemon."""
+
+    def __init__(self, lan, etcd, etcd_root: str, firewall: str, ttl: int = 3):
+        self.lan = lan
+        self.etcd = etcd
+        self.root = etcd_root
+        self.firewall = firewall
+        self.ttl = ttl
+        self.nodes: dict[str, Node] = {}
+
+    def add(self, name: str, host: int) -> Node:
+        ip = f"10.77.0.{host}"
+        ns = self.lan.add_node(name, f"{ip}/24")
+        node = Node(name, ns, ip, self.etcd.client_port, self.root, self.firewall, self.ttl)
+        self.nodes[name] = node
+        return node
+
+    def __getitem__(self, name: str) -> Node:
+        return self.nodes[name]
+
+    def start(self, *names: str) -> None:
+        for name in names or list(self.nodes):
+            self.nodes[name].start(wait=False)
+        for name in names or list(self.nodes):
+            self.nodes[name].daemon.wait_for_log("DNAT rules in place", timeout=20)
+
+    def put_vip(self, key: str, value: str) -> None:
+        self.etcd.put(f"{self.root}/config/vips/{key}", value)
+
+    def delete_vip(self, key: str) -> None:
+        self.etcd.delete(f"{self.root}/config/vips/{key}")
+
+    def put_pods(self, app: str, proc: str, placements) -> None:
+        """placements: (instance, node name, container ip)."""
+        full = [(i, n, self.nodes[n].ip if n in self.nodes else "", cip) for i, n, cip in placements]
+        self.etcd.put(f"{self.root}/deployd/pod_groups/{app}/{app}.proc.{proc}", pod_group(app, proc, full))
+
+    def holders_of(self, ip: str) -> set[str]:
+        return {name for name, node in self.nodes.items() if ip in node.addresses()}
+
+    def lock_holder(self, ip: str) -> str | None:
+        return self.etcd.get_prefix(f"{self.root}/networkd/vips/{ip}.lock").get(f"{self.root}/networkd/vips/{ip}.lock")
+
+    def close(self) -> None:
+        for node in self.nodes.values():
+            try:
+                node.stop()
+            finally:
+                node.close()
+
+    def logs(self) -> str:
+        return "\n".join(f"==== {n}\n{node.daemon.log() if node.daemon else ''}" for n, node in self.nodes.items())
