@@ -188,6 +188,8 @@ def test_etcd_stopped_holder_drops_within_ttl_and_retakes(cluster_factory, priva
     c.put_vip(VIP, vip_value("hello", "web", WEB))
     c.start()
     holder = wait_until(lambda: next(iter(c.holders_of(VIP)), None), 10)
+    wait_until(lambda: c.lock_holder(VIP) == holder, 5)
+    time.sleep(0.5)
     private_etcd.stop()
     stopped = time.monotonic()
     wait_until(lambda: c.holders_of(VIP) == set() and c[holder].dnat() == set(), TTL, message="holder fenced")

@@ -28,6 +28,10 @@ class LeaseLocks:
         """
         return self._client.delete_if_lease(key.encode(), lease)
 
+    def read(self, key: str) -> Deferred:
+        """Fires with the lock's KeyValue (``.value`` owner, ``.lease``), or None."""
+        return self._client.get(key.encode())
+
     def announce(self, key: str, value: str, lease: int) -> Deferred:
         """Write a presence key on ``lease`` (it vanishes with the lease)."""
         return self._client.put(key.encode(), value.encode(), lease)

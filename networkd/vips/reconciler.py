@@ -45,7 +45,8 @@ TICK = 0.5  # seconds between level-triggered passes
 ADDRESS_CHECK = 1.0  # anti-entropy of addresses
 FIREWALL_CHECK = 5.0  # anti-entropy of iptables
 CAMPAIGN_GRACE = 1.0  # a node that is not the least loaded waits this long for a free VIP
-STOP_TIMEOUT = 1.0  # each etcd call on the way out
+STOP_TIMEOUT = 1.0
+VERIFY_AFTER = 1.0  # a lock not seen in the snapshot this long after we took it is read back  # each etcd call on the way out
 
 
 def fencing_margin(ttl: float) -> float:
@@ -94,6 +95,8 @@ class VipManager(service.Service):
         self._campaigning: set[str] = set()
         self._releasing: set[str] = set()
         self._later: dict[str, float] = {}  # ip -> when to contest it anyway
+        self._verifying: set[str] = set()
+        self._verified_at: dict[str, float] = {}
         self.addresses: set[str] = set()  # addresses we put on the interface
         self._removing: set[str] = set()
         self._announced_lease: int | None = None
@@ -309,12 +312,47 @@ class VipManager(service.Service):
                 self._confirmed.add(ip)
             elif ip in self._confirmed:
                 lost = "lock deleted" if holder is None else f"lock now held by {holder}"
-            elif now - self._acquired_at.get(ip, now) > self.ttl:
-                lost = "lock never seen in etcd"
+            elif now - self._acquired_at.get(ip, now) > VERIFY_AFTER:
+                self._verify(ip)  # not seen in the snapshot yet: ask etcd
             if lost:
                 log.warn("lost the lock of VIP {ip}: {why}", ip=ip, why=lost)
                 del self.locks[ip]
                 self._confirmed.discard(ip)
+        if lease is not None:
+            for ip, holder in self.holders.items():
+                if holder == self.hostname and ip not in self.locks:
+                    self._verify(ip)  # ours on this lease (adopt), or a previous process's (wait)
+
+    def _verify(self, ip: str) -> None:
+        """Read the lock: is it on our current lease?  Rate-limited per IP."""
+        now = self._reactor.seconds()
+        lease = self._session.lease
+        if lease is None or ip in self._verifying or now - self._verified_at.get(ip, -1e9) < VERIFY_AFTER:
+            return
+        self._verifying.add(ip)
+        self._verified_at[ip] = now
+
+        def got(kv):
+            self._verifying.discard(ip)
+            if lease != self._session.lease or self.stopping:
+                return
+            ours = kv is not None and kv.lease == lease and kv.value.decode(errors="replace") == self.hostname
+            if ours:
+                if ip not in self.locks:
+                    log.info("the lock of VIP {ip} is on our lease {lease:x}: holding it", ip=ip, lease=lease)
+                    self.locks[ip] = lease
+                    self._acquired_at[ip] = now
+                self._confirmed.add(ip)
+            elif ip in self.locks and ip not in self._confirmed:
+                log.warn("lost the lock of VIP {ip}: {why}", ip=ip,
+                         why="it is gone" if kv is None else "it is on another lease")
+                del self.locks[ip]
+            self.kick()
+
+        def failed(failure):
+            self._verifying.discard(ip)
+
+        self._locks.read(self._keys.vip_lock(ip)).addCallbacks(got, failed)
 
     def _drive_locks(self) -> None:
         held = self.held()
