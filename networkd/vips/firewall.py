@@ -359,6 +359,8 @@ class Firewall:
         self._backoff = Backoff(0.2, 5.0)
         self._waiters: list[defer.Deferred] = []
         self._reset_first = True
+        self._verify = False
+        self._trusted = False  # True while our last pass succeeded: the kernel has what we wrote
         self.applied: frozenset[DnatRule] = frozenset()
         self.last_error: str | None = None
         self.writes = 0
@@ -369,11 +371,17 @@ class Firewall:
         self._reset_first = True
         self.sync()
 
-    def sync(self) -> defer.Deferred:
-        """Fires once a pass that started after this call finished (success or not)."""
+    def sync(self, verify: bool = False) -> defer.Deferred:
+        """Fires once a pass that started after this call finished (success or not).
+
+        A pass writes without reading first when our last pass succeeded
+        (we know what is there); ``verify`` reads the kernel's rules back
+        and rewrites them only if they drifted (anti-entropy).
+        """
         waiter = defer.Deferred()
         self._waiters.append(waiter)
         self._dirty = True
+        self._verify = self._verify or verify
         if not self._busy:
             self._start()
         return waiter
@@ -387,11 +395,19 @@ class Firewall:
         waiters, self._waiters = self._waiters, []
         dnats = frozenset(self._desired())
         reset, self._reset_first = self._reset_first, False
-        d = self._to_thread(self._pass, dnats, reset)
+        verify, self._verify = self._verify or not self._trusted, False
+        if not reset and not verify and dnats == self.applied:
+            self._done(False, dnats, waiters)
+            return
+        self._trusted = False  # until this pass succeeded
+        d = self._to_thread(self._pass, dnats, reset, verify)
         d.addCallbacks(self._done, self._failed, callbackArgs=(dnats, waiters), errbackArgs=(waiters, reset))
 
-    def _pass(self, dnats: frozenset[DnatRule], reset: bool) -> bool:
+    def _pass(self, dnats: frozenset[DnatRule], reset: bool, verify: bool) -> bool:
         rules = nat_rules(dnats)
+        if not reset and not verify:
+            self.backend.write(rules, [])  # our chains and jumps are in place: replace the chains
+            return True
         state = self.backend.read()
         if not reset and state.matches(rules):
             return False
@@ -400,6 +416,7 @@ class Firewall:
 
     def _done(self, wrote: bool, dnats, waiters) -> None:
         self._busy = False
+        self._trusted = True
         self.applied = dnats
         self.last_error = None
         self._backoff.reset()
@@ -430,6 +447,7 @@ class Firewall:
         self._retry = None
         if not self._busy:
             self._dirty = True
+            self._verify = True
             self._start()
 
     def stop(self) -> None:

@@ -587,7 +587,7 @@ class VipManager(service.Service):
 
     def _check_firewall(self) -> None:
         if self.firewall is not None:
-            self.firewall.sync()
+            self.firewall.sync(verify=True)
 
     # -- API -----------------------------------------------------------------
 
