@@ -101,10 +101,18 @@ def test_vip_and_dnat_on_the_node_running_the_app_reconciled_exactly(cluster_fac
     }
     wait_until(lambda: c["n1"].dnat() == expected, 5, message=f"n1 rules {c['n1'].dnat()}")
 
+    # the container moves to n2: n1 releases (rules and address first), n2 takes over
+    c.put_pods("hello", "web", [(1, "n2", "10.77.0.22")])
+    wait_until(lambda: c.holders_of(VIP) == {"n2"}, 5, message="moved to n2")
+    wait_until(lambda: c["n1"].dnat() == set() and c["n1"].addresses() == set(), 5, message="n1 clean")
+    wait_until(lambda: ("lain-PREROUTING", f"{VIP}:443/tcp", "10.77.0.22:443") in c["n2"].dnat(), 5)
+    assert c.lock_holder(VIP) == "n2"
+
     # deleting the configs cleans everything: rules, address, lock
     for key in (VIP, "0.0.0.0:9000", "10.77.0.111:7000"):
         c.delete_vip(key)
-    wait_until(lambda: c["n1"].dnat() == set() and c["n1"].addresses() == set(), 5, message="all clean")
+    wait_until(lambda: all(c[n].dnat() == set() and c[n].addresses() == set() for n in ("n1", "n2")), 5,
+               message="all clean")
     wait_until(lambda: c.lock_holder(VIP) is None, 3, message="lock released")
 
 
@@ -141,8 +149,9 @@ def test_sigkill_holder_address_expires_by_itself_and_the_other_node_takes_over(
     assert c.lock_holder(VIP) == other
 
 
-def test_sigterm_hands_over_within_200ms(cluster_factory):
-    c = cluster_factory()
+@pytest.mark.parametrize("firewall", BACKENDS)
+def test_sigterm_hands_over_within_200ms(cluster_factory, firewall):
+    c = cluster_factory(firewall)
     both_run(c)
     c.put_vip(VIP, vip_value("hello", "web", WEB))
     c.start()
@@ -253,3 +262,30 @@ def test_four_vips_over_two_nodes_of_one_proc_are_two_and_two(cluster_factory):
     wait_until(counts, 10, interval=0.1, message="two and two")
     time.sleep(1.5)
     assert counts() == (2, 2), "stable"
+
+
+def test_gratuitous_arp_within_10ms_both_forms_repeated_and_on_link_up(cluster_factory):
+    from tests.support.vipnodes import ArpWatch
+
+    c = cluster_factory(nodes=1)
+    c.put_pods("hello", "web", [(1, "n1", "10.77.0.11")])
+    c.start()
+    watch = ArpWatch(c["n1"].ns.name, VIP)
+    try:
+        c.put_vip(VIP, vip_value("hello", "web", WEB))
+        wait_until(lambda: watch.added and len(watch.frames) >= 6, 6, message=f"three rounds of ARP: {watch.added} {watch.frames}")
+        added = watch.added[0]
+        first = watch.frames[0][0]
+        assert 0 <= first - added < 0.010, f"first ARP {1000 * (first - added):.1f} ms after the address"
+        ops = [op for _, op in watch.frames[:2]]
+        assert sorted(ops) == [1, 2], "an ARP request and an ARP reply"
+        rounds = [t - added for t, op in watch.frames if op == 1]
+        assert rounds[1] == pytest.approx(1.0, abs=0.15) and rounds[2] == pytest.approx(3.0, abs=0.15), rounds
+
+        sent = len(watch.frames)
+        c["n1"].ns.run("ip", "link", "set", "eth0", "down")
+        time.sleep(0.2)
+        c["n1"].ns.run("ip", "link", "set", "eth0", "up")
+        wait_until(lambda: len(watch.frames) >= sent + 2, 3, message="ARP again on link up")
+    finally:
+        watch.close()

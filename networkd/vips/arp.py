@@ -44,6 +44,12 @@ class Announcer:
         self._pending: dict[str, list] = {}
         self.sent = 0
         self.failures = 0
+        self._socket: socket.socket | None = None
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
 
     def announce(self, ip: str) -> None:
         """Send now, and schedule the repeats (replacing earlier ones for ``ip``)."""
@@ -59,6 +65,7 @@ class Announcer:
     def cancel_all(self) -> None:
         for ip in list(self._pending):
             self.cancel(ip)
+        self.close()
 
     def send(self, ip: str) -> bool:
         mac = self._mac_of()
@@ -67,11 +74,14 @@ class Announcer:
             log.warn("gratuitous ARP for {ip}: no MAC address on {iface}", ip=ip, iface=self.interface)
             return False
         try:
-            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP)) as sock:
-                sock.bind((self.interface, ETH_P_ARP))
-                for frame in gratuitous_frames(mac, ip):
-                    sock.send(frame)
+            if self._socket is None:
+                # Protocol 0 and no bind: binding a packet socket to a protocol waits for an
+                # RCU grace period (~10 ms) in the kernel; sendto with an address does not.
+                self._socket = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            for frame in gratuitous_frames(mac, ip):
+                self._socket.sendto(frame, (self.interface, ETH_P_ARP))
         except OSError as e:
+            self.close()
             self.failures += 1
             log.warn("gratuitous ARP for {ip} on {iface} failed: {e}", ip=ip, iface=self.interface, e=e)
             return False

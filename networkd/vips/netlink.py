@@ -110,8 +110,12 @@ class Netlink:
 
         return _deferred(dump())
 
-    def put(self, ip: str, lifetime: int) -> Deferred:
-        """Add or refresh ``ip/32`` with ``lifetime`` seconds (kernel removes it after)."""
+    def put(self, ip: str, lifetime: int, then: Callable[[], None] | None = None) -> Deferred:
+        """Add or refresh ``ip/32`` with ``lifetime`` seconds (kernel removes it after).
+
+        ``then()`` runs the moment the kernel acknowledged, before any other
+        callback: gratuitous ARP must leave within milliseconds.
+        """
 
         async def put():
             async with self._lock:
@@ -121,6 +125,11 @@ class Netlink:
                     "replace", index=index, address=ip, prefixlen=32,
                     IFA_CACHEINFO={"ifa_valid": life, "ifa_preferred": life, "cstamp": 0, "tstamp": 0},
                 )
+                if then is not None:
+                    try:
+                        then()
+                    except Exception:
+                        log.failure("after adding {ip}", ip=ip)
 
         return _deferred(put())
 

@@ -475,10 +475,16 @@ class VipManager(service.Service):
         if self.fenced() or lifetime < 1:
             return defer.succeed(None)
         self.addresses.add(ip)
+        announced = []
+
+        def announce():
+            # Runs inside the netlink call, right after the kernel added the address.
+            if ip in self.addresses and not self.fenced() and not self.stopping:
+                self.arp.announce(ip)
+                announced.append(True)
 
         def added(_):
-            if ip in self._active() and not self.fenced():
-                self.arp.announce(ip)
+            if announced:
                 log.info("VIP {ip} is on {iface} (lifetime {life}s), announced", ip=ip,
                          iface=self.interface, life=lifetime)
             self.errors.pop(ip, None)
@@ -490,7 +496,7 @@ class VipManager(service.Service):
                      e=failure.getErrorMessage())
             self._reactor.callLater(1.0, self.kick)
 
-        return self.netlink.put(ip, lifetime).addCallbacks(added, failed)
+        return self.netlink.put(ip, lifetime, then=announce).addCallbacks(added, failed)
 
     def _remove_address(self, ip: str) -> defer.Deferred:
         self.addresses.discard(ip)

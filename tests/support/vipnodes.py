@@ -331,3 +331,99 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"==== {n}\n{node.daemon.log() if node.daemon else ''}" for n, node in self.nodes.items())
+
+
+def _in_netns(netns: str, make):
+    """Run ``make()`` in a thread that joined ``netns``; the sockets it makes stay there."""
+    result: dict = {}
+
+    def run():
+        try:
+            fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns failed")
+            finally:
+                os.close(fd)
+            result["value"] = make()
+        except BaseException as e:
+            result["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+class ArpWatch:
+    """Inside one node: when ``ip`` was added (netlink) and every ARP frame about it sent on eth0.
+
+    ``added``: monotonic times of RTM_NEWADDR for ip/32; ``frames``: (time, op) with op 1 =
+    request, 2 = reply, for frames whose sender IP is ``ip``.
+    """
+
+    RTMGRP_IPV4_IFADDR = 0x10
+    RTM_NEWADDR = 20
+
+    def __init__(self, netns: str, ip: str, interface: str = "eth0"):
+        import select  # noqa: F401
+
+        self.ip = socket.inet_aton(ip)
+        self.added: list[float] = []
+        self.frames: list[tuple[float, int]] = []
+
+        def make():
+            nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            nl.bind((0, self.RTMGRP_IPV4_IFADDR))
+            # ETH_P_ALL: only those sockets also see the frames this host sends
+            raw = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+            raw.bind((interface, 0x0003))
+            return nl, raw
+
+        self._nl, self._raw = _in_netns(netns, make)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import select
+        import struct
+
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._nl, self._raw], [], [], 0.05)
+            now = time.monotonic()
+            for sock in ready:
+                try:
+                    data = sock.recv(65536)
+                except OSError:  # ENETDOWN while the link is down
+                    continue
+                if sock is self._raw:
+                    if len(data) >= 42 and data[12:14] == b"\x08\x06" and data[28:32] == self.ip:
+                        self.frames.append((now, struct.unpack("!H", data[20:22])[0]))
+                    continue
+                offset = 0
+                while offset + 16 <= len(data):
+                    length, kind = struct.unpack_from("=IH", data, offset)
+                    if length < 16:
+                        break
+                    if kind == self.RTM_NEWADDR:
+                        body = data[offset + 16: offset + length]
+                        prefixlen = body[1]
+                        attrs = body[8:]
+                        while len(attrs) >= 4:
+                            alen, atype = struct.unpack_from("=HH", attrs)
+                            if alen < 4:
+                                break
+                            if atype in (1, 2) and attrs[4:8] == self.ip and prefixlen == 32:
+                                self.added.append(now)
+                                break
+                            attrs = attrs[(alen + 3) & ~3:]
+                    offset += (length + 3) & ~3
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(1)
+        self._nl.close()
+        self._raw.close()
