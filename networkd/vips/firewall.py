@@ -167,14 +167,17 @@ def parse_save(text: str) -> ChainState:
 # -- back ends ---------------------------------------------------------------
 
 
-class NftRestoreBackend:
-    """Atomic ``iptables-restore --noflush`` of our chains (iptables-nft hosts)."""
+class RestoreBackend:
+    """Atomic ``iptables-restore --noflush`` of our chains.
 
-    name = "nft"
+    The nft variant is the back end for iptables-nft hosts; the legacy
+    variant is only a fallback when python-iptables cannot load.
+    """
 
-    def __init__(self, run=subprocess.run, sleep=time.sleep, attempts: int = 5):
-        self._restore = _binary("iptables-nft-restore", "iptables-restore")
-        self._save = _binary("iptables-nft-save", "iptables-save")
+    def __init__(self, variant: str = "nft", run=subprocess.run, sleep=time.sleep, attempts: int = 5):
+        self.name = variant if variant == "nft" else f"{variant} (iptables-restore)"
+        self._restore = _binary(f"iptables-{variant}-restore", "iptables-restore")
+        self._save = _binary(f"iptables-{variant}-save", "iptables-save")
         self._run = run
         self._sleep = sleep
         self._attempts = attempts
@@ -335,6 +338,11 @@ def detect_backend(choice: str = "auto", run=subprocess.run) -> str:
 
 def make_backend(name: str):
     return NftRestoreBackend() if name == "nft" else LegacyBackend()
+
+
+def NftRestoreBackend(**kwargs) -> RestoreBackend:
+    """The back end for iptables-nft hosts."""
+    return RestoreBackend("nft", **kwargs)
 
 
 # -- the driver the reconciler uses ------------------------------------------

@@ -60,7 +60,7 @@ class VipManager(service.Service):
 
     def __init__(self, *, reactor, client, keys, watch: Callable, session, hostname: str,
                  interface: str, node_ip: str | None, firewall_backend: str = "auto",
-                 netlink: Netlink | None = None, announcer: Announcer | None = None):
+                 netlink: Netlink | None = None, announcer: Announcer | None = None, to_thread=None):
         self._reactor = reactor
         self._keys = keys
         # Create the shared watchers now (no I/O) so they are started before us.
@@ -71,7 +71,8 @@ class VipManager(service.Service):
         self.hostname = hostname
         self.interface = interface
         self.node_ip = node_ip
-        self.firewall_choice = firewall_backend
+        self.firewall_choice = firewall_backend  # "auto" | "legacy" | "nft", or a back end object
+        self._to_thread = to_thread or threads.deferToThread
         self.netlink = netlink or Netlink(interface)
         self.arp = announcer or Announcer(reactor, interface, lambda: self.netlink.mac)
         self.firewall: fw.Firewall | None = None
@@ -99,6 +100,7 @@ class VipManager(service.Service):
         self._verified_at: dict[str, float] = {}
         self.addresses: set[str] = set()  # addresses we put on the interface
         self._removing: set[str] = set()
+        self._adding: set[str] = set()
         self._announced_lease: int | None = None
         self.errors: dict[str, str] = {}  # VIP key -> last error
         self.fenced_since: float | None = None
@@ -137,12 +139,22 @@ class VipManager(service.Service):
     def startService(self):
         super().startService()
         self._started = defer.Deferred.fromCoroutine(self._start())
+        self._started.addErrback(lambda f: f.trap(defer.CancelledError))
         self._started.addErrback(lambda f: log.failure("VIP manager failed to start", f))
 
+    async def _make_backend(self):
+        if not isinstance(self.firewall_choice, str):
+            return self.firewall_choice
+        name = await threads.deferToThread(fw.detect_backend, self.firewall_choice)
+        try:
+            return await threads.deferToThread(fw.make_backend, name)
+        except Exception as e:
+            log.error("firewall back end {name} unusable ({e}); using iptables-restore instead", name=name, e=e)
+            return fw.RestoreBackend(name)
+
     async def _start(self) -> None:
-        backend_name = await threads.deferToThread(fw.detect_backend, self.firewall_choice)
-        backend = await threads.deferToThread(fw.make_backend, backend_name)
-        self.firewall = fw.Firewall(self._reactor, backend, self._desired_rules)
+        backend = await self._make_backend()
+        self.firewall = fw.Firewall(self._reactor, backend, self._desired_rules, to_thread=self._to_thread)
         log.info("VIPs on {iface} of {host}; firewall back end {backend}, lock TTL {ttl}s, fencing after {f}s",
                  iface=self.interface, host=self.hostname, backend=backend.name, ttl=self.ttl,
                  f=self.ttl - self.margin)
@@ -216,9 +228,11 @@ class VipManager(service.Service):
     # -- inputs --------------------------------------------------------------
 
     def _on_configs(self, snapshot) -> None:
+        previous = self.invalid_keys
         self.configs, self.invalid_keys = parse_vips(snapshot.values, self._keys.vips)
         for key, error in self.invalid_keys.items():
-            log.error("VIP config skipped: {error}", error=error)
+            if previous.get(key) != error:
+                log.error("VIP config skipped: {error}", error=error)
         self._seen["configs"] = True
         self.kick()
 
@@ -475,6 +489,7 @@ class VipManager(service.Service):
         if self.fenced() or lifetime < 1:
             return defer.succeed(None)
         self.addresses.add(ip)
+        self._adding.add(ip)
         announced = []
 
         def announce():
@@ -496,7 +511,11 @@ class VipManager(service.Service):
                      e=failure.getErrorMessage())
             self._reactor.callLater(1.0, self.kick)
 
-        return self.netlink.put(ip, lifetime, then=announce).addCallbacks(added, failed)
+        def finished(result):
+            self._adding.discard(ip)
+            return result
+
+        return self.netlink.put(ip, lifetime, then=announce).addCallbacks(added, failed).addBoth(finished)
 
     def _remove_address(self, ip: str) -> defer.Deferred:
         self.addresses.discard(ip)
@@ -578,7 +597,7 @@ class VipManager(service.Service):
                 return
             floating = {c.ip for c in self.configs.values() if c.floating}
             for ip in list(self.addresses):
-                if ip not in present:
+                if ip not in present and ip not in self._adding:
                     self._address_removed(ip)
             for ip in present & floating:
                 if ip not in self.addresses and ip not in self._removing:
@@ -622,7 +641,8 @@ class VipManager(service.Service):
                     "instance": container.instance, "ip": container.container_ip,
                 },
                 "dnat": [f"{r.ip}:{r.port}/{r.proto} -> {r.to_ip}:{r.to_port}" for r in rules],
-                "last_error": self.errors.get(config.ip if config.floating else key),
+                "last_error": self.errors.get(config.ip if config.floating else key) or (
+                    f"firewall: {self.firewall.last_error}" if self.firewall and self.firewall.last_error else None),
             })
         for key, error in sorted(self.invalid_keys.items()):
             out.append({"key": key, "error": error, "last_error": error})
