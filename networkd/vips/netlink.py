@@ -82,6 +82,9 @@ class Netlink:
         return _deferred(stop())
 
     async def _lookup(self) -> int:
+        """The interface index (cached; link events and ENODEV clear it)."""
+        if self.index is not None:
+            return self.index
         found = await self._ipr.link_lookup(ifname=self.interface)
         if not found:
             self.index = None
@@ -121,10 +124,15 @@ class Netlink:
             async with self._lock:
                 index = await self._lookup()
                 life = FOREVER if lifetime is None else max(1, int(lifetime))
-                await self._ipr.addr(
-                    "replace", index=index, address=ip, prefixlen=32,
-                    IFA_CACHEINFO={"ifa_valid": life, "ifa_preferred": life, "cstamp": 0, "tstamp": 0},
-                )
+                try:
+                    await self._ipr.addr(
+                        "replace", index=index, address=ip, prefixlen=32,
+                        IFA_CACHEINFO={"ifa_valid": life, "ifa_preferred": life, "cstamp": 0, "tstamp": 0},
+                    )
+                except NetlinkError as e:
+                    if e.code == errno.ENODEV:
+                        self.index = None
+                    raise
                 if then is not None:
                     try:
                         then()
@@ -145,6 +153,8 @@ class Netlink:
                 try:
                     await self._ipr.addr("del", index=index, address=ip, prefixlen=32)
                 except NetlinkError as e:
+                    if e.code == errno.ENODEV:
+                        self.index = None
                     if e.code in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
                         return False
                     raise
@@ -185,7 +195,7 @@ class Netlink:
                     return
                 up = bool(msg["flags"] & IFF_UP) and bool(msg["flags"] & IFF_RUNNING)
                 was, self._link_up = self._link_up, up
-                if msg.get("index") != self.index:
+                if msg.get("IFLA_IFNAME") == self.interface and msg.get("index") != self.index:
                     self.index = None  # recreated: look it up again
                 if up and not was:
                     self.on_link_up()
