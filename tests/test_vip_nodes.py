@@ -215,6 +215,27 @@ def test_etcd_stopped_holder_drops_within_ttl_and_retakes(cluster_factory, priva
     assert c.holders_of(VIP) == {c.lock_holder(VIP)}
 
 
+def test_holder_cut_off_from_etcd_fences_before_the_other_node_takes_over(cluster_factory):
+    c = cluster_factory()
+    both_run(c)
+    c.put_vip(VIP, vip_value("hello", "web", WEB))
+    c.start()
+    holder = wait_until(lambda: next(iter(c.holders_of(VIP)), None), 10)
+    other = "n2" if holder == "n1" else "n1"
+    wait_until(lambda: c.lock_holder(VIP) == holder, 5)
+    with AddressSampler(list(c.nodes.values()), VIP) as sampler:
+        cut = time.monotonic()
+        c[holder].forwarder.cut()
+        wait_until(lambda: c.holders_of(VIP) == {other}, TTL + 2, message="the other node takes over")
+        c[holder].forwarder.heal()
+        time.sleep(2)  # healed: the old holder's lease is gone, it must not come back
+    dropped = sampler.first(lambda h: holder not in h, after=cut)
+    assert dropped - cut < TTL - 0.5, f"fenced after {dropped - cut:.2f}s"
+    assert not sampler.overlaps()
+    assert c.holders_of(VIP) == {other} and c.lock_holder(VIP) == other
+    assert c[holder].dnat() == set()
+
+
 def test_address_removed_by_hand_is_restored_within_a_second(cluster_factory):
     c = cluster_factory(nodes=1)
     c.put_pods("hello", "web", [(1, "n1", "10.77.0.11")])
