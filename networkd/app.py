@@ -12,6 +12,7 @@ import signal
 import sys
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
 
 from networkd.etcd.client import EtcdClient, TLSFiles
@@ -126,8 +127,22 @@ class Networkd(service.MultiService):
             self.reactor.stop()
 
     def stopService(self):
+        """Stop the children one after the other, newest first.
+
+        Twisted's MultiService stops them all at once; a VIP manager must
+        have removed its addresses before the session revokes the lease
+        that a successor is waiting for, so here each waits for the next.
+        """
         log.info("networkd stopping")
-        return super().stopService()
+        service.Service.stopService(self)
+        return defer.Deferred.fromCoroutine(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {name} failed", name=getattr(child, "name", child))
 
 
 def make_client(options) -> EtcdClient:
@@ -145,4 +160,13 @@ def makeService(options) -> Networkd:
     # The parts, in dependency order (each later issue adds its own here):
     # DNS server, then the resolv.conf guardian (only once DNS listens),
     # the VIP manager, and last the HTTP API.
+    if not options["no-vips"]:
+        from networkd.vips.reconciler import VipManager
+
+        root.vips = VipManager(
+            reactor=reactor, client=root.client, keys=root.keys, watch=root.watch,
+            session=root.lease_session(), hostname=options["hostname"], interface=options["interface"],
+            node_ip=options["node-ip"], firewall_backend=options["firewall-backend"],
+        )
+        root.vips.setServiceParent(root)
     return root

@@ -1,0 +1,40 @@
+"""Lease-bound locks: guarded create, guarded release.
+
+A lock borrows the process lease (networkd.etcd.session); it is never
+refreshed by writing it again ([BUG 16]): the lease keeps it alive, and
+when the lease dies etcd deletes it.  Claiming is a transaction guarded by
+``create_revision == 0``; releasing deletes the key only while it is still
+attached to our lease, and "already gone" counts as released ([BUG 17]).
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+
+
+class LeaseLocks:
+    def __init__(self, client):
+        self._client = client
+
+    def acquire(self, key: str, owner: str, lease: int) -> Deferred:
+        """Fires True if we created the lock on ``lease``, False if it exists."""
+        return self._client.put_if_absent(key.encode(), owner.encode(), lease)
+
+    def release(self, key: str, lease: int) -> Deferred:
+        """Delete the lock if it is still on ``lease``.
+
+        Fires True if we deleted it, False if it was already gone or no
+        longer ours: both mean it is released.
+        """
+        return self._client.delete_if_lease(key.encode(), lease)
+
+    def read(self, key: str) -> Deferred:
+        """Fires with the lock's KeyValue (``.value`` owner, ``.lease``), or None."""
+        return self._client.get(key.encode())
+
+    def announce(self, key: str, value: str, lease: int) -> Deferred:
+        """Write a presence key on ``lease`` (it vanishes with the lease)."""
+        return self._client.put(key.encode(), value.encode(), lease)
+
+    def withdraw(self, key: str, lease: int) -> Deferred:
+        return self._client.delete_if_lease(key.encode(), lease)

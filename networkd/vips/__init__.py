@@ -1,0 +1,1 @@
+"""Floating VIPs: etcd locks, addresses, gratuitous ARP and DNAT rules."""

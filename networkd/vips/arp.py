@@ -1,0 +1,89 @@
+"""Gratuitous ARP: tell the LAN at once that a VIP moved here.
+
+Frames go out of a raw AF_PACKET socket on the reactor thread (a send is a
+few microseconds, so the first packet leaves within a millisecond of the
+address being added).  Both forms are sent, because switches and hosts
+differ in which they honour: an ARP request for the VIP from the VIP
+(``arping -U``) and an ARP reply (``arping -A``).  Repeated after 1 s and
+3 s, and again when the link comes up.  A failure is logged, never fatal
+([BUG 19]).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from twisted.logger import Logger
+
+log = Logger()
+
+ETH_P_ARP = 0x0806
+BROADCAST = b"\xff" * 6
+REPEATS = (1.0, 3.0)
+
+
+def gratuitous_frames(mac: bytes, ip: str) -> tuple[bytes, bytes]:
+    """(request, reply) Ethernet frames announcing ``ip`` at ``mac``."""
+    spa = socket.inet_aton(ip)
+    frames = []
+    for op, tha in ((1, b"\x00" * 6), (2, BROADCAST)):
+        arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, op, mac, spa, tha, spa)
+        frames.append(BROADCAST + mac + struct.pack("!H", ETH_P_ARP) + arp)
+    return frames[0], frames[1]
+
+
+class Announcer:
+    """Sends gratuitous ARP for VIPs on one interface."""
+
+    def __init__(self, reactor, interface: str, mac_of=lambda: None, repeats=REPEATS):
+        self._reactor = reactor
+        self.interface = interface
+        self._mac_of = mac_of
+        self._repeats = repeats
+        self._pending: dict[str, list] = {}
+        self.sent = 0
+        self.failures = 0
+        self._socket: socket.socket | None = None
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    def announce(self, ip: str) -> None:
+        """Send now, and schedule the repeats (replacing earlier ones for ``ip``)."""
+        self.cancel(ip)
+        self.send(ip)
+        self._pending[ip] = [self._reactor.callLater(delay, self.send, ip) for delay in self._repeats]
+
+    def cancel(self, ip: str) -> None:
+        for call in self._pending.pop(ip, []):
+            if call.active():
+                call.cancel()
+
+    def cancel_all(self) -> None:
+        for ip in list(self._pending):
+            self.cancel(ip)
+        self.close()
+
+    def send(self, ip: str) -> bool:
+        mac = self._mac_of()
+        if not mac or len(mac) != 6:
+            self.failures += 1
+            log.warn("gratuitous ARP for {ip}: no MAC address on {iface}", ip=ip, iface=self.interface)
+            return False
+        try:
+            if self._socket is None:
+                # Protocol 0 and no bind: binding a packet socket to a protocol waits for an
+                # RCU grace period (~10 ms) in the kernel; sendto with an address does not.
+                self._socket = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            for frame in gratuitous_frames(mac, ip):
+                self._socket.sendto(frame, (self.interface, ETH_P_ARP))
+        except OSError as e:
+            self.close()
+            self.failures += 1
+            log.warn("gratuitous ARP for {ip} on {iface} failed: {e}", ip=ip, iface=self.interface, e=e)
+            return False
+        self.sent += 1
+        return True

@@ -1,0 +1,174 @@
+"""What this node should do about each VIP, from the snapshots: pure functions.
+
+Inputs are the parsed configs, the containers of every pod group, the lock
+holders and the live members (both from the lock prefix), and the VIPs this
+process holds.  Nothing here does I/O, so every rule is table-tested.
+
+Balance ([BUG 14], [BUG 15]): the floating VIPs of one app/proc spread over
+the live nodes running it.  A free VIP is contested at once by a node that
+holds no more of that proc's VIPs than any other eligible live node; the
+others wait (``campaign_later``) so the least loaded node wins, yet still
+take it if nobody did.  A node holding two more than some eligible live
+node releases one VIP cleanly (address and rules first, then the lock),
+one at a time and only while no VIP of the proc is waiting for a holder.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from networkd.vips.model import Container, VipConfig
+
+
+@dataclass(frozen=True, order=True)
+class DnatRule:
+    """``ip:port/proto`` -> ``to_ip:to_port``, tagged with its VIP key."""
+
+    key: str
+    ip: str
+    proto: str
+    port: int
+    to_ip: str
+    to_port: int
+
+
+@dataclass(frozen=True)
+class FloatingPlan:
+    campaign_now: frozenset[str] = frozenset()
+    campaign_later: frozenset[str] = frozenset()
+    keep: frozenset[str] = frozenset()
+    release: frozenset[str] = frozenset()
+    # ip -> why we release it (shown in the log and the API)
+    reasons: Mapping[str, str] = field(default_factory=dict)
+
+
+def local_container(config: VipConfig, containers: Iterable[Container], hostname: str) -> Container | None:
+    """The container of ``config``'s app/proc on this node with the lowest instance number."""
+    if config.excludes(hostname):
+        return None
+    mine = [c for c in containers
+            if c.node_name == hostname and c.app == config.app and c.proc == config.proc]
+    return min(mine, key=lambda c: (c.instance, c.container_ip)) if mine else None
+
+
+def nodes_running(config: VipConfig, containers: Iterable[Container]) -> frozenset[str]:
+    """Every node with a container of ``config``'s app/proc that the config does not exclude."""
+    return frozenset(c.node_name for c in containers
+                     if c.app == config.app and c.proc == config.proc and not config.excludes(c.node_name))
+
+
+def dnat_rules(config: VipConfig, container: Container, node_ip: str | None) -> tuple[DnatRule, ...]:
+    """The DNAT rules of one VIP key towards ``container``."""
+    ip = config.ip
+    if config.node_local:
+        if not node_ip:
+            return ()
+        ip = node_ip
+    return tuple(DnatRule(config.key, ip, p.proto, p.src, container.container_ip, p.dest) for p in config.ports)
+
+
+def port_scoped_rules(configs: Mapping[str, VipConfig], containers: list[Container],
+                      hostname: str, node_ip: str | None) -> frozenset[DnatRule]:
+    """DNAT for ``IP:PORT`` / ``0.0.0.0:PORT`` keys: on every node running the app, no lock."""
+    rules: set[DnatRule] = set()
+    for config in configs.values():
+        if config.floating:
+            continue
+        container = local_container(config, containers, hostname)
+        if container is not None:
+            rules.update(dnat_rules(config, container, node_ip))
+    return frozenset(rules)
+
+
+def plan_floating(
+    configs: Mapping[str, VipConfig],
+    containers: list[Container],
+    hostname: str,
+    holders: Mapping[str, str],
+    members: frozenset[str],
+    held: frozenset[str],
+) -> FloatingPlan:
+    """Which floating VIPs to contest now / later, keep and release.
+
+    ``holders``: ip -> hostname from the lock snapshot; ``held``: the IPs
+    this process holds on its current lease.
+    """
+    floating = {c.ip: c for c in configs.values() if c.floating}
+    wanted = {ip for ip, c in floating.items() if local_container(c, containers, hostname) is not None}
+    release: dict[str, str] = {}
+    for ip in held - wanted:
+        if ip not in floating:
+            release[ip] = "config deleted"
+        elif floating[ip].excludes(hostname):
+            release[ip] = "node excluded"
+        else:
+            release[ip] = "no local container"
+
+    groups: dict[tuple[str, str], list[VipConfig]] = defaultdict(list)
+    for ip in sorted(wanted):
+        config = floating[ip]
+        groups[(config.app, config.proc)].append(config)
+
+    now: set[str] = set()
+    later: set[str] = set()
+    keep: set[str] = set()
+    for group in groups.values():
+        group_ips = {c.ip for c in group}
+        counts: dict[str, int] = defaultdict(int)
+        for ip in group_ips:
+            holder = holders.get(ip)
+            if holder and holder != hostname:
+                counts[holder] += 1
+        mine = len(held & group_ips)
+
+        def others(config: VipConfig) -> set[str]:
+            return {n for n in nodes_running(config, containers) if n in members and n != hostname}
+
+        waiting = False
+        for config in group:
+            if config.ip in held:
+                keep.add(config.ip)
+                continue
+            holder = holders.get(config.ip)
+            if holder:
+                continue  # someone holds it (maybe our previous process: its lease expires)
+            waiting = True
+            rivals = others(config)
+            if not rivals or mine <= min(counts[n] for n in rivals):
+                now.add(config.ip)
+            else:
+                later.add(config.ip)
+        if waiting:
+            continue
+        for config in sorted(group, key=lambda c: c.ip, reverse=True):
+            if config.ip not in held:
+                continue
+            rivals = others(config)
+            if rivals and min(counts[n] for n in rivals) <= mine - 2:
+                keep.discard(config.ip)
+                release[config.ip] = f"rebalancing: this node holds {mine} VIPs of {config.app}.{config.proc}"
+                break
+    return FloatingPlan(frozenset(now), frozenset(later), frozenset(keep), frozenset(release), release)
+
+
+def lock_holders(values: Mapping[str, str]) -> tuple[dict[str, str], frozenset[str]]:
+    """(ip -> holder, live members) from the lock prefix snapshot.
+
+    Locks are ``<ip>.lock``; members are ``members/<hostname>`` (each
+    daemon's presence, on its lease).  Anything else is ignored.
+    """
+    holders: dict[str, str] = {}
+    members: set[str] = set()
+    for key, value in values.items():
+        if key.startswith(MEMBERS):
+            name = key[len(MEMBERS):]
+            if name:
+                members.add(name)
+        elif key.endswith(".lock") and "/" not in key:
+            holders[key[: -len(".lock")]] = value.strip()
+    return holders, frozenset(members)
+
+
+MEMBERS = "members/"

@@ -1,0 +1,114 @@
+"""The planner: which VIPs this node contests, keeps and releases (table-driven)."""
+
+from __future__ import annotations
+
+import pytest
+
+from networkd.vips.model import Container, PortMap, VipConfig
+from networkd.vips.planner import (
+    DnatRule, dnat_rules, local_container, lock_holders, plan_floating, port_scoped_rules,
+)
+
+
+def config(key, app="hello", proc="web", excluded=(), ports=((("tcp", 80, 8080)),)):
+    ip, _, port = key.partition(":")
+    return VipConfig(key, ip, int(port) if port else None, app, proc,
+                     tuple(PortMap(*p) for p in ports), frozenset(excluded))
+
+
+def running(*placements, app="hello", proc="web"):
+    return [Container(app, proc, instance, node, f"10.1.0.{instance}", cip) for instance, node, cip in placements]
+
+
+BOTH = running((1, "n1", "172.20.0.1"), (2, "n2", "172.20.0.2"))
+
+
+def test_local_container_is_the_lowest_instance_here():
+    containers = running((3, "n1", "172.20.0.3"), (1, "n2", "172.20.0.1"), (2, "n1", "172.20.0.2"))
+    assert local_container(config("10.0.0.5"), containers, "n1").instance == 2
+    assert local_container(config("10.0.0.5", proc="db"), containers, "n1") is None
+    assert local_container(config("10.0.0.5", excluded=["n1"]), containers, "n1") is None
+
+
+def test_dnat_rules_and_node_local_keys():
+    vip = config("10.0.0.5", ports=(("tcp", 80, 8080), ("udp", 53, 53)))
+    assert dnat_rules(vip, BOTH[0], "10.9.0.1") == (
+        DnatRule("10.0.0.5", "10.0.0.5", "tcp", 80, "172.20.0.1", 8080),
+        DnatRule("10.0.0.5", "10.0.0.5", "udp", 53, "172.20.0.1", 53),
+    )
+    local = config("0.0.0.0:9000", ports=(("tcp", 9000, 80),))
+    scoped = config("10.0.0.7:7000", proc="db", ports=(("tcp", 7000, 7000),))
+    rules = port_scoped_rules({"0.0.0.0:9000": local, "10.0.0.7:7000": scoped, "10.0.0.5": vip},
+                              BOTH, "n1", "10.9.0.1")
+    assert rules == {DnatRule("0.0.0.0:9000", "10.9.0.1", "tcp", 9000, "172.20.0.1", 80)}
+
+
+def configs(*keys, **kw):
+    return {k: config(k, **kw) for k in keys}
+
+
+@pytest.mark.parametrize("case, vips, containers, holders, members, held, expect", [
+    ("free VIP, nobody else: contest now",
+     configs("10.0.0.1"), BOTH, {}, {"n1"}, set(), {"now": {"10.0.0.1"}}),
+    ("free VIP, rival holds no more: contest now (ties race)",
+     configs("10.0.0.1"), BOTH, {}, {"n1", "n2"}, set(), {"now": {"10.0.0.1"}}),
+    ("free VIP, rival holds fewer: let it go first",
+     configs("10.0.0.1", "10.0.0.2"), BOTH, {}, {"n1", "n2"}, {"10.0.0.2"}, {"later": {"10.0.0.1"}, "keep": {"10.0.0.2"}}),
+    ("rival is not alive: its count does not matter",
+     configs("10.0.0.1", "10.0.0.2"), BOTH, {}, {"n1"}, {"10.0.0.2"}, {"now": {"10.0.0.1"}, "keep": {"10.0.0.2"}}),
+    ("held by someone else: nothing",
+     configs("10.0.0.1"), BOTH, {"10.0.0.1": "n2"}, {"n1", "n2"}, set(), {}),
+    ("our previous process's lock: wait for its lease",
+     configs("10.0.0.1"), BOTH, {"10.0.0.1": "n1"}, {"n1", "n2"}, set(), {}),
+    ("no local container: never contest, release if held",
+     configs("10.0.0.1", "10.0.0.2", proc="db"), BOTH, {}, {"n1"}, {"10.0.0.1"}, {"release": {"10.0.0.1"}}),
+    ("excluded: release",
+     configs("10.0.0.1", excluded=["n1"]), BOTH, {"10.0.0.1": "n1"}, {"n1", "n2"}, {"10.0.0.1"}, {"release": {"10.0.0.1"}}),
+    ("config deleted: release",
+     {}, BOTH, {"10.0.0.1": "n1"}, {"n1"}, {"10.0.0.1"}, {"release": {"10.0.0.1"}}),
+    ("4 held, live rival with 0: release exactly one, the highest",
+     configs("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"), BOTH,
+     {f"10.0.0.{i}": "n1" for i in range(1, 5)}, {"n1", "n2"}, {f"10.0.0.{i}" for i in range(1, 5)},
+     {"keep": {"10.0.0.1", "10.0.0.2", "10.0.0.3"}, "release": {"10.0.0.4"}}),
+    ("3 held, rival 1: differ by two, so one moves (2 and 2)",
+     configs("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"), BOTH,
+     {"10.0.0.1": "n1", "10.0.0.2": "n1", "10.0.0.3": "n1", "10.0.0.4": "n2"}, {"n1", "n2"},
+     {"10.0.0.1", "10.0.0.2", "10.0.0.3"}, {"keep": {"10.0.0.1", "10.0.0.2"}, "release": {"10.0.0.3"}}),
+    ("a VIP of the proc is still free: no release meanwhile",
+     configs("10.0.0.1", "10.0.0.2", "10.0.0.3"), BOTH,
+     {"10.0.0.1": "n1", "10.0.0.2": "n1"}, {"n1", "n2"}, {"10.0.0.1", "10.0.0.2"},
+     {"keep": {"10.0.0.1", "10.0.0.2"}, "later": {"10.0.0.3"}}),
+    ("rival excluded from this VIP does not count for it",
+     configs("10.0.0.1", "10.0.0.2", excluded=["n2"]), BOTH, {}, {"n1", "n2"}, {"10.0.0.2"},
+     {"now": {"10.0.0.1"}, "keep": {"10.0.0.2"}}),
+])
+def test_plan_floating(case, vips, containers, holders, members, held, expect):
+    plan = plan_floating(vips, containers, "n1", holders, frozenset(members), frozenset(held))
+    got = {"now": plan.campaign_now, "later": plan.campaign_later, "keep": plan.keep, "release": plan.release}
+    assert {k: v for k, v in got.items() if v} == expect, case
+
+
+def test_converges_to_balance_on_three_nodes():
+    """Simulate nodes taking turns on the same lock table: counts end within one of each other."""
+    nodes = ["n1", "n2", "n3"]
+    containers = [Container("hello", "web", i + 1, n, "", f"172.20.0.{i + 1}") for i, n in enumerate(nodes)]
+    vips = configs(*(f"10.0.0.{i}" for i in range(1, 8)))
+    holders = {ip: "n1" for ip in (f"10.0.0.{i}" for i in range(1, 8))}  # n1 started first
+    for _ in range(40):
+        for node in nodes:
+            held = frozenset(ip for ip, h in holders.items() if h == node)
+            plan = plan_floating(vips, containers, node, dict(holders), frozenset(nodes), held)
+            for ip in plan.release:
+                del holders[ip]
+            for ip in sorted(plan.campaign_now):
+                holders.setdefault(ip, node)
+    counts = sorted(sum(1 for h in holders.values() if h == n) for n in nodes)
+    assert len(holders) == 7 and counts[-1] - counts[0] <= 1, counts
+
+
+def test_lock_holders_reads_locks_and_members():
+    holders, members = lock_holders({
+        "10.0.0.1.lock": "n1\n", "members/n1": "10.9.0.1", "members/n2": "", "junk": "x", "a/b.lock": "n3",
+    })
+    assert holders == {"10.0.0.1": "n1"}
+    assert members == {"n1", "n2"}
