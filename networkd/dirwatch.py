@@ -94,6 +94,11 @@ class DirectoryWatcher:
             log.warn("inotify read failed: {e}", e=e)
             return
         for event in events:
+            if event.mask & flags.Q_OVERFLOW:
+                # Events were lost: every watched name may have changed.
+                for directory in set(self._directories.values()):
+                    self._report(directory, "", event.mask)
+                continue
             directory = self._directories.get(event.wd)
             if directory is None:
                 continue

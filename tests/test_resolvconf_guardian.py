@@ -326,3 +326,40 @@ async def test_systemd_resolved_stub_takes_upstreams_from_the_real_list(tmp_path
     await eventually(lambda: (read(stub) or "").count("nameserver 127.0.0.1\nnameserver 127.0.0.53\n") == 1)
     write_in_place(real, "nameserver 10.0.0.9\n")
     await eventually(lambda: dns.upstreams == [("10.0.0.9", 53)])
+
+
+@pytest_twisted.ensureDeferred
+async def test_wiring_in_make_service(tmp_path, etcd_root):
+    from networkd.app import Networkd, add_resolv_conf_guardian, make_client
+    from networkd.options import Options
+
+    path = tmp_path / "resolv.conf"
+    write_in_place(path, ORIGINAL)
+
+    def root_with(*extra):
+        options = Options()
+        options.parseOptions(["--etcd", "http://127.0.0.1:1", "--etcd-root", etcd_root, "--no-vips",
+                              "--node-ip", "10.1.2.3", "--resolv-conf", str(path),
+                              "--systemd-resolv-conf", str(tmp_path / "none"), *extra])
+        return Networkd(options, reactor, make_client(options))
+
+    root = root_with()
+    add_resolv_conf_guardian(root, root.options)
+    assert root.resolv_conf is None, "no DNS, nothing to point resolv.conf at"
+
+    root = root_with("--no-resolv-conf")
+    root.dns = dns = FakeDns(listening=True)
+    add_resolv_conf_guardian(root, root.options)
+    root.resolv_conf.startService()
+    await eventually(lambda: dns.upstreams == [("10.0.0.2", 53), ("10.0.0.3", 53)])
+    await root.resolv_conf.stopService()
+    assert read(path) == ORIGINAL and root.resolv_conf.status.writes == 0
+
+    root = root_with()
+    root.dns = FakeDns(listening=True)
+    add_resolv_conf_guardian(root, root.options)
+    assert root.resolv_conf in list(root)
+    root.resolv_conf.startService()
+    await eventually(lambda: read(path) == GUARDED, timeout=2)
+    await root.resolv_conf.stopService()
+    assert "nameserver 127.0.0.1" not in read(path)
