@@ -21,6 +21,7 @@ import pwd
 from dataclasses import dataclass
 from typing import Callable
 
+from inotify_simple import flags
 from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
@@ -272,6 +273,7 @@ class ResolvConfGuardian(service.Service):
         burst: int = 5,
         window: float = 10.0,
         recheck: float = 30.0,
+        max_writer_wait: float = 2.0,
         run_blocking: Callable | None = None,
     ):
         self.path = os.path.abspath(path)
@@ -305,6 +307,8 @@ class ResolvConfGuardian(service.Service):
         self._busy: defer.Deferred | None = None
         self._again = False
         self._listening: defer.Deferred | None = None
+        self._being_written: dict[tuple[str, str], float] = {}
+        self._max_writer_wait = max_writer_wait
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -389,7 +393,23 @@ class ResolvConfGuardian(service.Service):
     # -- scheduling --------------------------------------------------------------
 
     def _on_change(self, directory: str, name: str, mask: int) -> None:
+        if mask & flags.CREATE and name and not os.path.islink(os.path.join(directory, name)):
+            # A new regular file is still being written: replacing it now would
+            # lose the rest of its writer's output.  Its CLOSE_WRITE follows.
+            self._being_written[(directory, name)] = self._reactor.seconds()
+            return
+        self._being_written.pop((directory, name), None)
         self._kick()
+
+    def _writer_busy(self) -> float:
+        """Seconds to wait for a writer that created the file and has not closed it yet."""
+        now = self._reactor.seconds()
+        for key, since in list(self._being_written.items()):
+            if now - since >= self._max_writer_wait:
+                del self._being_written[key]  # it may have been opened read-only after all
+        if not self._being_written:
+            return 0.0
+        return max(0.01, min(since + self._max_writer_wait for since in self._being_written.values()) - now)
 
     def _kick(self, delay: float | None = None) -> None:
         """Look at the file soon; bursts of events become one look."""
@@ -424,6 +444,10 @@ class ResolvConfGuardian(service.Service):
     # -- one look ----------------------------------------------------------------
 
     async def _check(self) -> None:
+        busy = self._writer_busy()
+        if busy:
+            self._kick(busy)
+            return
         state: FileState = await self._run_blocking(look_at, self.path, self._systemd_path)
         if not self.running:
             return
@@ -449,7 +473,12 @@ class ResolvConfGuardian(service.Service):
                 self._kick(self._missing_grace - (now - self._missing_since))
                 return
         self._missing_since = None
-        desired = rewrite(state.text or "", self.address)
+        text = state.text
+        if text is None:
+            # Recreate it with the upstreams it had, so the node (and our
+            # forwarder) keep resolving, and a restore on stop leaves a working file.
+            text = "".join(f"nameserver {ip}\n" for ip, _ in (self._fed or []))
+        desired = rewrite(text, self.address)
         if state.text == desired:
             self._good = True
             return

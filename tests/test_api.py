@@ -301,6 +301,7 @@ async def test_healthz_turns_503_when_etcd_stops(private_etcd, etcd_root, api_fa
     api.start_api()
     await eventually(lambda: watcher.status.connected)
     assert await api.fetch("/healthz") == (200, _any_headers, b"ok\n")
+    assert await api.fetch("/healthz", method="HEAD") == (200, _any_headers, b"")
 
     dns.stop_listening()
     status, _, body = await api.fetch("/healthz")
