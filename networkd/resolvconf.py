@@ -306,7 +306,6 @@ class ResolvConfGuardian(service.Service):
         self._pending = None
         self._busy: defer.Deferred | None = None
         self._again = False
-        self._listening: defer.Deferred | None = None
         self._being_written: dict[tuple[str, str], float] = {}
         self._max_writer_wait = max_writer_wait
 
@@ -325,11 +324,10 @@ class ResolvConfGuardian(service.Service):
                      listen=self._listen, path=self.path)
         else:
             self.status.state = "waiting for the DNS server to listen"
-            self._listening = self._dns.when_listening()
-            self._listening.addCallbacks(self._dns_listening, self._dns_failed)
+            # Not cancelled on stop: the Deferred may be shared; the callbacks check self.running.
+            self._dns.when_listening().addCallbacks(self._dns_listening, self._dns_failed)
 
     def _dns_listening(self, _):
-        self._listening = None
         if not self.running:
             return
         self._writing = True
@@ -338,8 +336,7 @@ class ResolvConfGuardian(service.Service):
         self._kick()
 
     def _dns_failed(self, failure):
-        self._listening = None
-        if failure.check(defer.CancelledError):
+        if not self.running or failure.check(defer.CancelledError):
             return
         self.status.state = "not rewriting: the DNS server is not listening"
         self.status.last_error = failure.getErrorMessage()
@@ -348,8 +345,6 @@ class ResolvConfGuardian(service.Service):
 
     def stopService(self):
         super().stopService()
-        if self._listening is not None:
-            self._listening.cancel()
         if self._recheck.running:
             self._recheck.stop()
         if self._pending is not None and self._pending.active():
