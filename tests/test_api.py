@@ -22,6 +22,7 @@ from networkd.backoff import Backoff
 from networkd.options import ListenAddress, Options
 from networkd.views import DnsConfigView
 from tests.support.fakeparts import FakeDns, FakeVips
+from tests.support.logcapture import LogCapture
 from tests.support.ports import free_port
 from tests.support.waiting import eventually
 
@@ -374,8 +375,6 @@ async def test_metrics_in_prometheus_text(etcd_server, etcd_root, api_factory):
 
 @pytest_twisted.ensureDeferred
 async def test_busy_address_is_logged_and_retried(etcd_server, api_factory):
-    from tests.test_resolvconf_guardian import LogCapture
-
     api = api_factory(etcd_server)
     blocker = socket.socket()
     blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -14,11 +14,11 @@ import pytest
 import pytest_twisted
 from inotify_simple import INotify, flags
 from twisted.internet import reactor
-from twisted.logger import formatEvent, globalLogPublisher
 
 from networkd.options import ListenAddress
 from networkd.resolvconf import ResolvConfGuardian
 from tests.support.fakeparts import FakeDns
+from tests.support.logcapture import LogCapture
 from tests.support.waiting import eventually, sleep
 
 LOCAL = ListenAddress("127.0.0.1", 53)
@@ -44,24 +44,6 @@ def replace_by_rename(path, text: str) -> None:
     with open(tmp, "w") as f:
         f.write(text)
     os.rename(tmp, path)
-
-
-class LogCapture:
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def __call__(self, event):
-        self.lines.append(formatEvent(event))
-
-    def __enter__(self):
-        globalLogPublisher.addObserver(self)
-        return self
-
-    def __exit__(self, *exc):
-        globalLogPublisher.removeObserver(self)
-
-    def has(self, text: str) -> bool:
-        return any(text in line for line in self.lines)
 
 
 class RenameCounter:
