@@ -160,13 +160,50 @@ def makeService(options) -> Networkd:
     # The parts, in dependency order (each later issue adds its own here):
     # DNS server, then the resolv.conf guardian (only once DNS listens),
     # the VIP manager, and last the HTTP API.
-    if not options["no-vips"]:
-        from networkd.vips.reconciler import VipManager
-
-        root.vips = VipManager(
-            reactor=reactor, client=root.client, keys=root.keys, watch=root.watch,
-            session=root.lease_session(), hostname=options["hostname"], interface=options["interface"],
-            node_ip=options["node-ip"], firewall_backend=options["firewall-backend"],
-        )
-        root.vips.setServiceParent(root)
+    add_resolv_conf_guardian(root, options)
+    add_vips(root, options)
+    add_api(root, options)
     return root
+
+
+def add_resolv_conf_guardian(root: Networkd, options) -> None:
+    """After DNS: it writes resolv.conf only once DNS listens, and feeds DNS its upstreams.
+
+    Without DNS there is nothing to point resolv.conf at and nobody to feed:
+    no guardian.  With --no-resolv-conf it still reads the file for the
+    upstreams but never writes it.
+    """
+    from networkd.resolvconf import ResolvConfGuardian
+
+    if root.dns is None:
+        return
+    root.resolv_conf = ResolvConfGuardian(
+        options["resolv-conf"], root.dns, options["dns-listen"], root.reactor,
+        systemd_path=options["systemd-resolv-conf"],
+        keep_on_stop=bool(options["keep-resolv-conf"]),
+        read_only=bool(options["no-resolv-conf"]),
+        node_ip=options["node-ip"],
+    )
+    root.resolv_conf.setServiceParent(root)
+
+
+def add_vips(root: Networkd, options) -> None:
+    """The VIP manager borrows the process lease; it is stopped before the lease is revoked."""
+    if options["no-vips"]:
+        return
+    from networkd.vips.reconciler import VipManager
+
+    root.vips = VipManager(
+        reactor=root.reactor, client=root.client, keys=root.keys, watch=root.watch,
+        session=root.lease_session(), hostname=options["hostname"], interface=options["interface"],
+        node_ip=options["node-ip"], firewall_backend=options["firewall-backend"],
+    )
+    root.vips.setServiceParent(root)
+
+
+def add_api(root: Networkd, options) -> None:
+    """Last, so it starts after (and stops before) everything it reports on."""
+    from networkd.api import ApiService
+
+    root.api = ApiService(root, options["api-listen"], root.reactor)
+    root.api.setServiceParent(root)

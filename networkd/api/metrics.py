@@ -1,0 +1,100 @@
+"""``GET /metrics``: Prometheus text, read from the parts' plain counters at scrape time.
+
+The DNS hot path only bumps integers in DnsStats; turning them into metric
+families happens here, once per scrape.  An own registry, not the global
+default one, so nothing else in the process leaks into it.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from networkd.views import UPSTREAM_BUCKETS
+
+__all__ = ["CONTENT_TYPE_LATEST", "NetworkdCollector", "make_registry", "render_metrics"]
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(float(value))
+
+
+class NetworkdCollector:
+    def __init__(self, root):
+        self._root = root
+
+    def collect(self):
+        root = self._root
+        yield from self._dns(root.dns)
+        yield from self._etcd(root)
+        held = GaugeMetricFamily("networkd_vips_held", "VIPs this node holds (address up, DNAT installed).")
+        held.add_metric([], float(root.vips.held_count()) if root.vips is not None else 0.0)
+        yield held
+        guardian = getattr(root, "resolv_conf", None)
+        if guardian is not None:
+            yield CounterMetricFamily("networkd_resolv_conf_writes", "Rewrites of resolv.conf.",
+                                      value=guardian.status.writes)
+            yield CounterMetricFamily("networkd_resolv_conf_undone", "Times another writer undid our resolv.conf line.",
+                                      value=guardian.status.undone)
+        invalid = GaugeMetricFamily("networkd_invalid_keys", "etcd keys ignored because their value is invalid.",
+                                    labels=["part"])
+        for name, part in (("dns", root.dns), ("vips", root.vips)):
+            if part is not None:
+                invalid.add_metric([name], float(len(part.invalid_keys or {})))
+        yield invalid
+
+    def _dns(self, dns):
+        queries = CounterMetricFamily("networkd_dns_queries", "DNS queries answered, by rcode and source.",
+                                      labels=["rcode", "source"])
+        hits = CounterMetricFamily("networkd_dns_cache_hits", "DNS answers served from the cache.")
+        misses = CounterMetricFamily("networkd_dns_cache_misses", "DNS cache lookups that missed.")
+        latency = HistogramMetricFamily("networkd_dns_upstream_latency_seconds",
+                                        "Time for an upstream nameserver to answer a forwarded query.")
+        if dns is not None:
+            stats = dns.stats
+            for (rcode, source), count in sorted(dict(stats.queries).items()):
+                queries.add_metric([str(rcode), str(source)], count)
+            hits.add_metric([], stats.cache_hits)
+            misses.add_metric([], stats.cache_misses)
+            buckets = [(_bound(bound), count) for bound, count in zip(UPSTREAM_BUCKETS, stats.upstream_latency_buckets)]
+            latency.add_metric([], buckets, stats.upstream_latency_sum)
+        yield queries
+        yield hits
+        yield misses
+        if dns is not None:
+            yield latency
+
+    def _etcd(self, root):
+        connected = GaugeMetricFamily("networkd_etcd_connected", "1 while the etcd watch of a prefix is live.",
+                                      labels=["prefix"])
+        revision = GaugeMetricFamily("networkd_etcd_revision", "etcd revision of the last snapshot of a prefix.",
+                                     labels=["prefix"])
+        reconnects = CounterMetricFamily("networkd_etcd_reconnects", "Times the etcd watch of a prefix was lost.",
+                                         labels=["prefix"])
+        for prefix in sorted(root.watchers):
+            status = root.watchers[prefix].status
+            connected.add_metric([prefix], 1.0 if status.connected else 0.0)
+            revision.add_metric([prefix], float(status.revision))
+            reconnects.add_metric([prefix], status.reconnects)
+        yield connected
+        yield revision
+        yield reconnects
+        failovers = CounterMetricFamily("networkd_etcd_failovers", "Switches to another etcd endpoint.",
+                                        value=root.client.failovers)
+        yield failovers
+        if root.session is not None:
+            age = root.session.ack_age()
+            if age is not None:
+                yield GaugeMetricFamily("networkd_etcd_keepalive_age_seconds",
+                                        "Seconds since the last acknowledged lease keep-alive.", value=age)
+
+
+def make_registry(root) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NetworkdCollector(root))
+    return registry
+
+
+def render_metrics(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)

@@ -1,0 +1,127 @@
+"""The HTTP API's one resource: a fixed table of read-only routes.
+
+GET and HEAD only (405 otherwise), unknown paths 404, a trailing slash
+ignored, and nothing served from the file system (BUG 45).
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from networkd.api import dnsdump, metrics
+from networkd.api.status import EtcdProbe, full_status, health_problems
+from networkd.views import DnsConfigView
+
+log = Logger()
+
+TEXT = b"text/plain; charset=utf-8"
+JSON = b"application/json"
+
+
+class ApiResource(resource.Resource):
+    isLeaf = True
+
+    ROUTES = {
+        "/v1/dns/config": "dns_config",
+        "/v1/vips": "vips",
+        "/v1/status": "status",
+        "/healthz": "healthz",
+        "/metrics": "metrics",
+    }
+
+    def __init__(self, root, probe: EtcdProbe | None = None, registry=None):
+        super().__init__()
+        self._root = root
+        self._probe = probe or EtcdProbe(root.client, root.options["etcd-root"].encode() + b"/", root.reactor)
+        self._registry = registry or metrics.make_registry(root)
+
+    def render(self, request):
+        path = request.path.decode("utf-8", errors="replace").rstrip("/") or "/"
+        route = self.ROUTES.get(path)
+        if route is None:
+            return _reply(request, 404, b"404 page not found\n")
+        if request.method not in (b"GET", b"HEAD"):
+            request.setHeader(b"allow", b"GET, HEAD")
+            return _reply(request, 405, b"405 method not allowed\n")
+        return getattr(self, f"_get_{route}")(request)
+
+    # -- routes ----------------------------------------------------------------
+
+    def _get_dns_config(self, request):
+        view = self._root.dns.config_view() if self._root.dns is not None else DnsConfigView()
+        if _wants_json(request):
+            return _json(request, dnsdump.render_json(view))
+        return _reply(request, 200, dnsdump.render_text(view))
+
+    def _get_vips(self, request):
+        vips = self._root.vips
+        return _json(request, list(vips.status()) if vips is not None else [])
+
+    def _get_status(self, request):
+        def respond(probe):
+            return _json(request, full_status(self._root, probe))
+
+        return _later(request, self._probe_if_needed(), respond)
+
+    def _get_healthz(self, request):
+        def respond(probe):
+            problems = health_problems(self._root, probe)
+            if problems:
+                return _reply(request, 503, ("unhealthy: " + "; ".join(problems) + "\n").encode())
+            return _reply(request, 200, b"ok\n")
+
+        return _later(request, self._probe_if_needed(), respond)
+
+    def _get_metrics(self, request):
+        return _reply(request, 200, metrics.render_metrics(self._registry), metrics.CONTENT_TYPE_LATEST.encode())
+
+    def _probe_if_needed(self) -> defer.Deferred:
+        """Ask etcd directly only when no watcher already says how it is."""
+        if self._root.watchers:
+            return defer.succeed(None)
+        return self._probe.check()
+
+
+def _wants_json(request) -> bool:
+    fmt = request.args.get(b"format", [b""])[0].lower()
+    if fmt:
+        return fmt == b"json"
+    return b"application/json" in (request.getHeader(b"accept") or b"").lower()
+
+
+def _reply(request, code: int, body: bytes, content_type: bytes = TEXT) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", content_type)
+    request.setHeader(b"cache-control", b"no-store")
+    return body
+
+
+def _json(request, data) -> bytes:
+    body = json.dumps(data, indent=2, sort_keys=True).encode() + b"\n"
+    return _reply(request, 200, body, JSON)
+
+
+def _later(request, deferred: defer.Deferred, respond) -> object:
+    """Answer once ``deferred`` fires; the client may have gone away meanwhile."""
+    gone = []
+    request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+    def write(result):
+        if gone:
+            return
+        body = respond(result)
+        request.write(body)
+        request.finish()
+
+    def failed(failure):
+        log.failure("API request {path} failed", failure, path=request.path)
+        if not gone:
+            request.write(_reply(request, 500, b"500 internal error\n"))
+            request.finish()
+
+    deferred.addCallback(write).addErrback(failed)
+    return server.NOT_DONE_YET
