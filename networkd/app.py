@@ -128,4 +128,9 @@ def makeService(options) -> Networkd:
     # The parts, in dependency order (each later issue adds its own here):
     # DNS server, then the resolv.conf guardian (only once DNS listens),
     # the VIP manager, and last the HTTP API.
+    if not options["no-dns"]:
+        from networkd.dns.service import DnsService
+
+        root.dns = DnsService.from_root(root)
+        root.dns.setServiceParent(root)
     return root
