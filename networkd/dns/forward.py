@@ -59,6 +59,8 @@ class ServerHealth:
 
 
 class _UdpAttempt(protocol.DatagramProtocol):
+    noisy = False
+
     def __init__(self, exchange, server, qid: int, packet: bytes):
         self.exchange = exchange
         self.server = server
@@ -123,6 +125,8 @@ class _TcpAttempt(protocol.Protocol):
 
 
 class _TcpFactory(protocol.ClientFactory):
+    noisy = False
+
     def __init__(self, attempt):
         self.attempt = attempt
 

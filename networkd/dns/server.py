@@ -336,6 +336,8 @@ class DnsTcpProtocol(protocol.Protocol, TimeoutMixin):
 
 
 class DnsTcpFactory(protocol.Factory):
+    noisy = False
+
     def __init__(self, resolver: Resolver, reactor, max_connections: int = TCP_MAX_CONNECTIONS,
                  idle_timeout: float = TCP_IDLE_TIMEOUT):
         self.resolver = resolver
