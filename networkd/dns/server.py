@@ -119,6 +119,7 @@ class Resolver:
 
     def resolve(self, data: bytes, client: str, udp: bool):
         """bytes to send, None to drop, or a Deferred firing with one of those."""
+        data = bytes(data)
         allowed = self.allowed(client)
         try:
             query = wire.parse_query(data)
@@ -332,7 +333,7 @@ class DnsTcpProtocol(protocol.Protocol, TimeoutMixin):
         self.transport.write(struct.pack(">H", len(response)) + response)
 
     def timeoutConnection(self):
-        self.transport.abortConnection()
+        self.transport.loseConnection()
 
 
 class DnsTcpFactory(protocol.Factory):
