@@ -11,10 +11,13 @@ once.  The whole exchange ends within ``budget`` seconds.
 from __future__ import annotations
 
 import random
+import socket
 import struct
 
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from networkd.dns import wire
 
@@ -58,35 +61,62 @@ class ServerHealth:
         return live + down
 
 
-class _UdpAttempt(protocol.DatagramProtocol):
-    noisy = False
+@implementer(IReadDescriptor)
+class _UdpAttempt:
+    """One query over UDP: its own socket, connected to the server.
+
+    A plain socket on the reactor rather than listenUDP, which logs two lines
+    per socket (and we open one per upstream query).
+    """
 
     def __init__(self, exchange, server, qid: int, packet: bytes):
         self.exchange = exchange
+        self.reactor = exchange.reactor
         self.server = server
         self.qid = qid
-        self.packet = packet
-        self.started = exchange.reactor.seconds()
-        self.port = None
+        self.started = self.reactor.seconds()
         self.done = False
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            self.sock.connect(server)
+            self.sock.send(packet)
+        except OSError:
+            self.sock.close()
+            raise
+        self.reactor.addReader(self)
 
-    def startProtocol(self):
-        self.transport.connect(*self.server)
-        self.transport.write(self.packet)
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
-    def datagramReceived(self, data, addr):
-        if not self.done:
+    def logPrefix(self) -> str:
+        return "dns-upstream"
+
+    def doRead(self):
+        for _ in range(16):
+            if self.done:
+                return
+            try:
+                data = self.sock.recv(65535)
+            except BlockingIOError:
+                return
+            except ConnectionRefusedError:
+                self.exchange.failed(self, "port unreachable")
+                return
+            except OSError as e:
+                self.exchange.failed(self, e.strerror or str(e))
+                return
             self.exchange.reply(self, data)
 
-    def connectionRefused(self):
-        if not self.done:
-            self.exchange.failed(self, "port unreachable")
+    def connectionLost(self, reason):
+        self.close()
 
     def close(self):
-        self.done = True
-        if self.port is not None:
-            port, self.port = self.port, None
-            port.stopListening()
+        if not self.done:
+            self.done = True
+            self.reactor.removeReader(self)
+            self.sock.close()
 
 
 class _TcpAttempt(protocol.Protocol):
@@ -180,17 +210,19 @@ class _Exchange:
         if server not in candidates:
             return self._launch_next()
         self._send_udp(server)
+        if server in self.failed_servers:
+            return self._launch_next()
         self.next_call = self.reactor.callLater(self.forwarder.health.stagger(server), self._launch_next)
 
     def _send_udp(self, server) -> None:
         qid = self.forwarder.new_id()
-        attempt = _UdpAttempt(self, server, qid, wire.make_query(qid, self.question_lower, self.do))
-        self.attempts.append(attempt)
         try:
-            attempt.port = self.reactor.listenUDP(0, attempt, interface="::" if ":" in server[0] else "")
-        except Exception as e:  # e.g. out of file descriptors
-            attempt.done = True
-            self.last_failure = f"cannot open a socket: {e}"
+            attempt = _UdpAttempt(self, server, qid, wire.make_query(qid, self.question_lower, self.do))
+        except OSError as e:  # e.g. out of file descriptors, no route
+            self.last_failure = f"{wire_server(server)}: {e.strerror or e}"
+            self.failed_servers.add(server)
+            return
+        self.attempts.append(attempt)
 
     def _send_tcp(self, server) -> None:
         qid = self.forwarder.new_id()
