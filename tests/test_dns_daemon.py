@@ -76,6 +76,7 @@ def test_bind_failure_stops_the_daemon(etcd_server, etcd_root, upstream):
         daemon.process.wait(20)
         assert daemon.process.returncode != 0
         assert f"DNS cannot listen on 127.0.0.1:{port}" in daemon.log()
+        assert "Traceback" not in daemon.log()
     finally:
         daemon.kill()
         blocker.close()

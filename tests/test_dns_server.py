@@ -420,10 +420,14 @@ async def test_bind_failure_is_reported(etcd_server, etcd_root, upstream):
     env.dns.listen = ListenAddress("127.0.0.1", blocker.getsockname()[1])
     waiting = env.dns.when_listening()
     try:
-        with pytest.raises(DnsBindError):
+        with pytest.raises(SystemExit, match="DNS cannot listen on"):
             env.dns.privilegedStartService()
         with pytest.raises(DnsBindError):
             await waiting
+        with pytest.raises(DnsBindError):
+            env.dns.startService()
+        with pytest.raises(DnsBindError):
+            await env.dns.when_listening()
         assert not env.dns.listening()
     finally:
         blocker.close()

@@ -114,8 +114,13 @@ class DnsService(service.Service):
     # -- lifecycle -------------------------------------------------------------
 
     def privilegedStartService(self):
+        """twistd calls this before the reactor runs: a bind failure ends the
+        process with one clear line and exit status 1 (no traceback)."""
         super().privilegedStartService()
-        self._bind()
+        try:
+            self._bind()
+        except DnsBindError as e:
+            raise SystemExit(f"networkd: error: {e}") from None
 
     def startService(self):
         if not self.listening():
