@@ -314,7 +314,7 @@ async def test_clients_outside_loopback_are_refused(etcd_server, etcd_root, upst
         packet = bytes(DNSRecord.question("a.lain", "A").pack())
         await env.q("a.lain")  # warms the hot path
         await env.q("a.lain")
-        proto = env.dns._udp_port.protocol
+        proto = env.dns._udp_port
         sent = []
         proto._sendto = lambda data, addr: sent.append((data, addr))
         proto.datagramReceived(packet, ("10.9.8.7", 5000))

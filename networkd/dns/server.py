@@ -16,8 +16,10 @@ import socket
 import struct
 
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from networkd.dns import wire
 from networkd.dns.cache import Cache, Entry, render
@@ -217,29 +219,93 @@ class Resolver:
         return response
 
 
-class DnsUdpProtocol(protocol.DatagramProtocol):
-    """UDP: the hot path in ``datagramReceived``, the rest to the resolver."""
+@implementer(IReadDescriptor)
+class DnsUdpListener:
+    """UDP: our own socket on the reactor, the hot path in ``datagramReceived``.
 
-    def __init__(self, resolver: Resolver):
+    Not listenUDP: reading a batch of datagrams in one ``doRead`` with the
+    bound methods at hand saves a few microseconds per query, which is most
+    of what separates us from dnsmasq.
+    """
+
+    BATCH = 256
+    MAX_QUERY = 8192
+
+    def __init__(self, resolver: Resolver, reactor, host: str, port: int):
         self.resolver = resolver
-        self._sendto = None
-
-    def startProtocol(self):
-        sock = self.transport.socket
+        self.reactor = reactor
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self.sock.bind((host, port))
+            self.sock.setblocking(False)
+        except OSError:
+            self.sock.close()
+            raise
         for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
             if option is None:
                 continue
             try:
-                sock.setsockopt(socket.SOL_SOCKET, option, UDP_RCVBUF)
+                self.sock.setsockopt(socket.SOL_SOCKET, option, UDP_RCVBUF)
                 break
             except OSError:
                 continue
-        self._sendto = sock.sendto
+        self.port = self.sock.getsockname()[1]
+        self._sendto = self.sock.sendto
+        self._open = True
+        # On Twisted's asyncio reactor, register with the asyncio loop itself:
+        # the reactor's addReader wraps every wake-up in a logging context,
+        # which costs more than answering a query.
+        self._loop = getattr(reactor, "_asyncioEventloop", None)
+        if self._loop is not None:
+            self._loop.add_reader(self.sock.fileno(), self._read_guarded)
+        else:
+            reactor.addReader(self)
 
-    def datagramReceived(self, data, addr):
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "dns-udp"
+
+    def connectionLost(self, reason) -> None:
+        self.stopListening()
+
+    def stopListening(self) -> None:
+        if self._open:
+            self._open = False
+            if self._loop is not None:
+                self._loop.remove_reader(self.sock.fileno())
+            else:
+                self.reactor.removeReader(self)
+            self.sock.close()
+
+    def _read_guarded(self) -> None:
+        try:
+            self.doRead()
+        except Exception:
+            log.failure("DNS UDP read failed")
+
+    def doRead(self) -> None:
+        recvfrom = self.sock.recvfrom
+        handle = self.datagramReceived
+        size = self.MAX_QUERY
+        for _ in range(self.BATCH):
+            try:
+                data, addr = recvfrom(size)
+            except BlockingIOError:
+                return
+            except OSError:
+                if not self._open:
+                    return
+                continue
+            handle(data, addr)
+            if not self._open:
+                return
+
+    def datagramReceived(self, data: bytes, addr) -> None:
         resolver = self.resolver
         try:
-            if resolver.allowed(addr[0]):
+            if resolver.allowed.known.get(addr[0]) is True:
                 key = wire.question_key(data)
                 if key is not None:
                     hit = resolver.hot_local.get(key) or resolver.hot_cached.get(key)
@@ -262,8 +328,8 @@ class DnsUdpProtocol(protocol.DatagramProtocol):
         else:
             self._send(result, addr)
 
-    def _send(self, response, addr):
-        if response is None or self.transport is None:
+    def _send(self, response, addr) -> None:
+        if response is None or not self._open:
             return
         try:
             self._sendto(response, addr)

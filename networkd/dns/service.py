@@ -17,7 +17,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from networkd.dns.hostsfile import FileChangeWatcher, parse_hosts
-from networkd.dns.server import ClientFilter, DnsTcpFactory, DnsUdpProtocol, Resolver
+from networkd.dns.server import ClientFilter, DnsTcpFactory, DnsUdpListener, Resolver
 from networkd.dns.upstreams import (
     ForwardZones, format_server, parse_forward_zones, parse_nameservers, without_self,
 )
@@ -160,7 +160,7 @@ class DnsService(service.Service):
     def _bind(self) -> None:
         host, port = self.listen.host, self.listen.port
         try:
-            self._udp_port = self.reactor.listenUDP(port, DnsUdpProtocol(self.resolver), interface=host)
+            self._udp_port = DnsUdpListener(self.resolver, self.reactor, host, port)
             self._tcp_port = self.reactor.listenTCP(
                 port, DnsTcpFactory(self.resolver, self.reactor), interface=host, backlog=128,
             )
