@@ -1,12 +1,14 @@
 """The query path: UDP and TCP protocols, the hot path, and the resolver
 chain zone -> cache -> forwarder.
 
-Hot path (UDP): a query whose key (flags + raw question + EDNS summary,
-wire.question_key) is in ``hot_local`` or ``hot_cached`` is answered by
-patching the ID into pre-packed bytes: no parsing, no logging, no objects.
-Everything else goes to ``Resolver.resolve``, which fills those tables.
-``hot_local`` is replaced with each new zone; ``hot_cached`` is emptied every
-second so that cached TTLs keep counting down.
+Hot path (UDP): a query whose bytes after the ID (when it has no EDNS
+options) or whose key (flags + raw question + EDNS summary, which ignores a
+cookie; wire.question_key) is in ``hot_local`` or ``hot_cached`` is answered
+by patching the ID into pre-packed bytes: no parsing, no logging, no
+objects.  Everything else goes to ``Resolver.resolve``, which fills those
+tables.  ``hot_local`` is emptied with each new zone, ``hot_cached`` every
+second so that cached TTLs keep counting down (emptied in place: the UDP
+listener holds them).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import sys
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReadDescriptor
@@ -32,6 +35,9 @@ log = Logger()
 
 HOT_LIMIT = 50_000  # entries per hot table before it is emptied
 UDP_RCVBUF = 4 << 20
+# Python's socket module lacks SO_RCVBUFFORCE (Linux: 33), which lets root
+# exceed net.core.rmem_max.
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None)
 TCP_IDLE_TIMEOUT = 10.0
 TCP_MAX_CONNECTIONS = 256
 TCP_MAX_PENDING = 32  # unanswered queries per TCP connection
@@ -86,7 +92,7 @@ class Resolver:
 
     def set_zone(self, zone: Zone) -> None:
         self.zone = zone
-        self.hot_local = {}
+        self.hot_local.clear()
 
     def set_forward_zones(self, zones: ForwardZones) -> None:
         if zones != self.forward_zones:
@@ -104,11 +110,11 @@ class Resolver:
 
     def flush(self) -> None:
         self.cache.clear()
-        self.hot_cached = {}
+        self.hot_cached.clear()
 
     def tick(self) -> None:
         """Every second: cached hot answers are re-rendered with fresh TTLs."""
-        self.hot_cached = {}
+        self.hot_cached.clear()
 
     # -- counting --------------------------------------------------------------
 
@@ -210,7 +216,10 @@ class Resolver:
             return
         if len(table) >= HOT_LIMIT:
             table.clear()
-        table[key] = (response[2:], counter)
+        entry = (response[2:], counter)
+        table[key] = entry
+        if wire.has_fixed_bytes(data):
+            table[data[2:]] = entry
 
     @staticmethod
     def _fit(response: bytes, query: wire.Query, udp: bool) -> bytes:
@@ -241,7 +250,7 @@ class DnsUdpListener:
         except OSError:
             self.sock.close()
             raise
-        for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
             if option is None:
                 continue
             try:
@@ -251,6 +260,10 @@ class DnsUdpListener:
                 continue
         self.port = self.sock.getsockname()[1]
         self._sendto = self.sock.sendto
+        self._known = resolver.allowed.known
+        self._hot_local = resolver.hot_local
+        self._hot_cached = resolver.hot_cached
+        self._queries = resolver.stats.queries
         self._open = True
         # On Twisted's asyncio reactor, register with the asyncio loop itself:
         # the reactor's addReader wraps every wake-up in a logging context,
@@ -303,18 +316,20 @@ class DnsUdpListener:
                 return
 
     def datagramReceived(self, data: bytes, addr) -> None:
-        resolver = self.resolver
         try:
-            if resolver.allowed.known.get(addr[0]) is True:
-                key = wire.question_key(data)
-                if key is not None:
-                    hit = resolver.hot_local.get(key) or resolver.hot_cached.get(key)
-                    if hit is not None:
-                        self._sendto(data[:2] + hit[0], addr)
-                        queries = resolver.stats.queries
-                        queries[hit[1]] = queries.get(hit[1], 0) + 1
-                        return
-            result = resolver.resolve(data, addr[0], udp=True)
+            if self._known.get(addr[0]) is True:
+                rest = data[2:]
+                hit = self._hot_local.get(rest) or self._hot_cached.get(rest)
+                if hit is None:
+                    key = wire.question_key(data)
+                    if key is not None:
+                        hit = self._hot_local.get(key) or self._hot_cached.get(key)
+                if hit is not None:
+                    self._sendto(data[:2] + hit[0], addr)
+                    queries = self._queries
+                    queries[hit[1]] = queries.get(hit[1], 0) + 1
+                    return
+            result = self.resolver.resolve(data, addr[0], udp=True)
         except OSError:
             return  # send buffer full or the client went away: a lost datagram
         except Exception:

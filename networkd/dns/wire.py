@@ -109,6 +109,13 @@ def question_key(data: bytes):
     return None
 
 
+def has_fixed_bytes(data: bytes) -> bool:
+    """The query carries no EDNS options (no cookie), so its bytes after the
+    ID repeat exactly and can key the hot path as they are."""
+    qend = data.find(b"\x00", 12) + 5
+    return len(data) == qend or (data[10:12] == b"\x00\x01" and len(data) == qend + 11)
+
+
 @dataclass
 class Query:
     """A parsed query: what the resolver needs, nothing more."""
