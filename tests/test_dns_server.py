@@ -270,6 +270,11 @@ async def test_cache_positive_negative_and_flush(etcd_server, etcd_root, upstrea
         second = await env.q("EXAMPLE.com")
         assert answers(second) == ["93.184.216.34"] and str(second.q.qname) == "EXAMPLE.com."
         assert second.rr[0].ttl < first.rr[0].ttl, "TTLs count down on cache hits"
+        third = await env.q("EXAMPLE.com")  # from the pre-packed answer
+        await sleep(1.1)
+        fourth = await env.q("EXAMPLE.com")  # last second's packed answer, aged again
+        assert third.rr[0].ttl == second.rr[0].ttl and fourth.rr[0].ttl < third.rr[0].ttl
+        assert str(fourth.q.qname) == "EXAMPLE.com."
         assert upstream.names_asked() == ["example.com"]
 
         for _ in range(3):

@@ -86,6 +86,7 @@ class Resolver:
         self.allowed = client_filter or ClientFilter()
         self.hot_local: dict = {}
         self.hot_cached: dict = {}
+        self._hot_cached_before: dict = {}  # last second's, re-rendered on their next hit
         self._inflight: dict = {}
 
     # -- data ------------------------------------------------------------------
@@ -111,9 +112,12 @@ class Resolver:
     def flush(self) -> None:
         self.cache.clear()
         self.hot_cached.clear()
+        self._hot_cached_before = {}
 
     def tick(self) -> None:
-        """Every second: cached hot answers are re-rendered with fresh TTLs."""
+        """Every second: cached hot answers are re-rendered with fresh TTLs
+        (on their next hit, from what was kept: no parsing again)."""
+        self._hot_cached_before = dict(self.hot_cached)
         self.hot_cached.clear()
 
     # -- counting --------------------------------------------------------------
@@ -129,6 +133,10 @@ class Resolver:
         """bytes to send, None to drop, or a Deferred firing with one of those."""
         data = bytes(data)
         allowed = self.allowed(client)
+        if allowed and self._hot_cached_before:
+            response = self._rerender(data)
+            if response is not None:
+                return response
         try:
             query = wire.parse_query(data)
         except wire.QueryError as e:
@@ -204,10 +212,31 @@ class Resolver:
         response = render(entry, query, now)
         self.count(entry.rcode, "cache")
         if udp and entry.expires_at - now > 2:
-            self._remember(self.hot_cached, data, response, (wire.RCODE_NAMES.get(entry.rcode, "?"), "cache"))
+            self._remember(self.hot_cached, data, response, (wire.RCODE_NAMES.get(entry.rcode, "?"), "cache"),
+                           query, entry)
         return self._fit(response, query, udp)
 
-    def _remember(self, table: dict, data: bytes, response: bytes, counter) -> None:
+    def _rerender(self, data: bytes) -> bytes | None:
+        """A cached answer served in the last second: age its TTLs again."""
+        before = self._hot_cached_before
+        hit = before.get(data[2:])
+        if hit is None:
+            key = wire.question_key(data)
+            hit = before.get(key) if key is not None else None
+        if hit is None:
+            return None
+        _, counter, query, entry = hit
+        now = self.reactor.seconds()
+        if entry.expires_at - now <= 2:
+            return None
+        response = render(entry, query, now)
+        self._remember(self.hot_cached, data, response, counter, query, entry)
+        queries = self.stats.queries
+        queries[counter] = queries.get(counter, 0) + 1
+        self.stats.cache_hits += 1
+        return data[:2] + response[2:]
+
+    def _remember(self, table: dict, data: bytes, response: bytes, counter, *extra) -> None:
         """Keep the packed answer for the hot path (small answers, clean names only)."""
         if len(response) > wire.PLAIN_UDP_SIZE:
             return
@@ -216,7 +245,7 @@ class Resolver:
             return
         if len(table) >= HOT_LIMIT:
             table.clear()
-        entry = (response[2:], counter)
+        entry = (response[2:], counter, *extra)
         table[key] = entry
         if wire.has_fixed_bytes(data):
             table[data[2:]] = entry
@@ -299,8 +328,15 @@ class DnsUdpListener:
             log.failure("DNS UDP read failed")
 
     def doRead(self) -> None:
+        """Up to BATCH datagrams; hot hits answered inline (same logic as
+        datagramReceived, unrolled because this loop is the whole budget)."""
         recvfrom = self.sock.recvfrom
-        handle = self.datagramReceived
+        sendto = self._sendto
+        known = self._known
+        local = self._hot_local
+        cached = self._hot_cached
+        queries = self._queries
+        slow = self.datagramReceived
         size = self.MAX_QUERY
         for _ in range(self.BATCH):
             try:
@@ -311,7 +347,17 @@ class DnsUdpListener:
                 if not self._open:
                     return
                 continue
-            handle(data, addr)
+            if known.get(addr[0]) is True:
+                rest = data[2:]
+                hit = local.get(rest) or cached.get(rest)
+                if hit is not None:
+                    try:
+                        sendto(data[:2] + hit[0], addr)
+                    except OSError:
+                        pass
+                    queries[hit[1]] = queries.get(hit[1], 0) + 1
+                    continue
+            slow(data, addr)
             if not self._open:
                 return
 
