@@ -401,10 +401,12 @@ async def test_garbage_does_not_stop_the_server(etcd_server, etcd_root, upstream
 
 
 @pytest_twisted.ensureDeferred
-async def test_tcp_idle_connections_are_closed(etcd_server, etcd_root, upstream):
-    env = await Env(etcd_server, etcd_root, [upstream]).start()
+async def test_tcp_idle_timeout_and_connection_cap(etcd_server, etcd_root, upstream):
+    env = await Env(etcd_server, etcd_root, [upstream], hosts="10.7.0.1 db\n").start()
     try:
-        env.dns._tcp_port.factory.idle_timeout = 0.3
+        factory = env.dns._tcp_port.factory
+        factory.idle_timeout = 0.3
+        factory.max_connections = 2
 
         def idle():
             with socket.create_connection(("127.0.0.1", env.port), timeout=3) as c:
@@ -413,6 +415,41 @@ async def test_tcp_idle_connections_are_closed(etcd_server, etcd_root, upstream)
                 return time.monotonic() - start
 
         assert await threads.deferToThread(idle) < 2
+
+        def over_the_cap():
+            held = [socket.create_connection(("127.0.0.1", env.port), timeout=3) for _ in range(2)]
+            try:
+                time.sleep(0.1)
+                with socket.create_connection(("127.0.0.1", env.port), timeout=3) as extra:
+                    try:
+                        closed = extra.recv(10) == b""
+                    except ConnectionResetError:
+                        closed = True
+                return closed
+            finally:
+                for c in held:
+                    c.close()
+
+        assert await threads.deferToThread(over_the_cap), "a connection over the cap is closed at once"
+        await sleep(0.2)
+        assert answers(await env.q("db", tcp=True)) == ["10.7.0.1"], "under the cap again"
+    finally:
+        await env.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_listens_on_ipv6_loopback(etcd_server, etcd_root, upstream):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    env = Env(etcd_server, etcd_root, [upstream], hosts="10.7.0.1 db\n")
+    env.dns.listen = ListenAddress("::1", env.port)
+    try:
+        await env.start()
+    except Exception as e:
+        pytest.skip(f"no ::1 here: {e}")
+    try:
+        assert answers(await env.q("db", host="::1")) == ["10.7.0.1"]
+        assert answers(await env.q("db", host="::1", tcp=True)) == ["10.7.0.1"]
     finally:
         await env.stop()
 

@@ -217,3 +217,22 @@ def test_inspect_answer_rejects_garbage():
         with pytest.raises(wire.WireError):
             wire.inspect_answer(bad)
     assert RCODE  # dnslib imported for building the replies
+
+
+def test_a_silent_upstream_goes_last_and_gets_another_chance_later():
+    from networkd.dns.forward import ServerHealth
+
+    clock = Clock()
+    health = ServerHealth(clock)
+    a, b = ("10.0.0.1", 53), ("10.0.0.2", 53)
+    assert health.order([a, b]) == [a, b]
+    for _ in range(3):
+        health.missed(a)
+    assert health.order([a, b]) == [b, a]
+    clock.advance(31)
+    assert health.order([a, b]) == [a, b], "retried after a while"
+    health.missed(a)
+    assert health.order([a, b]) == [b, a], "one more miss and it is last again"
+    health.answered(a, 0.001)
+    assert health.order([a, b]) == [a, b]
+    assert health.stagger(a) == 0.03 and health.stagger(b) == 0.2

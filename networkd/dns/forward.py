@@ -27,6 +27,7 @@ DEFAULT_STAGGER = 0.2
 MIN_STAGGER = 0.03
 MAX_STAGGER = 0.4
 DOWN_AFTER = 3  # consecutive unanswered attempts before a server goes last
+RETRY_DOWN_AFTER = 30.0  # seconds after which a server that went last gets first place again
 
 
 class UpstreamFailed(Exception):
@@ -36,17 +37,35 @@ class UpstreamFailed(Exception):
 class ServerHealth:
     """Smoothed RTT and consecutive misses per server."""
 
-    def __init__(self):
+    def __init__(self, clock):
+        self.clock = clock
         self.srtt: dict = {}
         self.misses: dict = {}
+        self.down_since: dict = {}
 
     def answered(self, server, rtt: float) -> None:
         old = self.srtt.get(server)
         self.srtt[server] = rtt if old is None else 0.7 * old + 0.3 * rtt
         self.misses[server] = 0
+        if self.down_since.pop(server, None) is not None:
+            log.info("DNS upstream {server} answers again", server=wire_server(server))
 
     def missed(self, server) -> None:
         self.misses[server] = self.misses.get(server, 0) + 1
+        if self.misses[server] >= DOWN_AFTER and server not in self.down_since:
+            self.down_since[server] = self.clock.seconds()
+            log.warn("DNS upstream {server} does not answer; asking it last for now",
+                     server=wire_server(server))
+
+    def is_down(self, server) -> bool:
+        since = self.down_since.get(server)
+        if since is None:
+            return False
+        if self.clock.seconds() - since > RETRY_DOWN_AFTER:
+            self.down_since[server] = self.clock.seconds()  # give it one more chance now
+            self.misses[server] = DOWN_AFTER - 1
+            return False
+        return True
 
     def stagger(self, server) -> float:
         srtt = self.srtt.get(server)
@@ -56,9 +75,8 @@ class ServerHealth:
 
     def order(self, servers) -> list:
         """File order, but servers that keep missing go last."""
-        live = [s for s in servers if self.misses.get(s, 0) < DOWN_AFTER]
-        down = [s for s in servers if self.misses.get(s, 0) >= DOWN_AFTER]
-        return live + down
+        down = [s for s in servers if self.is_down(s)]
+        return [s for s in servers if s not in down] + down
 
 
 @implementer(IReadDescriptor)
@@ -298,7 +316,7 @@ class Forwarder:
         self.reactor = reactor
         self.stats = stats
         self.budget = budget
-        self.health = ServerHealth()
+        self.health = ServerHealth(reactor)
         self._rng = rng or random.SystemRandom()
 
     def new_id(self) -> int:

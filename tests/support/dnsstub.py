@@ -161,7 +161,7 @@ def query(port: int, name: str, qtype: str = "A", host: str = "127.0.0.1", *, ti
             s.sendall(struct.pack(">H", len(data)) + data)
             length = struct.unpack(">H", _recv_exact(s, 2))[0]
             return DNSRecord.parse(_recv_exact(s, length))
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
         if source:
             s.bind((source, 0))
         s.settimeout(timeout)
