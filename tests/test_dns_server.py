@@ -261,6 +261,19 @@ async def test_upstream_order_and_failover(etcd_server, etcd_root):
 
 
 @pytest_twisted.ensureDeferred
+async def test_forged_answers_are_ignored(etcd_server, etcd_root):
+    tricky = StubServer(mode="tricky")
+    tricky.records["example.com"] = ["93.184.216.34"]
+    env = await Env(etcd_server, etcd_root, [tricky]).start()
+    try:
+        assert answers(await env.q("example.com")) == ["93.184.216.34"]
+        assert answers(await env.q("example.com")) == ["93.184.216.34"], "the cache holds the real answer"
+    finally:
+        await env.stop()
+        tricky.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_cache_positive_negative_and_flush(etcd_server, etcd_root, upstream):
     upstream.nxdomain.add("gone.example.com")
     env = await Env(etcd_server, etcd_root, [upstream]).start()
@@ -446,6 +459,7 @@ async def test_listens_on_ipv6_loopback(etcd_server, etcd_root, upstream):
     try:
         await env.start()
     except Exception as e:
+        await env.stop()
         pytest.skip(f"no ::1 here: {e}")
     try:
         assert answers(await env.q("db", host="::1")) == ["10.7.0.1"]

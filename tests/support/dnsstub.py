@@ -32,7 +32,7 @@ class StubServer:
         self.nxdomain: set[str] = set()
         self.big: set[str] = set()
         self.ttl = ttl
-        self.mode = mode  # answer | servfail | refused | silent
+        self.mode = mode  # answer | servfail | refused | silent | tricky
         self.queries: list[tuple[str, str, str]] = []  # (proto, name, type)
         self._stop = threading.Event()
         self.udp, self.tcp = self._bind(host, port)
@@ -109,10 +109,28 @@ class StubServer:
                 continue
             try:
                 out = self.answer(data, "udp")
+                if out is not None and self.mode == "tricky":
+                    self._send_forgeries(data, out, addr)
             except Exception:
                 continue
             if out is not None:
                 self.udp.sendto(out, addr)
+
+    def _send_forgeries(self, query: bytes, good: bytes, addr) -> None:
+        """Answers a spoofer would try (RFC 5452): all must be ignored."""
+        forged = DNSRecord.parse(good)
+        for rr in forged.rr:
+            rr.rdata = A("6.6.6.6")
+        forged_bytes = forged.pack()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+            other.bind((random_loopback_host(), 0))
+            other.sendto(forged_bytes, addr)  # right ID and question, wrong source address
+        wrong_id = bytearray(forged_bytes)
+        wrong_id[0] ^= 0x55
+        self.udp.sendto(bytes(wrong_id), addr)
+        other_question = DNSRecord.parse(forged_bytes)
+        other_question.q.qname = "other." + str(other_question.q.qname)
+        self.udp.sendto(other_question.pack(), addr)  # right ID, another question
 
     def _serve_tcp(self):
         while not self._stop.is_set():
