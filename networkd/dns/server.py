@@ -133,7 +133,7 @@ class Resolver:
         """bytes to send, None to drop, or a Deferred firing with one of those."""
         data = bytes(data)
         allowed = self.allowed(client)
-        if allowed and self._hot_cached_before:
+        if udp and allowed and self._hot_cached_before:
             response = self._rerender(data)
             if response is not None:
                 return response
@@ -197,12 +197,15 @@ class Resolver:
         entry = self.cache.put_answer(key, outcome)
         now = self.reactor.seconds()
         for result, query, udp in waiters:
-            self.count(outcome.rcode, "forward")
-            if entry is not None:
-                response = render(entry, query, now)
-            else:
-                response = render(Entry(outcome, outcome.rcode, now, now), query, now)
-            result.callback(self._fit(response, query, udp))
+            try:
+                response = render(entry or Entry(outcome, outcome.rcode, now, now), query, now)
+                response = self._fit(response, query, udp)
+                self.count(outcome.rcode, "forward")
+            except Exception:
+                log.failure("cannot answer {name!r} from an upstream answer", name=query.qname)
+                response = wire.error_response(query, wire.SERVFAIL)
+                self.count(wire.SERVFAIL, "error")
+            result.callback(response)
 
     def _from_cache(self, entry, query: wire.Query, data: bytes, udp: bool) -> bytes:
         if entry.failure:
