@@ -236,3 +236,44 @@ def test_a_silent_upstream_goes_last_and_gets_another_chance_later():
     health.answered(a, 0.001)
     assert health.order([a, b]) == [a, b]
     assert health.stagger(a) == 0.03 and health.stagger(b) == 0.2
+
+
+def test_forwarder_staggers_then_backs_off_and_gives_up_in_time():
+    """Drive one exchange with a fake clock against two silent servers."""
+    import socket as socketlib
+
+    from networkd.dns.forward import Forwarder, UpstreamFailed
+    from networkd.views import DnsStats
+
+    class FakeReactor(Clock):
+        def __init__(self):
+            super().__init__()
+            self.readers = []
+
+        def addReader(self, reader):
+            self.readers.append(reader)
+
+        def removeReader(self, reader):
+            pass
+
+    silent = [socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM) for _ in range(2)]
+    try:
+        for s in silent:
+            s.bind(("127.0.0.1", 0))
+        servers = [s.getsockname() for s in silent]
+        reactor = FakeReactor()
+        forwarder = Forwarder(reactor, DnsStats(), budget=1.6)
+        outcome = []
+        d = forwarder.query(b"\x01x\x03com\x00\x00\x01\x00\x01", False, servers)
+        d.addBoth(outcome.append)
+        sends = []
+        for _ in range(170):
+            sends.append(len(reactor.readers))
+            reactor.advance(0.01)
+        # t=0 first server, t=0.2 second server, then re-sends at 0.6 and 1.0 (backing off), give up at 1.6
+        assert (sends[1], sends[25], sends[65], sends[105], sends[-1]) == (1, 2, 3, 4, 4), sends
+        assert isinstance(outcome[0].value, UpstreamFailed)
+        assert all(attempt.done for attempt in reactor.readers), "every socket is closed"
+    finally:
+        for s in silent:
+            s.close()

@@ -27,6 +27,7 @@ DEFAULT_STAGGER = 0.2
 MIN_STAGGER = 0.03
 MAX_STAGGER = 0.4
 DOWN_AFTER = 3  # consecutive unanswered attempts before a server goes last
+RETRANSMIT_AFTER = 0.4  # first re-send to a server already asked; doubles each round
 RETRY_DOWN_AFTER = 30.0  # seconds after which a server that went last gets first place again
 
 
@@ -230,7 +231,12 @@ class _Exchange:
         self._send_udp(server)
         if server in self.failed_servers:
             return self._launch_next()
-        self.next_call = self.reactor.callLater(self.forwarder.health.stagger(server), self._launch_next)
+        rounds_done = self.next_index // len(self.servers)
+        if rounds_done == 0:
+            delay = self.forwarder.health.stagger(server)  # the next server gets its turn soon
+        else:
+            delay = RETRANSMIT_AFTER * 2 ** (rounds_done - 1)  # asking again: back off
+        self.next_call = self.reactor.callLater(delay, self._launch_next)
 
     def _send_udp(self, server) -> None:
         qid = self.forwarder.new_id()
