@@ -505,5 +505,9 @@ async def test_hot_path_answers_equal_slow_path(etcd_server, etcd_root, upstream
             assert slow.pack() == hot.pack() and hot.rr
         assert wire.question_key(bytes(DNSRecord.question("a.lain").pack())) in env.dns.resolver.hot_local
         assert len(env.dns.resolver.hot_cached) == 2, "keyed by the question and by the bytes after the ID"
+        stats = env.dns.stats
+        assert stats.queries[("NOERROR", "local")] == 6, "hot answers are counted too"
+        assert stats.queries[("NOERROR", "forward")] == 1 and stats.queries[("NOERROR", "cache")] == 2
+        assert stats.upstream_latency_count == 1 and stats.cache_misses == 1
     finally:
         await env.stop()
