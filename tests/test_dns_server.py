@@ -11,7 +11,7 @@ import time
 import pytest
 import pytest_twisted
 from dnslib import QTYPE, RCODE, DNSRecord
-from twisted.internet import reactor, threads
+from twisted.internet import defer, reactor, threads
 
 from networkd.dns import wire
 from networkd.dns.service import DnsBindError, DnsService
@@ -248,6 +248,16 @@ async def test_upstream_order_and_failover(etcd_server, etcd_root):
         first.mode = "servfail"
         env.dns.set_upstreams([(first.host, 53), (second.host, 53)])
         assert answers(await env.q("example.com")) == ["2.2.2.2"]
+
+        # Too many questions in flight: the next one fails at once instead of piling up.
+        env.dns.set_upstreams([(silent.host, 53)])
+        env.dns.resolver.max_forwards = 1
+        waiting = defer.ensureDeferred(env.q("slow1.com", timeout=3))
+        await eventually(lambda: env.dns.resolver._inflight, message="slow1.com in flight")
+        start = time.monotonic()
+        assert (await env.q("slow2.com")).header.rcode == RCODE.SERVFAIL and time.monotonic() - start < 0.5
+        assert (await waiting).header.rcode == RCODE.SERVFAIL
+        env.dns.resolver.max_forwards = 1000
 
         # Nobody answers: SERVFAIL within 1.8 s.
         env.dns.set_upstreams([(silent.host, 53)])

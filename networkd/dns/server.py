@@ -41,6 +41,7 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith
 TCP_IDLE_TIMEOUT = 10.0
 TCP_MAX_CONNECTIONS = 256
 TCP_MAX_PENDING = 32  # unanswered queries per TCP connection
+MAX_FORWARDS = 1000  # questions in flight to upstreams at once (dnsmasq: --dns-forward-max 150)
 
 
 class ClientFilter:
@@ -88,6 +89,7 @@ class Resolver:
         self.hot_cached: dict = {}
         self._hot_cached_before: dict = {}  # last second's, re-rendered on their next hit
         self._inflight: dict = {}
+        self.max_forwards = MAX_FORWARDS
 
     # -- data ------------------------------------------------------------------
 
@@ -175,6 +177,10 @@ class Resolver:
             servers = self.upstreams
         waiting = self._inflight.get(key)
         if waiting is None:
+            if len(self._inflight) >= self.max_forwards:
+                # Upstreams are not keeping up: fail fast rather than pile up sockets.
+                self.count(wire.SERVFAIL, "error")
+                return self._fit(wire.error_response(query, wire.SERVFAIL), query, udp)
             waiting = self._inflight[key] = []
             exchange = self.forwarder.query(query.question, query.do, servers)
             exchange.addBoth(self._forwarded, key)
