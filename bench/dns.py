@@ -18,6 +18,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,7 @@ def main() -> None:
         for port in (nd_port, dm_port):
             wait_for_answer(port, local[-1][0])
         results = {}
+        runs: dict = {}
         cases = (("local", local_file), ("cached forwarded", forward_file))
         servers = (("networkd", nd_port, nd), ("dnsmasq", dm_port, dm))
         for case, datafile in cases:
@@ -134,12 +136,14 @@ def main() -> None:
                 for server, port, proc in servers:
                     run = dnsperf(port, datafile, args.seconds, proc.pid, args.client_cpu)
                     print(f"  {case:<18} {server:<9} {run[0]:>9.0f} QPS {run[1]:>6.1f}us/query", flush=True)
+                    runs.setdefault((case, server), []).append(run[0])
                     if (case, server) not in results or run[0] > results[(case, server)][0]:
                         results[(case, server)] = run
         print(f"best of {args.rounds} runs of {args.seconds:g} s:")
-        print(f"{'case':<18} {'server':<9} {'QPS':>9} {'CPU/query':>10} {'lost':>6}")
+        print(f"{'case':<18} {'server':<9} {'QPS':>9} {'CPU/query':>10} {'lost':>6} {'median QPS':>11}")
         for (case, server), (qps, cpu, lost) in results.items():
-            print(f"{case:<18} {server:<9} {qps:>9.0f} {cpu:>8.1f}us {lost:>6}")
+            median = statistics.median(runs[(case, server)])
+            print(f"{case:<18} {server:<9} {qps:>9.0f} {cpu:>8.1f}us {lost:>6} {median:>11.0f}")
         for case in ("local", "cached forwarded"):
             n, d = results[(case, "networkd")], results[(case, "dnsmasq")]
             print(f"{case}: networkd/dnsmasq QPS ratio {n[0] / d[0]:.2f}, CPU per query ratio {n[1] / d[1]:.2f}")
