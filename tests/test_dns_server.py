@@ -419,6 +419,9 @@ async def test_garbage_does_not_stop_the_server(etcd_server, etcd_root, upstream
             DNSRecord.question("a.lain").pack()[:-2] + b"", "127.0.0.1", udp=True))
         assert reply.header.rcode == RCODE.FORMERR
         assert env.dns.listening()
+        axfr = await env.q("a.lain", "AXFR", tcp=True)
+        assert axfr.header.rcode == RCODE.NOTIMP
+        assert upstream.queries == []
     finally:
         await env.stop()
 

@@ -41,6 +41,7 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith
 TCP_IDLE_TIMEOUT = 10.0
 TCP_MAX_CONNECTIONS = 256
 TCP_MAX_PENDING = 32  # unanswered queries per TCP connection
+ZONE_TRANSFERS = (251, 252)  # IXFR, AXFR: not something a forwarder relays
 MAX_FORWARDS = 1000  # questions in flight to upstreams at once (dnsmasq: --dns-forward-max 150)
 
 
@@ -152,6 +153,9 @@ class Resolver:
         if query.edns and query.edns_version != 0:
             self.count(wire.BADVERS, "error")
             return wire.error_response(query, wire.BADVERS)
+        if query.qtype in ZONE_TRANSFERS:
+            self.count(wire.NOTIMP, "error")
+            return wire.error_response(query, wire.NOTIMP)
 
         name = wire.wire_to_text(query.qname)
         if name is not None and query.qclass in (wire.CLASS_IN, wire.TYPE_ANY):
