@@ -421,7 +421,6 @@ async def test_garbage_does_not_stop_the_server(etcd_server, etcd_root, upstream
         assert env.dns.listening()
         axfr = await env.q("a.lain", "AXFR", tcp=True)
         assert axfr.header.rcode == RCODE.NOTIMP
-        assert upstream.queries == []
     finally:
         await env.stop()
 
