@@ -456,7 +456,7 @@ async def test_tcp_idle_timeout_and_connection_cap(etcd_server, etcd_root, upstr
                     c.close()
 
         assert await threads.deferToThread(over_the_cap), "a connection over the cap is closed at once"
-        await sleep(0.2)
+        await eventually(lambda: factory.connections == 0, message="closed connections are no longer counted")
         assert answers(await env.q("db", tcp=True)) == ["10.7.0.1"], "under the cap again"
     finally:
         await env.stop()
