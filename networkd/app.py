@@ -160,10 +160,21 @@ def makeService(options) -> Networkd:
     # The parts, in dependency order (each later issue adds its own here):
     # DNS server, then the resolv.conf guardian (only once DNS listens),
     # the VIP manager, and last the HTTP API.
+    add_dns(root, options)
     add_resolv_conf_guardian(root, options)
     add_vips(root, options)
     add_api(root, options)
     return root
+
+
+def add_dns(root: Networkd, options) -> None:
+    """First of the parts: the guardian waits for it to listen."""
+    if options["no-dns"]:
+        return
+    from networkd.dns.service import DnsService
+
+    root.dns = DnsService.from_root(root)
+    root.dns.setServiceParent(root)
 
 
 def add_resolv_conf_guardian(root: Networkd, options) -> None:

@@ -1,0 +1,116 @@
+"""Answers from upstreams, kept as long as their TTLs say, in a bounded LRU.
+
+Keyed by (lower-case wire name, type, class, DO bit).  Entries keep the
+upstream bytes and the offsets of every TTL, so serving a hit only patches
+bytes: the ID, the question's case, the TTLs (decremented by the age).
+NXDOMAIN and NODATA are cached for min(SOA TTL, SOA minimum) (RFC 2308);
+without an SOA they are not cached.  Our own failures (SERVFAIL) are kept a
+few seconds at most and never replace a live good answer.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from networkd.dns import wire
+
+MAX_TTL = 86400  # cap on positive entries
+MAX_NEGATIVE_TTL = 3600  # cap on NXDOMAIN / NODATA (RFC 2308 suggests 1-3 hours)
+SERVFAIL_TTL = 2
+
+
+@dataclass
+class Entry:
+    answer: wire.UpstreamAnswer | None  # None for a cached failure
+    rcode: int
+    stored_at: float
+    expires_at: float
+
+    @property
+    def failure(self) -> bool:
+        return self.answer is None
+
+
+class Cache:
+    def __init__(self, size: int, clock):
+        self.size = size
+        self._clock = clock
+        self._entries: OrderedDict = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key) -> Entry | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry.expires_at <= self._clock.seconds():
+            del self._entries[key]
+            return None
+        self._entries.move_to_end(key)
+        return entry
+
+    def put_answer(self, key, answer: wire.UpstreamAnswer) -> Entry | None:
+        """Store an upstream answer if its rcode and TTLs allow; return the entry."""
+        ttl = cache_ttl(answer)
+        if not ttl or self.size <= 0:
+            return None
+        now = self._clock.seconds()
+        entry = Entry(answer, answer.rcode, now, now + ttl)
+        self._store(key, entry)
+        return entry
+
+    def put_failure(self, key) -> None:
+        """Remember a SERVFAIL briefly, unless a good answer is still live."""
+        if self.size <= 0:
+            return
+        current = self._entries.get(key)
+        now = self._clock.seconds()
+        if current is not None and not current.failure and current.expires_at > now:
+            return
+        self._store(key, Entry(None, wire.SERVFAIL, now, now + SERVFAIL_TTL))
+
+    def _store(self, key, entry: Entry) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def cache_ttl(answer: wire.UpstreamAnswer) -> int:
+    """How long an answer may be cached, 0 if not at all."""
+    if answer.flags & wire.TC:
+        return 0
+    if answer.rcode == wire.NOERROR and answer.answer_count:
+        return min(answer.min_answer_ttl or 0, MAX_TTL)
+    if answer.rcode in (wire.NOERROR, wire.NXDOMAIN) and answer.negative_ttl is not None:
+        return min(answer.negative_ttl, MAX_NEGATIVE_TTL)
+    return 0
+
+
+def render(entry: Entry, query: wire.Query, now: float) -> bytes:
+    """The cached answer for ``query``: its ID, its case, TTLs aged."""
+    answer = entry.answer
+    body = bytearray(answer.body)
+    age = int(now - entry.stored_at)
+    for offset, ttl in answer.ttl_offsets:
+        struct.pack_into(">I", body, offset, max(0, ttl - age))
+    flags = wire.response_flags(query.flags, answer.rcode, ad=bool(answer.flags & wire.AD))
+    body[0:2] = query.id
+    struct.pack_into(">H", body, 2, flags)
+    qlen = len(query.qname)
+    body[12:12 + qlen] = query.qname
+    if query.edns:
+        arcount = struct.unpack_from(">H", body, 10)[0]
+        struct.pack_into(">H", body, 10, arcount + 1)
+        body += wire.opt_record(query.do, answer.rcode >> 4)
+    return bytes(body)
+
+
+def min_remaining_ttl(entry: Entry, now: float) -> float:
+    return entry.expires_at - now

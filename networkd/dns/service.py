@@ -1,0 +1,269 @@
+"""DnsService: the DNS part of networkd as a Twisted service (views.DnsPart).
+
+It owns the listeners and feeds the resolver whole data: a new Zone on every
+domains / VIP snapshot or hosts-file change, new forwarding zones on every
+domain_servers snapshot, upstreams from resolv.conf (read here until the
+resolv.conf guardian takes over by calling ``set_upstreams``).
+
+The sockets are bound in privilegedStartService; a bind failure is raised
+(the daemon does not start) so that resolv.conf never points at a dead
+server ([BUG 30]).
+"""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from networkd.dns.hostsfile import FileChangeWatcher, parse_hosts
+from networkd.dns.server import ClientFilter, DnsTcpFactory, DnsUdpListener, Resolver
+from networkd.dns.upstreams import (
+    ForwardZones, format_server, parse_forward_zones, parse_nameservers, without_self,
+)
+from networkd.dns.zone import build_zone, webrouter_ips
+from networkd.views import DnsConfigView
+
+log = Logger()
+
+
+class DnsBindError(Exception):
+    """The DNS listeners could not be opened."""
+
+
+class DnsService(service.Service):
+    name = "dns"
+
+    def __init__(self, reactor, *, listen, ttl: int = 60, cache_size: int = 10000, allow=(),
+                 node_ip: str | None = None, hosts_file: str | None = None, resolv_conf: str | None = None,
+                 domains=None, domain_servers=None, vips=None,
+                 domains_prefix: str = "", domain_servers_prefix: str = "",
+                 poll_interval: float = 1.0, budget: float = 1.6):
+        self.reactor = reactor
+        self.listen = listen
+        self.ttl = ttl
+        self.node_ip = node_ip
+        self.resolver = Resolver(reactor, cache_size=cache_size, client_filter=ClientFilter(allow), budget=budget)
+        self.stats = self.resolver.stats
+        self.invalid_keys: dict = {}
+        self._zone_invalid: dict = {}
+        self._server_invalid: dict = {}
+        self._watchers = (domains, domain_servers, vips)
+        self._domains_prefix = domains_prefix
+        self._servers_prefix = domain_servers_prefix
+        self._domains: dict = {}
+        self._domains_revision = 1
+        self._vips: dict = {}
+        self._hosts: list = []
+        self._hosts_file = FileChangeWatcher(hosts_file) if hosts_file else None
+        self._resolv_conf = FileChangeWatcher(resolv_conf) if resolv_conf else None
+        self._upstreams_managed = False  # True once someone calls set_upstreams
+        self._poll_interval = poll_interval
+        self._udp_port = None
+        self._tcp_port = None
+        self._bind_error: Exception | None = None
+        self._waiting: list = []
+        self._loops: list = []
+        self._subscribed = False
+
+    @classmethod
+    def from_root(cls, root) -> "DnsService":
+        options = root.options
+        keys = root.keys
+        return cls(
+            root.reactor,
+            listen=options["dns-listen"], ttl=options["dns-ttl"], cache_size=options["dns-cache-size"],
+            allow=options["dns-allow"], node_ip=options["node-ip"],
+            hosts_file=options["hosts-file"], resolv_conf=options["resolv-conf"],
+            domains=root.watch(keys.domains), domain_servers=root.watch(keys.domain_servers),
+            vips=root.watch(keys.vips),
+            domains_prefix=keys.domains, domain_servers_prefix=keys.domain_servers,
+        )
+
+    # -- DnsPart ---------------------------------------------------------------
+
+    def when_listening(self) -> defer.Deferred:
+        if self.listening():
+            return defer.succeed(self.listen)
+        if self._bind_error is not None:
+            return defer.fail(self._bind_error)
+        d = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+    def listening(self) -> bool:
+        return self._udp_port is not None and self._tcp_port is not None
+
+    def set_upstreams(self, servers) -> None:
+        """Upstreams in resolv.conf order (the guardian calls this); ours is skipped."""
+        self._upstreams_managed = True
+        self._apply_upstreams(list(servers))
+
+    def config_view(self) -> DnsConfigView:
+        zone = self.resolver.zone
+        return DnsConfigView(
+            exact=tuple(sorted((name, record.ips) for name, record in zone.exact.items())),
+            wildcards=tuple(sorted((base, ip) for base, record in zone.wildcards.items() for ip in record.ips)),
+            servers=tuple(sorted(
+                (zone_name, format_server(server))
+                for zone_name, servers in self.resolver.forward_zones.zones.items() for server in servers
+            )),
+            nameservers=tuple(format_server(server) for server in self.resolver.upstreams),
+        )
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def privilegedStartService(self):
+        """twistd calls this before the reactor runs: a bind failure ends the
+        process with one clear line and exit status 1 (no traceback)."""
+        super().privilegedStartService()
+        try:
+            self._bind()
+        except DnsBindError as e:
+            raise SystemExit(f"networkd: error: {e}") from None
+
+    def startService(self):
+        if not self.listening():
+            self._bind()
+        super().startService()
+        self._read_hosts()
+        if not self._upstreams_managed:
+            self._read_resolv_conf()
+        self._rebuild_zone()
+        domains, domain_servers, vips = self._watchers
+        if not self._subscribed:
+            self._subscribed = True
+            if vips is not None:
+                vips.subscribe(self._on_vips)
+            if domains is not None:
+                domains.subscribe(self._on_domains)
+            if domain_servers is not None:
+                domain_servers.subscribe(self._on_domain_servers)
+        self._start_loop(self._poll_files, self._poll_interval)
+        self._start_loop(self.resolver.tick, 1.0)
+        log.info("DNS listening on {listen} (UDP and TCP), upstreams {ups}",
+                 listen=str(self.listen), ups=self.config_view().nameservers or "none")
+
+    def stopService(self):
+        super().stopService()
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        stopping = []
+        for port in (self._udp_port, self._tcp_port):
+            if port is not None:
+                stopping.append(defer.maybeDeferred(port.stopListening))
+        self._udp_port = self._tcp_port = None
+        return defer.DeferredList(stopping)
+
+    def _bind(self) -> None:
+        host, port = self.listen.host, self.listen.port
+        try:
+            self._udp_port = DnsUdpListener(self.resolver, self.reactor, host, port)
+            self._tcp_port = self.reactor.listenTCP(
+                port, DnsTcpFactory(self.resolver, self.reactor), interface=host, backlog=128,
+            )
+        except Exception as e:
+            if self._udp_port is not None:
+                self._udp_port.stopListening()
+                self._udp_port = None
+            self._bind_error = DnsBindError(f"DNS cannot listen on {self.listen}: {e}")
+            log.critical("{error}; networkd does not start without its DNS server", error=str(self._bind_error))
+            waiting, self._waiting = self._waiting, []
+            for d in waiting:
+                d.errback(self._bind_error)
+            raise self._bind_error from e
+        self._bind_error = None
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(self.listen)
+
+    def _start_loop(self, function, interval: float) -> None:
+        def guarded():
+            try:
+                function()
+            except Exception:
+                log.failure("DNS periodic task {f} failed", f=getattr(function, "__name__", function))
+
+        loop = task.LoopingCall(guarded)
+        loop.clock = self.reactor
+        loop.start(interval, now=False)
+        self._loops.append(loop)
+
+    # -- inputs ----------------------------------------------------------------
+
+    def _on_domains(self, snapshot) -> None:
+        self._domains = dict(snapshot.values)
+        self._domains_revision = snapshot.revision
+        self._rebuild_zone()
+
+    def _on_vips(self, snapshot) -> None:
+        self._vips = dict(snapshot.values)
+        self._rebuild_zone()
+
+    def _on_domain_servers(self, snapshot) -> None:
+        zones, invalid = parse_forward_zones(snapshot.values, self._servers_prefix)
+        self._report_invalid(self._server_invalid, invalid)
+        self._server_invalid = invalid
+        self._update_invalid()
+        listen = (self.listen.host, self.listen.port)
+        cleaned = {}
+        for zone, servers in zones.zones.items():
+            kept = tuple(without_self(list(servers), *listen))
+            if kept:
+                cleaned[zone] = kept
+        self.resolver.set_forward_zones(ForwardZones(cleaned))
+
+    def _poll_files(self) -> None:
+        if self._hosts_file is not None and self._hosts_file.changed():
+            self._read_hosts(checked=True)
+            self._rebuild_zone()
+        if not self._upstreams_managed:
+            self._read_resolv_conf()
+
+    def _read_hosts(self, checked: bool = False) -> None:
+        if self._hosts_file is None:
+            return
+        if not checked:
+            self._hosts_file.changed()
+        text = self._hosts_file.read()
+        if text is None:
+            log.warn("DNS: cannot read hosts file {path}; serving no names from it", path=self._hosts_file.path)
+            self._hosts = []
+        else:
+            self._hosts = parse_hosts(text)
+
+    def _read_resolv_conf(self) -> None:
+        if self._resolv_conf is None or not self._resolv_conf.changed():
+            return
+        text = self._resolv_conf.read()
+        if text is None:
+            log.warn("DNS: cannot read {path}; keeping the upstreams", path=self._resolv_conf.path)
+            return
+        self._apply_upstreams([(ip, 53) for ip in parse_nameservers(text)])
+
+    def _apply_upstreams(self, servers) -> None:
+        servers = without_self(servers, self.listen.host, self.listen.port)
+        if self.resolver.set_upstreams(servers):
+            log.info("DNS upstreams: {ups}", ups=", ".join(format_server(s) for s in servers) or "none")
+
+    def _rebuild_zone(self) -> None:
+        zone, invalid = build_zone(
+            self._domains, self._hosts, node_ip=self.node_ip,
+            webrouters=webrouter_ips(self._vips, self.node_ip), ttl=self.ttl,
+            serial=self._domains_revision, key_prefix=self._domains_prefix,
+        )
+        self._report_invalid(self._zone_invalid, invalid)
+        self._zone_invalid = invalid
+        self._update_invalid()
+        self.resolver.set_zone(zone)
+
+    def _update_invalid(self) -> None:
+        self.invalid_keys = {**self._zone_invalid, **self._server_invalid}
+
+    @staticmethod
+    def _report_invalid(old: dict, new: dict) -> None:
+        for key, reason in sorted(new.items()):
+            if old.get(key) != reason:
+                log.warn("DNS: ignoring {key}: {reason}", key=key, reason=reason)

@@ -1,0 +1,134 @@
+"""networkd as operators run it (twistd subprocess): dig end to end, etcd
+change latency, and a bind failure that stops the daemon (BUG 30)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import statistics
+import tempfile
+import time
+
+import pytest
+import pytest_twisted
+from dnslib import DNSRecord
+from twisted.internet import threads
+
+from networkd.etcd.client import EtcdClient
+from networkd.options import parse_endpoints
+from tests.support.daemon import Daemon
+from tests.support.dnsstub import StubServer, dig_answers
+from tests.support.ports import free_port
+from tests.support.waiting import sleep
+
+
+def daemon_args(etcd_server, root, dns_port, upstream=None, extra=()):
+    workdir = tempfile.mkdtemp(prefix="networkd-dns-files-")
+    hosts = os.path.join(workdir, "hosts")
+    resolv = os.path.join(workdir, "resolv.conf")
+    with open(hosts, "w") as f:
+        f.write("10.8.0.1 fromhosts\n")
+    with open(resolv, "w") as f:
+        f.write(f"nameserver {upstream.host}\n" if upstream else "")
+    return [
+        "--etcd", etcd_server.endpoint, "--etcd-root", root,
+        "--dns-listen", f"127.0.0.1:{dns_port}", "--api-listen", f"127.0.0.1:{free_port()}",
+        "--no-vips", "--no-resolv-conf", "--node-ip", "10.1.1.1",
+        "--hosts-file", hosts, "--resolv-conf", resolv, *extra,
+    ]
+
+
+@pytest.fixture
+def upstream():
+    stub = StubServer()
+    stub.records["example.com"] = ["93.184.216.34"]
+    yield stub
+    stub.close()
+
+
+def test_daemon_answers_dig(etcd_server, etcd_root, upstream):
+    port = free_port()
+    etcd_server.put(f"{etcd_root}/config/domains/*.lain", '{"ips": ["10.0.0.9"]}')
+    etcd_server.put(f"{etcd_root}/config/domains/node.lain", '{"type": "node"}')
+    daemon = Daemon(daemon_args(etcd_server, etcd_root, port, upstream)).start()
+    try:
+        daemon.wait_for_log("DNS listening on")
+        deadline = time.monotonic() + 10
+        while dig_answers(port, "x.lain") != ["x.lain. 60 IN A 10.0.0.9"]:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        assert dig_answers(port, "node.lain") == ["node.lain. 60 IN A 10.1.1.1"]
+        assert dig_answers(port, "fromhosts") == ["fromhosts. 60 IN A 10.8.0.1"]
+        assert dig_answers(port, "example.com")[0].endswith("IN A 93.184.216.34")
+        assert dig_answers(port, "+tcp", "example.com")[0].endswith("IN A 93.184.216.34")
+        assert upstream.names_asked() == ["example.com"], "the second answer came from the cache"
+    finally:
+        assert daemon.stop() in (0, -signal.SIGTERM), daemon.log()  # twistd re-raises SIGTERM
+        assert "Traceback" not in daemon.log()
+
+
+def test_bind_failure_stops_the_daemon(etcd_server, etcd_root, upstream):
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    blocker.bind(("127.0.0.1", 0))
+    port = blocker.getsockname()[1]
+    daemon = Daemon(daemon_args(etcd_server, etcd_root, port, upstream)).start()
+    try:
+        daemon.process.wait(20)
+        assert daemon.process.returncode != 0
+        assert f"DNS cannot listen on 127.0.0.1:{port}" in daemon.log()
+        assert "Traceback" not in daemon.log()
+    finally:
+        daemon.kill()
+        blocker.close()
+
+
+def _time_until_answer(port: int, name: str, expected: str, start: float, timeout: float = 2.0) -> float:
+    """Query every millisecond until ``expected`` is the answer; seconds since ``start``."""
+    packet = DNSRecord.question(name, "A").pack()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        while time.monotonic() - start < timeout:
+            s.sendto(packet, ("127.0.0.1", port))
+            try:
+                reply = DNSRecord.parse(s.recv(4096))
+            except socket.timeout:
+                continue
+            if [str(rr.rdata) for rr in reply.rr] == [expected]:
+                return time.monotonic() - start
+            time.sleep(0.001)
+    raise AssertionError(f"{name} did not become {expected} within {timeout}s")
+
+
+@pytest_twisted.ensureDeferred
+async def test_etcd_change_is_served_within_50ms(etcd_server, etcd_root, upstream):
+    port = free_port()
+    key = f"{etcd_root}/config/domains/fast.lain"
+    etcd_server.put(key, '{"ips": ["10.0.0.0"]}')
+    daemon = Daemon(daemon_args(etcd_server, etcd_root, port, upstream)).start()
+    client = EtcdClient(parse_endpoints(etcd_server.endpoint))
+    try:
+        await threads.deferToThread(daemon.wait_for_log, "DNS listening on")
+        await threads.deferToThread(_time_until_answer, port, "fast.lain", "10.0.0.0", time.monotonic(), 10)
+        delays = []
+        for i in range(1, 41):
+            ip = f"10.0.{i // 250}.{i % 250 + 1}"
+            start = time.monotonic()
+            waiting = threads.deferToThread(_time_until_answer, port, "fast.lain", ip, start)
+            await client.put(key.encode(), f'{{"ips": ["{ip}"]}}'.encode())
+            delays.append(await waiting)
+        delays.sort()
+        p99 = delays[int(len(delays) * 0.99) - 1]
+        print(f"etcd put -> DNS answer: median {statistics.median(delays) * 1000:.1f} ms, "
+              f"p99 {p99 * 1000:.1f} ms, max {delays[-1] * 1000:.1f} ms")
+        assert p99 < 0.050, delays
+
+        # And as users see it: dig, 50 ms after the put returned.
+        for i in range(5):
+            ip = f"10.9.0.{i + 1}"
+            await client.put(key.encode(), f'{{"ips": ["{ip}"]}}'.encode())
+            await sleep(0.05)
+            assert await threads.deferToThread(dig_answers, port, "fast.lain") == [f"fast.lain. 60 IN A {ip}"]
+    finally:
+        await client.close()
+        await threads.deferToThread(daemon.stop)
