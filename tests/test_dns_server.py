@@ -32,17 +32,15 @@ class Env:
         self.keys = Keys(root)
         self.dir = tempfile.mkdtemp(prefix="networkd-dns-")
         self.hosts_path = os.path.join(self.dir, "hosts")
-        self.resolv_path = os.path.join(self.dir, "resolv.conf")
         self.write_hosts(hosts)
-        with open(self.resolv_path, "w") as f:
-            f.write("".join(f"nameserver {u.host}\n" for u in upstreams))
+        self.upstreams = [(u.host, 53) for u in upstreams]
         self.port = free_port()
         self.client = EtcdClient(parse_endpoints(etcd_server.endpoint), call_timeout=2.0)
         self.watchers = [PrefixWatcher(self.client, p, reactor)
                          for p in (self.keys.domains, self.keys.domain_servers, self.keys.vips)]
         self.dns = DnsService(
             reactor, listen=ListenAddress("127.0.0.1", self.port), ttl=60, cache_size=cache_size, allow=allow,
-            node_ip=node_ip, hosts_file=self.hosts_path, resolv_conf=self.resolv_path,
+            node_ip=node_ip, hosts_file=self.hosts_path,
             domains=self.watchers[0], domain_servers=self.watchers[1], vips=self.watchers[2],
             domains_prefix=self.keys.domains, domain_servers_prefix=self.keys.domain_servers,
             poll_interval=0.1,
@@ -58,6 +56,7 @@ class Env:
         for w in self.watchers:
             w.startService()
         self.dns.startService()
+        self.dns.set_upstreams(self.upstreams)  # what the resolv.conf guardian does
         await self.dns.when_listening()
         await eventually(lambda: all(w.snapshot is not None for w in self.watchers), message="first snapshots")
         return self
@@ -307,9 +306,8 @@ async def test_cache_positive_negative_and_flush(etcd_server, etcd_root, upstrea
         # dig sees it too
         assert await env.dig("gone.example.com") == []
 
-        with open(env.resolv_path, "a") as f:
-            f.write("nameserver 127.0.0.254\n")  # upstream list changes -> cache flushed
-        await eventually(lambda: len(env.dns.resolver.upstreams) == 2, timeout=3)
+        env.dns.set_upstreams([*env.upstreams, ("127.0.0.254", 53)])  # upstream list changes -> cache flushed
+        assert len(env.dns.resolver.upstreams) == 2
         await env.q("example.com")
         assert upstream.names_asked().count("example.com") == 2
     finally:

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from networkd.dns import wire
 from networkd.dns.cache import Cache, render
 from networkd.dns.hostsfile import parse_hosts
-from networkd.dns.upstreams import parse_forward_zones, parse_nameservers, without_self
+from networkd.dns.upstreams import parse_forward_zones, without_self
 from networkd.dns.zone import build_zone, webrouter_ips
 
 
@@ -98,12 +98,11 @@ def test_hosts_file_parsing():
     assert zone.lookup("localhost")[1].ips == ("127.0.0.1", "::1")
 
 
-def test_parse_nameservers_keeps_file_order():
-    text = "search x\nnameserver 10.0.0.2\nnameserver 127.0.0.1\n# nameserver 9.9.9.9\nnameserver fe80::1%eth0\nnameserver 10.0.0.1\nnameserver 10.0.0.2\nnameserver bogus\n"
-    assert parse_nameservers(text) == ["10.0.0.2", "127.0.0.1", "fe80::1", "10.0.0.1"]
-    servers = [(ip, 53) for ip in parse_nameservers(text)]
-    assert without_self(servers, "127.0.0.1", 53) == [("10.0.0.2", 53), ("fe80::1", 53), ("10.0.0.1", 53)]
+def test_without_self_drops_our_address_and_keeps_order():
+    servers = [("10.0.0.2", 53), ("127.0.0.1", 53), ("fe80::1%eth0", 53), ("10.0.0.1", 53), ("10.0.0.2", 53)]
+    assert without_self(servers, "127.0.0.1", 53) == [("10.0.0.2", 53), ("fe80::1%eth0", 53), ("10.0.0.1", 53)]
     assert without_self(servers, "0.0.0.0", 53)[0] == ("10.0.0.2", 53)
+    assert ("127.0.0.1", 53) not in without_self(servers, "0.0.0.0", 53)
     assert ("127.0.0.1", 53) in without_self(servers, "127.0.0.1", 5353)
 
 

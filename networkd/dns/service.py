@@ -19,7 +19,7 @@ from twisted.logger import Logger
 from networkd.dns.hostsfile import FileChangeWatcher, parse_hosts
 from networkd.dns.server import ClientFilter, DnsTcpFactory, DnsUdpListener, Resolver
 from networkd.dns.upstreams import (
-    ForwardZones, format_server, parse_forward_zones, parse_nameservers, without_self,
+    ForwardZones, format_server, parse_forward_zones, without_self,
 )
 from networkd.dns.zone import build_zone, webrouter_ips
 from networkd.views import DnsConfigView
@@ -35,7 +35,7 @@ class DnsService(service.Service):
     name = "dns"
 
     def __init__(self, reactor, *, listen, ttl: int = 60, cache_size: int = 10000, allow=(),
-                 node_ip: str | None = None, hosts_file: str | None = None, resolv_conf: str | None = None,
+                 node_ip: str | None = None, hosts_file: str | None = None,
                  domains=None, domain_servers=None, vips=None,
                  domains_prefix: str = "", domain_servers_prefix: str = "",
                  poll_interval: float = 1.0, budget: float = 1.6):
@@ -56,8 +56,6 @@ class DnsService(service.Service):
         self._vips: dict = {}
         self._hosts: list = []
         self._hosts_file = FileChangeWatcher(hosts_file) if hosts_file else None
-        self._resolv_conf = FileChangeWatcher(resolv_conf) if resolv_conf else None
-        self._upstreams_managed = False  # True once someone calls set_upstreams
         self._poll_interval = poll_interval
         self._udp_port = None
         self._tcp_port = None
@@ -74,7 +72,7 @@ class DnsService(service.Service):
             root.reactor,
             listen=options["dns-listen"], ttl=options["dns-ttl"], cache_size=options["dns-cache-size"],
             allow=options["dns-allow"], node_ip=options["node-ip"],
-            hosts_file=options["hosts-file"], resolv_conf=options["resolv-conf"],
+            hosts_file=options["hosts-file"],
             domains=root.watch(keys.domains), domain_servers=root.watch(keys.domain_servers),
             vips=root.watch(keys.vips),
             domains_prefix=keys.domains, domain_servers_prefix=keys.domain_servers,
@@ -95,8 +93,8 @@ class DnsService(service.Service):
         return self._udp_port is not None and self._tcp_port is not None
 
     def set_upstreams(self, servers) -> None:
-        """Upstreams in resolv.conf order (the guardian calls this); ours is skipped."""
-        self._upstreams_managed = True
+        """Upstreams in resolv.conf order; the resolv.conf guardian is their one
+        source (it also runs, read-only, under --no-resolv-conf).  Ours is skipped."""
         self._apply_upstreams(list(servers))
 
     def config_view(self) -> DnsConfigView:
@@ -127,8 +125,6 @@ class DnsService(service.Service):
             self._bind()
         super().startService()
         self._read_hosts()
-        if not self._upstreams_managed:
-            self._read_resolv_conf()
         self._rebuild_zone()
         domains, domain_servers, vips = self._watchers
         if not self._subscribed:
@@ -219,8 +215,6 @@ class DnsService(service.Service):
         if self._hosts_file is not None and self._hosts_file.changed():
             self._read_hosts(checked=True)
             self._rebuild_zone()
-        if not self._upstreams_managed:
-            self._read_resolv_conf()
 
     def _read_hosts(self, checked: bool = False) -> None:
         if self._hosts_file is None:
@@ -233,15 +227,6 @@ class DnsService(service.Service):
             self._hosts = []
         else:
             self._hosts = parse_hosts(text)
-
-    def _read_resolv_conf(self) -> None:
-        if self._resolv_conf is None or not self._resolv_conf.changed():
-            return
-        text = self._resolv_conf.read()
-        if text is None:
-            log.warn("DNS: cannot read {path}; keeping the upstreams", path=self._resolv_conf.path)
-            return
-        self._apply_upstreams([(ip, 53) for ip in parse_nameservers(text)])
 
     def _apply_upstreams(self, servers) -> None:
         servers = without_self(servers, self.listen.host, self.listen.port)

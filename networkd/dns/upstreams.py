@@ -1,6 +1,7 @@
-"""Upstream nameservers (resolv.conf) and forwarding zones (domain_servers).
+"""Upstream servers and forwarding zones (domain_servers).
 
-``parse_nameservers`` is pure so that the resolv.conf guardian can reuse it.
+The upstream list itself comes from the resolv.conf guardian
+(``networkd.resolvconf.parse_nameservers``).
 """
 
 from __future__ import annotations
@@ -12,22 +13,6 @@ from dataclasses import dataclass
 from networkd.dns.names import BadName, check_name, is_under
 
 Server = tuple[str, int]
-
-
-def parse_nameservers(text: str) -> list[str]:
-    """The ``nameserver`` IPs of a resolv.conf, in file order, without repeats."""
-    found: list[str] = []
-    for line in text.splitlines():
-        fields = line.split("#", 1)[0].split(";", 1)[0].split()
-        if len(fields) >= 2 and fields[0] == "nameserver":
-            address = fields[1].split("%", 1)[0]
-            try:
-                ip = str(ipaddress.ip_address(address))
-            except ValueError:
-                continue
-            if ip not in found:
-                found.append(ip)
-    return found
 
 
 def without_self(servers: list[Server], listen_host: str, listen_port: int) -> list[Server]:

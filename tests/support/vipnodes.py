@@ -14,7 +14,6 @@ import ctypes
 import json
 import os
 import socket
-import subprocess
 import threading
 import time
 
@@ -368,8 +367,6 @@ class ArpWatch:
     RTM_NEWADDR = 20
 
     def __init__(self, netns: str, ip: str, interface: str = "eth0"):
-        import select  # noqa: F401
-
         self.ip = socket.inet_aton(ip)
         self.added: list[float] = []
         self.frames: list[tuple[float, int]] = []
