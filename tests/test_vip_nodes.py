@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from tests.support.vipnodes import AddressSampler, Cluster, vip_value, wait_until
+from tests.support.vipnodes import AddressSampler, Cluster, vip_value
+from tests.support.waiting import wait_until
 
 TTL = 3
 VIP = "10.77.0.100"

@@ -10,14 +10,20 @@ from tests.support.ports import free_port
 
 
 class TCPProxy:
-    def __init__(self, target_port: int, target_host: str = "127.0.0.1"):
+    """Relays connections to ``target_port`` on the host's 127.0.0.1.
+
+    ``listener``: a listening socket to accept on (e.g. one made inside a
+    network namespace); by default a new one on 127.0.0.1.
+    """
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1", listener: socket.socket | None = None):
         self.target = (target_host, target_port)
-        self.port = free_port()
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
         self._cut = False
         self._closed = False
-        self._listener = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+        self._listener = listener or socket.create_server(("127.0.0.1", free_port()), reuse_port=False)
+        self.port = self._listener.getsockname()[1]
         self._thread = threading.Thread(target=self._accept_loop, daemon=True)
         self._thread.start()
 

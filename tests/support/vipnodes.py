@@ -18,6 +18,7 @@ import threading
 import time
 
 from tests.support.daemon import Daemon
+from tests.support.tcpproxy import TCPProxy
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -25,103 +26,22 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 def socket_in_netns(netns: str, host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A listening TCP socket that belongs to network namespace ``netns``."""
-    result: dict = {}
 
     def make():
-        try:
-            fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns failed")
-            finally:
-                os.close(fd)
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.bind((host, port))
-            s.listen(64)
-            result["socket"] = s
-        except BaseException as e:  # reported to the caller
-            result["error"] = e
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(64)
+        return s
 
-    thread = threading.Thread(target=make)  # this thread ends in the namespace; it exits now
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["socket"]
+    return _in_netns(netns, make)
 
 
-class NsForwarder:
+class NsForwarder(TCPProxy):
     """127.0.0.1:port inside ``netns`` -> 127.0.0.1:target_port on the host; can be cut."""
 
     def __init__(self, netns: str, target_port: int):
-        self.target = ("127.0.0.1", target_port)
-        self._listener = socket_in_netns(netns)
-        self.port = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-        self._cut = False
-        self._closed = False
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            if self._cut:
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=2)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._sockets.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def cut(self) -> None:
-        self._cut = True
-        with self._lock:
-            sockets, self._sockets = self._sockets, set()
-        for s in sockets:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def heal(self) -> None:
-        self._cut = False
-
-    def close(self) -> None:
-        self._closed = True
-        self.cut()
-        self._listener.close()
+        super().__init__(target_port, listener=socket_in_netns(netns))
 
 
 def pod_group(app: str, proc: str, placements: list[tuple[int, str, str, str]], proctype: str = "proc") -> str:
@@ -208,18 +128,6 @@ class Node:
         if self.daemon is not None:
             self.daemon.kill()
         self.forwarder.close()
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = ""):
-    """Poll ``predicate`` (blocking; the daemons are other processes); return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {message or predicate}")
-        time.sleep(interval)
 
 
 class AddressSampler:

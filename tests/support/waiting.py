@@ -21,3 +21,15 @@ async def eventually(predicate, timeout: float = 10.0, interval: float = 0.02, m
 
 async def sleep(seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = ""):
+    """Poll ``predicate`` (blocking; the daemons are other processes); return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {message or predicate}")
+        time.sleep(interval)
