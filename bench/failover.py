@@ -28,7 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.support.etcd_server import EtcdServer  # noqa: E402
 from tests.support.netns import Lan  # noqa: E402
-from tests.support.vipnodes import AddressSampler, Cluster, vip_value, wait_until  # noqa: E402
+from tests.support.vipnodes import AddressSampler, Cluster, vip_value  # noqa: E402
+from tests.support.waiting import wait_until  # noqa: E402
 
 VIP = "10.77.0.100"
 
