@@ -47,3 +47,14 @@ def lan(privileged):
     lan = Lan()
     yield lan
     lan.delete()
+
+
+@pytest.fixture
+def upstream():
+    """A stub DNS upstream on a random 127.0.0.x:53 that knows example.com."""
+    from tests.support.dnsstub import StubServer
+
+    stub = StubServer()
+    stub.records["example.com"] = ["93.184.216.34"]
+    yield stub
+    stub.close()

@@ -10,7 +10,6 @@ import statistics
 import tempfile
 import time
 
-import pytest
 import pytest_twisted
 from dnslib import DNSRecord
 from twisted.internet import threads
@@ -18,7 +17,7 @@ from twisted.internet import threads
 from networkd.etcd.client import EtcdClient
 from networkd.options import parse_endpoints
 from tests.support.daemon import Daemon
-from tests.support.dnsstub import StubServer, dig_answers
+from tests.support.dnsstub import dig_answers
 from tests.support.ports import free_port
 from tests.support.waiting import sleep
 
@@ -37,14 +36,6 @@ def daemon_args(etcd_server, root, dns_port, upstream=None, extra=()):
         "--no-vips", "--no-resolv-conf", "--node-ip", "10.1.1.1",
         "--hosts-file", hosts, "--resolv-conf", resolv, *extra,
     ]
-
-
-@pytest.fixture
-def upstream():
-    stub = StubServer()
-    stub.records["example.com"] = ["93.184.216.34"]
-    yield stub
-    stub.close()
 
 
 def test_daemon_answers_dig(etcd_server, etcd_root, upstream):

@@ -81,14 +81,6 @@ class Env:
                          message=f"{name} in the zone")
 
 
-@pytest.fixture
-def upstream():
-    stub = StubServer()
-    stub.records["example.com"] = ["93.184.216.34"]
-    yield stub
-    stub.close()
-
-
 def answers(reply):
     return sorted(str(rr.rdata) for rr in reply.rr)
 
