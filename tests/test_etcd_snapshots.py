@@ -207,3 +207,29 @@ async def test_unreachable_etcd_is_a_named_error():
             await client.get_prefix(b"/x/")
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_periodic_reread_repairs_an_event_the_watch_lost(etcd_server, etcd_root):
+    """Anti-entropy: even if an event never arrives, the snapshot converges on etcd's content."""
+    client = client_for(etcd_server.endpoint)
+    watcher = PrefixWatcher(client, f"{etcd_root}/", reactor, relist_every=1.0)
+    seen = Recorder()
+    watcher.subscribe(seen)
+    deliver = watcher._on_event
+    watcher._on_event = lambda event: None if event.key.endswith(b"/lost") else deliver(event)
+    watcher.startService()
+    try:
+        etcd_server.put(f"{etcd_root}/a", "1")
+        await eventually(lambda: seen.values() == {"a": "1"})
+        count = len(seen.snapshots)
+        await sleep(1.5)
+        assert len(seen.snapshots) == count, "an unchanged re-read publishes nothing"
+
+        etcd_server.put(f"{etcd_root}/lost", "x")  # the watch drops this event
+        await sleep(0.2)
+        assert seen.values() == {"a": "1"}
+        await eventually(lambda: seen.values() == {"a": "1", "lost": "x"}, timeout=3)
+    finally:
+        await watcher.stopService()
+        await client.close()

@@ -52,7 +52,8 @@ class PrefixStatus:
 class PrefixWatcher(service.Service):
     """Keeps a live snapshot of one prefix and hands it to subscribers."""
 
-    def __init__(self, client, prefix: str, reactor, backoff: Backoff | None = None):
+    def __init__(self, client, prefix: str, reactor, backoff: Backoff | None = None,
+                 relist_every: float = 300.0):
         self.name = f"watch {prefix}"
         self._client = client
         self.prefix = prefix
@@ -62,7 +63,7 @@ class PrefixWatcher(service.Service):
         self._subscribers: list[Subscriber] = []
         self._values: dict[str, str] = {}
         self._revision = 0
-        self._listed = False
+        self._quiet_relist = False  # anti-entropy: publish only if something changed
         self._must_relist = True
         self._publish_call = None
         self._loop: defer.Deferred | None = None
@@ -70,6 +71,10 @@ class PrefixWatcher(service.Service):
         self._watch = None
         self.snapshot: Snapshot | None = None
         self.status = PrefixStatus(prefix)
+        # Anti-entropy: read the whole prefix again now and then, so that an
+        # event a watch never delivered cannot leave the snapshot wrong.
+        self._relist_every = relist_every
+        self._relist_call = None
 
     # -- subscribers ---------------------------------------------------------
 
@@ -100,12 +105,15 @@ class PrefixWatcher(service.Service):
 
     def startService(self):
         super().startService()
+        self._relist_call = self._reactor.callLater(self._relist_every, self._anti_entropy)
         self._loop = defer.Deferred.fromCoroutine(self._run())
         self._loop.addErrback(lambda f: f.trap(defer.CancelledError))
         self._loop.addErrback(lambda f: log.failure("watch loop of {prefix} died", f, prefix=self.prefix))
 
     def stopService(self):
         super().stopService()
+        if self._relist_call is not None and self._relist_call.active():
+            self._relist_call.cancel()
         self._interrupt()
         if self._publish_call is not None and self._publish_call.active():
             self._publish_call.cancel()
@@ -116,7 +124,15 @@ class PrefixWatcher(service.Service):
         """Read the whole prefix again (SIGHUP)."""
         log.info("resync of {prefix} requested", prefix=self.prefix)
         self._must_relist = True
+        self._quiet_relist = False
         self._interrupt()
+
+    def _anti_entropy(self) -> None:
+        self._relist_call = self._reactor.callLater(self._relist_every, self._anti_entropy)
+        if self.status.connected and not self._must_relist:
+            self._must_relist = True
+            self._quiet_relist = True
+            self._interrupt()
 
     def _interrupt(self) -> None:
         if self._watch is not None:
@@ -149,12 +165,18 @@ class PrefixWatcher(service.Service):
 
     async def _list(self) -> None:
         revision, kvs = await self._client.get_prefix(self._prefix_bytes)
-        self._values = {self._relative(kv.key): _text(kv.value) for kv in kvs}
+        values = {self._relative(kv.key): _text(kv.value) for kv in kvs}
+        changed = self.snapshot is None or values != self._values
+        if changed and self._quiet_relist:
+            log.warn("{prefix}: the periodic re-read found changes the watch had not delivered", prefix=self.prefix)
+        publish = changed or not self._quiet_relist
+        self._quiet_relist = False
+        self._values = values
         self._revision = revision
         self._must_relist = False
-        self._listed = True
         self._up()
-        self._schedule_publish()
+        if publish:
+            self._schedule_publish()
 
     async def _follow(self) -> None:
         self._watch = await self._client.watch_prefix(self._prefix_bytes, self._revision + 1, self._on_event)
