@@ -1,10 +1,13 @@
-"""Retry pacing: capped exponential backoff, and pauses a stop can cut short."""
+"""Pacing on the reactor's clock: backoff, pauses a stop can cut short, guarded periodic tasks."""
 
 from __future__ import annotations
 
 import random
 
 from twisted.internet import defer, task
+from twisted.logger import Logger
+
+_log = Logger()
 
 
 class Backoff:
@@ -45,3 +48,20 @@ class Pause:
     def wake(self) -> None:
         if self._waiting is not None:
             self._waiting.cancel()
+
+
+def every(reactor, interval: float, function, what: str) -> task.LoopingCall:
+    """Run ``function`` every ``interval`` seconds on ``reactor``'s clock.
+
+    The tick catches its own errors: one exception must not end the loop.
+    """
+    def guarded():
+        try:
+            function()
+        except Exception:
+            _log.failure("periodic task {what} failed", what=what)
+
+    loop = task.LoopingCall(guarded)
+    loop.clock = reactor
+    loop.start(interval, now=False)
+    return loop

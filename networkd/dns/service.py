@@ -1,9 +1,9 @@
 """DnsService: the DNS part of networkd as a Twisted service (views.DnsPart).
 
 It owns the listeners and feeds the resolver whole data: a new Zone on every
-domains / VIP snapshot or hosts-file change, new forwarding zones on every
-domain_servers snapshot, upstreams from resolv.conf (read here until the
-resolv.conf guardian takes over by calling ``set_upstreams``).
+domains snapshot, webrouter VIP change or hosts-file change, new forwarding
+zones on every domain_servers snapshot.  Upstreams come from the resolv.conf
+guardian through ``set_upstreams``.
 
 The sockets are bound in privilegedStartService; a bind failure is raised
 (the daemon does not start) so that resolv.conf never points at a dead
@@ -13,9 +13,10 @@ server ([BUG 30]).
 from __future__ import annotations
 
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.logger import Logger
 
+from networkd.backoff import every
 from networkd.dns.hostsfile import FileChangeWatcher, parse_hosts
 from networkd.dns.server import ClientFilter, DnsTcpFactory, DnsUdpListener, Resolver
 from networkd.dns.upstreams import (
@@ -53,7 +54,7 @@ class DnsService(service.Service):
         self._servers_prefix = domain_servers_prefix
         self._domains: dict = {}
         self._domains_revision = 1
-        self._vips: dict = {}
+        self._webrouters: tuple = ()
         self._hosts: list = []
         self._hosts_file = FileChangeWatcher(hosts_file) if hosts_file else None
         self._poll_interval = poll_interval
@@ -135,8 +136,8 @@ class DnsService(service.Service):
                 domains.subscribe(self._on_domains)
             if domain_servers is not None:
                 domain_servers.subscribe(self._on_domain_servers)
-        self._start_loop(self._poll_files, self._poll_interval)
-        self._start_loop(self.resolver.tick, 1.0)
+        self._loops = [every(self.reactor, self._poll_interval, self._poll_files, "DNS hosts-file check"),
+                       every(self.reactor, 1.0, self.resolver.tick, "DNS cache ageing")]
         log.info("DNS listening on {listen} (UDP and TCP), upstreams {ups}",
                  listen=str(self.listen), ups=self.config_view().nameservers or "none")
 
@@ -175,18 +176,6 @@ class DnsService(service.Service):
         for d in waiting:
             d.callback(self.listen)
 
-    def _start_loop(self, function, interval: float) -> None:
-        def guarded():
-            try:
-                function()
-            except Exception:
-                log.failure("DNS periodic task {f} failed", f=getattr(function, "__name__", function))
-
-        loop = task.LoopingCall(guarded)
-        loop.clock = self.reactor
-        loop.start(interval, now=False)
-        self._loops.append(loop)
-
     # -- inputs ----------------------------------------------------------------
 
     def _on_domains(self, snapshot) -> None:
@@ -195,8 +184,12 @@ class DnsService(service.Service):
         self._rebuild_zone()
 
     def _on_vips(self, snapshot) -> None:
-        self._vips = dict(snapshot.values)
-        self._rebuild_zone()
+        """Only the webrouter IPs matter here: other VIP changes leave the zone
+        (and the hot answers built from it) alone."""
+        webrouters = webrouter_ips(snapshot.values, self.node_ip)
+        if webrouters != self._webrouters:
+            self._webrouters = webrouters
+            self._rebuild_zone()
 
     def _on_domain_servers(self, snapshot) -> None:
         zones, invalid = parse_forward_zones(snapshot.values, self._servers_prefix)
@@ -236,7 +229,7 @@ class DnsService(service.Service):
     def _rebuild_zone(self) -> None:
         zone, invalid = build_zone(
             self._domains, self._hosts, node_ip=self.node_ip,
-            webrouters=webrouter_ips(self._vips, self.node_ip), ttl=self.ttl,
+            webrouters=self._webrouters, ttl=self.ttl,
             serial=self._domains_revision, key_prefix=self._domains_prefix,
         )
         self._report_invalid(self._zone_invalid, invalid)

@@ -29,6 +29,7 @@ from twisted.application import service
 from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
+from networkd.backoff import every
 from networkd.etcd.lock import LeaseLocks
 from networkd.vips import firewall as fw
 from networkd.vips.arp import Announcer
@@ -109,7 +110,7 @@ class VipManager(service.Service):
         self._cleaned = False
         self.stopping = False
         self._kick_call = None
-        self._loops: list[task.LoopingCall] = []
+        self._loops: list = []
         self._started: defer.Deferred | None = None
 
     # -- views ---------------------------------------------------------------
@@ -171,12 +172,11 @@ class VipManager(service.Service):
         self._watchers["configs"].subscribe(self._on_configs)
         self._watchers["pods"].subscribe(self._on_pods)
         self._watchers["locks"].subscribe(self._on_locks)
-        for interval, tick in ((FENCE_CHECK, self._fence_check), (TICK, self._reconcile),
-                               (ADDRESS_CHECK, self._check_addresses), (FIREWALL_CHECK, self._check_firewall)):
-            loop = task.LoopingCall(self._guarded, tick)
-            loop.clock = self._reactor
-            loop.start(interval, now=False)
-            self._loops.append(loop)
+        self._loops = [
+            every(self._reactor, interval, tick, f"VIP {tick.__name__}")
+            for interval, tick in ((FENCE_CHECK, self._fence_check), (TICK, self._reconcile),
+                                   (ADDRESS_CHECK, self._check_addresses), (FIREWALL_CHECK, self._check_firewall))
+        ]
         if self._session.lease is not None:
             self._acked(self._session.lease)
         self.kick()
