@@ -514,7 +514,9 @@ class ResolvConfGuardian(service.Service):
         return wait
 
     def _feed(self, state: FileState) -> None:
-        """Hand the forwarder the other nameservers (kept as they were while the file is missing)."""
+        """Hand the forwarder the other nameservers (kept as they were while the file is missing).
+
+        The DNS server logs the list it takes; no second log line here."""
         if state.upstream_text is None:
             return
         servers = upstreams(state.upstream_text, self._listen, self._node_ip)
@@ -522,8 +524,6 @@ class ResolvConfGuardian(service.Service):
             return
         self._fed = servers
         self.status.upstreams = tuple(f"{ip}:{port}" for ip, port in servers)
-        log.info("resolv.conf: upstream nameservers {servers}",
-                 servers=", ".join(self.status.upstreams) or "(none)")
         try:
             self._dns.set_upstreams(list(servers))
         except Exception:
