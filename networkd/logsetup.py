@@ -14,7 +14,9 @@ def filter_debug_logs(verbose: bool) -> None:
         return
     _installed = True
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-    # Wrap every existing observer behind the level filter.
+    # Wrap every existing observer behind the level filter.  twistd sets its
+    # observers up itself and offers no level option; _observers is the only
+    # handle on them (covered by tests/test_daemon.py).
     observers = list(getattr(globalLogPublisher, "_observers", []))
     for observer in observers:
         globalLogPublisher.removeObserver(observer)

@@ -100,3 +100,32 @@ def test_stays_up_while_etcd_is_unreachable():
         assert daemon.stop() == 0
     finally:
         daemon.kill()
+
+
+def test_debug_lines_only_with_verbose(etcd_server, etcd_root):
+    """The API logs each request at debug level: seen with --verbose, not without."""
+    import urllib.request
+
+    logs = {}
+    for verbose in (False, True):
+        api = free_port()
+        daemon = Daemon([*BASE, "--etcd", etcd_server.endpoint, "--etcd-root", etcd_root,
+                         "--api-listen", f"127.0.0.1:{api}", *(["--verbose"] if verbose else [])]).start()
+        try:
+            daemon.wait_for_log("networkd started")
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{api}/v1/dns/config", timeout=2).read()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            time.sleep(0.3)
+            assert daemon.stop() == 0
+            logs[verbose] = daemon.log()
+        finally:
+            daemon.kill()
+    assert "/v1/dns/config" in logs[True]
+    assert "/v1/dns/config" not in logs[False]
