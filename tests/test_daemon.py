@@ -129,3 +129,15 @@ def test_debug_lines_only_with_verbose(etcd_server, etcd_root):
             daemon.kill()
     assert "/v1/dns/config" in logs[True]
     assert "/v1/dns/config" not in logs[False]
+
+
+def test_console_script_takes_the_same_options():
+    import sys
+
+    d = Daemon([])
+    ok = subprocess.run([sys.executable, "-m", "networkd", "--version"], capture_output=True, text=True,
+                        timeout=30, env=d.env, cwd=d.workdir)
+    assert ok.returncode == 0 and ok.stdout.startswith("networkd ")
+    bad = subprocess.run([sys.executable, "-m", "networkd", *BASE, "--lock-ttl", "0"], capture_output=True,
+                         text=True, timeout=30, env=d.env, cwd=d.workdir)
+    assert bad.returncode == 2 and "--lock-ttl: 0 is out of range 2-3600" in bad.stderr
