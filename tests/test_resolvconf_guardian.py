@@ -99,6 +99,9 @@ async def test_waits_for_dns_to_listen_then_guards(tmp_path, guard):
 
     dns.start_listening()
     await eventually(lambda: read(path) == GUARDED, timeout=2)
+    # The file is renamed into place in a thread; the count follows on the reactor.
+    await eventually(lambda: guardian.status.writes >= 1, timeout=2)
+    await sleep(0.1)
     assert guardian.status.writes == 1
 
 
@@ -237,6 +240,10 @@ async def test_upstreams_follow_edits_in_file_order(tmp_path, guard):
     await eventually(lambda: dns.upstreams == [("10.0.0.2", 53), ("10.0.0.3", 53)])
     replace_by_rename(path, "nameserver 10.0.0.5\nnameserver 127.0.0.1\nnameserver 10.0.0.4\n")
     await eventually(lambda: dns.upstreams == [("10.0.0.5", 53), ("10.0.0.4", 53)])
+    # Let the guardian's own rewrite land first: an editor racing a rename-into-place
+    # writes to the replaced inode, and its edit is lost (as with any atomic writer).
+    await eventually(lambda: read(path).startswith("nameserver 127.0.0.1\nnameserver 10.0.0.5"), timeout=2)
+    await sleep(0.05)
     write_in_place(path, "nameserver 10.0.0.6\n")
     await eventually(lambda: dns.upstreams == [("10.0.0.6", 53)])
     assert all(("127.0.0.1", 53) not in call for call in dns.upstream_calls), "never ourselves"
