@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from networkd.dns import wire
+from networkd.dns import mmsg, wire
 from networkd.dns.cache import Cache, Entry, render
 from networkd.dns.forward import Forwarder, UpstreamFailed
 from networkd.dns.upstreams import ForwardZones
@@ -42,6 +42,7 @@ TCP_IDLE_TIMEOUT = 10.0
 TCP_MAX_CONNECTIONS = 256
 TCP_MAX_PENDING = 32  # unanswered queries per TCP connection
 ZONE_TRANSFERS = (251, 252)  # IXFR, AXFR: not something a forwarder relays
+LOOPBACK6 = bytes(15) + b"\x01"
 MAX_FORWARDS = 1000  # questions in flight to upstreams at once (dnsmasq: --dns-forward-max 150)
 
 
@@ -307,6 +308,9 @@ class DnsUdpListener:
         self._hot_cached = resolver.hot_cached
         self._queries = resolver.stats.queries
         self._open = True
+        self._batch = mmsg.DatagramBatch(self.sock) if mmsg.available() else None
+        if self._batch is not None:
+            self.doRead = self._read_batches
         # On Twisted's asyncio reactor, register with the asyncio loop itself:
         # the reactor's addReader wraps every wake-up in a logging context,
         # which costs more than answering a query.
@@ -374,7 +378,62 @@ class DnsUdpListener:
             if not self._open:
                 return
 
+    def _read_batches(self) -> None:
+        """Hot path with recvmmsg/sendmmsg: each answer is written over its
+        query in place (the ID and the client address are already there) and
+        a batch goes out with one call.  Only an answer that cannot be had
+        now (forwarded, dropped) splits the batch."""
+        batch = self._batch
+        data, names, size, namesize = batch.data, batch.names, batch.size, batch.namesize
+        v4 = self.sock.family == socket.AF_INET
+        local, cached, queries = self._hot_local, self._hot_cached, self._queries
+        set_length, send, answer = batch.set_reply_length, batch.send, self.answer
+        for _ in range(self.BATCH // batch.slots):
+            n = batch.receive()
+            if not n:
+                return
+            start = 0
+            for i, length in enumerate(batch.lengths(n)):
+                offset = i * size
+                if length > 12 and (names[i * namesize + 4] == 127 if v4 else
+                                    names[i * namesize + 8:i * namesize + 24] == LOOPBACK6):
+                    rest = bytes(data[offset + 2:offset + length])
+                    hit = local.get(rest) or cached.get(rest)
+                    if hit is not None:
+                        body = hit[0]
+                        data[offset + 2:offset + 2 + len(body)] = body
+                        set_length(i, 2 + len(body))
+                        queries[hit[1]] = queries.get(hit[1], 0) + 1
+                        continue
+                addr = self._address(i)
+                result = answer(bytes(data[offset:offset + length]), addr) if length >= 0 else None
+                if type(result) is bytes and len(result) <= size:
+                    data[offset:offset + len(result)] = result
+                    set_length(i, len(result))
+                    continue
+                if start < i:
+                    send(start, i)
+                start = i + 1
+                self._reply(result, addr)
+                if not self._open:
+                    return
+            if start < n:
+                send(start, n)
+
+    def _address(self, i: int):
+        name = self._batch.names[i * self._batch.namesize:(i + 1) * self._batch.namesize]
+        port = int.from_bytes(name[2:4], "big")
+        if self.sock.family == socket.AF_INET:
+            return socket.inet_ntop(socket.AF_INET, name[4:8]), port
+        flowinfo = int.from_bytes(name[4:8], "big")
+        return socket.inet_ntop(socket.AF_INET6, name[8:24]), port, flowinfo, int.from_bytes(name[24:28], sys.byteorder)
+
     def datagramReceived(self, data: bytes, addr) -> None:
+        self._reply(self.answer(data, addr), addr)
+
+    def answer(self, data: bytes, addr):
+        """The answer to one datagram: bytes, None (nothing to send) or a
+        Deferred firing with one of those; never raises."""
         try:
             if self._known.get(addr[0]) is True:
                 rest = data[2:]
@@ -384,16 +443,15 @@ class DnsUdpListener:
                     if key is not None:
                         hit = self._hot_local.get(key) or self._hot_cached.get(key)
                 if hit is not None:
-                    self._sendto(data[:2] + hit[0], addr)
                     queries = self._queries
                     queries[hit[1]] = queries.get(hit[1], 0) + 1
-                    return
-            result = self.resolver.resolve(data, addr[0], udp=True)
-        except OSError:
-            return  # send buffer full or the client went away: a lost datagram
+                    return data[:2] + hit[0]
+            return self.resolver.resolve(data, addr[0], udp=True)
         except Exception:
             log.failure("DNS query from {addr} failed", addr=addr[0])
-            return
+            return None
+
+    def _reply(self, result, addr) -> None:
         if result is None:
             return
         if isinstance(result, defer.Deferred):
@@ -408,7 +466,7 @@ class DnsUdpListener:
         try:
             self._sendto(response, addr)
         except OSError:
-            pass
+            pass  # send buffer full or the client went away: a lost datagram
 
 
 class DnsTcpProtocol(protocol.Protocol, TimeoutMixin):
