@@ -146,7 +146,9 @@ def main() -> None:
             print(f"{case:<18} {server:<9} {qps:>9.0f} {cpu:>8.1f}us {lost:>6} {median:>11.0f}")
         for case in ("local", "cached forwarded"):
             n, d = results[(case, "networkd")], results[(case, "dnsmasq")]
-            print(f"{case}: networkd/dnsmasq QPS ratio {n[0] / d[0]:.2f}, CPU per query ratio {n[1] / d[1]:.2f}")
+            pairs = [a / b for a, b in zip(runs[(case, "networkd")], runs[(case, "dnsmasq")])]
+            print(f"{case}: networkd/dnsmasq QPS ratio {n[0] / d[0]:.2f} (best against best; round by round "
+                  f"{min(pairs):.2f}-{max(pairs):.2f}), CPU per query ratio {n[1] / d[1]:.2f}")
         print(f"upstream saw {len(stub.queries)} queries (each forwarded name should be asked about twice: "
               f"once per server)")
     finally:

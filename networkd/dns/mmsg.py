@@ -42,17 +42,21 @@ class MMsgHdr(ctypes.Structure):
 
 
 def _libc_calls():
-    if not os.uname().sysname == "Linux":
+    if os.uname().sysname != "Linux":
         return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
-    except (OSError, AttributeError):
-        return None
-    recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
-    sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
-    recvmmsg.restype = sendmmsg.restype = ctypes.c_int
-    return recvmmsg, sendmmsg
+    for name in ("libc.so.6", ctypes.util.find_library("c")):  # glibc first: find_library may run ldconfig
+        if not name:
+            continue
+        try:
+            libc = ctypes.CDLL(name, use_errno=True)
+            recvmmsg, sendmmsg = libc.recvmmsg, libc.sendmmsg
+        except (OSError, AttributeError):
+            continue
+        recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+        sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+        recvmmsg.restype = sendmmsg.restype = ctypes.c_int
+        return recvmmsg, sendmmsg
+    return None
 
 
 _CALLS = _libc_calls()
@@ -66,7 +70,8 @@ class DatagramBatch:
     """Fixed buffers for ``slots`` datagrams of up to ``size`` bytes each.
 
     After ``receive`` returns n, datagram i is ``data[offset(i):offset(i) +
-    length(i)]`` and its sender's address is in ``names`` at ``i * namesize``.
+    lengths(n)[i]]`` and its sender's address (a sockaddr) is in ``names`` at
+    ``i * namesize``.
     ``send(start, stop)`` sends slots start..stop-1 back to their senders,
     each with the byte count set by ``set_reply_length``.
     """
@@ -77,7 +82,7 @@ class DatagramBatch:
         self.sock = sock
         self.slots = slots
         self.size = size
-        self.namesize = ctypes.sizeof(ctypes.c_byte) * (28 if sock.family == socket.AF_INET6 else 16)
+        self.namesize = 28 if sock.family == socket.AF_INET6 else 16  # sockaddr_in6 / sockaddr_in
         self._buffers = (ctypes.c_char * (slots * size))()
         self._names = (ctypes.c_char * (slots * self.namesize))()
         self._recv_iov = (IoVec * slots)()
@@ -109,12 +114,6 @@ class DatagramBatch:
     def offset(self, i: int) -> int:
         return i * self.size
 
-    def length(self, i: int) -> int:
-        return self._lengths[self._length_index[i]]
-
-    def truncated(self, i: int) -> bool:
-        return bool(self._lengths[self._flags_index[i]] & MSG_TRUNC)
-
     def lengths(self, n: int) -> list:
         """Byte counts of the first n datagrams; -1 for one cut short by the buffer."""
         values, index, flags = self._lengths, self._length_index, self._flags_index
@@ -134,18 +133,15 @@ class DatagramBatch:
         self._reply_lengths[2 * i + 1] = length
 
     def send(self, start: int, stop: int) -> int:
-        """Send slots start..stop-1; how many went (a full send buffer drops the rest)."""
-        sent = 0
-        fd = self.sock.fileno()
-        while start + sent < stop:
-            n = self._sendmmsg(fd, self._send_base + (start + sent) * self._header_size, stop - start - sent,
-                               MSG_DONTWAIT)
-            if n <= 0:
-                code = ctypes.get_errno() if n < 0 else 0
-                if code == errno.EINTR:
-                    continue
-                # This datagram cannot go (buffer full, bad address): skip it, like a lost packet.
-                sent += 1
-                continue
-            sent += n
+        """Send slots start..stop-1 to their senders; how many went.  One the
+        kernel refuses (send buffer full, unreachable) is skipped, as a lost
+        datagram would be: the client asks again."""
+        fd, sent, i = self.sock.fileno(), 0, start
+        while i < stop:
+            n = self._sendmmsg(fd, self._send_base + i * self._header_size, stop - i, MSG_DONTWAIT)
+            if n > 0:
+                sent += n
+                i += n
+            elif ctypes.get_errno() != errno.EINTR:
+                i += 1
         return sent

@@ -1,0 +1,171 @@
+"""UDP queries read and answered many at a time (recvmmsg/sendmmsg), and the
+one-by-one recvfrom loop kept for platforms without those calls.
+
+The listener's reader is taken off the event loop while a client queues a
+burst, so one read really meets a mixed batch: hot answers, first sightings,
+a forwarded name that splits the batch, and garbage.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+import pytest_twisted
+from dnslib import DNSRecord
+from twisted.internet import reactor, threads
+
+from networkd.dns import mmsg
+from networkd.dns.server import DnsUdpListener, Resolver
+from networkd.dns.zone import build_zone
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.skipif(not mmsg.available(), reason="recvmmsg/sendmmsg need Linux")
+
+
+def question(name: str, qid: int, qtype: str = "A") -> bytes:
+    record = DNSRecord.question(name, qtype)
+    record.header.id = qid
+    return bytes(record.pack())
+
+
+def collect(client: socket.socket, expected: int, timeout: float = 3.0) -> dict:
+    """Replies by ID until ``expected`` arrived or the time is up."""
+    client.settimeout(timeout)
+    replies = {}
+    try:
+        while len(replies) < expected:
+            data = client.recv(65535)
+            replies[struct.unpack_from(">H", data)[0]] = DNSRecord.parse(data)
+    except socket.timeout:
+        pass
+    return replies
+
+
+def ips(reply: DNSRecord) -> list:
+    return sorted(str(rr.rdata) for rr in reply.rr)
+
+
+@pytest.fixture(params=["batched", "one by one"])
+def listener(request, upstream):
+    resolver = Resolver(reactor, cache_size=100)
+    zone, _ = build_zone({f"h{i}.lain": f'{{"ips": ["10.0.0.{i}"]}}' for i in range(1, 40)}, [],
+                         node_ip=None, webrouters=(), ttl=60)
+    resolver.set_zone(zone)
+    resolver.set_upstreams([(upstream.host, 53)])
+    udp = DnsUdpListener(resolver, reactor, "127.0.0.1", 0, batched=request.param == "batched")
+    yield udp
+    udp.stopListening()
+
+
+def pause(udp: DnsUdpListener) -> None:
+    udp._loop.remove_reader(udp.sock.fileno())
+
+
+def resume(udp: DnsUdpListener) -> None:
+    udp._loop.add_reader(udp.sock.fileno(), udp._read_guarded)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mixed_burst_gets_every_answer_to_its_own_id(listener):
+    server = ("127.0.0.1", listener.port)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    try:
+        # Warm up: h1..h9 become hot answers.
+        pause(listener)
+        for i in range(1, 10):
+            client.sendto(question(f"h{i}.lain", i), server)
+        listener.doRead()
+        warm = await threads.deferToThread(collect, client, 9)
+        assert {qid: ips(r) for qid, r in warm.items()} == {i: [f"10.0.0.{i}"] for i in range(1, 10)}
+
+        expected = {}
+        burst = []
+        for i in range(1, 10):  # hot
+            burst.append((100 + i, question(f"H{i}.lain", 100 + i)))
+            expected[100 + i] = (f"H{i}.lain.", [f"10.0.0.{i}"])
+        burst.append((200, question("example.com", 200)))  # forwarded: answered later
+        expected[200] = ("example.com.", ["93.184.216.34"])
+        burst.append((None, b"\x01\x02\x03"))  # garbage: no answer
+        for i in range(20, 30):  # first sight: the slow path, answered in the same batch
+            burst.append((300 + i, question(f"h{i}.lain", 300 + i)))
+            expected[300 + i] = (f"h{i}.lain.", [f"10.0.0.{i}"])
+        burst.append((None, b"\xff" * 5000))  # larger than a batch slot: dropped
+        burst.append((400, question("h1.lain", 400, "AAAA")))  # local NODATA
+        expected[400] = ("h1.lain.", [])
+        for i in range(1, 10):  # hot again, after everything above
+            burst.append((500 + i, question(f"h{i}.lain", 500 + i)))
+            expected[500 + i] = (f"h{i}.lain.", [f"10.0.0.{i}"])
+        for _, data in burst:
+            client.sendto(data, server)
+        listener.doRead()
+        resume(listener)
+        replies = await threads.deferToThread(collect, client, len(expected))
+
+        assert {qid: (str(r.q.qname), ips(r)) for qid, r in replies.items()} == expected
+        assert all(r.header.rcode == 0 for r in replies.values())
+        assert all(r.header.aa for qid, r in replies.items() if qid != 200), "local answers are authoritative"
+        assert listener.resolver.stats.queries[("NOERROR", "local")] == 9 + 9 + 10 + 1 + 9
+    finally:
+        client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_client_gets_its_own_answers(listener):
+    """Replies go back to the address each query came from, across one batch."""
+    server = ("127.0.0.1", listener.port)
+    clients = []
+    try:
+        pause(listener)
+        for n, host in enumerate(("127.0.0.1", "127.0.0.2", "127.0.0.3")):
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.bind((host, 0))
+            clients.append(c)
+            for k in range(4):
+                c.sendto(question(f"h{n * 10 + k + 1}.lain", k), server)
+        for _ in range(2):  # the second round is all hot answers
+            listener.doRead()
+            for n, c in enumerate(clients):
+                got = await threads.deferToThread(collect, c, 4)
+                assert {qid: ips(r) for qid, r in got.items()} == {
+                    k: [f"10.0.0.{n * 10 + k + 1}"] for k in range(4)}, f"client {n}"
+                for k in range(4):
+                    c.sendto(question(f"h{n * 10 + k + 1}.lain", k), server)
+        resume(listener)
+        await eventually(lambda: listener.resolver.stats.queries[("NOERROR", "local")] == 36,
+                         message="the last round answered")
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_batch_reads_senders_lengths_and_replies_in_place():
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    server.setblocking(False)
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        batch = mmsg.DatagramBatch(server, slots=4, size=64)
+        assert batch.receive() == 0, "nothing waiting"
+        a.sendto(b"first", server.getsockname())
+        b.sendto(b"x" * 100, server.getsockname())  # does not fit a 64-byte slot
+        a.sendto(b"third", server.getsockname())
+        n = batch.receive()
+        assert n == 3
+        assert batch.lengths(n) == [5, -1, 5]
+        assert bytes(batch.data[0:5]) == b"first" and bytes(batch.data[128:133]) == b"third"
+        for i in (0, 1, 2):
+            reply = b"reply %d" % i
+            batch.data[batch.offset(i):batch.offset(i) + len(reply)] = reply
+            batch.set_reply_length(i, len(reply))
+        assert batch.send(0, 3) == 3
+        a.settimeout(2)
+        b.settimeout(2)
+        assert sorted([a.recv(100), a.recv(100)]) == [b"reply 0", b"reply 2"]
+        assert b.recv(100) == b"reply 1"
+    finally:
+        for s in (server, a, b):
+            s.close()
