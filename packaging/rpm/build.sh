@@ -3,7 +3,7 @@
 # e.g. on a Debian box: packaging/rpm/build.sh --nodeps --define "python3_bin $(command -v python3)"
 # OUT=dir puts the .rpm files there (default: the current directory).
 set -euo pipefail
-out=$(realpath "$out")
+out=$(realpath "${OUT:-.}")
 cd "$(dirname "$0")/../.."
 version=$(python3 -c 'import re;print(re.search(r"__version__ = \"(.*)\"", open("networkd/__init__.py").read())[1])')
 top=$(mktemp -d)
