@@ -43,6 +43,24 @@ def collect(client: socket.socket, expected: int, timeout: float = 3.0) -> dict:
     return replies
 
 
+def collect_all(client: socket.socket, timeout: float = 1.0) -> dict:
+    """Every reply until the line goes quiet, by ID (garbage may be answered
+    with FORMERR under any ID; replies dnslib cannot parse count as None)."""
+    client.settimeout(timeout)
+    replies: dict = {}
+    try:
+        while True:
+            data = client.recv(65535)
+            try:
+                parsed = DNSRecord.parse(data)
+            except Exception:
+                parsed = None
+            replies.setdefault(struct.unpack_from(">H", data)[0] if len(data) >= 2 else None, []).append(parsed)
+    except socket.timeout:
+        pass
+    return replies
+
+
 def ips(reply: DNSRecord) -> list:
     return sorted(str(rr.rdata) for rr in reply.rr)
 
@@ -169,3 +187,56 @@ def test_batch_reads_senders_lengths_and_replies_in_place():
     finally:
         for s in (server, a, b):
             s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_random_garbage_in_batches_leaves_the_server_answering(listener):
+    """Thousands of random datagrams (empty ones, headers only, mangled
+    queries, oversized) mixed with real questions: every real question is
+    answered, nothing stops the reader."""
+    import random
+
+    rng = random.Random(4242)
+    good = question("h5.lain", 7)
+    server = ("127.0.0.1", listener.port)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    try:
+        def garbage() -> bytes:
+            kind = rng.randrange(5)
+            if kind == 0:
+                return b""
+            if kind == 1:
+                return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 13)))
+            if kind == 2:  # a real query with a few bytes flipped
+                data = bytearray(good)
+                for _ in range(rng.randrange(1, 4)):
+                    data[rng.randrange(2, len(data))] = rng.randrange(256)
+                return bytes(data)
+            if kind == 3:
+                return good[:rng.randrange(2, len(good))]
+            return bytes(rng.randrange(256) for _ in range(rng.randrange(13, 6000)))
+
+        for rounds in range(5):
+            pause(listener)
+            ids = []
+            for k in range(400):
+                if k % 40 == 0:
+                    qid = 1000 + rounds * 100 + k // 40
+                    client.sendto(question(f"h{k // 40 + 1}.lain", qid), server)
+                    ids.append(qid)
+                else:
+                    client.sendto(garbage(), server)
+            listener.doRead()
+            listener.doRead()
+            resume(listener)
+            replies = await threads.deferToThread(collect_all, client)
+            for qid in ids:
+                n = qid - 1000 - rounds * 100 + 1
+                assert any(r is not None and str(r.q.qname) == f"h{n}.lain." and ips(r) == [f"10.0.0.{n}"]
+                           for r in replies.get(qid, [])), qid
+        final = await threads.deferToThread(
+            lambda: (client.sendto(question("h3.lain", 9999), server), collect(client, 1))[1])
+        assert ips(final[9999]) == ["10.0.0.3"]
+    finally:
+        client.close()
