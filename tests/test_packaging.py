@@ -86,7 +86,7 @@ def test_packaged_daemon_runs_from_its_venv(rpm):
                            capture_output=True, text=True, timeout=60, cwd=root, env=CLEAN_ENV)
     assert shown.returncode == 0, shown.stderr
     assert "--etcd" in shown.stdout and "--dns-listen" in shown.stdout
-    imported = subprocess.run([python, "-c", "import networkd, aetcd, pyroute2, iptc, twisted; print(networkd.__file__)"],
+    imported = subprocess.run([python, "-c", "import networkd, aetcd, pyroute2, iptc; print(networkd.__file__)"],
                               capture_output=True, text=True, timeout=60, cwd=root, env=CLEAN_ENV)
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.strip().startswith(venv + "/lib/"), "the venv's own copy, not the checkout"

@@ -105,7 +105,8 @@ class DatagramBatch:
         self._lengths = memoryview(self._recv).cast("B").cast("I")
         self._length_index = [i * stride + MMsgHdr.msg_len.offset // 4 for i in range(slots)]
         self._flags_index = [i * stride + MsgHdr.msg_flags.offset // 4 for i in range(slots)]
-        self._reply_lengths = memoryview(self._send_iov).cast("B").cast("Q" if ctypes.sizeof(ctypes.c_size_t) == 8 else "I")
+        size_t = "Q" if ctypes.sizeof(ctypes.c_size_t) == 8 else "I"
+        self._reply_lengths = memoryview(self._send_iov).cast("B").cast(size_t)  # [base, len] per iovec
         self._recv_ptr = ctypes.addressof(self._recv)
         self._send_base = ctypes.addressof(self._send)
         self._header_size = ctypes.sizeof(MMsgHdr)

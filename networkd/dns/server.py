@@ -7,10 +7,10 @@ cookie; wire.question_key) is in ``hot_local`` or ``hot_cached`` is answered
 by the pre-packed bytes after its ID: no parsing, no logging, no objects.
 On Linux the listener reads up to 64 queries with one recvmmsg, writes each
 answer over its query (ID and client address stay where they are) and sends
-them with one sendmmsg: the system calls were most of the cost.  Everything else goes to ``Resolver.resolve``, which fills those
-tables.  ``hot_local`` is emptied with each new zone, ``hot_cached`` every
-second so that cached TTLs keep counting down (emptied in place: the UDP
-listener holds them).
+them with one sendmmsg: the system calls were most of the cost.  Everything
+else goes to ``Resolver.resolve``, which fills those tables.  ``hot_local``
+is emptied with each new zone, ``hot_cached`` every second so that cached
+TTLs keep counting down (emptied in place: the UDP listener holds them).
 """
 
 from __future__ import annotations
