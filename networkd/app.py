@@ -76,6 +76,8 @@ class Networkd(service.MultiService):
         self.dns = None
         self.resolv_conf = None
         self.vips = None
+        self.leader = None  # LeaderElection, with --deployd/--swarm/--tinydns
+        self.leader_tasks = None
         self.api = None
         EtcdClientService(client).setServiceParent(self)
 
@@ -163,6 +165,7 @@ def makeService(options) -> Networkd:
     add_dns(root, options)
     add_resolv_conf_guardian(root, options)
     add_vips(root, options)
+    add_leader(root, options)
     add_api(root, options)
     return root
 
@@ -210,6 +213,31 @@ def add_vips(root: Networkd, options) -> None:
         node_ip=options["node-ip"], firewall_backend=options["firewall-backend"],
     )
     root.vips.setServiceParent(root)
+
+
+def add_leader(root: Networkd, options) -> None:
+    """The election and the leader's tasks, only when a leader task is asked for.
+
+    After the VIP manager: stopped before it, and before the session revokes
+    the lease, so the leader resigns first and a successor takes over at once.
+    """
+    if not options["leader-tasks"]:
+        return
+    from networkd.etcd.lock import LeaseLocks
+    from networkd.leader.election import LeaderElection
+    from networkd.leader.tasks import LeaderTasks
+
+    locks = LeaseLocks(root.client)
+    root.leader = LeaderElection(
+        locks=locks, watcher=root.watch(root.keys.leader), session=root.lease_session(),
+        key=root.keys.leader, hostname=options["hostname"],
+    )
+    root.leader.setServiceParent(root)
+    root.leader_tasks = LeaderTasks(
+        reactor=root.reactor, election=root.leader, locks=locks, keys=root.keys, watch=root.watch,
+        tasks=options["leader-tasks"], domain=options["domain"],
+    )
+    root.leader_tasks.setServiceParent(root)
 
 
 def add_api(root: Networkd, options) -> None:

@@ -41,3 +41,23 @@ class Keys:
 
     def vip_lock(self, ip: str) -> str:
         return f"{self.vip_locks}{ip}.lock"
+
+    @property
+    def leader(self) -> str:
+        """The networkd leader lock: ``<root>/networkd/leader`` = hostname, on its lease."""
+        return f"{self.root}/networkd/leader"
+
+    @property
+    def deployd_leader(self) -> str:
+        """deployd's own leader key, ``IP:PORT`` (written by deployd)."""
+        return f"{self.root}/deployd/leader"
+
+    @property
+    def swarm_leader(self) -> str:
+        """The swarm manager's leader key, ``IP:PORT`` (written by swarm)."""
+        return f"{self.root}/swarm/docker/swarm/leader"
+
+    @property
+    def tinydns_workers(self) -> str:
+        """Nodes serving tinydns: ``<root>/networkd/apps/tinydns/worker/<IP>:<PORT>``."""
+        return f"{self.root}/networkd/apps/tinydns/worker/"

@@ -163,6 +163,9 @@ class Options(usage.Options):
         ["no-dns", None, "Do not run the DNS server."],
         ["no-resolv-conf", None, "Do not touch the resolv.conf file."],
         ["keep-resolv-conf", None, "On stop, leave our nameserver line in resolv.conf."],
+        ["deployd", None, "Leader task: publish deployd.lain from deployd's leader key."],
+        ["swarm", None, "Leader task: publish swarm.lain from swarm's leader key."],
+        ["tinydns", None, "Leader task: forward the lain zone (and --domain) to the registered tinydns workers."],
         ["verbose", "v", "Log at debug level."],
     ]
 
@@ -187,6 +190,7 @@ class Options(usage.Options):
         ["dns-ttl", None, "60", "TTL of local DNS answers, seconds."],
         ["dns-cache-size", None, "10000", "Entries in the DNS cache."],
         ["dns-allow", None, "", "Comma-separated CIDRs allowed to query besides loopback."],
+        ["domain", None, None, "The cluster's own domain, forwarded to tinydns besides lain (with --tinydns)."],
         ["firewall-backend", None, "auto", "iptables back end: auto, legacy (python-iptables) or nft (iptables-restore)."],
     ] + [[alias, None, None, f"Alias of --{name} (Go flag name)."] for alias, name in GO_ALIASES.items()]
 
@@ -228,6 +232,17 @@ class Options(usage.Options):
         if len(self["interface"]) > 15 or not self["interface"] or "/" in self["interface"]:
             raise usage.UsageError(f"--interface: {self['interface']!r} is not an interface name")
         self["node-ip"] = self._node_ip()
+        if self["domain"] is not None:
+            self["domain"] = self._domain(self["domain"])
+        self["leader-tasks"] = tuple(t for t in ("deployd", "swarm", "tinydns") if self[t])
+
+    def _domain(self, text: str) -> str:
+        from networkd.dns.names import BadName, check_name
+
+        try:
+            return check_name(text.strip().rstrip("."))
+        except BadName as e:
+            raise usage.UsageError(f"--domain: {text!r} is not a domain name: {e}") from None
 
     def _integer(self, name: str, low: int, high: int) -> int:
         try:

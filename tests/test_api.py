@@ -94,6 +94,7 @@ STATUS_SHAPE = {
         "last_writer": OPT_STR, "last_error": OPT_STR, "upstreams": [str],
     }),
     "vips": (type(None), {"held": int}),
+    "leader": (type(None), {"key": str, "holder": OPT_STR, "is_leader": bool, "tasks": [str], "published": dict}),
 }
 
 

@@ -37,6 +37,13 @@ def test_go_flag_aliases_map_to_our_options():
     assert options["node-ip"] == "10.1.1.1"
 
 
+def test_leader_tasks_are_go_flag_names_and_off_by_default():
+    assert parse()["leader-tasks"] == ()
+    options = parse("--deployd", "--tinydns", "--domain", "Example.COM.")
+    assert options["leader-tasks"] == ("deployd", "tinydns")
+    assert options["domain"] == "example.com"
+
+
 def test_several_endpoints_and_schemes():
     options = parse("--etcd", "https://etcd1:2379, 10.0.0.2:2380,http://[::1]:2379")
     assert options["etcd-endpoints"] == (
@@ -65,6 +72,7 @@ def test_etcd_root_is_normalised():
     (["--dns-allow", "10.0.0.0/33"], "--dns-allow: '10.0.0.0/33' is not a CIDR"),
     (["--firewall-backend", "pf"], "--firewall-backend: 'pf' is not one of auto, legacy, nft"),
     (["--interface", "a-very-long-interface-name"], "is not an interface name"),
+    (["--domain", "bad..name"], "--domain: 'bad..name' is not a domain name"),
 ])
 def test_bad_values_are_usage_errors(args, message):
     with pytest.raises(usage.UsageError, match=None) as error:

@@ -112,7 +112,8 @@ def session_status(root) -> dict | None:
 
 def invalid_keys(root) -> list[dict]:
     found = []
-    for part_name, part in (("dns", root.dns), ("vips", root.vips)):
+    parts = (("dns", root.dns), ("vips", root.vips), ("leader", getattr(root, "leader_tasks", None)))
+    for part_name, part in parts:
         if part is None:
             continue
         for key, error in dict(getattr(part, "invalid_keys", {}) or {}).items():
@@ -144,7 +145,20 @@ def full_status(root, probe: ProbeResult | None) -> dict:
         "dns": dns,
         "resolv_conf": None if guardian is None else guardian.status.as_dict(),
         "vips": vips,
+        "leader": leader_status(root),
     }
+
+
+def leader_status(root) -> dict | None:
+    """Who leads, whether we do, and what our leader tasks last wrote (None: no leader task here)."""
+    election, tasks = getattr(root, "leader", None), getattr(root, "leader_tasks", None)
+    if election is None:
+        return None
+    status = election.status()
+    if tasks is not None:
+        status["tasks"] = list(tasks.tasks)
+        status["published"] = dict(sorted(tasks.published.items()))
+    return status
 
 
 def health_problems(root, probe: ProbeResult | None) -> list[str]:

@@ -316,6 +316,23 @@ class EtcdClient:
 
         return self._call(op)
 
+    def put_if_lease(self, guard: bytes, lease: int, key: bytes, value: bytes) -> Deferred:
+        """Put ``key`` only while ``guard`` is attached to ``lease``; True if written.
+
+        A leader writes this way, so a leader that lost its key (lease
+        expired, another node elected) cannot overwrite its successor.
+        """
+
+        async def op(client):
+            ok, _ = await client.transaction(
+                compare=[_LeaseCompare(guard) == lease],
+                success=[client.transactions.put(key, value)],
+                failure=[],
+            )
+            return ok
+
+        return self._call(op)
+
     def compact(self, revision: int) -> Deferred:
         return self._call(lambda client: client.compact(revision, physical=True))
 

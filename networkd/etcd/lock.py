@@ -38,3 +38,7 @@ class LeaseLocks:
 
     def withdraw(self, key: str, lease: int) -> Deferred:
         return self._client.delete_if_lease(key.encode(), lease)
+
+    def put_while_held(self, lock: str, lease: int, key: str, value: str) -> Deferred:
+        """Write ``key`` only while ``lock`` is still ours (on ``lease``); fires True if written."""
+        return self._client.put_if_lease(lock.encode(), lease, key.encode(), value.encode())

@@ -1,0 +1,1 @@
+"""Cluster-wide tasks run by one elected networkd."""

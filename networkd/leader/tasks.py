@@ -1,0 +1,135 @@
+"""The leader's tasks: keep the published keys equal to what the sources say.
+
+Level-triggered: on any change of a source (deployd's or swarm's leader
+key, the tinydns workers), of a target (someone edited the published key)
+or of leadership, the whole desired set is computed again and only the keys
+whose value differs are written, each guarded by the leader key.  A failed
+write is retried with backoff; nothing is written while not the leader.
+"""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.logger import Logger
+
+from networkd.backoff import Backoff
+from networkd.leader import publish
+
+log = Logger()
+
+TASKS = ("deployd", "swarm", "tinydns")
+
+
+class LeaderTasks(service.Service):
+    name = "leader tasks"
+
+    def __init__(self, *, reactor, election, locks, keys, watch, tasks, domain: str | None = None,
+                 backoff: Backoff | None = None):
+        self._reactor = reactor
+        self._election = election
+        self._locks = locks
+        self._keys = keys
+        self.tasks = tuple(t for t in TASKS if t in tasks)
+        self.zones = ["lain"] + ([domain] if domain and domain != "lain" else [])
+        self._backoff = backoff or Backoff(0.5, 10.0)
+        self._snapshots: dict = {}
+        self._pending = None
+        self._retry = None
+        self._writing: dict = {}  # target key -> value being written
+        self.invalid_keys: dict = {}
+        self.published: dict = {}  # target key -> value we last wrote
+        self._sources = []
+        if "deployd" in self.tasks:
+            self._sources.append(keys.deployd_leader)
+        if "swarm" in self.tasks:
+            self._sources.append(keys.swarm_leader)
+        if "tinydns" in self.tasks:
+            self._sources.append(keys.tinydns_workers)
+        self._targets = [keys.domains] if {"deployd", "swarm"} & set(self.tasks) else []
+        if "tinydns" in self.tasks:
+            self._targets.append(keys.domain_servers)
+        # Asked for now, not in startService: a watcher added to a MultiService
+        # while it starts its children would be started twice.
+        self._watchers = {prefix: watch(prefix) for prefix in self._sources + self._targets}
+
+    def startService(self):
+        super().startService()
+        self._election.on_change(lambda _leader: self.kick())
+        for prefix, watcher in self._watchers.items():
+            watcher.subscribe(lambda snapshot, prefix=prefix: self._on_snapshot(prefix, snapshot))
+
+    def stopService(self):
+        super().stopService()
+        for call in (self._pending, self._retry):
+            if call is not None and call.active():
+                call.cancel()
+        self._pending = self._retry = None
+
+    def _on_snapshot(self, prefix: str, snapshot) -> None:
+        self._snapshots[prefix] = snapshot.values
+        self.kick()
+
+    def kick(self) -> None:
+        """Reconcile soon (a burst of changes makes one pass)."""
+        if self.running and (self._pending is None or not self._pending.active()):
+            self._pending = self._reactor.callLater(0, self._reconcile)
+
+    # -- the pass ------------------------------------------------------------
+
+    def desired(self) -> tuple[dict, dict]:
+        """({target key: value}, {source key: error}) from the current snapshots."""
+        keys, wanted, invalid = self._keys, {}, {}
+        for task, source, name in (("deployd", keys.deployd_leader, "deployd.lain"),
+                                   ("swarm", keys.swarm_leader, "swarm.lain")):
+            if task in self.tasks:
+                raw = self._snapshots.get(source, {}).get("")
+                publish.leader_domain(source, raw, keys.domains + name, wanted, invalid)
+        if "tinydns" in self.tasks:
+            publish.tinydns_zones(keys.tinydns_workers, self._snapshots.get(keys.tinydns_workers, {}),
+                                  [keys.domain_servers + zone for zone in self.zones], wanted, invalid)
+        return wanted, invalid
+
+    def _current(self, key: str) -> str | None:
+        for prefix in self._targets:
+            if key.startswith(prefix):
+                return self._snapshots.get(prefix, {}).get(key[len(prefix):])
+        return None
+
+    def _reconcile(self) -> None:
+        self._pending = None
+        if not self.running or any(p not in self._snapshots for p in self._sources + self._targets):
+            return  # not everything read yet: a partial view would publish wrong values
+        wanted, invalid = self.desired()
+        for key, error in invalid.items():
+            if self.invalid_keys.get(key) != error:
+                log.warn("leader task: skipping {key}: {error}", key=key, error=error)
+        self.invalid_keys = invalid
+        lease = self._election.lease
+        if lease is None:
+            return
+        for key, value in sorted(wanted.items()):
+            if publish.same_json(self._current(key), value) or self._writing.get(key) == value:
+                continue
+            self._write(key, value, lease)
+
+    def _write(self, key: str, value: str, lease: int) -> None:
+        self._writing[key] = value
+
+        def done(written):
+            self._writing.pop(key, None)
+            if written:
+                self.published[key] = value
+                self._backoff.reset()
+                log.info("leader published {key} = {value}", key=key, value=value)
+            else:
+                log.warn("not written, no longer the leader: {key}", key=key)
+
+        def failed(failure):
+            self._writing.pop(key, None)
+            delay = self._backoff.next()
+            log.warn("leader could not write {key}: {e}; retrying in {delay:.1f}s",
+                     key=key, e=failure.getErrorMessage(), delay=delay)
+            if self.running and (self._retry is None or not self._retry.active()):
+                self._retry = self._reactor.callLater(delay, self.kick)
+
+        self._locks.put_while_held(self._election.key, lease, key, value).addCallbacks(done, failed)

@@ -1,0 +1,242 @@
+"""Leader election and the leader's tasks, in-process against real etcd.
+
+Each "node" has its own etcd client, lease session and watchers, as two
+networkd processes would; what the tests check is what an operator sees
+in etcd (``etcdctl get``) and in each node's state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+
+import pytest_twisted
+from twisted.internet import defer, reactor
+
+from networkd.etcd.client import EtcdClient
+from networkd.etcd.lock import LeaseLocks
+from networkd.etcd.reflector import PrefixWatcher
+from networkd.etcd.session import Session
+from networkd.keys import Keys
+from networkd.leader.election import LeaderElection
+from networkd.leader.tasks import LeaderTasks
+from networkd.options import parse_endpoints
+from tests.support.daemon import Daemon
+from tests.support.dnsstub import dig_answers
+from tests.support.ports import free_port
+from tests.support.waiting import eventually, sleep
+
+
+class Node:
+    """What add_leader builds in a daemon: session, election, tasks."""
+
+    def __init__(self, etcd_server, root: str, hostname: str, tasks=("deployd", "swarm", "tinydns"),
+                 domain: str | None = "example.lain", ttl: int = 2):
+        self.keys = Keys(root)
+        self.client = EtcdClient(parse_endpoints(etcd_server.endpoint), call_timeout=2.0)
+        self.watchers: dict = {}
+        self.session = Session(self.client, ttl, reactor)
+        locks = LeaseLocks(self.client)
+        self.election = LeaderElection(locks=locks, watcher=self.watch(self.keys.leader), session=self.session,
+                                       key=self.keys.leader, hostname=hostname)
+        self.tasks = LeaderTasks(reactor=reactor, election=self.election, locks=locks, keys=self.keys,
+                                 watch=self.watch, tasks=tasks, domain=domain)
+        self.stopped = False
+
+    def watch(self, prefix: str) -> PrefixWatcher:
+        if prefix not in self.watchers:
+            self.watchers[prefix] = PrefixWatcher(self.client, prefix, reactor)
+        return self.watchers[prefix]
+
+    def start(self) -> "Node":
+        self.session.startService()
+        for watcher in self.watchers.values():
+            watcher.startService()
+        self.election.startService()
+        self.tasks.startService()
+        return self
+
+    async def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        for part in (self.tasks, self.election, *self.watchers.values(), self.session):
+            await defer.maybeDeferred(part.stopService)
+        await self.client.close()
+
+
+def published(etcd_server, key: str):
+    value = etcd_server.get_prefix(key).get(key)
+    return None if value is None else json.loads(value)
+
+
+def mod_revision(etcd_server, key: str) -> int:
+    out = json.loads(etcd_server.ctl("get", key, "-w", "json").stdout)
+    return int(out["kvs"][0]["mod_revision"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_leader_publishes_and_hands_over_on_stop(etcd_server, etcd_root):
+    keys = Keys(etcd_root)
+    nodes = [Node(etcd_server, etcd_root, name).start() for name in ("n1", "n2")]
+    try:
+        await eventually(lambda: sum(n.election.is_leader for n in nodes) == 1, message="one leader")
+        leader = next(n for n in nodes if n.election.is_leader)
+        other = next(n for n in nodes if n is not leader)
+        assert etcd_server.get_prefix(keys.leader)[keys.leader] == leader.election.hostname
+        await eventually(lambda: other.election.holder == leader.election.hostname, message="the other sees it")
+
+        etcd_server.put(keys.deployd_leader, "10.1.2.3:9003")
+        etcd_server.put(keys.swarm_leader, "10.1.2.4:2376")
+        await eventually(lambda: published(etcd_server, keys.domains + "deployd.lain") == {
+            "ips": ["10.1.2.3"], "type": ""}, message="deployd.lain")
+        await eventually(lambda: published(etcd_server, keys.domains + "swarm.lain") == {
+            "ips": ["10.1.2.4"], "type": ""}, message="swarm.lain")
+
+        stopped_at = time.monotonic()
+        # The election stops before the rest of the daemon (its lease lives on
+        # while VIPs are released): resigning hands over at once.
+        await defer.maybeDeferred(leader.tasks.stopService)
+        await defer.maybeDeferred(leader.election.stopService)
+        await eventually(lambda: other.election.is_leader, timeout=5, message="the other takes over")
+        assert time.monotonic() - stopped_at < 1.5
+        etcd_server.put(keys.deployd_leader, "10.1.2.9:9003")
+        await eventually(lambda: published(etcd_server, keys.domains + "deployd.lain") == {
+            "ips": ["10.1.2.9"], "type": ""}, message="the new leader publishes")
+        assert sum(n.election.is_leader for n in nodes) == 1
+    finally:
+        for n in nodes:
+            await n.stop()
+    assert keys.leader not in etcd_server.get_prefix(keys.leader), "the last leader resigned too"
+
+
+@pytest_twisted.ensureDeferred
+async def test_bad_source_values_are_reported_and_the_rest_published(etcd_server, etcd_root):
+    keys = Keys(etcd_root)
+    etcd_server.put(keys.deployd_leader, "no-port-here")
+    etcd_server.put(keys.swarm_leader, "10.2.0.1:2376")
+    node = Node(etcd_server, etcd_root, "n1").start()
+    try:
+        await eventually(lambda: published(etcd_server, keys.domains + "swarm.lain"), message="swarm.lain")
+        await eventually(lambda: keys.deployd_leader in node.tasks.invalid_keys, message="reported")
+        assert "not IP:PORT" in node.tasks.invalid_keys[keys.deployd_leader]
+        assert published(etcd_server, keys.domains + "deployd.lain") is None
+        etcd_server.put(keys.deployd_leader, "10.2.0.2:9003")
+        await eventually(lambda: published(etcd_server, keys.domains + "deployd.lain") == {
+            "ips": ["10.2.0.2"], "type": ""}, message="fixed value published")
+        assert node.tasks.invalid_keys == {}
+    finally:
+        await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tinydns_zones_follow_the_registered_workers(etcd_server, etcd_root):
+    keys = Keys(etcd_root)
+    lain, own = keys.domain_servers + "lain", keys.domain_servers + "example.lain"
+    node = Node(etcd_server, etcd_root, "n1").start()
+    try:
+        await eventually(lambda: node.election.is_leader, message="leader")
+        etcd_server.put(keys.tinydns_workers + "10.0.0.2:5353", "n2")
+        etcd_server.put(keys.tinydns_workers + "10.0.0.1:53", "n1")
+        etcd_server.put(keys.tinydns_workers + "garbage", "n3")
+        want = {"servers": ["10.0.0.1#53", "10.0.0.2#5353"]}
+        await eventually(lambda: published(etcd_server, lain) == want and published(etcd_server, own) == want,
+                         message="both zones")
+        assert keys.tinydns_workers + "garbage" in node.tasks.invalid_keys
+
+        etcd_server.delete(keys.tinydns_workers + "10.0.0.2:5353")
+        await eventually(lambda: published(etcd_server, lain) == {"servers": ["10.0.0.1#53"]}, message="shrunk")
+        etcd_server.delete(keys.tinydns_workers + "10.0.0.1:53")
+        await sleep(0.5)
+        assert published(etcd_server, lain) == {"servers": ["10.0.0.1#53"]}, \
+            "no worker left: the last list stays rather than leaking .lain names upstream"
+
+        etcd_server.put(lain, '{"servers": ["10.9.9.9#53"]}')  # a hand edit is put right
+        etcd_server.put(keys.tinydns_workers + "10.0.0.3:53", "n1")
+        await eventually(lambda: published(etcd_server, lain) == {"servers": ["10.0.0.3#53"]}, message="restored")
+    finally:
+        await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_values_are_written_only_when_they_change(etcd_server, etcd_root):
+    keys = Keys(etcd_root)
+    target = keys.domains + "deployd.lain"
+    node = Node(etcd_server, etcd_root, "n1").start()
+    try:
+        etcd_server.put(keys.deployd_leader, "10.3.0.1:9003")
+        await eventually(lambda: published(etcd_server, target), message="published")
+        first = mod_revision(etcd_server, target)
+        etcd_server.put(keys.deployd_leader, "10.3.0.1:9003")  # deployd refreshes its key: same value
+        etcd_server.put(keys.swarm_leader, "10.3.0.2:2376")
+        await eventually(lambda: published(etcd_server, keys.domains + "swarm.lain"), message="swarm.lain")
+        await sleep(0.3)
+        assert mod_revision(etcd_server, target) == first
+    finally:
+        await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_guarded_write_needs_the_leader_key_on_our_lease(etcd_server, etcd_root):
+    keys = Keys(etcd_root)
+    node = Node(etcd_server, etcd_root, "n1").start()
+    try:
+        await eventually(lambda: node.election.is_leader, message="leader")
+        locks = LeaseLocks(node.client)
+        target = keys.domains + "x.lain"
+        assert await locks.put_while_held(keys.leader, node.election.lease + 1, target, "{}") is False
+        assert published(etcd_server, target) is None, "a deposed leader writes nothing"
+        assert await locks.put_while_held(keys.leader, node.election.lease, target, "{}") is True
+    finally:
+        await node.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_restarted_leader_waits_for_its_old_key(etcd_server, etcd_root):
+    """[BUG 28]: the key says our host name, but it is the old process's lease."""
+    keys = Keys(etcd_root)
+    lease_out = etcd_server.ctl("lease", "grant", "2").stdout  # "lease 694d... granted with TTL(2s)"
+    lease_id = lease_out.split()[1]
+    etcd_server.ctl("put", "--lease", lease_id, keys.leader, "n1")
+    node = Node(etcd_server, etcd_root, "n1").start()
+    try:
+        await eventually(lambda: node.election.holder == "n1", message="sees the old key")
+        await sleep(0.8)
+        assert not node.election.is_leader, "the old incarnation's key is not ours"
+        await eventually(lambda: node.election.is_leader, timeout=6, message="leader once the old key expired")
+    finally:
+        await node.stop()
+
+
+def test_daemon_publishes_deployd_lain_and_serves_it(etcd_server, etcd_root):
+    """End to end: twistd networkd --deployd, deployd's key put, dig answers deployd.lain."""
+    keys = Keys(etcd_root)
+    port, api = free_port(), free_port()
+    workdir = tempfile.mkdtemp(prefix="networkd-leader-")
+    hosts, resolv = os.path.join(workdir, "hosts"), os.path.join(workdir, "resolv.conf")
+    open(hosts, "w").close()
+    open(resolv, "w").close()
+    daemon = Daemon([
+        "--etcd", etcd_server.endpoint, "--etcd-root", etcd_root, "--dns-listen", f"127.0.0.1:{port}",
+        "--api-listen", f"127.0.0.1:{api}", "--no-vips", "--no-resolv-conf", "--node-ip", "10.1.1.1",
+        "--hosts-file", hosts, "--resolv-conf", resolv, "--hostname", "leader-node", "--deployd",
+    ]).start()
+    try:
+        daemon.wait_for_log("this node is the networkd leader")
+        etcd_server.put(keys.deployd_leader, "10.4.0.7:9003")
+        deadline = time.monotonic() + 10
+        while dig_answers(port, "deployd.lain") != ["deployd.lain. 60 IN A 10.4.0.7"]:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
+        import urllib.request
+
+        status = json.load(urllib.request.urlopen(f"http://127.0.0.1:{api}/v1/status", timeout=5))
+        assert status["leader"]["is_leader"] is True and status["leader"]["holder"] == "leader-node"
+        assert status["leader"]["published"] == {keys.domains + "deployd.lain": '{"ips": ["10.4.0.7"], "type": ""}'}
+    finally:
+        assert daemon.stop() in (0, -signal.SIGTERM), daemon.log()
+    assert "Traceback" not in daemon.log()
+    assert keys.leader not in etcd_server.get_prefix(keys.leader), "resigned on SIGTERM"
