@@ -130,8 +130,10 @@ class LeaderElection(service.Service):
             return
         if self.is_leader:
             log.info("this node is the networkd leader ({why})", why=why)
-        else:
+        elif self.running:
             log.warn("this node is no longer the networkd leader ({why})", why=why)
+        else:
+            log.info("no longer the networkd leader ({why})", why=why)
         for listener in list(self._listeners):
             try:
                 listener(self.is_leader)
