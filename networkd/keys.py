@@ -41,3 +41,15 @@ class Keys:
 
     def vip_lock(self, ip: str) -> str:
         return f"{self.vip_locks}{ip}.lock"
+
+    @property
+    def apps(self) -> str:
+        """App keys: ``<root>/networkd/apps/<app>/<proc>/<ip>:<port>`` = hostname, on the writer's lease.
+
+        One per port-scoped VIP key a node serves; the cluster's publishers
+        (tinydns forwarding zones, webrouter) read them.
+        """
+        return f"{self.root}/networkd/apps/"
+
+    def app_key(self, app: str, proc: str, ip: str, port: int) -> str:
+        return f"{self.apps}{app}/{proc}/{ip}:{port}"
