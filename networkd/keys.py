@@ -43,6 +43,18 @@ class Keys:
         return f"{self.vip_locks}{ip}.lock"
 
     @property
+    def apps(self) -> str:
+        """App keys: ``<root>/networkd/apps/<app>/<proc>/<ip>:<port>`` = hostname, on the writer's lease.
+
+        One per port-scoped VIP key a node serves; the cluster's publishers
+        (tinydns forwarding zones, webrouter) read them.
+        """
+        return f"{self.root}/networkd/apps/"
+
+    def app_key(self, app: str, proc: str, ip: str, port: int) -> str:
+        return f"{self.apps}{app}/{proc}/{ip}:{port}"
+
+    @property
     def leader(self) -> str:
         """The networkd leader lock: ``<root>/networkd/leader`` = hostname, on its lease."""
         return f"{self.root}/networkd/leader"
@@ -59,5 +71,5 @@ class Keys:
 
     @property
     def tinydns_workers(self) -> str:
-        """Nodes serving tinydns: ``<root>/networkd/apps/tinydns/worker/<IP>:<PORT>``."""
-        return f"{self.root}/networkd/apps/tinydns/worker/"
+        """The app keys of tinydns: ``<root>/networkd/apps/tinydns/worker/<IP>:<PORT>``."""
+        return f"{self.apps}tinydns/worker/"

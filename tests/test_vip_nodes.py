@@ -92,6 +92,8 @@ def test_vip_and_dnat_on_the_node_running_the_app_reconciled_exactly(cluster_fac
     }
     wait_until(lambda: c["n1"].dnat() == expected, 5, message=f"n1 rules {c['n1'].dnat()}")
     assert c.lock_holder(VIP) == "n1"
+    apps = {"hello/web/10.77.0.11:9000": "n1", "hello/web/10.77.0.111:7000": "n1"}
+    wait_until(lambda: c.app_keys() == apps, 5, message=f"app keys {c.app_keys()}")
     assert c["n2"].addresses() == set() and c["n2"].dnat() == set(), "n2 runs no container"
     assert all("-o lo" in line for line in c["n1"].nat() if line.startswith("-A lain-OUTPUT"))
     assert "10.77.0.300" in c["n1"].daemon.log() and "10.77.0.101" in c["n1"].daemon.log()
@@ -117,6 +119,8 @@ def test_vip_and_dnat_on_the_node_running_the_app_reconciled_exactly(cluster_fac
     wait_until(lambda: c["n1"].dnat() == set() and c["n1"].addresses() == set(), 5, message="n1 clean")
     wait_until(lambda: ("lain-PREROUTING", f"{VIP}:443/tcp", "10.77.0.22:443") in c["n2"].dnat(), 5)
     assert c.lock_holder(VIP) == "n2"
+    apps = {"hello/web/10.77.0.12:9000": "n2", "hello/web/10.77.0.111:7000": "n2"}
+    wait_until(lambda: c.app_keys() == apps, 5, message=f"app keys {c.app_keys()}")
 
     # deleting the configs cleans everything: rules, address, lock
     for key in (VIP, "0.0.0.0:9000", "10.77.0.111:7000"):
@@ -124,6 +128,7 @@ def test_vip_and_dnat_on_the_node_running_the_app_reconciled_exactly(cluster_fac
     wait_until(lambda: all(c[n].dnat() == set() and c[n].addresses() == set() for n in ("n1", "n2")), 5,
                message="all clean")
     wait_until(lambda: c.lock_holder(VIP) is None, 3, message="lock released")
+    assert c.app_keys() == {}
 
 
 @pytest.mark.parametrize("firewall", BACKENDS)

@@ -6,7 +6,8 @@ import pytest
 
 from networkd.vips.model import Container, PortMap, VipConfig
 from networkd.vips.planner import (
-    DnatRule, dnat_rules, local_container, lock_holders, plan_floating, port_scoped_rules,
+    AppEndpoint, DnatRule, app_endpoints, dnat_rules, local_container, lock_holders, plan_floating,
+    port_scoped_rules,
 )
 
 
@@ -41,6 +42,21 @@ def test_dnat_rules_and_node_local_keys():
     rules = port_scoped_rules({"0.0.0.0:9000": local, "10.0.0.7:7000": scoped, "10.0.0.5": vip},
                               BOTH, "n1", "10.9.0.1")
     assert rules == {DnatRule("0.0.0.0:9000", "10.9.0.1", "tcp", 9000, "172.20.0.1", 80)}
+
+
+def test_app_endpoints_are_the_port_scoped_keys_served_here():
+    vips = {
+        "0.0.0.0:9000": config("0.0.0.0:9000", ports=(("udp", 9000, 53),)),
+        "10.0.0.7:7000": config("10.0.0.7:7000"),
+        "10.0.0.5": config("10.0.0.5"),  # floating: no app key
+        "10.0.0.8:8000": config("10.0.0.8:8000", proc="db"),  # not running here
+        "10.0.0.9:9900": config("10.0.0.9:9900", excluded=["n1"]),
+    }
+    assert app_endpoints(vips, BOTH, "n1", "10.9.0.1") == {
+        AppEndpoint("hello", "web", "10.9.0.1", 9000), AppEndpoint("hello", "web", "10.0.0.7", 7000)}
+    assert app_endpoints(vips, BOTH, "n1", None) == {AppEndpoint("hello", "web", "10.0.0.7", 7000)}, \
+        "no node IP: no 0.0.0.0 rules, no app key"
+    assert app_endpoints(vips, BOTH, "n3", "10.9.0.3") == set()
 
 
 def configs(*keys, **kw):

@@ -1,8 +1,10 @@
-"""VipManager with a driven clock and recording fakes for etcd, netlink, ARP and iptables.
+"""VipManager in process, with recording fakes for netlink, ARP and iptables.
 
-The namespace tests show the behaviour end to end; these pin down the
-safety rules exactly: when fencing happens, the kernel lifetime, and the
-order of a release (host first, then the lock).
+The namespace tests show the behaviour end to end; the first tests here
+drive a clock and a fake etcd to pin down the safety rules exactly: when
+fencing happens, the kernel lifetime, and the order of a release (host
+first, then the lock).  The app-key tests at the end run on a real etcd
+and a real lease, and check what an operator sees there.
 """
 
 from __future__ import annotations
@@ -10,14 +12,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from twisted.internet import defer, task
+import pytest_twisted
+from twisted.internet import defer, reactor, task
 
-from networkd.etcd.client import KeyValue
-from networkd.etcd.reflector import Snapshot
+from networkd.etcd.client import EtcdClient, KeyValue
+from networkd.etcd.reflector import PrefixWatcher, Snapshot
+from networkd.etcd.session import Session
 from networkd.keys import Keys
-from networkd.vips import firewall as fw
+from networkd.options import parse_endpoints
 from networkd.vips.reconciler import VipManager
-from tests.support.vipnodes import pod_group
+from tests.support.hostfakes import FakeArp, FakeBackend, FakeNetlink
+from tests.support.logcapture import LogCapture
+from tests.support.tcpproxy import TCPProxy
+from tests.support.vipnodes import pod_group, vip_value
+from tests.support.waiting import eventually, sleep
 
 VIP = "10.0.0.5"
 LEASE = 0x42
@@ -79,64 +87,6 @@ class FakeEtcd:
             return defer.succeed(None)
         value, lease = self.kv[key]
         return defer.succeed(KeyValue(key, value, 1, lease or 0))
-
-
-class FakeNetlink:
-    mac = b"\x02\x00\x00\x00\x00\x01"
-
-    def __init__(self, journal):
-        self.journal = journal
-        self.present = {}
-        self.on_address_removed = self.on_link_up = None
-
-    def start(self):
-        return defer.succeed(None)
-
-    def stop(self):
-        return defer.succeed(None)
-
-    def addresses(self):
-        return defer.succeed(set(self.present))
-
-    def put(self, ip, lifetime, then=None):
-        self.journal.append(("addr", ip, lifetime) if ip not in self.present else ("renew", ip, lifetime))
-        self.present[ip] = lifetime
-        if then:
-            then()
-        return defer.succeed(None)
-
-    def remove(self, ip):
-        self.journal.append(("unaddr", ip))
-        return defer.succeed(self.present.pop(ip, None) is not None)
-
-
-class FakeArp:
-    def __init__(self, journal):
-        self.journal = journal
-
-    def announce(self, ip):
-        self.journal.append(("arp", ip))
-
-    def cancel(self, ip):
-        pass
-
-    def cancel_all(self):
-        pass
-
-
-class FakeBackend:
-    name = "fake"
-
-    def __init__(self, journal):
-        self.journal = journal
-        self.rules = []
-
-    def read(self):
-        return fw.ChainState(list(self.rules), [], [], 0)
-
-    def write(self, rules, jumps):
-        self.rules = list(rules)
-        self.journal.append(("iptables", len(rules)))
 
 
 class Watchers:
@@ -267,3 +217,198 @@ def test_invalid_keys_are_shown_and_do_not_block(node):
     assert set(node.manager.invalid_keys) == {"/lain/config/vips/10.0.0.300", "/lain/config/vips/10.0.0.5"}
     assert "not JSON" in keys["/lain/config/vips/10.0.0.5"]["error"]
     assert "/lain/deployd/pod_groups/hello/x" in node.manager.pod_errors
+
+
+# -- app keys, against a real etcd and a real lease ---------------------------------
+# The host side stays recorded; what is asserted is what `etcdctl get --prefix` shows.
+
+HELLO = {"app": "hello", "proc": "web"}
+
+
+class LiveNode:
+    """A VipManager on a real etcd session; ``proxy`` (a TCPProxy) carries the lease and the writes."""
+
+    def __init__(self, etcd, root, hostname, node_ip, proxy=None, ttl=2):
+        self.journal = Journal()
+        endpoint = proxy.endpoint if proxy else etcd.endpoint
+        self.client = EtcdClient(parse_endpoints(endpoint), call_timeout=0.5)
+        # Snapshots come over a direct connection, so a cut proxy only stops the writes.
+        self.reader = EtcdClient(parse_endpoints(etcd.endpoint), call_timeout=0.5)
+        self.session = Session(self.client, ttl, reactor)
+        self.watchers = []
+        self.manager = VipManager(
+            reactor=reactor, client=self.client, keys=Keys(root), watch=self._watch, session=self.session,
+            hostname=hostname, interface="eth0", node_ip=node_ip, firewall_backend=FakeBackend(self.journal),
+            netlink=FakeNetlink(self.journal), announcer=FakeArp(self.journal), to_thread=defer.maybeDeferred,
+        )
+
+    def _watch(self, prefix):
+        watcher = PrefixWatcher(self.reader, prefix, reactor)
+        self.watchers.append(watcher)
+        return watcher
+
+    def start(self):
+        for part in [self.session, *self.watchers, self.manager]:
+            part.startService()
+        return self
+
+    async def stop(self):
+        for part in [self.manager, *self.watchers, self.session]:
+            if part.running:
+                await part.stopService()
+        await self.client.close()
+        await self.reader.close()
+
+
+@pytest.fixture
+def live(etcd_server, etcd_root):
+    """``live(hostname, node_ip, proxy=None)`` starts a LiveNode under this test's root."""
+    made = []
+
+    def make(hostname="n1", node_ip="10.9.0.1", proxy=None):
+        made.append(LiveNode(etcd_server, etcd_root, hostname, node_ip, proxy).start())
+        return made[-1]
+
+    yield make
+    for n in made:
+        pytest_twisted.blockon(defer.Deferred.fromCoroutine(n.stop()))
+
+
+class Cluster:
+    """Writes configs and pod groups as operators and deployd do; reads the app keys back."""
+
+    def __init__(self, etcd, root):
+        self.etcd, self.root = etcd, root
+        self.apps = f"{root}/networkd/apps/"
+
+    def vip(self, key, ports, excluded=None, **who):
+        self.etcd.put(f"{self.root}/config/vips/{key}", vip_value(**(who or HELLO), ports=ports, excluded=excluded))
+
+    def unvip(self, key):
+        self.etcd.delete(f"{self.root}/config/vips/{key}")
+
+    def runs(self, *placements, app="hello", proc="web"):
+        """placements: (instance, node, node ip, container ip)."""
+        self.etcd.put(f"{self.root}/deployd/pod_groups/{app}/{app}.proc.{proc}", pod_group(app, proc, list(placements)))
+
+    def app_keys(self):
+        """Relative app key -> hostname."""
+        return {k[len(self.apps):]: v for k, v in self.etcd.get_prefix(self.apps).items()}
+
+    def app_kvs(self):
+        """Relative app key -> (hostname, lease, mod revision)."""
+        return {k[len(self.apps):]: v for k, v in self.etcd.get_prefix_kvs(self.apps).items()}
+
+    def lease_alive(self, lease):
+        return "already expired" not in self.etcd.ctl("lease", "timetolive", f"{lease:x}").stdout
+
+
+@pytest.fixture
+def cluster(etcd_server, etcd_root):
+    return Cluster(etcd_server, etcd_root)
+
+
+ON_N1 = (1, "n1", "10.9.0.1", "172.20.0.5")
+ON_N2 = (2, "n2", "10.9.0.2", "172.20.0.6")
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_keys_of_served_port_scoped_keys_are_on_our_lease_and_written_once(cluster, live):
+    cluster.runs(ON_N1)
+    cluster.vip("0.0.0.0:9000", [{"src": "9000", "proto": "udp", "dest": "53"}])
+    cluster.vip("10.0.0.7:7000", [{"dest": "7001"}])
+    cluster.vip("10.0.0.5", [{"src": "80"}])  # floating: lock and address, no app key
+    cluster.vip("10.0.0.8:8000", [{}], app="other", proc="web")  # not running here
+    n1 = live()
+    expected = {"hello/web/10.9.0.1:9000": "n1", "hello/web/10.0.0.7:7000": "n1"}
+    await eventually(lambda: cluster.app_keys() == expected, 5, message=f"app keys {cluster.app_keys()}")
+    kvs = cluster.app_kvs()
+    assert {lease for _, lease, _ in kvs.values()} == {n1.session.lease}, "attached to our lease"
+    await eventually(lambda: n1.manager.held_count() == 1, 5, message="the floating VIP is held")
+    assert cluster.app_keys() == expected, "a held floating VIP publishes no app key"
+    await sleep(1.5)  # reconcile passes and keep-alives: nothing is written again
+    assert cluster.app_kvs() == kvs
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_key_goes_when_config_deleted_container_moves_node_excluded_and_on_stop(cluster, live):
+    cluster.runs(ON_N1)
+    cluster.vip("0.0.0.0:9000", [{"dest": "80"}])
+    cluster.vip("10.0.0.7:7000", [{}])
+    n1 = live()
+    both = {"hello/web/10.9.0.1:9000": "n1", "hello/web/10.0.0.7:7000": "n1"}
+    await eventually(lambda: cluster.app_keys() == both, 5)
+
+    cluster.unvip("10.0.0.7:7000")
+    await eventually(lambda: cluster.app_keys() == {"hello/web/10.9.0.1:9000": "n1"}, 3, message="config deleted")
+    cluster.vip("0.0.0.0:9000", [{"dest": "80"}], excluded=["n1"])
+    await eventually(lambda: cluster.app_keys() == {}, 3, message="node excluded")
+    cluster.vip("0.0.0.0:9000", [{"dest": "80"}])
+    await eventually(lambda: cluster.app_keys() == {"hello/web/10.9.0.1:9000": "n1"}, 3, message="included again")
+    cluster.runs(ON_N2)
+    await eventually(lambda: cluster.app_keys() == {}, 3, message="container moved to n2")
+    cluster.runs(ON_N1)
+    await eventually(lambda: cluster.app_keys() == {"hello/web/10.9.0.1:9000": "n1"}, 3, message="back on n1")
+
+    lease = n1.session.lease
+    await n1.manager.stopService()
+    assert cluster.app_keys() == {}, "withdrawn on stop"
+    assert cluster.lease_alive(lease), "by the VIP manager itself, not by the lease going"
+
+
+@pytest_twisted.ensureDeferred
+async def test_app_keys_vanish_with_a_revoked_lease_and_return_on_the_new_one(cluster, live):
+    cluster.runs(ON_N1)
+    cluster.vip("0.0.0.0:9000", [{}])
+    n1 = live()
+    await eventually(lambda: cluster.app_keys() == {"hello/web/10.9.0.1:9000": "n1"}, 5)
+    old = n1.session.lease
+    cluster.etcd.ctl("lease", "revoke", f"{old:x}")
+    assert cluster.app_keys() == {}, "they die with the lease ([BUG 22])"
+    await eventually(lambda: cluster.app_keys() == {"hello/web/10.9.0.1:9000": "n1"}, 5, message="written again")
+    [(_, lease, _)] = cluster.app_kvs().values()
+    assert lease == n1.session.lease != old
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_cut_off_from_etcd_loses_its_app_keys_and_retries_its_writes(cluster, live):
+    proxy = TCPProxy(cluster.etcd.client_port)
+    try:
+        cluster.runs(ON_N1)
+        cluster.vip("0.0.0.0:9000", [{}])
+        n1 = live(proxy=proxy)
+        await eventually(lambda: cluster.app_keys() == {"hello/web/10.9.0.1:9000": "n1"}, 5)
+        with LogCapture() as logs:
+            proxy.cut()  # as if the node died: nobody keeps its lease alive
+            cluster.vip("10.0.0.7:7000", [{}])  # seen (snapshots), not writable
+            await eventually(lambda: logs.has("could not publish app keys"), 3, message="the failed write is logged")
+            await eventually(lambda: cluster.app_keys() == {}, n1.session.ttl + 2,
+                             message="gone with the lease ([BUG 22])")
+            assert n1.manager.running
+            proxy.heal()
+            expected = {"hello/web/10.9.0.1:9000": "n1", "hello/web/10.0.0.7:7000": "n1"}
+            await eventually(lambda: cluster.app_keys() == expected, 10, message="retried on the new lease")
+        assert {lease for _, lease, _ in cluster.app_kvs().values()} == {n1.session.lease}
+    finally:
+        proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_shared_ip_port_key_stays_published_while_any_node_serves_it(cluster, live):
+    cluster.runs(ON_N1, ON_N2)
+    cluster.vip("10.0.0.7:7000", [{}])
+    cluster.vip("0.0.0.0:9000", [{}])
+    nodes = {"n1": live("n1", "10.9.0.1"), "n2": live("n2", "10.9.0.2")}
+    await eventually(lambda: set(cluster.app_keys()) == {
+        "hello/web/10.0.0.7:7000", "hello/web/10.9.0.1:9000", "hello/web/10.9.0.2:9000"}, 5)
+    await sleep(1)
+    kvs = cluster.app_kvs()
+    await sleep(1)
+    assert cluster.app_kvs() == kvs, "no node rewrites the other's entry"
+    writer = kvs["hello/web/10.0.0.7:7000"][0]
+    other = "n2" if writer == "n1" else "n1"
+    await nodes[writer].manager.stopService()
+    await eventually(lambda: cluster.app_keys().get("hello/web/10.0.0.7:7000") == other, 3,
+                     message="the remaining node publishes it")
+    assert cluster.app_kvs()["hello/web/10.0.0.7:7000"][1] == nodes[other].session.lease
+    assert set(cluster.app_keys()) == {"hello/web/10.0.0.7:7000", f"hello/web/10.9.0.{other[1]}:9000"}

@@ -279,7 +279,12 @@ class EtcdClient:
     # -- writes --------------------------------------------------------------
 
     def put(self, key: bytes, value: bytes, lease: int | None = None) -> Deferred:
-        return self._call(lambda client: client.put(key, value, lease=lease))
+        """Fires with the revision of the write."""
+
+        async def op(client):
+            return (await client.put(key, value, lease=lease)).header.revision
+
+        return self._call(op)
 
     def delete(self, key: bytes) -> Deferred:
         """True if the key existed."""

@@ -33,10 +33,11 @@ class LeaseLocks:
         return self._client.get(key.encode())
 
     def announce(self, key: str, value: str, lease: int) -> Deferred:
-        """Write a presence key on ``lease`` (it vanishes with the lease)."""
+        """Write a presence key on ``lease`` (it vanishes with the lease); fires with its revision."""
         return self._client.put(key.encode(), value.encode(), lease)
 
     def withdraw(self, key: str, lease: int) -> Deferred:
+        """Delete a presence key if it is still on ``lease``; True if we deleted it."""
         return self._client.delete_if_lease(key.encode(), lease)
 
     def put_while_held(self, lock: str, lease: int, key: str, value: str) -> Deferred:

@@ -59,27 +59,64 @@ def nodes_running(config: VipConfig, containers: Iterable[Container]) -> frozens
                      if c.app == config.app and c.proc == config.proc and not config.excludes(c.node_name))
 
 
+def node_address(config: VipConfig, node_ip: str | None) -> str | None:
+    """The address a key's rules match: its IP, or this node's for ``0.0.0.0:PORT`` (None if unknown)."""
+    if config.node_local:
+        return node_ip or None
+    return config.ip
+
+
 def dnat_rules(config: VipConfig, container: Container, node_ip: str | None) -> tuple[DnatRule, ...]:
     """The DNAT rules of one VIP key towards ``container``."""
-    ip = config.ip
-    if config.node_local:
-        if not node_ip:
-            return ()
-        ip = node_ip
+    ip = node_address(config, node_ip)
+    if ip is None:
+        return ()
     return tuple(DnatRule(config.key, ip, p.proto, p.src, container.container_ip, p.dest) for p in config.ports)
+
+
+def _port_scoped_served(configs: Mapping[str, VipConfig], containers: list[Container],
+                        hostname: str) -> Iterable[tuple[VipConfig, Container]]:
+    """Port-scoped keys this node serves (it runs the app and is not excluded), with the container."""
+    for config in configs.values():
+        if config.floating:
+            continue
+        container = local_container(config, containers, hostname)
+        if container is not None:
+            yield config, container
 
 
 def port_scoped_rules(configs: Mapping[str, VipConfig], containers: list[Container],
                       hostname: str, node_ip: str | None) -> frozenset[DnatRule]:
     """DNAT for ``IP:PORT`` / ``0.0.0.0:PORT`` keys: on every node running the app, no lock."""
     rules: set[DnatRule] = set()
-    for config in configs.values():
-        if config.floating:
-            continue
-        container = local_container(config, containers, hostname)
-        if container is not None:
-            rules.update(dnat_rules(config, container, node_ip))
+    for config, container in _port_scoped_served(configs, containers, hostname):
+        rules.update(dnat_rules(config, container, node_ip))
     return frozenset(rules)
+
+
+@dataclass(frozen=True, order=True)
+class AppEndpoint:
+    """``ip:port`` of a port-scoped key this node serves for app/proc (Go's "app key", its 2.9)."""
+
+    app: str
+    proc: str
+    ip: str
+    port: int
+
+
+def app_endpoints(configs: Mapping[str, VipConfig], containers: list[Container],
+                  hostname: str, node_ip: str | None) -> frozenset[AppEndpoint]:
+    """What this node publishes under ``networkd/apps``: the port-scoped keys it DNATs.
+
+    Same inputs and the same address as ``port_scoped_rules``; floating VIPs
+    publish nothing (Go writes app keys for port-scoped keys only).
+    """
+    endpoints: set[AppEndpoint] = set()
+    for config, _ in _port_scoped_served(configs, containers, hostname):
+        ip = node_address(config, node_ip)
+        if ip is not None:
+            endpoints.add(AppEndpoint(config.app, config.proc, ip, config.port))
+    return frozenset(endpoints)
 
 
 def plan_floating(

@@ -18,6 +18,9 @@ Safety first, in this order of precedence:
   SIGTERM): rules and address first, then the lock, guarded by our lease.
 * Startup: our chains are rebuilt from scratch and configured VIP
   addresses we do not hold are removed before we contest anything.
+
+The port-scoped keys this node serves are also published as app keys on
+the lease (networkd.vips.appkeys), withdrawn first on the way out.
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ from twisted.logger import Logger
 from networkd.backoff import every
 from networkd.etcd.lock import LeaseLocks
 from networkd.vips import firewall as fw
+from networkd.vips.appkeys import AppKeys
 from networkd.vips.arp import Announcer
 from networkd.vips.model import Container, InvalidValue, VipConfig, parse_pod_group, parse_vips
 from networkd.vips.netlink import Netlink
 from networkd.vips.planner import (
-    MEMBERS, DnatRule, dnat_rules, local_container, lock_holders, plan_floating, port_scoped_rules,
+    MEMBERS, DnatRule, app_endpoints, dnat_rules, local_container, lock_holders, plan_floating,
+    port_scoped_rules,
 )
 
 log = Logger()
@@ -66,9 +71,10 @@ class VipManager(service.Service):
         self._keys = keys
         # Create the shared watchers now (no I/O) so they are started before us.
         self._watchers = {"configs": watch(keys.vips), "pods": watch(keys.pod_groups),
-                          "locks": watch(keys.vip_locks)}
+                          "locks": watch(keys.vip_locks), "apps": watch(keys.apps)}
         self._session = session
         self._locks = LeaseLocks(client)
+        self.app_keys = AppKeys(self._locks, reactor, hostname)
         self.hostname = hostname
         self.interface = interface
         self.node_ip = node_ip
@@ -172,6 +178,7 @@ class VipManager(service.Service):
         self._watchers["configs"].subscribe(self._on_configs)
         self._watchers["pods"].subscribe(self._on_pods)
         self._watchers["locks"].subscribe(self._on_locks)
+        self._watchers["apps"].subscribe(self._on_apps)
         self._loops = [
             every(self._reactor, interval, tick, f"VIP {tick.__name__}")
             for interval, tick in ((FENCE_CHECK, self._fence_check), (TICK, self._reconcile),
@@ -186,7 +193,7 @@ class VipManager(service.Service):
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        """Release everything: presence, then rules and addresses, then the locks."""
+        """Release everything: presence and app keys, then rules and addresses, then the locks."""
         self.stopping = True
         for loop in self._loops:
             if loop.running:
@@ -197,16 +204,15 @@ class VipManager(service.Service):
             self._started.cancel()
         lease = self._session.lease
         held = {ip: held_on for ip, held_on in self.locks.items() if held_on == lease}
-        withdraw = None
+        withdraw = [self._timed(defer.Deferred.fromCoroutine(self.app_keys.withdraw_all()))]
         if lease is not None:
-            withdraw = self._timed(self._locks.withdraw(self._member_key(), lease))
+            withdraw.append(self._timed(self._locks.withdraw(self._member_key(), lease)))
         self.arp.cancel_all()
         steps = [self._sync_addresses()]
         if self.firewall is not None:
             steps.append(self.firewall.sync())
         await defer.DeferredList(steps, consumeErrors=True)
-        if withdraw is not None:
-            await defer.DeferredList([withdraw], consumeErrors=True)
+        await defer.DeferredList(withdraw, consumeErrors=True)
         releases = [self._timed(self._locks.release(self._keys.vip_lock(ip), held_on)) for ip, held_on in held.items()]
         await defer.DeferredList(releases, consumeErrors=True)
         if held:
@@ -261,6 +267,10 @@ class VipManager(service.Service):
         self._seen["locks"] = True
         self.kick()
 
+    def _on_apps(self, snapshot) -> None:
+        self.app_keys.observe(snapshot)
+        self.kick()
+
     def _acked(self, lease: int) -> None:
         if self.stopping:
             return
@@ -313,6 +323,7 @@ class VipManager(service.Service):
         if all(self._seen.values()) and self._cleaned and not self.fenced():
             self._drive_locks()
         self._sync_host()
+        self.app_keys.sync(self._desired_app_keys(), self._session.lease)
 
     def _forget_lost_locks(self) -> None:
         lease = self._session.lease
@@ -459,6 +470,11 @@ class VipManager(service.Service):
                 if local_container(config, self.containers, self.hostname) is not None:
                     active[config.ip] = config
         return active
+
+    def _desired_app_keys(self) -> frozenset[str]:
+        """App keys of the port-scoped keys whose DNAT this node installs."""
+        endpoints = app_endpoints(self.configs, self.containers, self.hostname, self.node_ip)
+        return frozenset(self._keys.app_key(e.app, e.proc, e.ip, e.port) for e in endpoints)
 
     def _desired_rules(self) -> frozenset[DnatRule]:
         if self.stopping:

@@ -126,6 +126,17 @@ class EtcdServer:
             for kv in out.get("kvs", [])
         }
 
+    def get_prefix_kvs(self, prefix: str) -> dict[str, tuple[str, int, int]]:
+        """key -> (value, lease id or 0, mod revision): what ``etcdctl get --prefix -w json`` shows."""
+        import json, base64
+
+        out = json.loads(self.ctl("get", "--prefix", prefix, "-w", "json").stdout)
+        return {
+            base64.b64decode(kv["key"]).decode(): (
+                base64.b64decode(kv.get("value", "")).decode(), int(kv.get("lease", 0)), int(kv["mod_revision"]))
+            for kv in out.get("kvs", [])
+        }
+
     def log_tail(self, n: int = 2000) -> str:
         try:
             with open(self.log_path, "rb") as f:

@@ -229,6 +229,11 @@ class Cluster:
     def lock_holder(self, ip: str) -> str | None:
         return self.etcd.get_prefix(f"{self.root}/networkd/vips/{ip}.lock").get(f"{self.root}/networkd/vips/{ip}.lock")
 
+    def app_keys(self) -> dict[str, str]:
+        """``<app>/<proc>/<ip>:<port>`` -> hostname, as etcd has them."""
+        prefix = f"{self.root}/networkd/apps/"
+        return {k[len(prefix):]: v for k, v in self.etcd.get_prefix(prefix).items()}
+
     def close(self) -> None:
         for node in self.nodes.values():
             try:
