@@ -73,3 +73,8 @@ class Keys:
     def tinydns_workers(self) -> str:
         """The app keys of tinydns: ``<root>/networkd/apps/tinydns/worker/<IP>:<PORT>``."""
         return f"{self.apps}tinydns/worker/"
+
+    @property
+    def tinydns_fqdns(self) -> str:
+        """tinydns data: ``<root>/config/tinydns_fqdns/<name>`` = JSON list of tinydns-data lines."""
+        return f"{self.root}/config/tinydns_fqdns/"

@@ -166,6 +166,7 @@ class Options(usage.Options):
         ["deployd", None, "Leader task: publish deployd.lain from deployd's leader key."],
         ["swarm", None, "Leader task: publish swarm.lain from swarm's leader key."],
         ["tinydns", None, "Leader task: forward the lain zone (and --domain) to the registered tinydns workers."],
+        ["webrouter", None, "Leader task: publish tinydns records (tinydns_fqdns) of the apps and the webrouter."],
         ["verbose", "v", "Log at debug level."],
     ]
 
@@ -234,7 +235,7 @@ class Options(usage.Options):
         self["node-ip"] = self._node_ip()
         if self["domain"] is not None:
             self["domain"] = self._domain(self["domain"])
-        self["leader-tasks"] = tuple(t for t in ("deployd", "swarm", "tinydns") if self[t])
+        self["leader-tasks"] = tuple(t for t in ("deployd", "swarm", "tinydns", "webrouter") if self[t])
 
     def _domain(self, text: str) -> str:
         from networkd.dns.names import BadName, check_name

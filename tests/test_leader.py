@@ -162,6 +162,43 @@ async def test_tinydns_zones_follow_the_registered_workers(etcd_server, etcd_roo
 
 
 @pytest_twisted.ensureDeferred
+async def test_tinydns_records_come_from_the_whole_cluster(etcd_server, etcd_root):
+    """[BUG 27]: one writer (the leader), from every node's app keys, not each node's own view."""
+    keys = Keys(etcd_root)
+    fqdns = keys.tinydns_fqdns
+    vip = '{{"app": "{app}", "proc": "{proc}", "ports": [{{"src": "{port}"}}]}}'
+    etcd_server.put(keys.vips + "10.5.0.100", vip.format(app="webrouter", proc="worker", port=80))
+    etcd_server.put(keys.vips + "0.0.0.0:8080", vip.format(app="hello", proc="web", port=8080))
+    etcd_server.put(keys.vips + "10.5.0.200:53", vip.format(app="dns", proc="worker", port=53))
+    etcd_server.put(keys.vips + "not-a-key", "{}")  # the VIP part reports it; the records ignore it
+    etcd_server.put(keys.app_key("hello", "web", "10.5.0.12", 8080), "n2")
+    etcd_server.put(keys.app_key("hello", "web", "10.5.0.11", 8080), "n1")
+    etcd_server.put(keys.app_key("hello", "web", "10.5.0.13", 9999), "n3")  # no such key: ignored
+    node = Node(etcd_server, etcd_root, "n1", tasks=("webrouter",)).start()
+    try:
+        expected = {
+            fqdns + "webrouter.lain": ["+webrouter.lain:10.5.0.100:300"],
+            fqdns + "lain": ["+*.lain:10.5.0.100:300", ".lain:10.5.0.100:a:300"],
+            fqdns + "example.lain": ["+*.example.lain:10.5.0.100:300", ".example.lain:10.5.0.100:a:300"],
+            fqdns + "hello.lain": ["+hello.lain:10.5.0.11:300", "+hello.lain:10.5.0.12:300"],
+            fqdns + "dns.lain": ["+dns.lain:10.5.0.200:300"],
+        }
+
+        def records():
+            return {k: json.loads(v) for k, v in etcd_server.get_prefix(fqdns).items()}
+
+        await eventually(lambda: records() == expected, message="all records")
+        etcd_server.delete(keys.app_key("hello", "web", "10.5.0.12", 8080))  # n2 stopped serving hello
+        await eventually(lambda: records()[fqdns + "hello.lain"] == ["+hello.lain:10.5.0.11:300"], message="shrunk")
+        unchanged = mod_revision(etcd_server, fqdns + "lain")
+        etcd_server.put(keys.vips + "10.5.0.101", vip.format(app="webrouter", proc="worker", port=80))
+        await eventually(lambda: len(records()[fqdns + "lain"]) == 4, message="second webrouter VIP")
+        assert mod_revision(etcd_server, fqdns + "dns.lain") < unchanged, "untouched records are not rewritten"
+    finally:
+        await node.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_values_are_written_only_when_they_change(etcd_server, etcd_root):
     keys = Keys(etcd_root)
     target = keys.domains + "deployd.lain"

@@ -39,8 +39,8 @@ def test_go_flag_aliases_map_to_our_options():
 
 def test_leader_tasks_are_go_flag_names_and_off_by_default():
     assert parse()["leader-tasks"] == ()
-    options = parse("--deployd", "--tinydns", "--domain", "Example.COM.")
-    assert options["leader-tasks"] == ("deployd", "tinydns")
+    options = parse("--webrouter", "--deployd", "--tinydns", "--domain", "Example.COM.")
+    assert options["leader-tasks"] == ("deployd", "tinydns", "webrouter")
     assert options["domain"] == "example.com"
 
 

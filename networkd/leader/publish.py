@@ -12,6 +12,14 @@ error}).  A malformed source value is reported and skipped, never fatal
   ``<root>/config/domain_servers/<zone>`` = ``{"servers": ["IP#PORT", ...]}``.
   With no worker registered nothing is written: the last list stays,
   rather than sending the cluster's own names to the outside resolvers.
+* tinydns records (``--webrouter``), from the whole cluster's VIP configs and
+  app keys, so every node no longer writes its own view ([BUG 27]): for each
+  app, ``<root>/config/tinydns_fqdns/<app>.lain`` = ``["+<app>.lain:IP:300",
+  ...]``; for the webrouter's IPs, ``<root>/config/tinydns_fqdns/<zone>`` =
+  ``["+*.<zone>:IP:300", ".<zone>:IP:a:300", ...]``.  An app's IPs: its
+  floating VIPs, the IP of its ``IP:PORT`` keys, and for ``0.0.0.0:PORT``
+  the nodes that serve it (their app keys).  An app with no IP left keeps
+  its last records.
 """
 
 from __future__ import annotations
@@ -19,6 +27,11 @@ from __future__ import annotations
 import ipaddress
 import json
 from typing import Mapping
+
+from networkd.vips.model import parse_vips
+
+RECORD_TTL = 300
+WEBROUTER = "webrouter"
 
 
 def address_of(raw: str) -> str:
@@ -76,3 +89,34 @@ def same_json(current: str | None, wanted: str) -> bool:
         return json.loads(current) == json.loads(wanted)
     except ValueError:
         return False
+
+
+def app_ips(vips: Mapping[str, str], app_keys: Mapping[str, str]) -> dict:
+    """{app: sorted IPs} from VIP configs and app keys (``<app>/<proc>/<ip>:<port>``)."""
+    served: dict = {}
+    for name in app_keys:
+        app, _, rest = name.partition("/")
+        proc, _, endpoint = rest.partition("/")
+        ip, _, port = endpoint.rpartition(":")
+        if app and proc and port.isdigit():
+            served.setdefault((app, proc, int(port)), set()).add(ip)
+    configs, _errors = parse_vips(vips)  # the VIP part reports bad keys
+    found: dict = {}
+    for config in configs.values():
+        ips = found.setdefault(config.app, set())
+        if config.node_local:
+            ips.update(served.get((config.app, config.proc, config.port), ()))
+        else:
+            ips.add(config.ip)
+    return {app: sorted(ips, key=ipaddress.ip_address) for app, ips in found.items() if ips}
+
+
+def tinydns_records(fqdns_prefix: str, vips: Mapping[str, str], app_keys: Mapping[str, str], zones: list,
+                    wanted: dict) -> None:
+    for app, ips in app_ips(vips, app_keys).items():
+        name = f"{app}.lain"
+        wanted[fqdns_prefix + name] = json.dumps([f"+{name}:{ip}:{RECORD_TTL}" for ip in ips])
+        if app == WEBROUTER:
+            for zone in zones:
+                wanted[fqdns_prefix + zone] = json.dumps(
+                    [line for ip in ips for line in (f"+*.{zone}:{ip}:{RECORD_TTL}", f".{zone}:{ip}:a:{RECORD_TTL}")])

@@ -17,7 +17,7 @@ from networkd.leader import publish
 
 log = Logger()
 
-TASKS = ("deployd", "swarm", "tinydns")
+TASKS = ("deployd", "swarm", "tinydns", "webrouter")
 
 
 class LeaderTasks(service.Service):
@@ -45,9 +45,13 @@ class LeaderTasks(service.Service):
             self._sources.append(keys.swarm_leader)
         if "tinydns" in self.tasks:
             self._sources.append(keys.tinydns_workers)
+        if "webrouter" in self.tasks:
+            self._sources += [keys.vips, keys.apps]
         self._targets = [keys.domains] if {"deployd", "swarm"} & set(self.tasks) else []
         if "tinydns" in self.tasks:
             self._targets.append(keys.domain_servers)
+        if "webrouter" in self.tasks:
+            self._targets.append(keys.tinydns_fqdns)
         # Asked for now, not in startService: a watcher added to a MultiService
         # while it starts its children would be started twice.
         self._watchers = {prefix: watch(prefix) for prefix in self._sources + self._targets}
@@ -87,6 +91,9 @@ class LeaderTasks(service.Service):
         if "tinydns" in self.tasks:
             publish.tinydns_zones(keys.tinydns_workers, self._snapshots.get(keys.tinydns_workers, {}),
                                   [keys.domain_servers + zone for zone in self.zones], wanted, invalid)
+        if "webrouter" in self.tasks:
+            publish.tinydns_records(keys.tinydns_fqdns, self._snapshots.get(keys.vips, {}),
+                                    self._snapshots.get(keys.apps, {}), self.zones, wanted)
         return wanted, invalid
 
     def _current(self, key: str) -> str | None:
