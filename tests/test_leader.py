@@ -248,8 +248,9 @@ async def test_a_restarted_leader_waits_for_its_old_key(etcd_server, etcd_root):
         await node.stop()
 
 
-def test_daemon_publishes_deployd_lain_and_serves_it(etcd_server, etcd_root):
-    """End to end: twistd networkd --deployd, deployd's key put, dig answers deployd.lain."""
+def test_daemon_publishes_deployd_lain_and_serves_it(etcd_server, etcd_root, upstream):
+    """End to end: twistd networkd --deployd --tinydns; deployd's key put, dig answers deployd.lain;
+    a tinydns worker registered (a stub on 127.0.0.x:53), dig gets .lain names from it."""
     keys = Keys(etcd_root)
     port, api = free_port(), free_port()
     workdir = tempfile.mkdtemp(prefix="networkd-leader-")
@@ -259,7 +260,7 @@ def test_daemon_publishes_deployd_lain_and_serves_it(etcd_server, etcd_root):
     daemon = Daemon([
         "--etcd", etcd_server.endpoint, "--etcd-root", etcd_root, "--dns-listen", f"127.0.0.1:{port}",
         "--api-listen", f"127.0.0.1:{api}", "--no-vips", "--no-resolv-conf", "--node-ip", "10.1.1.1",
-        "--hosts-file", hosts, "--resolv-conf", resolv, "--hostname", "leader-node", "--deployd",
+        "--hosts-file", hosts, "--resolv-conf", resolv, "--hostname", "leader-node", "--deployd", "--tinydns",
     ]).start()
     try:
         daemon.wait_for_log("this node is the networkd leader")
@@ -268,11 +269,19 @@ def test_daemon_publishes_deployd_lain_and_serves_it(etcd_server, etcd_root):
         while dig_answers(port, "deployd.lain") != ["deployd.lain. 60 IN A 10.4.0.7"]:
             assert time.monotonic() < deadline, daemon.log()
             time.sleep(0.05)
+        upstream.records["db.prod.lain"] = ["10.4.0.8"]
+        etcd_server.put(keys.app_key("tinydns", "worker", upstream.host, 53), "some-node")
+        while dig_answers(port, "db.prod.lain") != ["db.prod.lain. 300 IN A 10.4.0.8"]:
+            assert time.monotonic() < deadline, daemon.log()
+            time.sleep(0.05)
         import urllib.request
 
         status = json.load(urllib.request.urlopen(f"http://127.0.0.1:{api}/v1/status", timeout=5))
         assert status["leader"]["is_leader"] is True and status["leader"]["holder"] == "leader-node"
-        assert status["leader"]["published"] == {keys.domains + "deployd.lain": '{"ips": ["10.4.0.7"], "type": ""}'}
+        assert status["leader"]["published"] == {
+            keys.domains + "deployd.lain": '{"ips": ["10.4.0.7"], "type": ""}',
+            keys.domain_servers + "lain": json.dumps({"servers": [f"{upstream.host}#53"]}),
+        }
     finally:
         assert daemon.stop() in (0, -signal.SIGTERM), daemon.log()
     assert "Traceback" not in daemon.log()
