@@ -114,6 +114,28 @@ async def test_one_leader_publishes_and_hands_over_on_stop(etcd_server, etcd_roo
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_deleted_leader_key_is_contested_again(etcd_server, etcd_root):
+    """An operator's `etcdctl del` of the key: the old leader steps down, one node leads again."""
+    keys = Keys(etcd_root)
+    nodes = [Node(etcd_server, etcd_root, name).start() for name in ("n1", "n2")]
+    try:
+        await eventually(lambda: sum(n.election.is_leader for n in nodes) == 1, message="one leader")
+        etcd_server.delete(keys.leader)
+
+        def settled():
+            leaders = [n for n in nodes if n.election.is_leader]
+            holder = etcd_server.get_prefix(keys.leader).get(keys.leader)
+            return len(leaders) == 1 and holder == leaders[0].election.hostname and leaders[0]
+
+        leader = await eventually(settled, timeout=5, message="one leader again, holding the key")
+        out = json.loads(etcd_server.ctl("get", keys.leader, "-w", "json").stdout)
+        assert int(out["kvs"][0]["lease"]) == leader.election.lease
+    finally:
+        for n in nodes:
+            await n.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_bad_source_values_are_reported_and_the_rest_published(etcd_server, etcd_root):
     keys = Keys(etcd_root)
     etcd_server.put(keys.deployd_leader, "no-port-here")

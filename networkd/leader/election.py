@@ -116,6 +116,7 @@ class LeaderElection(service.Service):
         def got(kv):
             if self.lease == lease and (kv is None or kv.lease != lease):
                 self._set(None, "the leader key was deleted")
+                self._campaign()
 
         def failed(failure):
             if self.lease == lease:
