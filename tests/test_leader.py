@@ -308,3 +308,29 @@ def test_daemon_publishes_deployd_lain_and_serves_it(etcd_server, etcd_root, ups
         assert daemon.stop() in (0, -signal.SIGTERM), daemon.log()
     assert "Traceback" not in daemon.log()
     assert keys.leader not in etcd_server.get_prefix(keys.leader), "resigned on SIGTERM"
+
+
+@pytest_twisted.ensureDeferred
+async def test_leadership_and_publishing_survive_an_etcd_restart(private_etcd):
+    root = "/restart"
+    keys = Keys(root)
+    nodes = [Node(private_etcd, root, name).start() for name in ("n1", "n2")]
+    try:
+        await eventually(lambda: sum(n.election.is_leader for n in nodes) == 1, message="one leader")
+        private_etcd.stop()
+        await sleep(3)  # longer than the lease TTL (2 s)
+        private_etcd.start()
+        private_etcd.put(keys.deployd_leader, "10.6.0.1:9003")
+        await eventually(lambda: published(private_etcd, keys.domains + "deployd.lain") == {
+            "ips": ["10.6.0.1"], "type": ""}, timeout=15, message="published after the restart")
+
+        def one_leader_holding_the_key():
+            leaders = [n for n in nodes if n.election.is_leader]
+            out = json.loads(private_etcd.ctl("get", keys.leader, "-w", "json").stdout)
+            return (len(leaders) == 1 and out.get("kvs")
+                    and int(out["kvs"][0]["lease"]) == leaders[0].election.lease)
+
+        await eventually(one_leader_holding_the_key, timeout=10, message="one leader, holding the key")
+    finally:
+        for n in nodes:
+            await n.stop()
