@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--server-cpu", default="0")
     parser.add_argument("--client-cpu", default="1")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per case; the best one counts")
+    parser.add_argument("--forwarded-names", type=int, default=NAMES,
+                        help="distinct forwarded names (many names = each one asked less often)")
     args = parser.parse_args()
     for tool in ("dnsperf", "dnsmasq", "taskset", "etcd"):
         if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
@@ -85,7 +87,7 @@ def main() -> None:
     try:
         root = "/bench"
         local = [(f"h{i}.bench.lain", f"10.{i // 250}.{i % 250}.1") for i in range(NAMES)]
-        forwarded = [f"f{i}.example.com" for i in range(NAMES)]
+        forwarded = [f"f{i}.example.com" for i in range(args.forwarded_names)]
         for i, name in enumerate(forwarded):
             stub.records[name] = [f"172.16.{i // 250}.{i % 250 + 1}"]
         for start in range(0, NAMES, 100):

@@ -240,3 +240,33 @@ async def test_random_garbage_in_batches_leaves_the_server_answering(listener):
         assert ips(final[9999]) == ["10.0.0.3"]
     finally:
         client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cached_hot_answers_keep_counting_down(listener, upstream):
+    """A cached answer on the hot path has its TTLs aged every second, without asking upstream again."""
+    from tests.support.waiting import sleep
+
+    server = ("127.0.0.1", listener.port)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+
+    async def ask(qid: int) -> int:
+        client.sendto(question("Example.COM", qid), server)
+        reply = (await threads.deferToThread(collect, client, 1))[qid]
+        assert ips(reply) == ["93.184.216.34"] and str(reply.q.qname) == "Example.COM."
+        return reply.rr[0].ttl
+
+    try:
+        ttls = [await ask(1), await ask(2)]  # forwarded, then from the cache (now a hot answer)
+        for qid in (3, 4, 5):
+            await sleep(1.05)
+            ttls.append(await ask(qid))
+            ttls.append(await ask(qid + 10))  # the same second: the same hot bytes
+        assert ttls[0] == 300 and ttls[2] < ttls[1] and ttls[4] < ttls[3] and ttls[6] < ttls[5], ttls
+        assert all(ttls[i] == ttls[i + 1] or ttls[i] - 1 == ttls[i + 1] for i in (2, 4, 6)), ttls
+        assert ttls[-1] >= 300 - 5
+        assert upstream.names_asked() == ["example.com"], "one question upstream"
+        assert listener.resolver.stats.queries[("NOERROR", "cache")] == 7
+    finally:
+        client.close()

@@ -9,8 +9,12 @@ On Linux the listener reads up to 64 queries with one recvmmsg, writes each
 answer over its query (ID and client address stay where they are) and sends
 them with one sendmmsg: the system calls were most of the cost.  Everything
 else goes to ``Resolver.resolve``, which fills those tables.  ``hot_local``
-is emptied with each new zone, ``hot_cached`` every second so that cached
-TTLs keep counting down (emptied in place: the UDP listener holds them).
+is emptied with each new zone.  A ``hot_cached`` answer carries the time
+its TTLs next change (its age ticks over); its first hit after that patches
+them again (``Resolver.reage``: a few bytes, no parsing), so cached TTLs keep
+counting down without sending every cached name through the slow path.
+Entry layout: (bytes after the ID, stats counter, good-until time or 0 for
+never, cache entry or None).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ TCP_MAX_CONNECTIONS = 256
 TCP_MAX_PENDING = 32  # unanswered queries per TCP connection
 ZONE_TRANSFERS = (251, 252)  # IXFR, AXFR: not something a forwarder relays
 LOOPBACK6 = bytes(15) + b"\x01"
+_TTL = struct.Struct(">I")
 MAX_FORWARDS = 1000  # questions in flight to upstreams at once (dnsmasq: --dns-forward-max 150)
 
 
@@ -91,7 +96,6 @@ class Resolver:
         self.allowed = client_filter or ClientFilter()
         self.hot_local: dict = {}
         self.hot_cached: dict = {}
-        self._hot_cached_before: dict = {}  # last second's, re-rendered on their next hit
         self._inflight: dict = {}
         self.max_forwards = MAX_FORWARDS
 
@@ -118,13 +122,21 @@ class Resolver:
     def flush(self) -> None:
         self.cache.clear()
         self.hot_cached.clear()
-        self._hot_cached_before = {}
 
-    def tick(self) -> None:
-        """Every second: cached hot answers are re-rendered with fresh TTLs
-        (on their next hit, from what was kept: no parsing again)."""
-        self._hot_cached_before = dict(self.hot_cached)
-        self.hot_cached.clear()
+    def reage(self, key: bytes, hit: tuple, now: float):
+        """A hot cached answer whose TTLs are a second behind: patched to
+        ``now``; None (and dropped) when it is about to expire."""
+        entry = hit[3]
+        if entry.expires_at - now <= 2:
+            self.hot_cached.pop(key, None)
+            return None
+        body = bytearray(hit[0])
+        age = int(now - entry.stored_at)
+        for offset, ttl in entry.answer.ttl_offsets:
+            _TTL.pack_into(body, offset - 2, max(0, ttl - age))
+        hit = (bytes(body), hit[1], entry.stored_at + age + 1, entry)
+        self.hot_cached[key] = hit
+        return hit
 
     # -- counting --------------------------------------------------------------
 
@@ -139,10 +151,6 @@ class Resolver:
         """bytes to send, None to drop, or a Deferred firing with one of those."""
         data = bytes(data)
         allowed = self.allowed(client)
-        if udp and allowed and self._hot_cached_before:
-            response = self._rerender(data)
-            if response is not None:
-                return response
         try:
             query = wire.parse_query(data)
         except wire.QueryError as e:
@@ -167,7 +175,7 @@ class Resolver:
                 response = self.zone.answer(query, *found)
                 self.count(wire.NOERROR, "local")
                 if udp:
-                    self._remember(self.hot_local, data, response, (wire.RCODE_NAMES[0], "local"))
+                    self._remember(self.hot_local, data, response, (wire.RCODE_NAMES[0], "local"), 0, None)
                 return self._fit(response, query, udp)
 
         key = (query.qname.lower(), query.qtype, query.qclass, query.do)
@@ -228,29 +236,11 @@ class Resolver:
         response = render(entry, query, now)
         self.count(entry.rcode, "cache")
         if udp and entry.expires_at - now > 2:
+            # Good until its age, and so its TTLs, next change.
+            good_until = entry.stored_at + int(now - entry.stored_at) + 1
             self._remember(self.hot_cached, data, response, (wire.RCODE_NAMES.get(entry.rcode, "?"), "cache"),
-                           query, entry)
+                           good_until, entry)
         return self._fit(response, query, udp)
-
-    def _rerender(self, data: bytes) -> bytes | None:
-        """A cached answer served in the last second: age its TTLs again."""
-        before = self._hot_cached_before
-        hit = before.get(data[2:])
-        if hit is None:
-            key = wire.question_key(data)
-            hit = before.get(key) if key is not None else None
-        if hit is None:
-            return None
-        _, counter, query, entry = hit
-        now = self.reactor.seconds()
-        if entry.expires_at - now <= 2:
-            return None
-        response = render(entry, query, now)
-        self._remember(self.hot_cached, data, response, counter, query, entry)
-        queries = self.stats.queries
-        queries[counter] = queries.get(counter, 0) + 1
-        self.stats.cache_hits += 1
-        return data[:2] + response[2:]
 
     def _remember(self, table: dict, data: bytes, response: bytes, counter, *extra) -> None:
         """Keep the packed answer for the hot path (small answers, clean names only)."""
@@ -362,6 +352,7 @@ class DnsUdpListener:
         queries = self._queries
         slow = self.datagramReceived
         size = self.MAX_QUERY
+        now = self.reactor.seconds()
         for _ in range(self.BATCH):
             try:
                 data, addr = recvfrom(size)
@@ -374,7 +365,7 @@ class DnsUdpListener:
             if known.get(addr[0]) is True:
                 rest = data[2:]
                 hit = local.get(rest) or cached.get(rest)
-                if hit is not None:
+                if hit is not None and not (hit[2] and now >= hit[2]):
                     try:
                         sendto(data[:2] + hit[0], addr)
                     except OSError:
@@ -395,17 +386,21 @@ class DnsUdpListener:
         v4 = self.sock.family == socket.AF_INET
         local, cached, queries = self._hot_local, self._hot_cached, self._queries
         set_length, send, answer = batch.set_reply_length, batch.send, self.answer
+        clock, reage = self.reactor.seconds, self.resolver.reage
         for _ in range(self.BATCH // batch.slots):
             n = batch.receive()
             if not n:
                 return
             start = 0
+            now = clock()
             for i, length in enumerate(batch.lengths(n)):
                 offset = i * size
                 if length > 12 and (names[i * namesize + 4] == 127 if v4 else
                                     names[i * namesize + 8:i * namesize + 24] == LOOPBACK6):
                     rest = bytes(data[offset + 2:offset + length])
                     hit = local.get(rest) or cached.get(rest)
+                    if hit is not None and hit[2] and now >= hit[2]:
+                        hit = reage(rest, hit, now)
                     if hit is not None:
                         body = hit[0]
                         data[offset + 2:offset + 2 + len(body)] = body
@@ -443,12 +438,16 @@ class DnsUdpListener:
         Deferred firing with one of those; never raises."""
         try:
             if self._known.get(addr[0]) is True:
-                rest = data[2:]
-                hit = self._hot_local.get(rest) or self._hot_cached.get(rest)
+                key = data[2:]
+                hit = self._hot_local.get(key) or self._hot_cached.get(key)
                 if hit is None:
                     key = wire.question_key(data)
                     if key is not None:
                         hit = self._hot_local.get(key) or self._hot_cached.get(key)
+                if hit is not None and hit[2]:
+                    now = self.reactor.seconds()
+                    if now >= hit[2]:
+                        hit = self.resolver.reage(key, hit, now)
                 if hit is not None:
                     queries = self._queries
                     queries[hit[1]] = queries.get(hit[1], 0) + 1

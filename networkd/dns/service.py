@@ -136,8 +136,7 @@ class DnsService(service.Service):
                 domains.subscribe(self._on_domains)
             if domain_servers is not None:
                 domain_servers.subscribe(self._on_domain_servers)
-        self._loops = [every(self.reactor, self._poll_interval, self._poll_files, "DNS hosts-file check"),
-                       every(self.reactor, 1.0, self.resolver.tick, "DNS cache ageing")]
+        self._loops = [every(self.reactor, self._poll_interval, self._poll_files, "DNS hosts-file check")]
         log.info("DNS listening on {listen} (UDP and TCP), upstreams {ups}",
                  listen=str(self.listen), ups=self.config_view().nameservers or "none")
 
