@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.application import service
-from twisted.internet import defer
 from twisted.logger import Logger
 
 log = Logger()
