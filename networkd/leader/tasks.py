@@ -17,7 +17,14 @@ from networkd.leader import publish
 
 log = Logger()
 
-TASKS = ("deployd", "swarm", "tinydns", "webrouter")
+# task -> (what it reads, what it writes), as Keys prefix names
+WIRING = {
+    "deployd": (("deployd_leader",), ("domains",)),
+    "swarm": (("swarm_leader",), ("domains",)),
+    "tinydns": (("tinydns_workers",), ("domain_servers",)),
+    "webrouter": (("vips", "apps"), ("tinydns_fqdns",)),
+}
+TASKS = tuple(WIRING)
 
 
 class LeaderTasks(service.Service):
@@ -38,20 +45,8 @@ class LeaderTasks(service.Service):
         self._writing: dict = {}  # target key -> value being written
         self.invalid_keys: dict = {}
         self.published: dict = {}  # target key -> value we last wrote
-        self._sources = []
-        if "deployd" in self.tasks:
-            self._sources.append(keys.deployd_leader)
-        if "swarm" in self.tasks:
-            self._sources.append(keys.swarm_leader)
-        if "tinydns" in self.tasks:
-            self._sources.append(keys.tinydns_workers)
-        if "webrouter" in self.tasks:
-            self._sources += [keys.vips, keys.apps]
-        self._targets = [keys.domains] if {"deployd", "swarm"} & set(self.tasks) else []
-        if "tinydns" in self.tasks:
-            self._targets.append(keys.domain_servers)
-        if "webrouter" in self.tasks:
-            self._targets.append(keys.tinydns_fqdns)
+        self._sources = list(dict.fromkeys(getattr(keys, name) for t in self.tasks for name in WIRING[t][0]))
+        self._targets = list(dict.fromkeys(getattr(keys, name) for t in self.tasks for name in WIRING[t][1]))
         # Asked for now, not in startService: a watcher added to a MultiService
         # while it starts its children would be started twice.
         self._watchers = {prefix: watch(prefix) for prefix in self._sources + self._targets}
