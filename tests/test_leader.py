@@ -246,9 +246,9 @@ async def test_guarded_write_needs_the_leader_key_on_our_lease(etcd_server, etcd
         await eventually(lambda: node.election.is_leader, message="leader")
         locks = LeaseLocks(node.client)
         target = keys.domains + "x.lain"
-        assert await locks.put_while_held(keys.leader, node.election.lease + 1, target, "{}") is False
+        assert await locks.put_while_held(keys.leader, node.election.lease + 1, target, "{}") == 0
         assert published(etcd_server, target) is None, "a deposed leader writes nothing"
-        assert await locks.put_while_held(keys.leader, node.election.lease, target, "{}") is True
+        assert await locks.put_while_held(keys.leader, node.election.lease, target, "{}") == etcd_server.revision()
     finally:
         await node.stop()
 

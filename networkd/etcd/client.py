@@ -322,19 +322,20 @@ class EtcdClient:
         return self._call(op)
 
     def put_if_lease(self, guard: bytes, lease: int, key: bytes, value: bytes) -> Deferred:
-        """Put ``key`` only while ``guard`` is attached to ``lease``; True if written.
+        """Put ``key`` only while ``guard`` is attached to ``lease``: the revision
+        of the write, 0 if not written.
 
         A leader writes this way, so a leader that lost its key (lease
         expired, another node elected) cannot overwrite its successor.
         """
 
         async def op(client):
-            ok, _ = await client.transaction(
+            ok, responses = await client.transaction(
                 compare=[_LeaseCompare(guard) == lease],
                 success=[client.transactions.put(key, value)],
                 failure=[],
             )
-            return ok
+            return responses[0].response_put.header.revision if ok else 0
 
         return self._call(op)
 

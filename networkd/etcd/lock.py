@@ -41,5 +41,6 @@ class LeaseLocks:
         return self._client.delete_if_lease(key.encode(), lease)
 
     def put_while_held(self, lock: str, lease: int, key: str, value: str) -> Deferred:
-        """Write ``key`` only while ``lock`` is still ours (on ``lease``); fires True if written."""
+        """Write ``key`` only while ``lock`` is still ours (on ``lease``); fires
+        with the revision of the write, 0 if not written."""
         return self._client.put_if_lease(lock.encode(), lease, key.encode(), value.encode())

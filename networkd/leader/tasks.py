@@ -43,6 +43,7 @@ class LeaderTasks(service.Service):
         self._pending = None
         self._retry = None
         self._writing: dict = {}  # target key -> value being written
+        self._written: dict = {}  # target key -> (value, revision) of our last write
         self.invalid_keys: dict = {}
         self.published: dict = {}  # target key -> value we last wrote
         self._sources = list(dict.fromkeys(getattr(keys, name) for t in self.tasks for name in WIRING[t][0]))
@@ -65,7 +66,7 @@ class LeaderTasks(service.Service):
         self._pending = self._retry = None
 
     def _on_snapshot(self, prefix: str, snapshot) -> None:
-        self._snapshots[prefix] = snapshot.values
+        self._snapshots[prefix] = snapshot
         self.kick()
 
     def kick(self) -> None:
@@ -81,21 +82,35 @@ class LeaderTasks(service.Service):
         for task, source, name in (("deployd", keys.deployd_leader, "deployd.lain"),
                                    ("swarm", keys.swarm_leader, "swarm.lain")):
             if task in self.tasks:
-                raw = self._snapshots.get(source, {}).get("")
+                raw = self._values(source).get("")
                 publish.leader_domain(source, raw, keys.domains + name, wanted, invalid)
         if "tinydns" in self.tasks:
-            publish.tinydns_zones(keys.tinydns_workers, self._snapshots.get(keys.tinydns_workers, {}),
+            publish.tinydns_zones(keys.tinydns_workers, self._values(keys.tinydns_workers),
                                   [keys.domain_servers + zone for zone in self.zones], wanted, invalid)
         if "webrouter" in self.tasks:
-            publish.tinydns_records(keys.tinydns_fqdns, self._snapshots.get(keys.vips, {}),
-                                    self._snapshots.get(keys.apps, {}), self.zones, wanted)
+            publish.tinydns_records(keys.tinydns_fqdns, self._values(keys.vips), self._values(keys.apps),
+                                    self.zones, wanted)
         return wanted, invalid
 
-    def _current(self, key: str) -> str | None:
+    def _values(self, prefix: str):
+        snapshot = self._snapshots.get(prefix)
+        return {} if snapshot is None else snapshot.values
+
+    def _target(self, key: str):
+        """(value in the target snapshot, that snapshot's revision)."""
         for prefix in self._targets:
             if key.startswith(prefix):
-                return self._snapshots.get(prefix, {}).get(key[len(prefix):])
-        return None
+                snapshot = self._snapshots[prefix]
+                return snapshot.values.get(key[len(prefix):]), snapshot.revision
+        return None, 0
+
+    def _up_to_date(self, key: str, value: str) -> bool:
+        """Already so in etcd, being written, or written by us and not yet seen by the watch."""
+        current, revision = self._target(key)
+        if publish.same_json(current, value) or self._writing.get(key) == value:
+            return True
+        mine = self._written.get(key)
+        return mine is not None and mine[0] == value and revision < mine[1]
 
     def _reconcile(self) -> None:
         self._pending = None
@@ -110,16 +125,16 @@ class LeaderTasks(service.Service):
         if lease is None:
             return
         for key, value in sorted(wanted.items()):
-            if publish.same_json(self._current(key), value) or self._writing.get(key) == value:
-                continue
-            self._write(key, value, lease)
+            if not self._up_to_date(key, value):
+                self._write(key, value, lease)
 
     def _write(self, key: str, value: str, lease: int) -> None:
         self._writing[key] = value
 
-        def done(written):
+        def done(revision):
             self._writing.pop(key, None)
-            if written:
+            if revision:
+                self._written[key] = (value, revision)
                 self.published[key] = value
                 self._backoff.reset()
                 log.info("leader published {key} = {value}", key=key, value=value)
