@@ -259,7 +259,7 @@ async def test_guarded_write_needs_the_leader_key_on_our_lease(etcd_server, etcd
 async def test_a_restarted_leader_waits_for_its_old_key(etcd_server, etcd_root):
     """[BUG 28]: the key says our host name, but it is the old process's lease."""
     keys = Keys(etcd_root)
-    lease_out = etcd_server.ctl("lease", "grant", "2").stdout  # "lease 694d... granted with TTL(2s)"
+    lease_out = etcd_server.ctl("lease", "grant", "4").stdout  # "lease 694d... granted with TTL(4s)"
     lease_id = lease_out.split()[1]
     etcd_server.ctl("put", "--lease", lease_id, keys.leader, "n1")
     node = Node(etcd_server, etcd_root, "n1").start()
@@ -267,7 +267,7 @@ async def test_a_restarted_leader_waits_for_its_old_key(etcd_server, etcd_root):
         await eventually(lambda: node.election.holder == "n1", message="sees the old key")
         await sleep(0.8)
         assert not node.election.is_leader, "the old incarnation's key is not ours"
-        await eventually(lambda: node.election.is_leader, timeout=6, message="leader once the old key expired")
+        await eventually(lambda: node.election.is_leader, timeout=10, message="leader once the old key expired")
     finally:
         await node.stop()
 
