@@ -68,6 +68,12 @@ class Node:
         await self.client.close()
 
 
+async def in_etcd(predicate, timeout: float = 10.0, message: str = ""):
+    """``eventually`` for a predicate that runs etcdctl: each run blocks the
+    reactor, so poll every 100 ms and leave the nodes time to work."""
+    return await eventually(predicate, timeout=timeout, interval=0.1, message=message)
+
+
 def published(etcd_server, key: str):
     value = etcd_server.get_prefix(key).get(key)
     return None if value is None else json.loads(value)
@@ -91,9 +97,9 @@ async def test_one_leader_publishes_and_hands_over_on_stop(etcd_server, etcd_roo
 
         etcd_server.put(keys.deployd_leader, "10.1.2.3:9003")
         etcd_server.put(keys.swarm_leader, "10.1.2.4:2376")
-        await eventually(lambda: published(etcd_server, keys.domains + "deployd.lain") == {
+        await in_etcd(lambda: published(etcd_server, keys.domains + "deployd.lain") == {
             "ips": ["10.1.2.3"], "type": ""}, message="deployd.lain")
-        await eventually(lambda: published(etcd_server, keys.domains + "swarm.lain") == {
+        await in_etcd(lambda: published(etcd_server, keys.domains + "swarm.lain") == {
             "ips": ["10.1.2.4"], "type": ""}, message="swarm.lain")
 
         stopped_at = time.monotonic()
@@ -104,7 +110,7 @@ async def test_one_leader_publishes_and_hands_over_on_stop(etcd_server, etcd_roo
         await eventually(lambda: other.election.is_leader, timeout=5, message="the other takes over")
         assert time.monotonic() - stopped_at < 1.5
         etcd_server.put(keys.deployd_leader, "10.1.2.9:9003")
-        await eventually(lambda: published(etcd_server, keys.domains + "deployd.lain") == {
+        await in_etcd(lambda: published(etcd_server, keys.domains + "deployd.lain") == {
             "ips": ["10.1.2.9"], "type": ""}, message="the new leader publishes")
         assert sum(n.election.is_leader for n in nodes) == 1
     finally:
@@ -122,12 +128,12 @@ async def test_a_deleted_leader_key_is_contested_again(etcd_server, etcd_root):
         await eventually(lambda: sum(n.election.is_leader for n in nodes) == 1, message="one leader")
         etcd_server.delete(keys.leader)
 
-        def settled():
+        def settled():  # from the nodes' own state: no etcdctl run blocking the reactor while it waits
             leaders = [n for n in nodes if n.election.is_leader]
-            holder = etcd_server.get_prefix(keys.leader).get(keys.leader)
-            return len(leaders) == 1 and holder == leaders[0].election.hostname and leaders[0]
+            return (len(leaders) == 1 and all(n.election.holder == leaders[0].election.hostname for n in nodes)
+                    and leaders[0])
 
-        leader = await eventually(settled, timeout=5, message="one leader again, holding the key")
+        leader = await eventually(settled, timeout=10, message="one leader again, seen by both")
         out = json.loads(etcd_server.ctl("get", keys.leader, "-w", "json").stdout)
         assert int(out["kvs"][0]["lease"]) == leader.election.lease
     finally:
@@ -142,12 +148,12 @@ async def test_bad_source_values_are_reported_and_the_rest_published(etcd_server
     etcd_server.put(keys.swarm_leader, "10.2.0.1:2376")
     node = Node(etcd_server, etcd_root, "n1").start()
     try:
-        await eventually(lambda: published(etcd_server, keys.domains + "swarm.lain"), message="swarm.lain")
+        await in_etcd(lambda: published(etcd_server, keys.domains + "swarm.lain"), message="swarm.lain")
         await eventually(lambda: keys.deployd_leader in node.tasks.invalid_keys, message="reported")
         assert "not IP:PORT" in node.tasks.invalid_keys[keys.deployd_leader]
         assert published(etcd_server, keys.domains + "deployd.lain") is None
         etcd_server.put(keys.deployd_leader, "10.2.0.2:9003")
-        await eventually(lambda: published(etcd_server, keys.domains + "deployd.lain") == {
+        await in_etcd(lambda: published(etcd_server, keys.domains + "deployd.lain") == {
             "ips": ["10.2.0.2"], "type": ""}, message="fixed value published")
         assert node.tasks.invalid_keys == {}
     finally:
@@ -165,12 +171,12 @@ async def test_tinydns_zones_follow_the_registered_workers(etcd_server, etcd_roo
         etcd_server.put(keys.tinydns_workers + "10.0.0.1:53", "n1")
         etcd_server.put(keys.tinydns_workers + "garbage", "n3")
         want = {"servers": ["10.0.0.1#53", "10.0.0.2#5353"]}
-        await eventually(lambda: published(etcd_server, lain) == want and published(etcd_server, own) == want,
+        await in_etcd(lambda: published(etcd_server, lain) == want and published(etcd_server, own) == want,
                          message="both zones")
         assert keys.tinydns_workers + "garbage" in node.tasks.invalid_keys
 
         etcd_server.delete(keys.tinydns_workers + "10.0.0.2:5353")
-        await eventually(lambda: published(etcd_server, lain) == {"servers": ["10.0.0.1#53"]}, message="shrunk")
+        await in_etcd(lambda: published(etcd_server, lain) == {"servers": ["10.0.0.1#53"]}, message="shrunk")
         etcd_server.delete(keys.tinydns_workers + "10.0.0.1:53")
         await sleep(0.5)
         assert published(etcd_server, lain) == {"servers": ["10.0.0.1#53"]}, \
@@ -178,7 +184,7 @@ async def test_tinydns_zones_follow_the_registered_workers(etcd_server, etcd_roo
 
         etcd_server.put(lain, '{"servers": ["10.9.9.9#53"]}')  # a hand edit is put right
         etcd_server.put(keys.tinydns_workers + "10.0.0.3:53", "n1")
-        await eventually(lambda: published(etcd_server, lain) == {"servers": ["10.0.0.3#53"]}, message="restored")
+        await in_etcd(lambda: published(etcd_server, lain) == {"servers": ["10.0.0.3#53"]}, message="restored")
     finally:
         await node.stop()
 
@@ -209,13 +215,13 @@ async def test_tinydns_records_come_from_the_whole_cluster(etcd_server, etcd_roo
         def records():
             return {k: json.loads(v) for k, v in etcd_server.get_prefix(fqdns).items()}
 
-        await eventually(lambda: records() == expected, message="all records")
+        await in_etcd(lambda: records() == expected, message="all records")
         etcd_server.delete(keys.app_key("hello", "web", "10.5.0.12", 8080))  # n2 stopped serving hello
-        await eventually(lambda: records()[fqdns + "hello.lain"] == ["+hello.lain:10.5.0.11:300"], message="shrunk")
+        await in_etcd(lambda: records()[fqdns + "hello.lain"] == ["+hello.lain:10.5.0.11:300"], message="shrunk")
         untouched = [fqdns + "dns.lain", fqdns + "hello.lain"]
         before = [mod_revision(etcd_server, key) for key in untouched]
         etcd_server.put(keys.vips + "10.5.0.101", vip.format(app="webrouter", proc="worker", port=80))
-        await eventually(lambda: len(records()[fqdns + "lain"]) == 4, message="second webrouter VIP")
+        await in_etcd(lambda: len(records()[fqdns + "lain"]) == 4, message="second webrouter VIP")
         await sleep(0.2)
         assert [mod_revision(etcd_server, key) for key in untouched] == before, "untouched records are not rewritten"
     finally:
@@ -229,11 +235,11 @@ async def test_values_are_written_only_when_they_change(etcd_server, etcd_root):
     node = Node(etcd_server, etcd_root, "n1").start()
     try:
         etcd_server.put(keys.deployd_leader, "10.3.0.1:9003")
-        await eventually(lambda: published(etcd_server, target), message="published")
+        await in_etcd(lambda: published(etcd_server, target), message="published")
         first = mod_revision(etcd_server, target)
         etcd_server.put(keys.deployd_leader, "10.3.0.1:9003")  # deployd refreshes its key: same value
         etcd_server.put(keys.swarm_leader, "10.3.0.2:2376")
-        await eventually(lambda: published(etcd_server, keys.domains + "swarm.lain"), message="swarm.lain")
+        await in_etcd(lambda: published(etcd_server, keys.domains + "swarm.lain"), message="swarm.lain")
         await sleep(0.3)
         assert mod_revision(etcd_server, target) == first
     finally:
@@ -323,7 +329,7 @@ async def test_leadership_and_publishing_survive_an_etcd_restart(private_etcd):
         await sleep(3)  # longer than the lease TTL (2 s)
         private_etcd.start()
         private_etcd.put(keys.deployd_leader, "10.6.0.1:9003")
-        await eventually(lambda: published(private_etcd, keys.domains + "deployd.lain") == {
+        await in_etcd(lambda: published(private_etcd, keys.domains + "deployd.lain") == {
             "ips": ["10.6.0.1"], "type": ""}, timeout=15, message="published after the restart")
 
         def one_leader_holding_the_key():
@@ -332,7 +338,7 @@ async def test_leadership_and_publishing_survive_an_etcd_restart(private_etcd):
             return (len(leaders) == 1 and out.get("kvs")
                     and int(out["kvs"][0]["lease"]) == leaders[0].election.lease)
 
-        await eventually(one_leader_holding_the_key, timeout=10, message="one leader, holding the key")
+        await in_etcd(one_leader_holding_the_key, timeout=10, message="one leader, holding the key")
     finally:
         for n in nodes:
             await n.stop()
