@@ -127,15 +127,17 @@ async def test_a_deleted_leader_key_is_contested_again(etcd_server, etcd_root):
     try:
         await eventually(lambda: sum(n.election.is_leader for n in nodes) == 1, message="one leader")
         etcd_server.delete(keys.leader)
+        deleted_at = etcd_server.revision()
 
-        def settled():  # from the nodes' own state: no etcdctl run blocking the reactor while it waits
+        def settled():
             leaders = [n for n in nodes if n.election.is_leader]
-            return (len(leaders) == 1 and all(n.election.holder == leaders[0].election.hostname for n in nodes)
-                    and leaders[0])
+            if len(leaders) != 1 or any(n.election.holder != leaders[0].election.hostname for n in nodes):
+                return False
+            kv = etcd_server.get_prefix_kvs(keys.leader).get(keys.leader)
+            # a new key (not the deleted one, which the nodes may still show), on the leader's lease
+            return kv is not None and kv[2] > deleted_at and kv[1] == leaders[0].election.lease
 
-        leader = await eventually(settled, timeout=10, message="one leader again, seen by both")
-        out = json.loads(etcd_server.ctl("get", keys.leader, "-w", "json").stdout)
-        assert int(out["kvs"][0]["lease"]) == leader.election.lease
+        await in_etcd(settled, message="one leader again, holding a new key, seen by both")
     finally:
         for n in nodes:
             await n.stop()

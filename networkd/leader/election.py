@@ -35,6 +35,8 @@ class LeaderElection(service.Service):
         self.holder: str | None = None  # the key's value in the newest snapshot
         self._seen = False  # a snapshot has told whether the key exists
         self._campaigning = False
+        self._checking = False
+        self._recheck = False  # a check failed: ask again on the next keep-alive
         self._listeners: list[Callable[[bool], None]] = []
 
     @property
@@ -74,13 +76,18 @@ class LeaderElection(service.Service):
             log.info("networkd leader: {holder}", holder=holder or "none")
         self.holder = holder
         self._seen = True
-        if holder is None and self.lease is not None:
-            self._verify()  # gone, or an older snapshot than our own create?
+        if self.lease is not None or holder == self.hostname:
+            # Ask etcd rather than trust the value: a delete and another node's
+            # create can arrive as one snapshot, an older snapshot than our own
+            # create shows no key, and our host name may be on an old lease.
+            self._check()
         self._campaign()
 
     def _on_ack(self, lease: int) -> None:
         if self.lease is not None and lease != self.lease:
             self._set(None, "our lease changed")
+        if self._recheck:
+            self._check()
         self._campaign()
 
     def _on_lost(self) -> None:
@@ -108,18 +115,29 @@ class LeaderElection(service.Service):
 
         self._locks.acquire(self.key, self.hostname, lease).addCallbacks(done, failed)
 
-    def _verify(self) -> None:
-        """Still ours?  Asked when a snapshot shows no key while we lead."""
-        lease = self.lease
+    def _check(self) -> None:
+        """Make our belief match etcd: lead if the key is on our current lease,
+        not otherwise.  A failed read changes nothing (the guarded writes keep
+        a wrong belief harmless) and is retried on the next keep-alive."""
+        lease = self._session.lease
+        if lease is None or self._checking:
+            self._recheck = lease is not None
+            return
+        self._checking, self._recheck = True, False
 
         def got(kv):
-            if self.lease == lease and (kv is None or kv.lease != lease):
-                self._set(None, "the leader key was deleted")
+            self._checking = False
+            ours = kv is not None and kv.lease == lease == self._session.lease
+            if ours and self.lease is None and self.running:
+                self._set(lease, "the leader key is on our lease")
+            elif not ours and self.lease is not None:
+                self._set(None, "the leader key is no longer ours")
                 self._campaign()
 
         def failed(failure):
-            if self.lease == lease:
-                self._set(None, f"cannot read the leader key: {failure.getErrorMessage()}")
+            self._checking = False
+            self._recheck = True
+            log.warn("cannot read the leader key ({e}); asking again", e=failure.getErrorMessage())
 
         self._locks.read(self.key).addCallbacks(got, failed)
 
