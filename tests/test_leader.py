@@ -74,6 +74,18 @@ async def in_etcd(predicate, timeout: float = 10.0, message: str = ""):
     return await eventually(predicate, timeout=timeout, interval=0.1, message=message)
 
 
+async def two_nodes_one_leader(etcd_server, root: str) -> list:
+    """Nodes n1 and n2, started, once exactly one of them leads."""
+    nodes = [Node(etcd_server, root, name).start() for name in ("n1", "n2")]
+    try:
+        await eventually(lambda: sum(n.election.is_leader for n in nodes) == 1, message="one leader")
+    except BaseException:
+        for n in nodes:
+            await n.stop()
+        raise
+    return nodes
+
+
 def published(etcd_server, key: str):
     value = etcd_server.get_prefix(key).get(key)
     return None if value is None else json.loads(value)
@@ -87,9 +99,8 @@ def mod_revision(etcd_server, key: str) -> int:
 @pytest_twisted.ensureDeferred
 async def test_one_leader_publishes_and_hands_over_on_stop(etcd_server, etcd_root):
     keys = Keys(etcd_root)
-    nodes = [Node(etcd_server, etcd_root, name).start() for name in ("n1", "n2")]
+    nodes = await two_nodes_one_leader(etcd_server, etcd_root)
     try:
-        await eventually(lambda: sum(n.election.is_leader for n in nodes) == 1, message="one leader")
         leader = next(n for n in nodes if n.election.is_leader)
         other = next(n for n in nodes if n is not leader)
         assert etcd_server.get_prefix(keys.leader)[keys.leader] == leader.election.hostname
@@ -123,9 +134,8 @@ async def test_one_leader_publishes_and_hands_over_on_stop(etcd_server, etcd_roo
 async def test_a_deleted_leader_key_is_contested_again(etcd_server, etcd_root):
     """An operator's `etcdctl del` of the key: the old leader steps down, one node leads again."""
     keys = Keys(etcd_root)
-    nodes = [Node(etcd_server, etcd_root, name).start() for name in ("n1", "n2")]
+    nodes = await two_nodes_one_leader(etcd_server, etcd_root)
     try:
-        await eventually(lambda: sum(n.election.is_leader for n in nodes) == 1, message="one leader")
         etcd_server.delete(keys.leader)
         deleted_at = etcd_server.revision()
 
@@ -324,9 +334,8 @@ def test_daemon_publishes_deployd_lain_and_serves_it(etcd_server, etcd_root, ups
 async def test_leadership_and_publishing_survive_an_etcd_restart(private_etcd):
     root = "/restart"
     keys = Keys(root)
-    nodes = [Node(private_etcd, root, name).start() for name in ("n1", "n2")]
+    nodes = await two_nodes_one_leader(private_etcd, root)
     try:
-        await eventually(lambda: sum(n.election.is_leader for n in nodes) == 1, message="one leader")
         private_etcd.stop()
         await sleep(3)  # longer than the lease TTL (2 s)
         private_etcd.start()

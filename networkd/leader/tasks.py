@@ -45,12 +45,16 @@ class LeaderTasks(service.Service):
         self._writing: dict = {}  # target key -> value being written
         self._written: dict = {}  # target key -> (value, revision) of our last write
         self.invalid_keys: dict = {}
-        self.published: dict = {}  # target key -> value we last wrote
         self._sources = list(dict.fromkeys(getattr(keys, name) for t in self.tasks for name in WIRING[t][0]))
         self._targets = list(dict.fromkeys(getattr(keys, name) for t in self.tasks for name in WIRING[t][1]))
         # Asked for now, not in startService: a watcher added to a MultiService
         # while it starts its children would be started twice.
         self._watchers = {prefix: watch(prefix) for prefix in self._sources + self._targets}
+
+    @property
+    def published(self) -> dict:
+        """Target key -> the value we last wrote (for /v1/status)."""
+        return {key: value for key, (value, _) in self._written.items()}
 
     def startService(self):
         super().startService()
@@ -135,7 +139,6 @@ class LeaderTasks(service.Service):
             self._writing.pop(key, None)
             if revision:
                 self._written[key] = (value, revision)
-                self.published[key] = value
                 self._backoff.reset()
                 log.info("leader published {key} = {value}", key=key, value=value)
             else:
