@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 
 from twisted.application import service
 from twisted.internet import defer
@@ -90,7 +91,7 @@ class Networkd(service.MultiService):
 
     def lease_session(self) -> Session:
         if self.session is None:
-            self.session = Session(self.client, self.options["lock-ttl"], self.reactor)
+            self.session = Session(self.client, self.options["lock-ttl"], self.reactor, clock=time.monotonic)
             self.session.setServiceParent(self)
         return self.session
 

@@ -1,9 +1,10 @@
 """The process lease: granted once, kept alive every TTL/3, revoked on stop.
 
-Locks borrow this lease; they never own one.  ``last_ack`` is the clock
-time at which the newest *acknowledged* keep-alive was sent, so
-``clock.seconds() - last_ack`` bounds how long etcd may already have been
-counting the lease down.  Self-fencing is built on that number.
+Locks borrow this lease; they never own one.  ``last_ack`` is the time
+(on ``clock``, monotonic in the daemon) at which the newest *acknowledged*
+keep-alive was sent, so ``clock() - last_ack`` bounds how long etcd may
+already have been counting the lease down.  Self-fencing is built on that
+number; a wall-clock step must not change it.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ class SessionExpired(Exception):
 class Session(service.Service):
     name = "etcd session"
 
-    def __init__(self, client, ttl: int, reactor, backoff: Backoff | None = None):
+    def __init__(self, client, ttl: int, reactor, backoff: Backoff | None = None,
+                 clock: Callable[[], float] | None = None):
         self._client = client
         self.ttl = ttl
         self._reactor = reactor
+        self.clock = clock or reactor.seconds
         self._backoff = backoff or Backoff(0.1, max(0.5, ttl / 3))
         self.lease: int | None = None
         self.last_ack: float | None = None
@@ -47,7 +50,7 @@ class Session(service.Service):
 
     def ack_age(self) -> float | None:
         """Seconds since the newest acknowledged keep-alive was sent (None: never)."""
-        return None if self.last_ack is None else self._reactor.seconds() - self.last_ack
+        return None if self.last_ack is None else self.clock() - self.last_ack
 
     def on_ack(self, listener: Callable[[int], None]) -> None:
         """``listener(lease)`` after every acknowledged keep-alive (and the grant)."""
@@ -81,7 +84,7 @@ class Session(service.Service):
 
     async def _run(self) -> None:
         while self.running:
-            sent = self._reactor.seconds()
+            sent = self.clock()
             try:
                 if self.lease is None:
                     self.lease = await self._client.grant_lease(self.ttl)
@@ -91,7 +94,7 @@ class Session(service.Service):
                     if granted <= 0:
                         raise SessionExpired(f"lease {self.lease:x} expired")
                 self._acked(sent)
-                delay = max(0.0, sent + self.interval - self._reactor.seconds())
+                delay = max(0.0, sent + self.interval - self.clock())
             except SessionExpired as e:
                 self._expired(str(e))
                 delay = 0.0

@@ -42,6 +42,7 @@ class Announcer:
         self._mac_of = mac_of
         self._repeats = repeats
         self._pending: dict[str, list] = {}
+        self.allowed = lambda ip: True  # checked before every repeat: a fenced node stays quiet
         self.sent = 0
         self.failures = 0
         self._socket: socket.socket | None = None
@@ -55,7 +56,11 @@ class Announcer:
         """Send now, and schedule the repeats (replacing earlier ones for ``ip``)."""
         self.cancel(ip)
         self.send(ip)
-        self._pending[ip] = [self._reactor.callLater(delay, self.send, ip) for delay in self._repeats]
+        self._pending[ip] = [self._reactor.callLater(delay, self._repeat, ip) for delay in self._repeats]
+
+    def _repeat(self, ip: str) -> None:
+        if self.allowed(ip):
+            self.send(ip)
 
     def cancel(self, ip: str) -> None:
         for call in self._pending.pop(ip, []):

@@ -1,203 +1,308 @@
-"""The only code that changes interfaces: VIP addresses via pyroute2.
+"""The only code that changes interfaces: VIP addresses over rtnetlink.
 
 Addresses are ``<ip>/32`` on one interface, matched exactly ([BUG 18]).
-They are added with a kernel lifetime (``valid_lft``/``preferred_lft``) so
-that a killed or frozen daemon loses them by itself: the dead man's switch.
-A second netlink socket listens for address and link events, so an address
-removed by someone else, or a link coming up, is noticed at once.
 
-pyroute2's async API is asyncio; each call runs as an asyncio task and is
-handed back as a Deferred (the bridge stays inside this module).
+Requests are synchronous on purpose.  The kernel handles an rtnetlink
+request inside the ``send`` that carries it, so its acknowledgement is
+already queued when ``send`` returns: a whole batch of adds, renewals and
+removals costs one system call plus one read of the acknowledgements, and
+nothing is ever queued in this process.  That matters for safety: a
+lifetime computed by the caller right before ``apply`` is the lifetime the
+kernel starts, not one that waited behind other work (see
+networkd.vips.addresses).  The caller is told how long the exchange took.
+
+A second socket listens for address removals and link changes.  Our own
+renewals come back as RTM_NEWADDR notifications; a socket filter drops
+those in the kernel, so holding many VIPs costs no wake-ups.  pyroute2 is
+not used here: its requests go through an asyncio queue (the lifetime
+would be stale by the time the kernel sees it) and its generic parser
+costs far more per message than these few fields (README, "VIPs").
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
+import select
 import socket
+import time
 from typing import Callable
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
-from twisted.internet.defer import Deferred
+from twisted.internet import defer
 from twisted.logger import Logger
+
+from networkd.vips import rtnl
 
 log = Logger()
 
-IFF_UP = 0x1
-IFF_RUNNING = 0x40
-FOREVER = 0xFFFFFFFF
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10  # error acks without a copy of the request
+SO_RCVBUFFORCE = 33
+SO_ATTACH_FILTER = 26
+RECEIVE_BUFFER = 4 << 20
+CHUNK = 64  # requests per datagram: their acknowledgements fit the receive buffer many times
+REPLY_WAIT = 0.2  # seconds to wait for a reply that, by the protocol, is already there
 
 
 class InterfaceMissing(Exception):
     """The VIP interface does not exist (yet)."""
 
 
-def _deferred(coro) -> Deferred:
-    return Deferred.fromFuture(asyncio.ensure_future(coro))
+def _socket(groups: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    try:
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+    except OSError:
+        pass
+    sock.bind((0, groups))
+    sock.setblocking(False)
+    return sock
 
 
 class Netlink:
     """Addresses on one interface, plus events about it."""
 
-    def __init__(self, interface: str):
+    def __init__(self, interface: str, reactor=None, clock: Callable[[], float] = time.monotonic):
         self.interface = interface
+        self._reactor = reactor
+        self._clock = clock
         self.index: int | None = None
         self.mac: bytes | None = None
-        self._ipr: AsyncIPRoute | None = None
-        self._lock: asyncio.Lock | None = None
-        self._events_task: asyncio.Task | None = None
-        self._link_up: bool | None = None
+        self.link_up: bool | None = None
+        self._requests: socket.socket | None = None
+        self._events: _EventReader | None = None
+        self._seq = 0
         self.on_address_removed: Callable[[str], None] = lambda ip: None
-        self.on_address_added: Callable[[str], None] = lambda ip: None
         self.on_link_up: Callable[[], None] = lambda: None
+        self.on_events_lost: Callable[[], None] = lambda: None
+        self.last_exchange = 0.0  # seconds the newest apply() spent in the kernel
 
     # -- lifecycle -----------------------------------------------------------
 
-    def start(self) -> Deferred:
-        return _deferred(self._start())
-
-    async def _start(self) -> None:
-        self._ipr = AsyncIPRoute()
-        self._lock = asyncio.Lock()
-        self._events_task = asyncio.ensure_future(self._events())
+    def start(self) -> defer.Deferred:
+        self._requests = _socket()
+        if self._reactor is not None:
+            self._events = _EventReader(self)
+            self._reactor.addReader(self._events)
         try:
-            await self._lookup()
+            self.lookup()
         except InterfaceMissing as e:
             log.warn("{e}; VIPs wait for it", e=e)
+        return defer.succeed(None)
 
-    def stop(self) -> Deferred:
-        async def stop():
-            if self._events_task is not None:
-                self._events_task.cancel()
-                try:
-                    await self._events_task
-                except BaseException:
-                    pass
-            if self._ipr is not None:
-                self._ipr.close()
-                self._ipr = None
+    def stop(self) -> defer.Deferred:
+        if self._events is not None:
+            self._reactor.removeReader(self._events)
+            self._events.close()
+            self._events = None
+        if self._requests is not None:
+            self._requests.close()
+            self._requests = None
+        return defer.succeed(None)
 
-        return _deferred(stop())
+    # -- requests ------------------------------------------------------------
 
-    async def _lookup(self) -> int:
+    def _next_seq(self) -> int:
+        self._seq = (self._seq % 0x7FFFFFFF) + 1
+        return self._seq
+
+    def _exchange(self, packed: list[tuple[int, bytes]]) -> dict[int, int]:
+        """Send ``(seq, message)`` pairs, CHUNK per datagram; return seq -> errno (0 = done)."""
+        results: dict[int, int] = {}
+        for start in range(0, len(packed), CHUNK):
+            chunk = packed[start:start + CHUNK]
+            wanted = {seq for seq, _ in chunk}
+            try:
+                self._requests.send(b"".join(message for _, message in chunk))
+            except OSError as e:
+                results.update((seq, e.errno or errno.EIO) for seq in wanted)
+                continue
+            for message in self._replies(wanted):
+                if message.type == rtnl.NLMSG_ERROR and message.seq in wanted:
+                    results[message.seq] = rtnl.error_code(message)
+                    wanted.discard(message.seq)
+            results.update((seq, errno.ETIMEDOUT) for seq in wanted)
+        return results
+
+    def _replies(self, wanted: set[int]):
+        """Messages read until every seq in ``wanted`` had its ERROR/ack (or none came)."""
+        deadline = None
+        while wanted:
+            try:
+                data = self._requests.recv(1 << 16)
+            except BlockingIOError:
+                now = time.monotonic()
+                deadline = deadline or now + REPLY_WAIT
+                if now >= deadline:
+                    return
+                select.select([self._requests], [], [], deadline - now)
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    log.error("netlink replies were lost (receive buffer overrun)")
+                    return
+                raise
+            for message in rtnl.messages(data):
+                yield message
+                if message.type == rtnl.NLMSG_ERROR:
+                    wanted.discard(message.seq)
+
+    def lookup(self) -> int:
         """The interface index (cached; link events and ENODEV clear it)."""
         if self.index is not None:
             return self.index
-        found = await self._ipr.link_lookup(ifname=self.interface)
-        if not found:
-            self.index = None
-            raise InterfaceMissing(f"interface {self.interface!r} does not exist")
-        if found[0] != self.index:
-            self.index = found[0]
-            for msg in await self._ipr.link("get", index=self.index):
-                mac = msg.get("IFLA_ADDRESS")
-                self.mac = bytes.fromhex(mac.replace(":", "")) if mac else None
-                self._link_up = bool(msg["flags"] & IFF_UP) and bool(msg["flags"] & IFF_RUNNING)
-        return self.index
+        seq = self._next_seq()
+        self._requests.send(rtnl.get_link(seq, self.interface))
+        for message in self._replies({seq}):
+            if message.seq != seq:
+                continue
+            if message.type == rtnl.NLMSG_ERROR:
+                code = rtnl.error_code(message)
+                if code in (errno.ENODEV, errno.ENOENT):
+                    raise InterfaceMissing(f"interface {self.interface!r} does not exist")
+                raise rtnl.NetlinkError(code, f"looking up {self.interface}: {errno.errorcode.get(code, code)}")
+            link = rtnl.parse_link(message)
+            if link is not None:
+                self.index, self.mac, self.link_up = link.index, link.mac, link.up
+                return self.index
+        raise rtnl.NetlinkError(errno.ETIMEDOUT, f"no answer looking up {self.interface}")
 
-    # -- addresses -----------------------------------------------------------
+    def apply(self, removals: list[str], puts: list[tuple[str, int]]) -> dict[str, int]:
+        """Remove, then add or renew (``(ip, lifetime seconds)``), in one exchange.
 
-    def addresses(self) -> Deferred:
-        """Fires with the set of IPv4 ``/32`` addresses on the interface."""
-
-        async def dump():
-            async with self._lock:
-                index = await self._lookup()
-                found = set()
-                async for msg in await self._ipr.addr("dump", index=index, family=socket.AF_INET):
-                    if msg["prefixlen"] == 32 and msg["index"] == index:
-                        found.add(msg.get("IFA_ADDRESS"))
-                return found
-
-        return _deferred(dump())
-
-    def put(self, ip: str, lifetime: int, then: Callable[[], None] | None = None) -> Deferred:
-        """Add or refresh ``ip/32`` with ``lifetime`` seconds (kernel removes it after).
-
-        ``then()`` runs the moment the kernel acknowledged, before any other
-        callback: gratuitous ARP must leave within milliseconds.
+        Returns ip -> errno (0 done; for a removal, EADDRNOTAVAIL means it
+        was already gone).  ``last_exchange`` says how long it took.
         """
+        started = self._clock()
+        try:
+            index = self.lookup()
+        except InterfaceMissing:
+            self.last_exchange = self._clock() - started
+            return {**{ip: errno.EADDRNOTAVAIL for ip in removals}, **{ip: errno.ENODEV for ip, _ in puts}}
+        seqs: dict[int, str] = {}
+        packed = []
+        for ip in removals:
+            seq = self._next_seq()
+            seqs[seq] = ip
+            packed.append((seq, rtnl.delete_address(seq, index, ip)))
+        for ip, lifetime in puts:
+            seq = self._next_seq()
+            seqs[seq] = ip
+            packed.append((seq, rtnl.put_address(seq, index, ip, max(1, int(lifetime)))))
+        results = self._exchange(packed)
+        self.last_exchange = self._clock() - started
+        if errno.ENODEV in results.values():
+            self.index = None
+        return {seqs[seq]: code for seq, code in results.items()}
 
-        async def put():
-            async with self._lock:
-                index = await self._lookup()
-                life = FOREVER if lifetime is None else max(1, int(lifetime))
-                try:
-                    await self._ipr.addr(
-                        "replace", index=index, address=ip, prefixlen=32,
-                        IFA_CACHEINFO={"ifa_valid": life, "ifa_preferred": life, "cstamp": 0, "tstamp": 0},
-                    )
-                except NetlinkError as e:
-                    if e.code == errno.ENODEV:
-                        self.index = None
-                    raise
-                if then is not None:
-                    try:
-                        then()
-                    except Exception:
-                        log.failure("after adding {ip}", ip=ip)
-
-        return _deferred(put())
-
-    def remove(self, ip: str) -> Deferred:
-        """Remove ``ip/32``; fires True if it was there, False if already gone."""
-
-        async def remove():
-            async with self._lock:
-                try:
-                    index = await self._lookup()
-                except InterfaceMissing:
-                    return False
-                try:
-                    await self._ipr.addr("del", index=index, address=ip, prefixlen=32)
-                except NetlinkError as e:
-                    if e.code == errno.ENODEV:
-                        self.index = None
-                    if e.code in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
-                        return False
-                    raise
-                return True
-
-        return _deferred(remove())
+    def addresses(self) -> list[rtnl.Address]:
+        """The IPv4 ``/32`` addresses on the interface now, with their cache info."""
+        index = self.lookup()
+        seq = self._next_seq()
+        self._requests.send(rtnl.dump_addresses(seq))
+        found = []
+        deadline = None
+        while True:
+            try:
+                data = self._requests.recv(1 << 16)
+            except BlockingIOError:
+                now = time.monotonic()
+                deadline = deadline or now + REPLY_WAIT
+                if now >= deadline:
+                    raise rtnl.NetlinkError(errno.ETIMEDOUT, "address dump did not finish")
+                select.select([self._requests], [], [], deadline - now)
+                continue
+            for message in rtnl.messages(data):
+                if message.seq != seq:
+                    continue
+                if message.type == rtnl.NLMSG_DONE:
+                    return found
+                if message.type == rtnl.NLMSG_ERROR:
+                    code = rtnl.error_code(message)
+                    raise rtnl.NetlinkError(code, f"address dump: {errno.errorcode.get(code, code)}")
+                if message.type == rtnl.RTM_NEWADDR:
+                    address = rtnl.parse_address(message)
+                    if address is not None and address.index == index and address.prefixlen == 32:
+                        found.append(address)
 
     # -- events --------------------------------------------------------------
 
-    async def _events(self) -> None:
-        while True:
-            try:
-                async with AsyncIPRoute() as events:
-                    await events.bind(groups=RTMGRP_IPV4_IFADDR | RTMGRP_LINK)
-                    while True:
-                        async for msg in events.get():
-                            self._event(msg)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warn("netlink event socket failed: {e}; reopening", e=e)
-                await asyncio.sleep(1.0)
+    def _event(self, message: rtnl.Message) -> None:
+        if message.type == rtnl.RTM_DELADDR:
+            address = rtnl.parse_address(message)
+            if address is not None and address.index == self.index and address.prefixlen == 32:
+                self.on_address_removed(address.ip)
+        elif message.type in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
+            link = rtnl.parse_link(message)
+            if link is None or (link.name != self.interface and link.index != self.index):
+                return
+            if message.type == rtnl.RTM_DELLINK:
+                self.index, self.link_up = None, False
+                return
+            was, self.link_up = self.link_up, link.up
+            if link.name == self.interface and link.index != self.index:
+                self.index = None  # recreated: look it up again
+            elif link.mac:
+                self.mac = link.mac
+            if link.up and not was:
+                self.on_link_up()
 
-    def _event(self, msg) -> None:
+
+class _EventReader:
+    """The notification socket, read by the reactor."""
+
+    def __init__(self, netlink: Netlink):
+        self._netlink = netlink
+        self._sock = _socket(rtnl.RTMGRP_IPV4_IFADDR | rtnl.RTMGRP_LINK)
         try:
-            kind = msg.get("event")
-            if kind in ("RTM_NEWADDR", "RTM_DELADDR"):
-                if msg.get("index") != self.index or msg.get("prefixlen") != 32:
-                    return
-                ip = msg.get("IFA_ADDRESS")
-                (self.on_address_removed if kind == "RTM_DELADDR" else self.on_address_added)(ip)
-            elif kind in ("RTM_NEWLINK", "RTM_DELLINK"):
-                if msg.get("IFLA_IFNAME") != self.interface and msg.get("index") != self.index:
-                    return
-                if kind == "RTM_DELLINK":
-                    self.index = None
-                    self._link_up = False
-                    return
-                up = bool(msg["flags"] & IFF_UP) and bool(msg["flags"] & IFF_RUNNING)
-                was, self._link_up = self._link_up, up
-                if msg.get("IFLA_IFNAME") == self.interface and msg.get("index") != self.index:
-                    self.index = None  # recreated: look it up again
-                if up and not was:
-                    self.on_link_up()
-        except Exception:
-            log.failure("netlink event handler failed")
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _filter_program())
+        except OSError as e:
+            log.info("netlink event filter not attached ({e}); renewals will wake us", e=e)
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def logPrefix(self) -> str:
+        return "netlink events"
+
+    def doRead(self) -> None:
+        for _ in range(256):  # yield to the reactor now and then
+            try:
+                data = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    log.warn("netlink events were lost; checking the interface")
+                    self._netlink.on_events_lost()
+                    continue
+                raise
+            for message in rtnl.messages(data):
+                try:
+                    self._netlink._event(message)
+                except Exception:
+                    log.failure("netlink event handler failed")
+
+    def connectionLost(self, reason) -> None:
+        pass
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def _filter_program():
+    """A ``struct sock_fprog`` for SO_ATTACH_FILTER; the bytes must outlive the call only."""
+    import ctypes
+
+    code = rtnl.drop_type_filter(rtnl.RTM_NEWADDR)
+    buffer = ctypes.create_string_buffer(code, len(code))
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    program = SockFprog(len(code) // 8, ctypes.addressof(buffer))
+    _filter_program.keep = buffer  # setsockopt copies it; keep it alive until then
+    return bytes(ctypes.string_at(ctypes.addressof(program), ctypes.sizeof(program)))

@@ -12,8 +12,10 @@ Safety first, in this order of precedence:
   Checked every 100 ms and before every address is added, so a process
   resumed after SIGSTOP drops first and announces nothing.
 * Dead man's switch: addresses carry a kernel lifetime ending before that
-  deadline, renewed on each acknowledged keep-alive; a killed or frozen
-  daemon loses them without running any code.
+  deadline, renewed as acknowledged keep-alives move it; a killed or frozen
+  daemon loses them without running any code.  Every add and renewal is
+  justified at the instant it is sent, never earlier
+  (networkd.vips.addresses).
 * Release (config gone, container gone, node excluded, rebalancing,
   SIGTERM): rules and address first, then the lock, guarded by our lease.
 * Startup: our chains are rebuilt from scratch and configured VIP
@@ -25,16 +27,16 @@ the lease (networkd.vips.appkeys), withdrawn first on the way out.
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 from twisted.application import service
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 
 from networkd.backoff import every
 from networkd.etcd.lock import LeaseLocks
 from networkd.vips import firewall as fw
+from networkd.vips.addresses import AddressKeeper, Justification
 from networkd.vips.appkeys import AppKeys
 from networkd.vips.arp import Announcer
 from networkd.vips.model import Container, InvalidValue, VipConfig, parse_pod_group, parse_vips
@@ -48,7 +50,8 @@ log = Logger()
 
 FENCE_CHECK = 0.1  # seconds between fencing checks
 TICK = 0.5  # seconds between level-triggered passes
-ADDRESS_CHECK = 1.0  # anti-entropy of addresses
+ADDRESS_CHECK = 1.0  # anti-entropy of addresses (less often while a read-back costs more than 0.2 % of a CPU)
+AUDIT_BUDGET = 0.002  # of the CPU the address read-back may use
 FIREWALL_CHECK = 5.0  # anti-entropy of iptables
 CAMPAIGN_GRACE = 1.0  # a node that is not the least loaded waits this long for a free VIP
 STOP_TIMEOUT = 1.0
@@ -67,6 +70,9 @@ class VipManager(service.Service):
     def __init__(self, *, reactor, client, keys, watch: Callable, session, hostname: str,
                  interface: str, node_ip: str | None, firewall_backend: str = "auto",
                  netlink: Netlink | None = None, announcer: Announcer | None = None, to_thread=None):
+        # Deadlines are on the session's clock (monotonic in the daemon): a wall-clock step
+        # must never stretch one.
+        self._clock = getattr(session, "clock", None) or reactor.seconds
         self._reactor = reactor
         self._keys = keys
         # Create the shared watchers now (no I/O) so they are started before us.
@@ -80,8 +86,16 @@ class VipManager(service.Service):
         self.node_ip = node_ip
         self.firewall_choice = firewall_backend  # "auto" | "legacy" | "nft", or a back end object
         self._to_thread = to_thread or threads.deferToThread
-        self.netlink = netlink or Netlink(interface)
+        self.netlink = netlink or Netlink(interface, reactor, self._clock)
         self.arp = announcer or Announcer(reactor, interface, lambda: self.netlink.mac)
+        self.interval = session.ttl / 3  # keep-alive interval
+        self.keeper = AddressKeeper(
+            reactor=reactor, netlink=self.netlink, clock=self._clock, justify=self._justification,
+            renew_ahead=self.interval + 0.5, on_added=self.arp.announce, on_removed=self.arp.cancel,
+            managed=lambda: (c.ip for c in self.configs.values() if c.floating),
+        )
+        if hasattr(self.arp, "allowed"):
+            self.arp.allowed = self._may_announce
         self.firewall: fw.Firewall | None = None
         self.ttl = session.ttl
         self.margin = fencing_margin(session.ttl)
@@ -105,9 +119,8 @@ class VipManager(service.Service):
         self._later: dict[str, float] = {}  # ip -> when to contest it anyway
         self._verifying: set[str] = set()
         self._verified_at: dict[str, float] = {}
-        self.addresses: set[str] = set()  # addresses we put on the interface
-        self._removing: set[str] = set()
-        self._adding: set[str] = set()
+        self._active_ips: frozenset[str] = frozenset()  # floating VIPs for this host, as of the last pass
+        self._next_audit = 0.0
         self._announced_lease: int | None = None
         self.errors: dict[str, str] = {}  # VIP key -> last error
         self.fenced_since: float | None = None
@@ -126,6 +139,11 @@ class VipManager(service.Service):
         lease = self._session.lease
         return frozenset(ip for ip, held_on in self.locks.items() if lease is not None and held_on == lease)
 
+    @property
+    def addresses(self) -> set[str]:
+        """Addresses we put on the interface (and that are still there, as far as we know)."""
+        return set(self.keeper.placed)
+
     def held_count(self) -> int:
         return len(self.held() & self.addresses)
 
@@ -134,12 +152,30 @@ class VipManager(service.Service):
         age = self._session.ack_age()
         return self._session.lease is None or age is None or age >= self.ttl - self.margin
 
-    def lifetime(self) -> int:
-        """Whole seconds an address may live: it must vanish before the lease can."""
-        age = self._session.ack_age()
-        if age is None:
-            return 0
-        return int(math.floor(self.ttl - self.margin - age))
+    def deadline(self) -> float | None:
+        """When our addresses must be gone: the lease may expire on etcd ``margin`` later."""
+        last_ack = self._session.last_ack
+        return None if last_ack is None else last_ack + self.ttl - self.margin
+
+    def _may_announce(self, ip: str) -> bool:
+        just = self._justification()
+        return just.deadline is not None and self.keeper.holds(ip) and just.may_hold(ip)
+
+    def _justification(self) -> Justification:
+        """Asked by the address keeper right before it adds or renews anything."""
+        lease = self._session.lease
+        if self.stopping or not self.host_ready or lease is None or self.fenced():
+            return Justification(None, lambda ip: False)
+        active, locks, holders, confirmed, releasing = (
+            self._active_ips, self.locks, self.holders, self._confirmed, self._releasing)
+
+        def may_hold(ip: str) -> bool:
+            if locks.get(ip) != lease or ip in releasing or ip not in active:
+                return False
+            # The newest lock snapshot outranks our record until the next pass drops it.
+            return ip not in confirmed or holders.get(ip) == self.hostname
+
+        return Justification(self.deadline(), may_hold)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -152,9 +188,9 @@ class VipManager(service.Service):
     async def _make_backend(self):
         if not isinstance(self.firewall_choice, str):
             return self.firewall_choice
-        name = await threads.deferToThread(fw.detect_backend, self.firewall_choice)
+        name = await self._to_thread(fw.detect_backend, self.firewall_choice)
         try:
-            return await threads.deferToThread(fw.make_backend, name)
+            return await self._to_thread(fw.make_backend, name)
         except Exception as e:
             log.error("firewall back end {name} unusable ({e}); using iptables-restore instead", name=name, e=e)
             return fw.RestoreBackend(name)
@@ -167,6 +203,7 @@ class VipManager(service.Service):
                  f=self.ttl - self.margin)
         self.netlink.on_address_removed = self._address_removed
         self.netlink.on_link_up = self._link_up
+        self.netlink.on_events_lost = self._check_addresses
         await self.netlink.start()
         self.firewall.reset()  # our chains from scratch, before contesting anything
         await self.firewall.sync()
@@ -208,10 +245,9 @@ class VipManager(service.Service):
         if lease is not None:
             withdraw.append(self._timed(self._locks.withdraw(self._member_key(), lease)))
         self.arp.cancel_all()
-        steps = [self._sync_addresses()]
+        self._sync_addresses()
         if self.firewall is not None:
-            steps.append(self.firewall.sync())
-        await defer.DeferredList(steps, consumeErrors=True)
+            await defer.DeferredList([self.firewall.sync()], consumeErrors=True)
         await defer.DeferredList(withdraw, consumeErrors=True)
         releases = [self._timed(self._locks.release(self._keys.vip_lock(ip), held_on)) for ip, held_on in held.items()]
         await defer.DeferredList(releases, consumeErrors=True)
@@ -280,7 +316,7 @@ class VipManager(service.Service):
             log.info("etcd acknowledges our lease again after {s:.1f}s; contesting VIPs again",
                      s=self._reactor.seconds() - self.fenced_since)
             self.fenced_since = None
-        self._renew_addresses()
+        self.keeper.pass_now()  # the deadline moved: renew what needs it
         self.kick()
 
     def _lease_lost(self) -> None:
@@ -289,6 +325,7 @@ class VipManager(service.Service):
         self.locks.clear()
         self._confirmed.clear()
         self._announced_lease = None
+        self._sync_addresses()
         self.kick()
 
     def _announce_presence(self, lease: int) -> None:
@@ -376,6 +413,7 @@ class VipManager(service.Service):
 
         def failed(failure):
             self._verifying.discard(ip)
+            log.warn("could not read the lock of VIP {ip}: {e}", ip=ip, e=failure.getErrorMessage())
 
         self._locks.read(self._keys.vip_lock(ip)).addCallbacks(got, failed)
 
@@ -434,7 +472,7 @@ class VipManager(service.Service):
             try:
                 # Host first: once the lock is gone another node may add the address.
                 self._sync_host()
-                await self._removed(ip)
+                await self.keeper.removed(ip)
                 if self.firewall is not None:
                     await self.firewall.sync()
                 await self._locks.release(self._keys.vip_lock(ip), lease)
@@ -449,13 +487,6 @@ class VipManager(service.Service):
                 self.kick()
 
         defer.Deferred.fromCoroutine(release())
-
-    async def _removed(self, ip: str) -> None:
-        """Wait until ``ip`` is off the interface (removal already issued)."""
-        for _ in range(200):
-            if ip not in self.addresses and ip not in self._removing:
-                return
-            await task.deferLater(self._reactor, 0.005, lambda: None)
 
     # -- host ----------------------------------------------------------------
 
@@ -490,83 +521,11 @@ class VipManager(service.Service):
         if self.firewall is not None and self.firewall.applied != self._desired_rules():
             self.firewall.sync()
 
-    def _sync_addresses(self) -> defer.Deferred:
-        """Issue the address changes now; fires when they are done."""
-        wanted = set(self._active())
-        steps = []
-        for ip in sorted(self.addresses - wanted):
-            steps.append(self._remove_address(ip))
-        for ip in sorted(wanted - self.addresses):
-            steps.append(self._add_address(ip))
-        return defer.DeferredList(steps, consumeErrors=True)
-
-    def _add_address(self, ip: str) -> defer.Deferred:
-        lifetime = self.lifetime()
-        if self.fenced() or lifetime < 1:
-            return defer.succeed(None)
-        self.addresses.add(ip)
-        self._adding.add(ip)
-        announced = []
-
-        def announce():
-            # Runs inside the netlink call, right after the kernel added the address.
-            if ip in self.addresses and not self.fenced() and not self.stopping:
-                self.arp.announce(ip)
-                announced.append(True)
-
-        def added(_):
-            if announced:
-                log.info("VIP {ip} is on {iface} (lifetime {life}s), announced", ip=ip,
-                         iface=self.interface, life=lifetime)
-            self.errors.pop(ip, None)
-
-        def failed(failure):
-            self.addresses.discard(ip)
-            self.errors[ip] = f"address: {failure.getErrorMessage()}"
-            log.warn("could not add VIP {ip} to {iface}: {e}", ip=ip, iface=self.interface,
-                     e=failure.getErrorMessage())
-            self._reactor.callLater(1.0, self.kick)
-
-        def finished(result):
-            self._adding.discard(ip)
-            return result
-
-        return self.netlink.put(ip, lifetime, then=announce).addCallbacks(added, failed).addBoth(finished)
-
-    def _remove_address(self, ip: str) -> defer.Deferred:
-        self.addresses.discard(ip)
-        self._removing.add(ip)
-        self.arp.cancel(ip)
-
-        def removed(was_there):
-            log.info("VIP {ip} removed from {iface}{note}", ip=ip, iface=self.interface,
-                     note="" if was_there else " (already gone)")
-
-        def failed(failure):
-            self.errors[ip] = f"address removal: {failure.getErrorMessage()}"
-            log.warn("could not remove VIP {ip}: {e}", ip=ip, e=failure.getErrorMessage())
-            self._reactor.callLater(0.2, self._retry_removal, ip)
-
-        def finished(result):
-            self._removing.discard(ip)
-            return result
-
-        return self.netlink.remove(ip).addCallbacks(removed, failed).addBoth(finished)
-
-    def _retry_removal(self, ip: str) -> None:
-        if ip not in self._active() and ip not in self.addresses:
-            self._remove_address(ip)
-
-    def _renew_addresses(self) -> None:
-        """Push the kernel lifetimes forward after an acknowledged keep-alive."""
-        lifetime = self.lifetime()
-        if self.fenced() or lifetime < 1:
-            return
-        active = self._active()
-        for ip in list(self.addresses):
-            if ip in active:
-                self.netlink.put(ip, lifetime).addErrback(
-                    lambda f, ip=ip: log.warn("could not renew VIP {ip}: {e}", ip=ip, e=f.getErrorMessage()))
+    def _sync_addresses(self) -> None:
+        """Tell the keeper what should be on the interface; it applies that now."""
+        self._active_ips = frozenset(self._active())
+        self.keeper.want(self._active_ips)
+        self.keeper.pass_now()
 
     # -- safety loops ----------------------------------------------------------
 
@@ -591,36 +550,25 @@ class VipManager(service.Service):
         return config is not None and not config.floating
 
     def _address_removed(self, ip: str) -> None:
-        if ip in self.addresses:
-            self.addresses.discard(ip)
-            if not self.fenced():
-                log.warn("VIP {ip} was removed from {iface} behind our back; putting it back",
-                         ip=ip, iface=self.interface)
-            self.kick()
+        self.keeper.vanished(ip)
 
     def _link_up(self) -> None:
         log.info("{iface} is up; announcing held VIPs again", iface=self.interface)
+        just = self._justification()
         for ip in list(self.addresses):
-            if ip in self._active():
+            if just.deadline is not None and just.may_hold(ip):
                 self.arp.announce(ip)
 
     def _check_addresses(self) -> None:
-        if not self._seen["configs"]:
+        """Read the interface back (networkd.vips.addresses), within a small CPU budget."""
+        if not self._seen["configs"] or self.stopping:
             return
-
-        def compare(present: set[str]):
-            if self.stopping:
-                return
-            floating = {c.ip for c in self.configs.values() if c.floating}
-            for ip in list(self.addresses):
-                if ip not in present and ip not in self._adding:
-                    self._address_removed(ip)
-            for ip in present & floating:
-                if ip not in self.addresses and ip not in self._removing:
-                    log.warn("VIP {ip} is on {iface} but not held here; removing it", ip=ip, iface=self.interface)
-                    self._remove_address(ip)
-
-        self.netlink.addresses().addCallbacks(compare, lambda f: None)
+        now = self._clock()
+        if now < self._next_audit:
+            return
+        self.keeper.audit()
+        cost = self._clock() - now
+        self._next_audit = now + max(0.0, cost / AUDIT_BUDGET - ADDRESS_CHECK)
 
     def _remove_leftovers(self) -> None:
         """Startup: configured VIP addresses we do not hold (a crashed predecessor's) go."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from twisted.internet import defer
 
 from networkd.vips import firewall as fw
+from networkd.vips.rtnl import Address
 
 
 class FakeNetlink:
@@ -17,7 +18,7 @@ class FakeNetlink:
     def __init__(self, journal):
         self.journal = journal
         self.present = {}
-        self.on_address_removed = self.on_link_up = None
+        self.on_address_removed = self.on_link_up = self.on_events_lost = None
 
     def start(self):
         return defer.succeed(None)
@@ -26,18 +27,19 @@ class FakeNetlink:
         return defer.succeed(None)
 
     def addresses(self):
-        return defer.succeed(set(self.present))
+        """What is "on the interface"; with no clock of its own, every lifetime reads as ending now."""
+        return [Address(ip, 32, 1, 0, 0, 0) for ip in self.present]
 
-    def put(self, ip, lifetime, then=None):
-        self.journal.append(("addr", ip, lifetime) if ip not in self.present else ("renew", ip, lifetime))
-        self.present[ip] = lifetime
-        if then:
-            then()
-        return defer.succeed(None)
-
-    def remove(self, ip):
-        self.journal.append(("unaddr", ip))
-        return defer.succeed(self.present.pop(ip, None) is not None)
+    def apply(self, removals, puts):
+        results = {}
+        for ip in removals:
+            self.journal.append(("unaddr", ip))
+            results[ip] = 0 if self.present.pop(ip, None) is not None else 99  # EADDRNOTAVAIL
+        for ip, lifetime in puts:
+            self.journal.append(("addr", ip, lifetime) if ip not in self.present else ("renew", ip, lifetime))
+            self.present[ip] = lifetime
+            results[ip] = 0
+        return results
 
 
 class FakeArp:

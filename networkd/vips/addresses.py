@@ -1,0 +1,316 @@
+"""VIP addresses on the interface, each add or renewal justified the moment it is sent.
+
+The reconciler says which addresses it wants (level-triggered, a whole set);
+this module owns what reaches the kernel.  Nothing is queued: a pass reads
+the wanted set and asks ``justify()`` for the lease deadline and whether
+each address may be held *now*, packs every removal, add and renewal, and
+hands them to the kernel in one synchronous exchange (networkd.vips.netlink).
+A reactor stall, a starved CPU or a frozen process only delays the pass;
+the decision and the lifetime are taken when it runs, never before.
+
+The safety rule: the kernel's expiry of a held address (the dead man's
+switch) never lies after ``deadline`` (the lease deadline minus the fencing
+margin), so a node that stops running still loses the address before etcd
+can give the lock away.
+
+* Lifetimes are whole seconds, ``floor(deadline - now - SEND_SLACK)``,
+  read from the clock right before the exchange.  The kernel starts the
+  lifetime while handling the request, inside the same system call, so the
+  expiry is at most ``end of exchange + lifetime``.  That bound is checked
+  after every exchange; one that overran (the exchange took longer than the
+  slack: rtnl lock contention, preemption) is renewed again or removed at
+  once.
+* Renewals happen only when an address would otherwise lapse within
+  ``renew_ahead`` (about one keep-alive interval), and only if they extend
+  it: one renewal per address per keep-alive at most, in one batch.
+* Removals come first in every exchange; ``removed(ip)`` fires once the
+  kernel confirmed.
+* ``audit()`` reads the interface back: addresses that vanished (expired or
+  removed by someone else) are put back if still justified, managed VIPs
+  nobody holds are removed, and an address whose kernel lifetime reaches
+  past the deadline is an error and is removed at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from networkd.vips import rtnl
+
+log = Logger()
+
+SEND_SLACK = 0.05  # seconds between reading the clock and the kernel starting a lifetime
+FIX_ROUNDS = 3  # re-sends of an overrun lifetime before the address is removed instead
+RETRY_AFTER = 1.0  # seconds before a failed add or removal is tried again
+MIN_WAKE = 0.01  # a pass never schedules the next one sooner than this
+
+
+@dataclass
+class Placed:
+    """An address we put on the interface."""
+
+    expires: float  # upper bound of the kernel's expiry, on our clock
+    deadline: float  # the deadline it was justified against
+
+
+@dataclass(frozen=True)
+class Justification:
+    """What the reconciler allows at this instant."""
+
+    deadline: float | None  # kernel expiries must end by then; None: hold nothing
+    may_hold: Callable[[str], bool]
+
+
+class AddressKeeper:
+    def __init__(self, *, reactor, netlink, clock: Callable[[], float], justify: Callable[[], Justification],
+                 renew_ahead: float, on_added: Callable[[str], None] = lambda ip: None,
+                 on_removed: Callable[[str], None] = lambda ip: None,
+                 managed: Callable[[], Iterable[str]] = lambda: ()):
+        self._reactor = reactor
+        self._netlink = netlink
+        self._clock = clock
+        self._justify = justify
+        self.renew_ahead = renew_ahead
+        self._on_added = on_added
+        self._on_removed = on_removed
+        self._managed = managed
+        self.wanted: frozenset[str] = frozenset()
+        self.placed: dict[str, Placed] = {}
+        self.errors: dict[str, str] = {}
+        self._retry_at: dict[str, float] = {}
+        self._own_removals: dict[str, int] = {}
+        self._waiters: dict[str, list[defer.Deferred]] = {}
+        self._call = None
+        self._call_at: float | None = None
+        self.stats = {"exchanges": 0, "puts": 0, "removals": 0, "overruns": 0, "violations": 0}
+
+    # -- what the reconciler uses ------------------------------------------------
+
+    def want(self, ips: Iterable[str]) -> None:
+        """The whole set of addresses that should be on the interface; applied soon."""
+        ips = frozenset(ips)
+        if ips != self.wanted:
+            self.wanted = ips
+            self.soon()
+
+    def soon(self, delay: float = 0.0) -> None:
+        """Run a pass after ``delay`` (coalesced with an earlier one)."""
+        at = self._clock() + delay
+        if self._call is not None and self._call.active():
+            if self._call_at is not None and self._call_at <= at:
+                return
+            self._call.cancel()
+        self._call_at = at
+        self._call = self._reactor.callLater(delay, self._guarded_pass)
+
+    def removed(self, ip: str) -> defer.Deferred:
+        """Fires once ``ip`` is off the interface (or was never on it)."""
+        if ip not in self.placed and ip not in self._retry_at:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.setdefault(ip, []).append(d)
+        return d
+
+    def holds(self, ip: str) -> bool:
+        return ip in self.placed
+
+    def vanished(self, ip: str) -> None:
+        """Netlink says ``ip`` left the interface."""
+        if self._own_removals.get(ip):
+            self._own_removals[ip] -= 1
+            if not self._own_removals[ip]:
+                del self._own_removals[ip]
+            return
+        placed = self.placed.pop(ip, None)
+        if placed is None:
+            return
+        self._on_removed(ip)
+        if self._clock() >= placed.expires - SEND_SLACK:
+            log.warn("VIP {ip}: its kernel lifetime ran out before it was renewed", ip=ip)
+        else:
+            log.warn("VIP {ip} was removed from the interface behind our back; putting it back", ip=ip)
+        self.soon()
+
+    def pass_now(self) -> None:
+        self._guarded_pass()
+
+    # -- the pass -----------------------------------------------------------------
+
+    def _guarded_pass(self) -> None:
+        self._call = self._call_at = None
+        try:
+            self._pass()
+        except Exception:
+            log.failure("VIP address pass failed")
+            self.soon(RETRY_AFTER)
+
+    def _pass(self) -> None:
+        force: set[str] = set()
+        announce = []
+        for _ in range(FIX_ROUNDS + 1):
+            now = self._clock()
+            just = self._justify()
+            removals, puts, wake = self._plan(now, just, force)
+            if not removals and not puts:
+                break
+            added, force = self._exchange(removals, puts, now, just.deadline)
+            announce += added
+            if not force:
+                now = self._clock()
+                removals, puts, wake = self._plan(now, just, force)
+                if removals or puts:
+                    wake = now
+                break
+            self.stats["overruns"] += 1
+            log.warn("netlink exchange took {took:.3f}s: the lifetimes of {n} VIP(s) may end after the lease "
+                     "deadline; renewing them again", took=self._netlink.last_exchange, n=len(force))
+        else:
+            self._force_remove(force)  # exchanges keep overrunning: hold nothing rather than risk it
+            wake = self._clock()
+        self._announce(announce)
+        if wake is not None:
+            self.soon(max(MIN_WAKE, wake - self._clock()))
+
+    def _plan(self, now: float, just: Justification, force: set[str]):
+        """(removals, puts, when the next pass is needed) for this instant."""
+        deadline = just.deadline if just.deadline is not None and now < just.deadline else None
+        removals = [ip for ip, placed in self.placed.items()
+                    if (deadline is None or ip not in self.wanted or not just.may_hold(ip))
+                    and self._retry_at.get(ip, 0.0) <= now]
+        puts: list[tuple[str, int]] = []
+        wake = min(self._retry_at.values(), default=None)
+        if deadline is None:
+            return removals, puts, wake
+        life = math.floor(deadline - now - SEND_SLACK)
+        wake = min(wake or deadline, deadline) if self.placed else wake  # fence on time by ourselves
+        gone = set(removals)
+        for ip in self.wanted:
+            if ip in gone or not just.may_hold(ip):
+                continue
+            placed = self.placed.get(ip)
+            if ip in force:
+                if life >= 1:
+                    puts.append((ip, life))
+                else:
+                    removals.append(ip)
+                continue
+            if placed is None:
+                if life >= 1 and self._retry_at.get(ip, 0.0) <= now:
+                    puts.append((ip, life))
+                continue
+            if placed.expires - now > self.renew_ahead:
+                wake = min(wake or math.inf, placed.expires - self.renew_ahead)
+                continue
+            if life < 1 or now + life <= placed.expires:
+                continue  # nothing to gain before the next acknowledged keep-alive moves the deadline
+            puts.append((ip, life))
+        return removals, puts, wake
+
+    def _exchange(self, removals, puts, started: float, deadline: float | None):
+        """Send one batch; returns (new addresses, addresses whose expiry may overrun the deadline)."""
+        results = self._netlink.apply(removals, puts)
+        finished = self._clock()
+        self.stats["exchanges"] += 1
+        self.stats["removals"] += len(removals)
+        self.stats["puts"] += len(puts)
+        for ip in removals:
+            code = results.get(ip, errno.EIO)
+            if code in (0, errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
+                self._gone(ip, code == 0)
+            else:
+                self._failed(ip, "removal", code, finished)
+        overrun, added = set(), []
+        for ip, life in puts:
+            code = results.get(ip, errno.EIO)
+            if code != 0:
+                self._failed(ip, "address", code, finished)
+                continue
+            new = ip not in self.placed
+            self.placed[ip] = Placed(expires=finished + life, deadline=deadline)
+            self._retry_at.pop(ip, None)
+            self.errors.pop(ip, None)
+            if deadline is None or finished + life > deadline:
+                overrun.add(ip)
+            if new:
+                added.append((ip, life))
+        return added, overrun
+
+    def _gone(self, ip: str, by_us: bool) -> None:
+        self._on_removed(ip)
+        self.placed.pop(ip, None)
+        self._retry_at.pop(ip, None)
+        self.errors.pop(ip, None)
+        if by_us:
+            self._own_removals[ip] = self._own_removals.get(ip, 0) + 1
+        log.info("VIP {ip} removed from the interface{note}", ip=ip, note="" if by_us else " (already gone)")
+        for waiter in self._waiters.pop(ip, []):
+            waiter.callback(None)
+
+    def _announce(self, added) -> None:
+        """Gratuitous ARP for new addresses, only while they are still justified."""
+        if not added:
+            return
+        just = self._justify()
+        now = self._clock()
+        for ip, life in added:
+            if just.deadline is not None and now < just.deadline and just.may_hold(ip) and ip in self.placed:
+                log.info("VIP {ip} is on the interface (lifetime {life}s), announced", ip=ip, life=life)
+                self._on_added(ip)
+
+    def _force_remove(self, ips) -> None:
+        ips = list(ips)
+        results = self._netlink.apply(ips, [])
+        for ip in ips:
+            code = results.get(ip, errno.EIO)
+            if code in (0, errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
+                self._gone(ip, code == 0)
+            else:
+                self._failed(ip, "removal", code, self._clock())
+
+    def _failed(self, ip: str, what: str, code: int, now: float) -> None:
+        message = f"{what}: {errno.errorcode.get(code, code)} ({code})"
+        if self.errors.get(ip) != message:
+            log.warn("VIP {ip}: {what} failed: {e}; trying again", ip=ip, what=what, e=message)
+        self.errors[ip] = message
+        self._retry_at[ip] = now + RETRY_AFTER
+        self.soon(RETRY_AFTER)
+
+    # -- reading the interface back ------------------------------------------------
+
+    def audit(self) -> None:
+        """Compare the interface with what we placed; enforce the lifetime rule."""
+        started = self._clock()
+        present = {a.ip: a for a in self._netlink.addresses()}
+        just = self._justify()
+        managed = set(self._managed())
+        stale = []
+        for ip in [ip for ip in self.placed if ip not in present]:
+            self._own_removals.pop(ip, None)
+            self.vanished(ip)
+        for ip, address in present.items():
+            placed = self.placed.get(ip)
+            if placed is None:
+                if ip in managed and ip not in self._retry_at:
+                    log.warn("VIP {ip} is on the interface but not held here; removing it", ip=ip)
+                    stale.append(ip)
+                continue
+            # The kernel counts whole seconds: its expiry is later than this, by under a second.
+            at_least = started + address.valid - 1
+            permanent = address.valid == rtnl.FOREVER or bool(address.flags & rtnl.IFA_F_PERMANENT)
+            if permanent or (just.deadline is not None and at_least > just.deadline + SEND_SLACK) \
+                    or at_least > placed.expires + SEND_SLACK:
+                self.stats["violations"] += 1
+                log.error("VIP {ip}: the kernel keeps it until at least {left}s from now, past the lease "
+                          "deadline ({d:.2f}s from now): removing it", ip=ip,
+                          left="forever" if permanent else address.valid - 1,
+                          d=(just.deadline - started) if just.deadline is not None else float("nan"))
+                stale.append(ip)
+        if stale:
+            self._force_remove(stale)
+            self.soon()
