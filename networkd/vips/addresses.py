@@ -48,6 +48,7 @@ log = Logger()
 SEND_SLACK = 0.05  # seconds between reading the clock and the kernel starting a lifetime
 FIX_ROUNDS = 3  # re-sends of an overrun lifetime before the address is removed instead
 RETRY_AFTER = 1.0  # seconds before a failed add or removal is tried again
+MIN_GAIN = 0.25  # seconds a renewal must add to an address's life to be worth a request
 MIN_WAKE = 0.01  # a pass never schedules the next one sooner than this
 
 
@@ -207,7 +208,7 @@ class AddressKeeper:
             if placed.expires - now > self.renew_ahead:
                 wake = min(wake or math.inf, placed.expires - self.renew_ahead)
                 continue
-            if life < 1 or now + life <= placed.expires:
+            if life < 1 or now + life < placed.expires + MIN_GAIN:
                 continue  # nothing to gain before the next acknowledged keep-alive moves the deadline
             puts.append((ip, life))
         return removals, puts, wake

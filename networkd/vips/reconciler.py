@@ -51,6 +51,7 @@ log = Logger()
 FENCE_CHECK = 0.1  # seconds between fencing checks
 TICK = 0.5  # seconds between level-triggered passes
 ADDRESS_CHECK = 1.0  # anti-entropy of addresses (less often while a read-back costs more than 0.2 % of a CPU)
+RENEW_AHEAD = 1.5  # an address with less life left than this (at most a keep-alive interval + 0.5 s) is renewed
 AUDIT_BUDGET = 0.002  # of the CPU the address read-back may use
 FIREWALL_CHECK = 5.0  # anti-entropy of iptables
 CAMPAIGN_GRACE = 1.0  # a node that is not the least loaded waits this long for a free VIP
@@ -91,7 +92,7 @@ class VipManager(service.Service):
         self.interval = session.ttl / 3  # keep-alive interval
         self.keeper = AddressKeeper(
             reactor=reactor, netlink=self.netlink, clock=self._clock, justify=self._justification,
-            renew_ahead=self.interval + 0.5, on_added=self.arp.announce, on_removed=self.arp.cancel,
+            renew_ahead=min(self.interval + 0.5, RENEW_AHEAD), on_added=self.arp.announce, on_removed=self.arp.cancel,
             managed=lambda: (c.ip for c in self.configs.values() if c.floating),
         )
         if hasattr(self.arp, "allowed"):

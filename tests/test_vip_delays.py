@@ -1,0 +1,406 @@
+"""The VIP host path under delay: a stale decision must never reach the kernel.
+
+The rule (networkd.vips.addresses): the kernel's expiry of a held address
+never lies after the deadline (last acknowledged keep-alive's send time +
+TTL - margin), whatever happens between the decision and the kernel: a
+stalled exchange (rtnl lock contention, preemption), a reactor blocked by
+other work, a frozen process.
+
+The first tests run the address keeper against a model of the kernel's
+clock (an address expires ``lifetime`` seconds after the kernel *processed*
+the request), on a driven clock, so every instant is exact.  The last one
+runs a VipManager in this process against a real kernel, in a namespace,
+blocks its reactor, and watches the address go with netlink.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from networkd.vips import rtnl
+from networkd.vips.addresses import AddressKeeper, Justification
+from tests.support.logcapture import LogCapture
+
+TTL, MARGIN = 3, 0.75
+
+
+class Time:
+    """The keeper's clock: the driven reactor clock plus time lost inside exchanges."""
+
+    def __init__(self, clock: task.Clock):
+        self.clock = clock
+        self.lost = 0.0
+
+    def __call__(self) -> float:
+        return self.clock.seconds() + self.lost
+
+
+class KernelModel:
+    """A stand-in for netlink that keeps each address's expiry as the kernel would.
+
+    ``stalls``: seconds that pass inside each following exchange *before* the
+    kernel handles it (popped one per exchange; then none).
+    """
+
+    def __init__(self, now: Time):
+        self.now = now
+        self.expiry: dict[str, float] = {}
+        self.stalls: list[float] = []
+        self.exchanges: list[tuple[float, list, list]] = []
+        self.last_exchange = 0.0
+
+    def _expire(self) -> None:
+        for ip in [ip for ip, at in self.expiry.items() if at <= self.now()]:
+            del self.expiry[ip]
+
+    def apply(self, removals, puts):
+        started = self.now()
+        if self.stalls:
+            self.now.lost += self.stalls.pop(0)
+        self._expire()
+        processed = self.now()
+        self.exchanges.append((processed, list(removals), list(puts)))
+        results = {}
+        for ip in removals:
+            results[ip] = 0 if self.expiry.pop(ip, None) is not None else 99
+        for ip, life in puts:
+            self.expiry[ip] = processed + life
+            results[ip] = 0
+        self.last_exchange = self.now() - started
+        return results
+
+    def addresses(self):
+        self._expire()
+        return [rtnl.Address(ip, 32, 1, math.ceil(at - self.now()), 0, 0) for ip, at in self.expiry.items()]
+
+
+class Lease:
+    """What the reconciler would say: one deadline for all, every wanted address allowed."""
+
+    def __init__(self, now: Time):
+        self.now = now
+        self.last_ack = now()
+        self.alive = True
+
+    def ack(self, sent: float | None = None) -> None:
+        self.last_ack = self.now() if sent is None else sent
+
+    @property
+    def deadline(self) -> float:
+        return self.last_ack + TTL - MARGIN
+
+    def justify(self) -> Justification:
+        if not self.alive or self.now() >= self.deadline:
+            return Justification(None, lambda ip: False)
+        return Justification(self.deadline, lambda ip: True)
+
+
+@pytest.fixture
+def rig():
+    clock = task.Clock()
+    now = Time(clock)
+    kernel = KernelModel(now)
+    lease = Lease(now)
+    keeper = AddressKeeper(reactor=clock, netlink=kernel, clock=now, justify=lease.justify, renew_ahead=TTL / 3 + 0.5)
+
+    class Rig:
+        pass
+
+    r = Rig()
+    r.clock, r.now, r.kernel, r.lease, r.keeper = clock, now, kernel, lease, keeper
+
+    def violations():
+        """Every request the kernel handled whose expiry lies after the deadline in force then."""
+        return r.checked
+
+    r.checked = []
+    original = kernel.apply
+
+    def apply(removals, puts):
+        results = original(removals, puts)
+        processed = kernel.exchanges[-1][0]
+        for ip, life in puts:
+            if processed + life > lease.deadline:
+                r.checked.append((ip, processed, life, lease.deadline))
+        return results
+
+    kernel.apply = apply
+    r.violations = violations
+    return r
+
+
+def test_an_exchange_stalled_past_the_margin_is_put_right_at_once(rig):
+    rig.keeper.want({"10.0.0.5"})
+    rig.keeper.pass_now()
+    assert rig.kernel.expiry == {"10.0.0.5": pytest.approx(2.0)}
+    rig.clock.advance(1.0)
+    rig.lease.ack()  # deadline 3.25
+    rig.kernel.stalls = [1.0]  # the renewal waits 1 s for the rtnl lock: life 2 from t=2.0 would end at 4.0
+    with LogCapture() as logs:
+        rig.keeper.pass_now()
+    assert logs.has("may end after the lease deadline")
+    assert rig.kernel.expiry["10.0.0.5"] <= rig.lease.deadline, "renewed again with a lifetime from a fresh clock"
+    processed, _, puts = rig.kernel.exchanges[-1]
+    assert puts == [("10.0.0.5", 1)] and processed == pytest.approx(2.0)
+    assert len(rig.violations()) == 1, "only the stalled exchange overran"
+
+
+def test_exchanges_that_keep_stalling_end_in_removal(rig):
+    rig.keeper.want({"10.0.0.5"})
+    rig.keeper.pass_now()
+    rig.clock.advance(1.0)
+    rig.lease.ack()
+    rig.kernel.stalls = [0.9] * 5  # each round gets a fresh, shorter lifetime, until none fits
+    rig.keeper.pass_now()
+    assert "10.0.0.5" not in rig.kernel.expiry and not rig.keeper.holds("10.0.0.5")
+    assert all(processed < deadline for _, processed, _, deadline in rig.violations())
+
+
+def test_a_pass_run_late_decides_with_the_clock_it_runs_at(rig):
+    """A keep-alive sent at t=1 is handled only at t=2.9 (the reactor was blocked): no renewal."""
+    rig.keeper.want({"10.0.0.5"})
+    rig.keeper.pass_now()
+    rig.now.lost = 2.9  # blocked: nothing ran
+    rig.lease.ack(sent=1.0)  # deadline 3.25, 0.25 s away: no whole second fits
+    rig.keeper.pass_now()
+    assert rig.violations() == []
+    assert [puts for _, _, puts in rig.kernel.exchanges[1:]] == [], "nothing renewed"
+    assert rig.kernel.addresses() == [], "its lifetime (from t=0) ran out at t=2 as set"
+
+
+def test_fencing_at_the_deadline_needs_no_other_timer(rig):
+    rig.keeper.want({"10.0.0.5"})
+    rig.keeper.pass_now()
+    rig.kernel.expiry["10.0.0.5"] = 99  # as if the kernel kept it longer: only we can remove it now
+    rig.clock.advance(2.2)
+    assert rig.keeper.holds("10.0.0.5")
+    rig.clock.advance(0.06)
+    assert not rig.keeper.holds("10.0.0.5") and "10.0.0.5" not in rig.kernel.expiry
+
+
+def test_no_backlog_renewals_only_when_needed_one_batch_per_keep_alive(rig):
+    ips = {f"10.0.{i // 250}.{i % 250 + 1}" for i in range(1000)}
+    rig.keeper.want(ips)
+    rig.keeper.pass_now()
+    for second in range(1, 31):
+        for _ in range(10):  # reconcile passes, kicks: they must add no work
+            rig.clock.advance(0.1)
+            rig.keeper.pass_now()
+        rig.lease.ack()
+        rig.keeper.pass_now()
+        assert set(rig.kernel.expiry) == ips, f"all held at {second}s"
+    assert rig.violations() == []
+    puts = [len(puts) for _, _, puts in rig.kernel.exchanges if puts]
+    assert len(puts) <= 31 and sum(puts) <= 1000 * 31, "one renewal per address per keep-alive at most"
+
+
+def test_long_ttl_renews_every_other_keep_alive(rig):
+    """TTL 30: lifetime 22 s, keep-alives every 10 s: a renewal is needed only every 20 s."""
+    global TTL, MARGIN
+    saved = TTL, MARGIN
+    TTL, MARGIN = 30, 7.5
+    try:
+        rig.keeper.renew_ahead = 1.5  # as the reconciler sets it
+        rig.lease.ack()
+        rig.keeper.want({"10.0.0.5"})
+        rig.keeper.pass_now()
+        for _ in range(12):
+            rig.clock.pump([0.5] * 20)
+            rig.lease.ack()
+            rig.keeper.pass_now()
+            assert rig.keeper.holds("10.0.0.5") and rig.kernel.addresses()
+        renewals = sum(len(puts) for _, _, puts in rig.kernel.exchanges[1:])
+        assert 5 <= renewals <= 7 and rig.violations() == []
+        assert rig.keeper.holds("10.0.0.5") and "10.0.0.5" in rig.kernel.expiry
+    finally:
+        TTL, MARGIN = saved
+
+
+def test_audit_removes_what_lives_too_long_and_restores_what_vanished(rig):
+    rig.keeper._managed = lambda: {"10.0.0.5", "10.0.0.6", "10.0.0.7"}
+    rig.keeper.want({"10.0.0.5", "10.0.0.6"})
+    rig.keeper.pass_now()
+    rig.kernel.expiry["10.0.0.5"] = rig.now() + 60  # someone re-added it with a long lifetime
+    del rig.kernel.expiry["10.0.0.6"]  # someone removed it
+    rig.kernel.expiry["10.0.0.7"] = rig.now() + 1  # a leftover we do not hold
+    with LogCapture() as logs:
+        rig.keeper.audit()
+        rig.clock.advance(0.01)
+    assert logs.has("past the lease deadline"), "a violation is an error in the log"
+    assert rig.keeper.stats["violations"] == 1
+    assert "10.0.0.7" not in rig.kernel.expiry
+    assert rig.kernel.expiry["10.0.0.5"] <= rig.lease.deadline, "removed, then put back with a lawful lifetime"
+    assert rig.kernel.expiry["10.0.0.6"] <= rig.lease.deadline, "put back"
+
+
+def test_removal_waiters_fire_when_the_kernel_confirmed(rig):
+    rig.keeper.want({"10.0.0.5"})
+    rig.keeper.pass_now()
+    fired = []
+    rig.keeper.removed("10.0.0.5").addCallback(fired.append)
+    assert not fired
+    rig.keeper.want(set())
+    rig.clock.advance(0)
+    assert fired == [None] and "10.0.0.5" not in rig.kernel.expiry
+
+
+# -- a real kernel, a real reactor ------------------------------------------------------
+
+VIP = "10.66.0.5"
+
+
+class MonotonicSession:
+    """A lease session whose acknowledgements the test gives (on the monotonic clock)."""
+
+    ttl = TTL
+
+    def __init__(self):
+        self.clock = time.monotonic
+        self.lease = 0x42
+        self.last_ack = self.clock()
+        self.acks, self.losses = [], []
+
+    def ack_age(self):
+        return self.clock() - self.last_ack
+
+    def on_ack(self, cb):
+        self.acks.append(cb)
+
+    def on_lost(self, cb):
+        self.losses.append(cb)
+
+    def ack(self):
+        self.last_ack = self.clock()
+        for cb in self.acks:
+            cb(self.lease)
+
+
+class Removals:
+    """RTM_DELADDR times of ``ip`` inside a namespace, from a netlink socket read in a thread."""
+
+    def __init__(self, netns: str, ip: str):
+        import socket
+        import threading
+
+        from tests.support.vipnodes import _in_netns
+
+        self.ip, self.times = ip, []
+        self._sock = _in_netns(netns, lambda: self._open(socket))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _open(socket):
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        s.bind((0, rtnl.RTMGRP_IPV4_IFADDR))
+        s.settimeout(0.05)
+        return s
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                data = self._sock.recv(65536)
+            except OSError:
+                continue
+            for message in rtnl.messages(data):
+                address = rtnl.parse_address(message) if message.type == rtnl.RTM_DELADDR else None
+                if address is not None and address.ip == self.ip:
+                    self.times.append(time.monotonic())
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(1)
+        self._sock.close()
+
+
+@pytest.fixture
+def host(privileged, monkeypatch):
+    """A VipManager in this process whose netlink sockets live in a namespace of the test's own."""
+    from networkd.keys import Keys
+    from networkd.vips import netlink as netlink_module
+    from networkd.vips.reconciler import VipManager
+    from tests.support.hostfakes import FakeArp, FakeBackend
+    from tests.support.netns import Namespace
+    from tests.support.vipnodes import _in_netns, pod_group
+    from tests.test_vip_reconciler import FakeEtcd, Journal, Watchers
+
+    ns = Namespace(f"nddl{uuid.uuid4().hex[:6]}")
+    manager = None
+    try:
+        ns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+        ns.run("ip", "link", "set", "eth0", "up")
+        ns.run("ip", "link", "set", "eth1", "up")
+        make = netlink_module._socket
+        monkeypatch.setattr(netlink_module, "_socket", lambda groups=0: _in_netns(ns.name, lambda: make(groups)))
+        journal, keys, watchers, session = Journal(), Keys("/lain"), Watchers(), MonotonicSession()
+        manager = VipManager(
+            reactor=reactor, client=FakeEtcd(journal), keys=keys, watch=watchers, session=session,
+            hostname="n1", interface="eth0", node_ip="10.66.0.1", firewall_backend=FakeBackend(journal),
+            announcer=FakeArp(journal), to_thread=defer.maybeDeferred,
+        )
+        manager.startService()
+        watchers.publish(keys.vips, {VIP: json.dumps({"app": "hello", "proc": "web", "ports": [{"src": 80}]})})
+        watchers.publish(keys.pod_groups, {"hello/hello.proc.web": pod_group(
+            "hello", "web", [(1, "n1", "10.66.0.1", "172.20.0.5")])})
+        watchers.publish(keys.vip_locks, {"members/n1": "10.66.0.1"})
+
+        class Host:
+            pass
+
+        h = Host()
+        h.ns, h.manager, h.session, h.watchers, h.keys = ns, manager, session, watchers, keys
+        yield h
+    finally:
+        if manager is not None and manager.running:
+            pytest_twisted.blockon(manager.stopService())
+        ns.delete()
+
+
+def on_interface(ns) -> bool:
+    return f"{VIP}/32" in ns.run("ip", "-o", "-4", "addr", "show", "dev", "eth0").stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_kernel_stalled_renewal_then_frozen_reactor_address_gone_before_lease_deadline(host):
+    from tests.support.waiting import eventually, sleep
+
+    await eventually(lambda: host.manager.held_count() == 1, 3, message="took the VIP")
+    host.watchers.publish(host.keys.vip_locks, {"members/n1": "10.66.0.1", f"{VIP}.lock": "n1"})
+    for _ in range(3):  # held and renewed normally
+        await sleep(0.5)
+        host.session.ack()
+    assert on_interface(host.ns)
+
+    real_apply = host.manager.netlink.apply
+    stalled = []
+
+    def apply_after_a_stall(removals, puts):
+        if puts and not stalled:
+            stalled.append(time.monotonic())
+            time.sleep(1.0)  # the rtnl lock is busy for longer than the margin: the kernel sees it late
+        return real_apply(removals, puts)
+
+    host.manager.netlink.apply = apply_after_a_stall
+    removals = Removals(host.ns.name, VIP)
+    try:
+        with LogCapture() as logs:
+            await sleep(0.6)
+            host.session.ack()  # a renewal is due: it stalls inside the exchange
+            acked = host.session.last_ack
+            assert stalled, "the renewal went through the stalled exchange"
+            time.sleep(TTL + 1)  # then the whole reactor freezes: only the kernel can remove it
+        assert logs.has("may end after the lease deadline")
+        assert removals.times, "the kernel removed the address"
+        gone = removals.times[0] - acked
+        # Nominal expiry by acked + TTL - margin; the kernel's expiry timer may add up to ~0.25 s.
+        assert gone < TTL, f"gone {gone:.2f}s after the last acknowledged keep-alive, lease deadline {TTL}s"
+    finally:
+        removals.close()
