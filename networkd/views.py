@@ -78,3 +78,6 @@ class VipPart(Protocol):
         """One JSON-ready object per VIP key, for ``GET /v1/vips``."""
 
     def held_count(self) -> int: ...
+
+    def safety_counters(self) -> dict[str, int]:
+        """``fencings``, ``address_requests``, ``netlink_overruns``, ``lifetime_violations``."""

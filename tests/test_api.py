@@ -375,6 +375,20 @@ async def test_metrics_in_prometheus_text(etcd_server, etcd_root, api_factory):
 
 
 @pytest_twisted.ensureDeferred
+async def test_metrics_count_fencings_and_lifetime_violations(etcd_server, api_factory):
+    api = api_factory(etcd_server)
+    api.root.vips = FakeVips(held=1)
+    api.start_api()
+    status, _, body = await api.fetch("/metrics")
+    samples = {s.name: s.value for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+    assert status == 200
+    assert samples["networkd_vip_fencings_total"] == 1
+    assert samples["networkd_vip_address_requests_total"] == 5
+    assert samples["networkd_vip_lifetime_violations_total"] == 0
+    assert samples["networkd_vip_netlink_overruns_total"] == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_busy_address_is_logged_and_retried(etcd_server, api_factory):
     api = api_factory(etcd_server)
     blocker = socket.socket()

@@ -31,6 +31,8 @@ class NetworkdCollector:
         held = GaugeMetricFamily("networkd_vips_held", "VIPs this node holds (address up, DNAT installed).")
         held.add_metric([], float(root.vips.held_count()) if root.vips is not None else 0.0)
         yield held
+        if root.vips is not None:
+            yield from self._vip_safety(root.vips)
         guardian = getattr(root, "resolv_conf", None)
         if guardian is not None:
             yield CounterMetricFamily("networkd_resolv_conf_writes", "Rewrites of resolv.conf.",
@@ -43,6 +45,16 @@ class NetworkdCollector:
             if part is not None:
                 invalid.add_metric([name], float(len(part.invalid_keys or {})))
         yield invalid
+
+    def _vip_safety(self, vips):
+        counters = vips.safety_counters()
+        for name, help_text in (
+            ("fencings", "Times this node dropped its VIPs for late keep-alives."),
+            ("address_requests", "Address adds, renewals and removals sent to the kernel."),
+            ("netlink_overruns", "Netlink exchanges slow enough that lifetimes had to be set again."),
+            ("lifetime_violations", "Addresses found living past the lease deadline (removed at once)."),
+        ):
+            yield CounterMetricFamily(f"networkd_vip_{name}", help_text, value=counters[name])
 
     def _dns(self, dns):
         queries = CounterMetricFamily("networkd_dns_queries", "DNS queries answered, by rcode and source.",

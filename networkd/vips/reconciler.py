@@ -125,6 +125,7 @@ class VipManager(service.Service):
         self._announced_lease: int | None = None
         self.errors: dict[str, str] = {}  # VIP key -> last error
         self.fenced_since: float | None = None
+        self.fencings = 0
 
         self.host_ready = False
         self._cleaned = False
@@ -147,6 +148,11 @@ class VipManager(service.Service):
 
     def held_count(self) -> int:
         return len(self.held() & self.addresses)
+
+    def safety_counters(self) -> dict[str, int]:
+        stats = self.keeper.stats
+        return {"fencings": self.fencings, "address_requests": stats["puts"] + stats["removals"],
+                "netlink_overruns": stats["overruns"], "lifetime_violations": stats["violations"]}
 
     def fenced(self) -> bool:
         """True while we may not be sure etcd still keeps our lease alive."""
@@ -540,6 +546,7 @@ class VipManager(service.Service):
             return
         if self.fenced_since is None:
             self.fenced_since = self._reactor.seconds()
+            self.fencings += 1
             age = self._session.ack_age()
             log.warn("fencing: no keep-alive acknowledged for {age}; dropping VIPs {ips}",
                      age="ever" if age is None else f"{age:.2f}s", ips=", ".join(sorted(self.addresses)) or "-")

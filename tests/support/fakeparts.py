@@ -76,3 +76,6 @@ class FakeVips:
 
     def held_count(self) -> int:
         return self.held
+
+    def safety_counters(self) -> dict[str, int]:
+        return {"fencings": 1, "address_requests": 5, "netlink_overruns": 0, "lifetime_violations": 0}
