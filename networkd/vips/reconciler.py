@@ -40,7 +40,7 @@ from networkd.vips.addresses import AddressKeeper, Justification
 from networkd.vips.appkeys import AppKeys
 from networkd.vips.arp import Announcer
 from networkd.vips.model import Container, InvalidValue, VipConfig, parse_pod_group, parse_vips
-from networkd.vips.netlink import Netlink
+from networkd.vips.netlink import InterfaceMissing, Netlink
 from networkd.vips.planner import (
     MEMBERS, DnatRule, app_endpoints, dnat_rules, local_container, lock_holders, plan_floating,
     port_scoped_rules,
@@ -574,7 +574,13 @@ class VipManager(service.Service):
         now = self._clock()
         if now < self._next_audit:
             return
-        self.keeper.audit()
+        try:
+            self.keeper.audit()
+        except InterfaceMissing:
+            return
+        except OSError as e:
+            log.warn("could not read the addresses of {iface} back: {e}", iface=self.interface, e=e)
+            return
         cost = self._clock() - now
         self._next_audit = now + max(0.0, cost / AUDIT_BUDGET - ADDRESS_CHECK)
 
