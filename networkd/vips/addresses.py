@@ -108,7 +108,7 @@ class AddressKeeper:
                 return
             self._call.cancel()
         self._call_at = at
-        self._call = self._reactor.callLater(delay, self._guarded_pass)
+        self._call = self._reactor.callLater(delay, self._timer)
 
     def removed(self, ip: str) -> defer.Deferred:
         """Fires once ``ip`` is off the interface (or was never on it)."""
@@ -139,12 +139,19 @@ class AddressKeeper:
         self.soon()
 
     def pass_now(self) -> None:
+        """Run a pass at once (it schedules the next one itself)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = self._call_at = None
         self._guarded_pass()
 
     # -- the pass -----------------------------------------------------------------
 
-    def _guarded_pass(self) -> None:
+    def _timer(self) -> None:
         self._call = self._call_at = None
+        self._guarded_pass()
+
+    def _guarded_pass(self) -> None:
         try:
             self._pass()
         except Exception:
@@ -206,7 +213,9 @@ class AddressKeeper:
                     puts.append((ip, life))
                 continue
             if placed.expires - now > self.renew_ahead:
-                wake = min(wake or math.inf, placed.expires - self.renew_ahead)
+                due = placed.expires - self.renew_ahead
+                if due + math.floor(deadline - due - SEND_SLACK) >= placed.expires + MIN_GAIN:
+                    wake = min(wake or math.inf, due)  # else only a newer keep-alive can help
                 continue
             if life < 1 or now + life < placed.expires + MIN_GAIN:
                 continue  # nothing to gain before the next acknowledged keep-alive moves the deadline
