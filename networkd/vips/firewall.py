@@ -93,7 +93,8 @@ def render_restore(rules: Iterable[NatRule], missing_jumps: Iterable[str] = ()) 
 def parse_rule(line: str) -> NatRule | None:
     """A NatRule from one ``iptables-save`` line of our chains, None if it is not one of ours."""
     try:
-        tokens = shlex.split(line)
+        # shlex only when something is quoted: the read-back of 2,000 rules runs every few seconds
+        tokens = shlex.split(line) if '"' in line or "'" in line or "\\" in line else line.split()
     except ValueError:
         return None
     if len(tokens) < 2 or tokens[0] != "-A" or tokens[1] not in CHAINS.values():

@@ -44,19 +44,40 @@ class FloatingPlan:
     reasons: Mapping[str, str] = field(default_factory=dict)
 
 
+class ContainerIndex(tuple):
+    """The containers of every pod group, looked up by app/proc (a tuple: iterate it as before).
+
+    Built once per pod-group snapshot, so a pass over a thousand VIP configs
+    finds each config's containers without scanning them all.
+    """
+
+    def __new__(cls, containers: Iterable[Container] = ()):
+        self = super().__new__(cls, sorted(containers))
+        self.by_proc: dict[tuple[str, str], list[Container]] = defaultdict(list)
+        for c in self:
+            self.by_proc[(c.app, c.proc)].append(c)
+        return self
+
+
+def _of(containers: Iterable[Container], app: str, proc: str) -> Iterable[Container]:
+    by_proc = getattr(containers, "by_proc", None)
+    if by_proc is not None:
+        return by_proc.get((app, proc), ())
+    return [c for c in containers if c.app == app and c.proc == proc]
+
+
 def local_container(config: VipConfig, containers: Iterable[Container], hostname: str) -> Container | None:
     """The container of ``config``'s app/proc on this node with the lowest instance number."""
     if config.excludes(hostname):
         return None
-    mine = [c for c in containers
-            if c.node_name == hostname and c.app == config.app and c.proc == config.proc]
+    mine = [c for c in _of(containers, config.app, config.proc) if c.node_name == hostname]
     return min(mine, key=lambda c: (c.instance, c.container_ip)) if mine else None
 
 
 def nodes_running(config: VipConfig, containers: Iterable[Container]) -> frozenset[str]:
     """Every node with a container of ``config``'s app/proc that the config does not exclude."""
-    return frozenset(c.node_name for c in containers
-                     if c.app == config.app and c.proc == config.proc and not config.excludes(c.node_name))
+    return frozenset(c.node_name for c in _of(containers, config.app, config.proc)
+                     if not config.excludes(c.node_name))
 
 
 def node_address(config: VipConfig, node_ip: str | None) -> str | None:

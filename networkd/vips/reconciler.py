@@ -42,14 +42,15 @@ from networkd.vips.arp import Announcer
 from networkd.vips.model import Container, InvalidValue, VipConfig, parse_pod_group, parse_vips
 from networkd.vips.netlink import InterfaceMissing, Netlink
 from networkd.vips.planner import (
-    MEMBERS, DnatRule, app_endpoints, dnat_rules, local_container, lock_holders, plan_floating,
+    MEMBERS, ContainerIndex, DnatRule, app_endpoints, dnat_rules, local_container, lock_holders, plan_floating,
     port_scoped_rules,
 )
 
 log = Logger()
 
 FENCE_CHECK = 0.1  # seconds between fencing checks
-TICK = 0.5  # seconds between level-triggered passes
+TICK = 0.5  # seconds between checks for a level-triggered pass (see _tick)
+ANTI_ENTROPY = 5.0  # a full pass at least this often even when nothing changed
 ADDRESS_CHECK = 1.0  # anti-entropy of addresses (less often while a read-back costs more than 0.2 % of a CPU)
 RENEW_AHEAD = 1.5  # an address with less life left than this (at most a keep-alive interval + 0.5 s) is renewed
 AUDIT_BUDGET = 0.002  # of the CPU the address read-back may use
@@ -106,7 +107,7 @@ class VipManager(service.Service):
         self.invalid_keys: dict[str, str] = {}
         self._pods_good: dict[str, list[Container]] = {}
         self.pod_errors: dict[str, str] = {}
-        self.containers: list[Container] = []
+        self.containers: ContainerIndex = ContainerIndex()
         self.holders: dict[str, str] = {}
         self.members: frozenset[str] = frozenset()
         self._seen = {"configs": False, "pods": False, "locks": False}
@@ -122,6 +123,7 @@ class VipManager(service.Service):
         self._verified_at: dict[str, float] = {}
         self._active_ips: frozenset[str] = frozenset()  # floating VIPs for this host, as of the last pass
         self._next_audit = 0.0
+        self._last_pass = 0.0
         self._announced_lease: int | None = None
         self.errors: dict[str, str] = {}  # VIP key -> last error
         self.fenced_since: float | None = None
@@ -225,7 +227,7 @@ class VipManager(service.Service):
         self._watchers["apps"].subscribe(self._on_apps)
         self._loops = [
             every(self._reactor, interval, tick, f"VIP {tick.__name__}")
-            for interval, tick in ((FENCE_CHECK, self._fence_check), (TICK, self._reconcile),
+            for interval, tick in ((FENCE_CHECK, self._fence_check), (TICK, self._tick),
                                    (ADDRESS_CHECK, self._check_addresses), (FIREWALL_CHECK, self._check_firewall))
         ]
         if self._session.lease is not None:
@@ -301,7 +303,7 @@ class VipManager(service.Service):
                     current[key] = self._pods_good[key]
         self._pods_good = current
         self.pod_errors = errors
-        self.containers = sorted(c for cs in current.values() for c in cs)
+        self.containers = ContainerIndex(c for cs in current.values() for c in cs)
         self._seen["pods"] = True
         self.kick()
 
@@ -355,9 +357,26 @@ class VipManager(service.Service):
         if self._kick_call is None or not self._kick_call.active():
             self._kick_call = self._reactor.callLater(0, self._guarded, self._reconcile)
 
+    def _tick(self) -> None:
+        """The periodic pass: when something waits on time, else a full one every ANTI_ENTROPY s.
+
+        Every input and every etcd answer already kicks a pass; walking a
+        thousand configs twice a second with nothing changed only burns CPU.
+        """
+        waiting = self._later or self.errors or self._unsettled()
+        if waiting or self._clock() - self._last_pass >= ANTI_ENTROPY:
+            self._reconcile()
+
+    def _unsettled(self) -> bool:
+        """A lock we took that the snapshot has not shown yet, or one of ours we do not know."""
+        if any(ip not in self._confirmed for ip in self.locks):
+            return True
+        return any(holder == self.hostname and ip not in self.locks for ip, holder in self.holders.items())
+
     def _reconcile(self) -> None:
         if not self.host_ready or self.stopping:
             return
+        self._last_pass = self._clock()
         if self.fenced():
             self._fence()
         self._forget_lost_locks()
