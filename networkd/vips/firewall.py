@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -90,11 +91,18 @@ def render_restore(rules: Iterable[NatRule], missing_jumps: Iterable[str] = ()) 
     return "\n".join(lines) + "\n"
 
 
+_TOKEN = re.compile(r'"([^"]*)"|(\S+)')
+
+
 def parse_rule(line: str) -> NatRule | None:
     """A NatRule from one ``iptables-save`` line of our chains, None if it is not one of ours."""
     try:
-        # shlex only when something is quoted: the read-back of 2,000 rules runs every few seconds
-        tokens = shlex.split(line) if '"' in line or "'" in line or "\\" in line else line.split()
+        # shlex only for what iptables-save never writes for our rules (single quotes, escapes):
+        # the read-back of 2,000 rules runs every few seconds.
+        if "'" in line or "\\" in line:
+            tokens = shlex.split(line)
+        else:
+            tokens = [quoted or bare for quoted, bare in _TOKEN.findall(line)]
     except ValueError:
         return None
     if len(tokens) < 2 or tokens[0] != "-A" or tokens[1] not in CHAINS.values():

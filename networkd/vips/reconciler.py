@@ -110,6 +110,7 @@ class VipManager(service.Service):
         self.containers: ContainerIndex = ContainerIndex()
         self.holders: dict[str, str] = {}
         self.members: frozenset[str] = frozenset()
+        self._ours_in_snapshot: set[str] = set()
         self._seen = {"configs": False, "pods": False, "locks": False}
 
         # what we hold and what we did to the host
@@ -124,6 +125,7 @@ class VipManager(service.Service):
         self._active_ips: frozenset[str] = frozenset()  # floating VIPs for this host, as of the last pass
         self._next_audit = 0.0
         self._last_pass = 0.0
+        self._fenced_in_last_pass = True
         self._announced_lease: int | None = None
         self.errors: dict[str, str] = {}  # VIP key -> last error
         self.fenced_since: float | None = None
@@ -309,6 +311,7 @@ class VipManager(service.Service):
 
     def _on_locks(self, snapshot) -> None:
         self.holders, self.members = lock_holders(snapshot.values)
+        self._ours_in_snapshot = {ip for ip, holder in self.holders.items() if holder == self.hostname}
         self._seen["locks"] = True
         self.kick()
 
@@ -319,14 +322,18 @@ class VipManager(service.Service):
     def _acked(self, lease: int) -> None:
         if self.stopping:
             return
+        # A full pass only when the ack changes what we may do; renewals need none.
+        changed = lease != self._announced_lease or self._fenced_in_last_pass
         if lease != self._announced_lease:
             self._announce_presence(lease)
         if self.fenced_since is not None and not self.fenced():
             log.info("etcd acknowledges our lease again after {s:.1f}s; contesting VIPs again",
                      s=self._reactor.seconds() - self.fenced_since)
             self.fenced_since = None
+            changed = True
         self.keeper.pass_now()  # the deadline moved: renew what needs it
-        self.kick()
+        if changed:
+            self.kick()
 
     def _lease_lost(self) -> None:
         if self.locks:
@@ -369,15 +376,14 @@ class VipManager(service.Service):
 
     def _unsettled(self) -> bool:
         """A lock we took that the snapshot has not shown yet, or one of ours we do not know."""
-        if any(ip not in self._confirmed for ip in self.locks):
-            return True
-        return any(holder == self.hostname and ip not in self.locks for ip, holder in self.holders.items())
+        return not self._confirmed.issuperset(self.locks) or not self._ours_in_snapshot <= self.locks.keys()
 
     def _reconcile(self) -> None:
         if not self.host_ready or self.stopping:
             return
         self._last_pass = self._clock()
-        if self.fenced():
+        self._fenced_in_last_pass = self.fenced()
+        if self._fenced_in_last_pass:
             self._fence()
         self._forget_lost_locks()
         if all(self._seen.values()) and not self._cleaned:
