@@ -128,3 +128,26 @@ def test_lock_holders_reads_locks_and_members():
     })
     assert holders == {"10.0.0.1": "n1"}
     assert members == {"n1", "n2"}
+
+
+def test_container_index_answers_like_the_plain_list():
+    """The reconciler indexes containers by app/proc; every answer must be the list's answer."""
+    from networkd.vips.planner import ContainerIndex, nodes_running
+
+    containers = (running((3, "n1", "172.20.0.3"), (1, "n2", "172.20.0.1"), (2, "n1", "172.20.0.2"))
+                  + running((1, "n3", "172.21.0.1"), app="other")
+                  + running((5, "n1", "172.22.0.5"), proc="db"))
+    index = ContainerIndex(containers)
+    assert sorted(index) == sorted(containers)
+    configs = {c.key: c for c in (config("10.0.0.5"), config("10.0.0.6", app="other"),
+                                  config("10.0.0.7", proc="db", excluded=["n2"]), config("10.0.0.8", app="none"),
+                                  config("0.0.0.0:9000", excluded=["n1"]))}
+    for vip in configs.values():
+        for node in ("n1", "n2", "n3"):
+            assert local_container(vip, index, node) == local_container(vip, containers, node)
+        assert nodes_running(vip, index) == nodes_running(vip, containers)
+    for node in ("n1", "n2", "n3"):
+        assert (plan_floating(configs, index, node, {}, frozenset({"n1", "n2", "n3"}), frozenset())
+                == plan_floating(configs, containers, node, {}, frozenset({"n1", "n2", "n3"}), frozenset()))
+        assert port_scoped_rules(configs, index, node, "10.9.0.1") == port_scoped_rules(configs, containers, node,
+                                                                                        "10.9.0.1")
