@@ -24,6 +24,14 @@ from networkd.options import Endpoint
 
 log = Logger()
 
+# The aetcd release this module is written against, and the one setup.cfg
+# pins: ``_Client.connect`` re-implements that release's ``Client.connect``
+# and sets its private fields.  tests/test_etcd_client_shape.py fails when
+# the installed aetcd is another release or its client changed shape; to
+# upgrade, re-check ``_Client.connect`` against the new ``Client.connect``,
+# then move this, the pin and the test's fingerprints together.
+AETCD_VERSION = "1.0.0"
+
 # gRPC retries a broken channel with its own backoff, by default up to two
 # minutes apart.  Keep it short: etcd coming back must be noticed at once.
 CHANNEL_OPTIONS = {
@@ -95,7 +103,14 @@ class _LeaseCompare(transactions.BaseCompare):
 
 
 class _Client(aetcd.Client):
-    """aetcd's client, plus TLS channels (aetcd itself only opens insecure ones)."""
+    """aetcd's client, plus TLS channels (aetcd itself only opens insecure ones).
+
+    Without credentials ``connect`` is aetcd's own.  With them it is aetcd
+    1.0.0's ``Client.connect`` step for step, with ``secure_channel`` in
+    place of ``insecure_channel``: aetcd has no hook for the channel, so
+    this reads the fields its ``__init__`` sets and sets every field its
+    ``connect`` sets (``AETCD_VERSION`` above says why that is safe).
+    """
 
     def __init__(self, *args, credentials=None, **kwargs):
         self._credentials = credentials
@@ -111,7 +126,7 @@ class _Client(aetcd.Client):
             self._is_connecting = True
             target = f"{self._host}:{self._port}"
             self.channel = rpc.secure_channel(target, self._credentials, options=self._options.items())
-            if self._username is not None:
+            if self._username is not None and self._password is not None:
                 self.auth_stub = rpc.AuthStub(self.channel)
                 resp = await self.auth_stub.Authenticate(
                     rpc.AuthenticateRequest(name=self._username, password=self._password),

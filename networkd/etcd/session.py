@@ -38,7 +38,6 @@ class Session(service.Service):
         self.lease: int | None = None
         self.last_ack: float | None = None
         self.last_error: str | None = None
-        self.lost_count = 0
         self._ack_listeners: list[Callable[[int], None]] = []
         self._lost_listeners: list[Callable[[], None]] = []
         self._loop: defer.Deferred | None = None
@@ -123,7 +122,6 @@ class Session(service.Service):
         self.lease = None
         self.last_ack = None
         self.last_error = why
-        self.lost_count += 1
         for listener in list(self._lost_listeners):
             try:
                 listener()
