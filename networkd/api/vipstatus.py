@@ -1,0 +1,43 @@
+"""What ``GET /v1/vips`` shows: one JSON object per VIP key, from the VIP manager's state.
+
+Read-only: it looks at the manager's inputs, locks, addresses and applied
+rules, and changes nothing.
+"""
+
+from __future__ import annotations
+
+from networkd.vips.planner import local_container
+
+
+def vip_entries(manager) -> list[dict]:
+    inputs, firewall = manager.inputs, manager.firewall
+    held = manager.locks.held()
+    active = manager.active()
+    applied = firewall.applied if firewall else frozenset()
+    firewall_error = f"firewall: {firewall.last_error}" if firewall and firewall.last_error else None
+    out = []
+    for key, config in sorted(inputs.configs.items()):
+        container = local_container(config, inputs.containers, manager.hostname)
+        rules = sorted(r for r in applied if r.key == key)
+        out.append({
+            "key": key,
+            "ip": config.ip,
+            "port": config.port,
+            "floating": config.floating,
+            "app": config.app,
+            "proc": config.proc,
+            "ports": [{"proto": p.proto, "src": p.src, "dest": p.dest} for p in config.ports],
+            "excluded_nodes": sorted(config.excluded_nodes),
+            "excluded": config.excludes(manager.hostname),
+            "holder": inputs.holders.get(config.ip) if config.floating else None,
+            "held_by_me": config.floating and config.ip in held,
+            "active": config.ip in active,
+            "local_container": None if container is None else {
+                "instance": container.instance, "ip": container.container_ip,
+            },
+            "dnat": [f"{r.ip}:{r.port}/{r.proto} -> {r.to_ip}:{r.to_port}" for r in rules],
+            "last_error": manager.error_of(config.ip if config.floating else key) or firewall_error,
+        })
+    for key, error in sorted(inputs.invalid_keys.items()):
+        out.append({"key": key, "error": error, "last_error": error})
+    return out

@@ -1,0 +1,144 @@
+"""The host side of VIPs: addresses on the interface, gratuitous ARP, DNAT rules.
+
+The reconciler decides *what* should be on the host; this module puts it
+there and reads it back.  Addresses go through the address keeper
+(networkd.vips.addresses: lifetimes from the lease deadline, justified at
+send time), rules through the firewall driver (networkd.vips.firewall, off
+the reactor).  Order matters on the way out: address and rules first, so
+the lock may go after.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from networkd.vips import firewall as fw
+from networkd.vips.addresses import AddressKeeper, Justification
+from networkd.vips.arp import Announcer
+from networkd.vips.netlink import InterfaceMissing, Netlink
+from networkd.vips.planner import DnatRule
+
+log = Logger()
+
+ADDRESS_CHECK = 1.0  # read-back of addresses (less often while one costs more than AUDIT_BUDGET of a CPU)
+AUDIT_BUDGET = 0.002
+
+
+class VipHost:
+    def __init__(self, *, reactor, interface: str, clock: Callable[[], float],
+                 justify: Callable[[], Justification], renew_ahead: float, managed: Callable[[], Iterable[str]],
+                 desired_rules: Callable[[], frozenset[DnatRule]], to_thread,
+                 netlink: Netlink | None = None, announcer: Announcer | None = None):
+        self._reactor = reactor
+        self.interface = interface
+        self._clock = clock
+        self._justify = justify
+        self._desired_rules = desired_rules
+        self._to_thread = to_thread
+        self.netlink = netlink or Netlink(interface, reactor, clock)
+        self.arp = announcer or Announcer(reactor, interface, lambda: self.netlink.mac)
+        self.keeper = AddressKeeper(reactor=reactor, netlink=self.netlink, clock=clock, justify=justify,
+                                    renew_ahead=renew_ahead, on_added=self.arp.announce, on_removed=self.arp.cancel,
+                                    managed=managed)
+        if hasattr(self.arp, "allowed"):
+            self.arp.allowed = self.may_announce
+        self.firewall: fw.Firewall | None = None
+        self._next_audit = 0.0
+
+    @property
+    def addresses(self) -> set[str]:
+        """Addresses we put on the interface (and that are still there, as far as we know)."""
+        return set(self.keeper.placed)
+
+    def may_announce(self, ip: str) -> bool:
+        just = self._justify()
+        return just.deadline is not None and self.keeper.holds(ip) and just.may_hold(ip)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self, choice, on_link_up: Callable[[], None], on_removed: Callable[[str], None]) -> str:
+        """Our chains from scratch and the netlink sockets open; returns the firewall back end's name."""
+        backend = await self._make_backend(choice)
+        self.firewall = fw.Firewall(self._reactor, backend, self._desired_rules, to_thread=self._to_thread)
+        self.netlink.on_address_removed = on_removed
+        self.netlink.on_link_up = on_link_up
+        self.netlink.on_events_lost = self.audit
+        await self.netlink.start()
+        self.firewall.reset()  # before contesting anything
+        await self.firewall.sync()
+        return backend.name
+
+    async def _make_backend(self, choice):
+        if not isinstance(choice, str):
+            return choice
+        name = await self._to_thread(fw.detect_backend, choice)
+        try:
+            return await self._to_thread(fw.make_backend, name)
+        except Exception as e:
+            log.error("firewall back end {name} unusable ({e}); using iptables-restore instead", name=name, e=e)
+            return fw.RestoreBackend(name)
+
+    async def stop(self) -> None:
+        """Everything off the host (the justification now allows nothing)."""
+        self.arp.cancel_all()
+        self.keeper.want(frozenset())
+        self.keeper.pass_now()
+        if self.firewall is not None:
+            await defer.DeferredList([self.firewall.sync()], consumeErrors=True)
+
+    async def close(self) -> None:
+        if self.firewall is not None:
+            self.firewall.stop()
+        await defer.DeferredList([self.netlink.stop()], consumeErrors=True)
+
+    # -- making the host match -------------------------------------------------
+
+    def apply(self, active: frozenset[str]) -> None:
+        """These floating VIPs' addresses, and the rules ``desired_rules()`` says, now."""
+        self.keeper.want(active)
+        self.keeper.pass_now()
+        if self.firewall is not None and self.firewall.applied != self._desired_rules():
+            self.firewall.sync()
+
+    async def cleared(self, ip: str) -> None:
+        """Fires once ``ip``'s address is off the interface and the rules reflect that."""
+        await self.keeper.removed(ip)
+        if self.firewall is not None:
+            await self.firewall.sync()
+
+    def fence(self) -> None:
+        self.arp.cancel_all()
+        self.apply(frozenset())
+
+    def floating_rules(self, is_port_scoped: Callable[[str], bool]) -> list[DnatRule]:
+        return [r for r in (self.firewall.applied if self.firewall else ()) if not is_port_scoped(r.key)]
+
+    def announce_all(self) -> None:
+        """The link came up: tell the LAN again where our VIPs are."""
+        log.info("{iface} is up; announcing held VIPs again", iface=self.interface)
+        for ip in sorted(self.addresses):
+            if self.may_announce(ip):
+                self.arp.announce(ip)
+
+    # -- reading back ------------------------------------------------------------
+
+    def audit(self) -> None:
+        """Addresses read back (networkd.vips.addresses), within a small CPU budget."""
+        now = self._clock()
+        if now < self._next_audit:
+            return
+        try:
+            self.keeper.audit()
+        except InterfaceMissing:
+            return
+        except OSError as e:
+            log.warn("could not read the addresses of {iface} back: {e}", iface=self.interface, e=e)
+            return
+        self._next_audit = now + max(0.0, (self._clock() - now) / AUDIT_BUDGET - ADDRESS_CHECK)
+
+    def verify_firewall(self) -> None:
+        if self.firewall is not None:
+            self.firewall.sync(verify=True)

@@ -1,0 +1,72 @@
+"""The three snapshots the VIP manager works from, parsed and validated.
+
+VIP configs, deployd pod groups and the lock prefix arrive whole
+(networkd.etcd.reflector); each is parsed here into what the planner
+takes.  A bad key is logged once per distinct error and shown in the API;
+the others apply.  A pod group whose new value is bad keeps its last good
+containers, so one malformed write from deployd does not take VIPs away
+(Go BUG 10, docs/go-compatibility.md).
+"""
+
+from __future__ import annotations
+
+from twisted.logger import Logger
+
+from networkd.serial import ErrorLog
+from networkd.vips.model import Container, InvalidValue, VipConfig, parse_pod_group, parse_vips
+from networkd.vips.planner import ContainerIndex, lock_holders
+
+log = Logger()
+
+
+class VipInputs:
+    def __init__(self, keys):
+        self._keys = keys
+        self.configs: dict[str, VipConfig] = {}
+        self.containers: ContainerIndex = ContainerIndex()
+        self.holders: dict[str, str] = {}  # ip -> hostname, from the lock snapshot
+        self.members: frozenset[str] = frozenset()  # live daemons (presence keys)
+        self.seen = {"configs": False, "pods": False, "locks": False}
+        self._config_errors = ErrorLog(log, "VIP config skipped: {error}")
+        self._pod_errors = ErrorLog(log, "pod group skipped: {error}")
+        self._pods_good: dict[str, list[Container]] = {}
+
+    @property
+    def invalid_keys(self) -> dict[str, str]:
+        return self._config_errors.errors
+
+    @property
+    def pod_errors(self) -> dict[str, str]:
+        return self._pod_errors.errors
+
+    @property
+    def complete(self) -> bool:
+        """Every snapshot arrived at least once: safe to decide about locks."""
+        return all(self.seen.values())
+
+    def configs_snapshot(self, snapshot) -> None:
+        self.configs, invalid = parse_vips(snapshot.values, self._keys.vips)
+        self._config_errors.update(invalid)
+        self.seen["configs"] = True
+
+    def pods_snapshot(self, snapshot) -> None:
+        errors, current = {}, {}
+        for key, raw in snapshot.values.items():
+            try:
+                current[key] = parse_pod_group(key, raw)
+            except InvalidValue as e:
+                full = self._keys.pod_groups + key
+                errors[full] = f"{full}: {e}"
+                if key in self._pods_good:
+                    current[key] = self._pods_good[key]
+        self._pod_errors.update(errors)
+        self._pods_good = current
+        self.containers = ContainerIndex(c for cs in current.values() for c in cs)
+        self.seen["pods"] = True
+
+    def locks_snapshot(self, snapshot) -> None:
+        self.holders, self.members = lock_holders(snapshot.values)
+        self.seen["locks"] = True
+
+    def floating_ips(self):
+        return (c.ip for c in self.configs.values() if c.floating)

@@ -1,0 +1,252 @@
+"""The etcd locks of this node's floating VIPs: one record per VIP, on the process lease.
+
+A lock is ``<root>/networkd/vips/<ip>.lock`` = hostname, created only if
+absent, attached to the lease of the session (networkd.etcd.session) and
+released only while still on it (networkd.etcd.lock).  This module keeps
+what we believe about each lock and corrects it from the lock snapshot:
+
+* a lock we took is *confirmed* once the snapshot shows it; one that the
+  snapshot never shows is read back from etcd after ``VERIFY_AFTER``;
+* a confirmed lock the snapshot shows deleted or held by another node is
+  lost at once, and so is every lock when the lease changes;
+* a lock the snapshot shows as ours that we do not know is read back: ours
+  on this lease (adopted) or a previous process's (left to expire).
+
+Release is host first: ``clear_host(ip)`` must have removed the address and
+its rules before the lock is deleted, or another node could add the address
+while we still carry it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from networkd.etcd.lock import LeaseLocks
+from networkd.vips.planner import MEMBERS
+
+log = Logger()
+
+VERIFY_AFTER = 1.0  # a lock not seen in the snapshot this long after we took it is read back
+CAMPAIGN_GRACE = 1.0  # a node that is not the least loaded waits this long for a free VIP
+STOP_TIMEOUT = 1.0  # each etcd call on the way out
+
+
+@dataclass
+class LockRecord:
+    lease: int  # the lease the lock is on
+    acquired_at: float
+    confirmed: bool = False  # seen in the lock snapshot
+    releasing: bool = False
+
+
+class LockKeeper:
+    def __init__(self, *, locks: LeaseLocks, keys, hostname: str, session, reactor,
+                 changed: Callable[[], None], clear_host: Callable[[str], Awaitable]):
+        self._locks = locks
+        self._keys = keys
+        self.hostname = hostname
+        self._session = session
+        self._reactor = reactor
+        self._changed = changed
+        self._clear_host = clear_host
+        self.records: dict[str, LockRecord] = {}
+        self.later: dict[str, float] = {}  # ip -> when to contest it anyway
+        self.errors: dict[str, str] = {}  # ip -> last error
+        self._campaigning: set[str] = set()
+        self._verified_at: dict[str, float] = {}
+        self._verifying: set[str] = set()
+        self._ours_in_snapshot: set[str] = set()
+        self._presence_key = f"{keys.vip_locks}{MEMBERS}{hostname}"
+        self._announced: int | None = None
+        self.stopping = False
+
+    # -- views ---------------------------------------------------------------
+
+    def held(self) -> frozenset[str]:
+        """IPs whose lock we hold on the current lease (releasing ones included)."""
+        lease = self._session.lease
+        return frozenset(ip for ip, r in self.records.items() if lease is not None and r.lease == lease)
+
+    def may_hold(self, ip: str, lease: int, holders) -> bool:
+        """The address of ``ip`` may be on the host: the lock is ours on ``lease``, not leaving,
+        and the newest snapshot does not say it is gone (until the next pass drops it)."""
+        record = self.records.get(ip)
+        if record is None or record.lease != lease or record.releasing:
+            return False
+        return not record.confirmed or holders.get(ip) == self.hostname
+
+    def releasing(self, ip: str) -> bool:
+        record = self.records.get(ip)
+        return record is not None and record.releasing
+
+    def unsettled(self) -> bool:
+        """A lock we took that the snapshot has not shown yet, or one of ours we do not know."""
+        return (any(not r.confirmed for r in self.records.values())
+                or not self._ours_in_snapshot <= self.records.keys() or bool(self.later))
+
+    # -- the snapshot ----------------------------------------------------------
+
+    def observe(self, holders) -> None:
+        """Correct what we believe from the lock snapshot (ip -> holder)."""
+        self._ours_in_snapshot = {ip for ip, holder in holders.items() if holder == self.hostname}
+        lease = self._session.lease
+        now = self._reactor.seconds()
+        for ip, record in list(self.records.items()):
+            holder = holders.get(ip)
+            lost = None
+            if record.lease != lease:
+                lost = "lease changed"
+            elif holder == self.hostname:
+                record.confirmed = True
+            elif record.confirmed:
+                lost = "lock deleted" if holder is None else f"lock now held by {holder}"
+            elif now - record.acquired_at > VERIFY_AFTER:
+                self._verify(ip)  # not seen in the snapshot yet: ask etcd
+            if lost:
+                log.warn("lost the lock of VIP {ip}: {why}", ip=ip, why=lost)
+                del self.records[ip]
+        if lease is not None:
+            for ip in self._ours_in_snapshot - self.records.keys():
+                self._verify(ip)  # ours on this lease (adopt), or a previous process's (wait)
+
+    def lease_lost(self) -> None:
+        if self.records:
+            log.warn("lease lost: the locks of {ips} are gone", ips=", ".join(sorted(self.records)))
+        self.records.clear()
+        self._announced = None
+
+    # -- presence: members/<hostname> on the lease, so balancing counts live daemons only --
+
+    def announce(self, lease: int, node_ip: str | None) -> bool:
+        """Write our presence key on ``lease`` unless done (True: it was not, e.g. a new lease)."""
+        if lease == self._announced:
+            return False
+        self._announced = lease
+
+        def failed(failure):
+            if self._announced == lease:
+                self._announced = None  # try again on the next ack
+            log.warn("could not announce presence: {e}", e=failure.getErrorMessage())
+
+        self._locks.announce(self._presence_key, node_ip or "", lease).addErrback(failed)
+        return True
+
+    def withdraw_presence(self) -> defer.Deferred:
+        lease = self._session.lease
+        if lease is None:
+            return defer.succeed(None)
+        return self._locks.withdraw(self._presence_key, lease).addTimeout(STOP_TIMEOUT, self._reactor)
+
+    # -- acting on a plan ------------------------------------------------------
+
+    def drive(self, plan) -> None:
+        """Release, contest now, contest after the grace period (networkd.vips.planner.FloatingPlan)."""
+        for ip in plan.release:
+            self.release(ip, plan.reasons.get(ip, ""))
+        for ip in plan.campaign_now:
+            self._campaign(ip)
+        now = self._reactor.seconds()
+        for ip in plan.campaign_later:
+            if now >= self.later.setdefault(ip, now + CAMPAIGN_GRACE):
+                self._campaign(ip)
+        for ip in list(self.later):
+            if ip not in plan.campaign_later:
+                del self.later[ip]
+
+    def _campaign(self, ip: str) -> None:
+        lease = self._session.lease
+        if ip in self._campaigning or ip in self.records or lease is None:
+            return
+        self._campaigning.add(ip)
+        key = self._keys.vip_lock(ip)
+
+        def done(created):
+            self._campaigning.discard(ip)
+            if not created:
+                return
+            self.records[ip] = LockRecord(lease, self._reactor.seconds())
+            self.later.pop(ip, None)
+            self.errors.pop(ip, None)
+            log.info("took the lock of VIP {ip} on lease {lease:x}", ip=ip, lease=lease)
+            if self.stopping:
+                self._locks.release(key, lease).addErrback(
+                    lambda f: log.warn("could not release VIP {ip} on the way out: {e}", ip=ip, e=f.getErrorMessage()))
+            self._changed()
+
+        def failed(failure):
+            self._campaigning.discard(ip)
+            self.errors[ip] = f"lock: {failure.getErrorMessage()}"
+            log.warn("could not contest VIP {ip}: {e}", ip=ip, e=failure.getErrorMessage())
+
+        self._locks.acquire(key, self.hostname, lease).addCallbacks(done, failed)
+
+    def _verify(self, ip: str) -> None:
+        """Read the lock: is it on our current lease?  Rate-limited per IP."""
+        now = self._reactor.seconds()
+        lease = self._session.lease
+        if lease is None or ip in self._verifying or now - self._verified_at.get(ip, -1e9) < VERIFY_AFTER:
+            return
+        self._verifying.add(ip)
+        self._verified_at[ip] = now
+
+        def got(kv):
+            self._verifying.discard(ip)
+            if lease != self._session.lease or self.stopping:
+                return
+            record = self.records.get(ip)
+            if kv is not None and kv.lease == lease and kv.value.decode(errors="replace") == self.hostname:
+                if record is None:
+                    log.info("the lock of VIP {ip} is on our lease {lease:x}: holding it", ip=ip, lease=lease)
+                    record = self.records[ip] = LockRecord(lease, now)
+                record.confirmed = True
+            elif record is not None and not record.confirmed:
+                log.warn("lost the lock of VIP {ip}: {why}", ip=ip,
+                         why="it is gone" if kv is None else "it is on another lease")
+                del self.records[ip]
+            self._changed()
+
+        def failed(failure):
+            self._verifying.discard(ip)
+            log.warn("could not read the lock of VIP {ip}: {e}", ip=ip, e=failure.getErrorMessage())
+
+        self._locks.read(self._keys.vip_lock(ip)).addCallbacks(got, failed)
+
+    def release(self, ip: str, reason: str) -> None:
+        """Host first, then the lock (guarded by our lease); retried by the next pass on failure."""
+        record = self.records.get(ip)
+        if record is None or record.releasing:
+            return
+        record.releasing = True
+        log.info("releasing VIP {ip}: {why}", ip=ip, why=reason)
+        defer.Deferred.fromCoroutine(self._release(ip, record))
+
+    async def _release(self, ip: str, record: LockRecord) -> None:
+        try:
+            await self._clear_host(ip)
+            await self._locks.release(self._keys.vip_lock(ip), record.lease)
+            if self.records.get(ip) is record:
+                del self.records[ip]
+        except Exception as e:
+            self.errors[ip] = f"release: {e}"
+            log.warn("could not release VIP {ip}: {e}; trying again", ip=ip, e=e)
+        finally:
+            record.releasing = False
+            self._changed()
+
+    async def release_all(self) -> list[str]:
+        """On the way out (the host is already clear): delete every lock still on our lease."""
+        self.stopping = True
+        lease = self._session.lease
+        held = sorted(ip for ip, r in self.records.items() if r.lease == lease)
+        releases = [self._locks.release(self._keys.vip_lock(ip), lease).addTimeout(STOP_TIMEOUT, self._reactor)
+                    for ip in held]
+        for ip, (ok, result) in zip(held, await defer.DeferredList(releases, consumeErrors=True)):
+            if not ok:
+                log.warn("could not release VIP {ip} on the way out: {e}; it goes with our lease",
+                         ip=ip, e=result.getErrorMessage())
+        self.records.clear()
+        return held
