@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from networkd.backoff import Backoff, Pause
 from networkd.etcd.client import Compacted, EtcdUnavailable, WatchEvent
+from networkd.serial import notify
 
 log = Logger()
 
@@ -85,10 +86,7 @@ class PrefixWatcher(service.Service):
             self._deliver(subscriber, self.snapshot)
 
     def _deliver(self, subscriber: Subscriber, snapshot: Snapshot) -> None:
-        try:
-            subscriber(snapshot)
-        except Exception:
-            log.failure("snapshot subscriber {s!r} failed on {prefix}", s=subscriber, prefix=self.prefix)
+        notify([subscriber], snapshot, what=f"snapshot subscriber of {self.prefix}")
 
     def _schedule_publish(self) -> None:
         """Coalesce: events of one burst become one snapshot."""
@@ -98,8 +96,7 @@ class PrefixWatcher(service.Service):
     def _publish(self) -> None:
         self._publish_call = None
         self.snapshot = Snapshot(self.prefix, self._revision, MappingProxyType(dict(self._values)))
-        for subscriber in list(self._subscribers):
-            self._deliver(subscriber, self.snapshot)
+        notify(self._subscribers, self.snapshot, what=f"snapshot subscriber of {self.prefix}")
 
     # -- lifecycle -----------------------------------------------------------
 

@@ -17,6 +17,7 @@ from twisted.logger import Logger
 
 from networkd.backoff import Backoff, Pause
 from networkd.etcd.client import EtcdUnavailable
+from networkd.serial import notify
 
 log = Logger()
 
@@ -111,20 +112,12 @@ class Session(service.Service):
         self.last_ack = sent
         self.last_error = None
         self._backoff.reset()
-        for listener in list(self._ack_listeners):
-            try:
-                listener(self.lease)
-            except Exception:
-                log.failure("lease ack listener failed")
+        notify(self._ack_listeners, self.lease, what="lease ack listener")
 
     def _expired(self, why: str) -> None:
         log.warn("etcd session lost: {why}", why=why)
         self.lease = None
         self.last_ack = None
         self.last_error = why
-        for listener in list(self._lost_listeners):
-            try:
-                listener()
-            except Exception:
-                log.failure("lease lost listener failed")
+        notify(self._lost_listeners, what="lease lost listener")
 

@@ -18,6 +18,8 @@ from typing import Callable
 from twisted.application import service
 from twisted.logger import Logger
 
+from networkd.serial import notify
+
 log = Logger()
 
 
@@ -152,8 +154,4 @@ class LeaderElection(service.Service):
             log.warn("this node is no longer the networkd leader ({why})", why=why)
         else:
             log.info("no longer the networkd leader ({why})", why=why)
-        for listener in list(self._listeners):
-            try:
-                listener(self.is_leader)
-            except Exception:
-                log.failure("leadership listener failed")
+        notify(self._listeners, self.is_leader, what="leadership listener")

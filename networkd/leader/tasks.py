@@ -3,8 +3,9 @@
 Level-triggered: on any change of a source (deployd's or swarm's leader
 key, the tinydns workers), of a target (someone edited the published key)
 or of leadership, the whole desired set is computed again and only the keys
-whose value differs are written, each guarded by the leader key.  A failed
-write is retried with backoff; nothing is written while not the leader.
+whose value differs are written, each guarded by the leader key, one pass
+at a time (networkd.serial.SerialJob).  A pass with a failed write is
+retried with backoff; nothing is written while not the leader.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from twisted.logger import Logger
 
 from networkd.backoff import Backoff
 from networkd.leader import publish
+from networkd.serial import ErrorLog, SerialJob
 
 log = Logger()
 
@@ -38,18 +40,25 @@ class LeaderTasks(service.Service):
         self._keys = keys
         self.tasks = tuple(t for t in TASKS if t in tasks)
         self.zones = ["lain"] + ([domain] if domain and domain != "lain" else [])
-        self._backoff = backoff or Backoff(0.5, 10.0)
+        self._job = SerialJob(reactor, self._pass, "leader task", backoff=backoff or Backoff(0.5, 10.0),
+                              failed=lambda e: log.warn("leader could not publish: {e}; retrying", e=e))
         self._snapshots: dict = {}
         self._pending = None
-        self._retry = None
-        self._writing: dict = {}  # target key -> value being written
         self._written: dict = {}  # target key -> (value, revision) of our last write
-        self.invalid_keys: dict = {}
+        self._invalid = ErrorLog(log, "leader task: skipping {key}: {error}")
         self._sources = list(dict.fromkeys(getattr(keys, name) for t in self.tasks for name in WIRING[t][0]))
         self._targets = list(dict.fromkeys(getattr(keys, name) for t in self.tasks for name in WIRING[t][1]))
         # Asked for now, not in startService: a watcher added to a MultiService
         # while it starts its children would be started twice.
         self._watchers = {prefix: watch(prefix) for prefix in self._sources + self._targets}
+
+    @property
+    def invalid_keys(self) -> dict:
+        return self._invalid.errors
+
+    @property
+    def last_error(self) -> str | None:
+        return self._job.last_error
 
     @property
     def published(self) -> dict:
@@ -64,10 +73,10 @@ class LeaderTasks(service.Service):
 
     def stopService(self):
         super().stopService()
-        for call in (self._pending, self._retry):
-            if call is not None and call.active():
-                call.cancel()
-        self._pending = self._retry = None
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        return self._job.stop()
 
     def _on_snapshot(self, prefix: str, snapshot) -> None:
         self._snapshots[prefix] = snapshot
@@ -76,7 +85,11 @@ class LeaderTasks(service.Service):
     def kick(self) -> None:
         """Reconcile soon (a burst of changes makes one pass)."""
         if self.running and (self._pending is None or not self._pending.active()):
-            self._pending = self._reactor.callLater(0, self._reconcile)
+            self._pending = self._reactor.callLater(0, self._request)
+
+    def _request(self) -> None:
+        self._pending = None
+        self._job.request()
 
     # -- the pass ------------------------------------------------------------
 
@@ -109,47 +122,32 @@ class LeaderTasks(service.Service):
         return None, 0
 
     def _up_to_date(self, key: str, value: str) -> bool:
-        """Already so in etcd, being written, or written by us and not yet seen by the watch."""
+        """Already so in etcd, or written by us and not yet seen by the watch."""
         current, revision = self._target(key)
-        if publish.same_json(current, value) or self._writing.get(key) == value:
+        if publish.same_json(current, value):
             return True
         mine = self._written.get(key)
         return mine is not None and mine[0] == value and revision < mine[1]
 
-    def _reconcile(self) -> None:
-        self._pending = None
+    async def _pass(self) -> None:
         if not self.running or any(p not in self._snapshots for p in self._sources + self._targets):
             return  # not everything read yet: a partial view would publish wrong values
         wanted, invalid = self.desired()
-        for key, error in invalid.items():
-            if self.invalid_keys.get(key) != error:
-                log.warn("leader task: skipping {key}: {error}", key=key, error=error)
-        self.invalid_keys = invalid
+        self._invalid.update(invalid)
         lease = self._election.lease
-        if lease is None:
-            return
+        failed = []
         for key, value in sorted(wanted.items()):
-            if not self._up_to_date(key, value):
-                self._write(key, value, lease)
-
-    def _write(self, key: str, value: str, lease: int) -> None:
-        self._writing[key] = value
-
-        def done(revision):
-            self._writing.pop(key, None)
+            if lease is None or not self.running or self._up_to_date(key, value):
+                continue
+            try:
+                revision = await self._locks.put_while_held(self._election.key, lease, key, value)
+            except Exception as e:
+                failed.append(f"{key}: {e}")
+                continue
             if revision:
                 self._written[key] = (value, revision)
-                self._backoff.reset()
                 log.info("leader published {key} = {value}", key=key, value=value)
             else:
                 log.warn("not written, no longer the leader: {key}", key=key)
-
-        def failed(failure):
-            self._writing.pop(key, None)
-            delay = self._backoff.next()
-            log.warn("leader could not write {key}: {e}; retrying in {delay:.1f}s",
-                     key=key, e=failure.getErrorMessage(), delay=delay)
-            if self.running and (self._retry is None or not self._retry.active()):
-                self._retry = self._reactor.callLater(delay, self.kick)
-
-        self._locks.put_while_held(self._election.key, lease, key, value).addCallbacks(done, failed)
+        if failed:
+            raise RuntimeError("; ".join(failed))

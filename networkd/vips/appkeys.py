@@ -7,7 +7,8 @@ they live on the process lease and vanish with it.
 
 Level-triggered: ``sync(desired, lease)`` compares the keys this node
 should publish with the apps snapshot and with what it wrote on ``lease``,
-and puts or deletes the difference, one pass at a time.  A key is written
+and puts or deletes the difference, one pass at a time (networkd.serial.SerialJob;
+a failed pass is retried with backoff).  A key is written
 when it is missing (or still on an older lease of ours), never again while
 it stands: no write without a change ([BUG 43]).  An ``A.B.C.D:PORT`` key
 is shared by every node running the app: a node leaves another node's
@@ -22,9 +23,9 @@ from typing import Mapping
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from networkd.backoff import Backoff
 from networkd.etcd.lock import LeaseLocks
 from networkd.etcd.reflector import Snapshot
+from networkd.serial import SerialJob
 
 log = Logger()
 
@@ -38,14 +39,14 @@ class AppKeys:
         self.written: dict[str, int] = {}  # key -> revision of our put on ``lease``
         self.present: Mapping[str, str] | None = None  # full key -> value, from the snapshot
         self.revision = 0
-        self.last_error: str | None = None
         self._wanted: tuple[frozenset[str], int | None] = (frozenset(), None)
-        self._busy = False
-        self._pass: defer.Deferred | None = None  # the pass under way, for stop to wait on
-        self._again = False
-        self._backoff = Backoff(0.2, 5.0)
-        self._not_before = 0.0
+        self._job = SerialJob(reactor, self._pass, "publishing app keys",
+                              failed=lambda e: log.warn("could not publish app keys: {e}; trying again", e=e))
         self.stopped = False
+
+    @property
+    def last_error(self) -> str | None:
+        return self._job.last_error
 
     def observe(self, snapshot: Snapshot) -> None:
         """The apps prefix as etcd has it now."""
@@ -55,21 +56,28 @@ class AppKeys:
     def sync(self, desired: frozenset[str], lease: int | None) -> None:
         """Put the missing keys of ``desired`` on ``lease``, delete ours that are not wanted."""
         self._wanted = (desired, lease)
-        if self._busy:
-            self._again = True
-            return
         if self.stopped or self.present is None:
             return
+        if self._job.last_error is None or self._job.busy:
+            self._job.request()  # after a failure the backoff's retry serves the newest wish
+
+    async def _pass(self) -> None:
+        desired, lease = self._wanted
         if lease != self.lease:
             self.lease, self.written = lease, {}  # keys on an old lease died with it
-        if lease is None or self._reactor.seconds() < self._not_before:
+        if lease is None or self.stopped:
             return
-        puts = sorted(key for key in desired if self._missing(key))
-        deletes = sorted(key for key in self.written if key not in desired)
-        if puts or deletes:
-            self._busy = True
-            done = defer.Deferred.fromCoroutine(self._apply(puts, deletes, lease))
-            self._pass = done if self._busy else None
+        for key in sorted(key for key in self.written if key not in desired):
+            if self.stopped:
+                return
+            await self._locks.withdraw(key, lease)
+            self.written.pop(key, None)
+            log.info("withdrew app key {key}", key=key)
+        for key in sorted(key for key in desired if self._missing(key)):
+            if self.stopped:
+                return
+            self.written[key] = await self._locks.announce(key, self.hostname, lease)
+            log.info("published app key {key} on lease {lease:x}", key=key, lease=lease)
 
     def _missing(self, key: str) -> bool:
         value = self.present.get(key)
@@ -80,38 +88,10 @@ class AppKeys:
         # Absent, or ours on an older lease or a previous process's: put it on ours.
         return value is None or value == self.hostname
 
-    async def _apply(self, puts: list[str], deletes: list[str], lease: int) -> None:
-        try:
-            for key in deletes:
-                if self.stopped:
-                    return
-                await self._locks.withdraw(key, lease)
-                self.written.pop(key, None)
-                log.info("withdrew app key {key}", key=key)
-            for key in puts:
-                if self.stopped:
-                    return
-                self.written[key] = await self._locks.announce(key, self.hostname, lease)
-                log.info("published app key {key} on lease {lease:x}", key=key, lease=lease)
-            self._backoff.reset()
-            self.last_error = None
-        except Exception as e:
-            delay = self._backoff.next()
-            self._not_before = self._reactor.seconds() + delay
-            self.last_error = str(e) or type(e).__name__
-            log.warn("could not publish app keys: {e}; trying again in {d:.1f}s", e=self.last_error, d=delay)
-        finally:
-            self._busy = False
-            self._pass = None
-            if self._again and not self.stopped:
-                self._again = False  # asked again while busy: serve the newest wish
-                self._reactor.callLater(0, lambda: self.sync(*self._wanted))
-
     async def withdraw_all(self) -> None:
         """Stop: delete every key we wrote while it is still on our lease."""
         self.stopped = True
-        if self._pass is not None:
-            await self._pass
+        await self._job.stop()
         lease, keys, self.written = self.lease, sorted(self.written), {}
         if lease is None or not keys:
             return
