@@ -1,7 +1,8 @@
-"""Stand-ins for the DNS server and the VIP manager, which live in other branches.
+"""Stand-ins for the DNS server and the VIP manager, for tests of the parts that only look at them.
 
 They keep to networkd.views (DnsPart, VipPart) and record what they are told,
-so the guardian and the API can be tested for real against them.
+so the resolv.conf guardian and the API can be tested for real without a DNS
+server or namespaces.
 """
 
 from __future__ import annotations
