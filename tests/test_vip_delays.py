@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import uuid
 
 import pytest
 import pytest_twisted
@@ -324,22 +323,21 @@ class Removals:
 @pytest.fixture
 def host(privileged, monkeypatch):
     """A VipManager in this process whose netlink sockets live in a namespace of the test's own."""
+    from tests.support.nlnamespace import netlink_namespace
+
+    with netlink_namespace(monkeypatch, "nddl") as ns:
+        yield from _host_in(ns)
+
+
+def _host_in(ns):
     from networkd.keys import Keys
-    from networkd.vips import netlink as netlink_module
     from networkd.vips.reconciler import VipManager
     from tests.support.hostfakes import FakeArp, FakeBackend
-    from tests.support.netns import Namespace
-    from tests.support.vipnodes import _in_netns, pod_group
+    from tests.support.vipnodes import pod_group
     from tests.test_vip_reconciler import FakeEtcd, Journal, Watchers
 
-    ns = Namespace(f"nddl{uuid.uuid4().hex[:6]}")
     manager = None
     try:
-        ns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
-        ns.run("ip", "link", "set", "eth0", "up")
-        ns.run("ip", "link", "set", "eth1", "up")
-        make = netlink_module._socket
-        monkeypatch.setattr(netlink_module, "_socket", lambda groups=0: _in_netns(ns.name, lambda: make(groups)))
         journal, keys, watchers, session = Journal(), Keys("/lain"), Watchers(), MonotonicSession()
         manager = VipManager(
             reactor=reactor, client=FakeEtcd(journal), keys=keys, watch=watchers, session=session,
@@ -361,7 +359,6 @@ def host(privileged, monkeypatch):
     finally:
         if manager is not None and manager.running:
             pytest_twisted.blockon(manager.stopService())
-        ns.delete()
 
 
 def on_interface(ns) -> bool:

@@ -72,21 +72,10 @@ def test_garbage_never_raises():
 @pytest.fixture
 def in_namespace(privileged, monkeypatch):
     """A namespace with an ``eth0`` (veth); Netlink sockets made from now on live in it."""
-    from tests.support.netns import Namespace
-    from tests.support.vipnodes import _in_netns
+    from tests.support.nlnamespace import netlink_namespace
 
-    import uuid
-
-    ns = Namespace(f"ndnl{uuid.uuid4().hex[:6]}")
-    try:
-        ns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
-        ns.run("ip", "link", "set", "eth0", "up")
-        ns.run("ip", "link", "set", "eth1", "up")
-        make = netlink_module._socket
-        monkeypatch.setattr(netlink_module, "_socket", lambda groups=0: _in_netns(ns.name, lambda: make(groups)))
+    with netlink_namespace(monkeypatch) as ns:
         yield ns
-    finally:
-        ns.delete()
 
 
 def lifetimes(ns) -> dict[str, str]:

@@ -127,19 +127,25 @@ class Netlink:
             results.update((seq, errno.ETIMEDOUT) for seq in wanted)
         return results
 
+    def _read(self) -> bytes | None:
+        """The next datagram of replies; None if none came within REPLY_WAIT (it should be there)."""
+        deadline = time.monotonic() + REPLY_WAIT
+        while True:
+            try:
+                return self._requests.recv(1 << 16)
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                select.select([self._requests], [], [], left)
+
     def _replies(self, wanted: set[int]):
         """Messages read until every seq in ``wanted`` had its ERROR/ack (or none came)."""
-        deadline = None
         while wanted:
             try:
-                data = self._requests.recv(1 << 16)
-            except BlockingIOError:
-                now = time.monotonic()
-                deadline = deadline or now + REPLY_WAIT
-                if now >= deadline:
+                data = self._read()
+                if data is None:
                     return
-                select.select([self._requests], [], [], deadline - now)
-                continue
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
                     log.error("netlink replies were lost (receive buffer overrun)")
@@ -204,17 +210,10 @@ class Netlink:
         seq = self._next_seq()
         self._requests.send(rtnl.dump_addresses(seq))
         found = []
-        deadline = None
         while True:
-            try:
-                data = self._requests.recv(1 << 16)
-            except BlockingIOError:
-                now = time.monotonic()
-                deadline = deadline or now + REPLY_WAIT
-                if now >= deadline:
-                    raise rtnl.NetlinkError(errno.ETIMEDOUT, "address dump did not finish")
-                select.select([self._requests], [], [], deadline - now)
-                continue
+            data = self._read()
+            if data is None:
+                raise rtnl.NetlinkError(errno.ETIMEDOUT, "address dump did not finish")
             for message in rtnl.messages(data):
                 if message.seq != seq:
                     continue
