@@ -1,9 +1,12 @@
-"""inotify on directories, driven by the reactor.
+"""Noticing file changes: inotify on the files' directories.
 
 Watching the directory rather than the file sees every way a file can
 change: edited in place, replaced by rename, deleted and created again
 (watching the file itself loses the watch with the old inode, BUG 37).
-The inotify fd is handed to the reactor as a reader; nothing blocks.
+``DirectoryWatcher`` hands its inotify fd to the reactor as a reader and
+calls back; ``FileChangeWatcher`` answers "changed since the last look?"
+for a caller that asks on its own schedule (the hosts file).  Nothing
+blocks.
 """
 
 from __future__ import annotations
@@ -26,27 +29,51 @@ MASK = (
 )
 
 ChangeCallback = Callable[[str, str, int], None]  # directory, name ("" for the directory), mask
+Change = tuple[str, str, int]
+
+
+def directories_of(*paths: str) -> dict[str, set[str]]:
+    """What to watch to see every change of these paths: directory -> names in it.
+
+    Pass a symlink's real path too: its target changes in another directory.
+    """
+    wanted: dict[str, set[str]] = {}
+    for path in paths:
+        directory, name = os.path.split(os.path.abspath(path))
+        wanted.setdefault(directory, set()).add(name)
+    return wanted
 
 
 @implementer(IReadDescriptor)
 class DirectoryWatcher:
-    """Reports changes of chosen names in chosen directories to ``on_change``."""
+    """Reports changes of chosen names in chosen directories.
 
-    def __init__(self, reactor, on_change: ChangeCallback):
+    With a reactor, to ``on_change`` as they happen; with ``reactor=None``,
+    to whoever calls ``poll()``.
+    """
+
+    def __init__(self, reactor, on_change: ChangeCallback | None = None):
         self._reactor = reactor
         self._on_change = on_change
         self._inotify: INotify | None = None
         self._directories: dict[int, str] = {}  # watch descriptor -> directory
         self._wanted: dict[str, frozenset[str]] = {}  # directory -> names
 
+    @property
+    def started(self) -> bool:
+        return self._inotify is not None
+
     def start(self) -> None:
+        """Open the inotify fd (OSError when the system is out of inotify instances)."""
         if self._inotify is None:
             self._inotify = INotify()
-            self._reactor.addReader(self)
+            if self._reactor is not None:
+                self._reactor.addReader(self)
 
     def stop(self) -> None:
         if self._inotify is not None:
-            self._reactor.removeReader(self)
+            if self._reactor is not None:
+                self._reactor.removeReader(self)
             self._inotify.close()
             self._inotify = None
             self._directories.clear()
@@ -86,18 +113,26 @@ class DirectoryWatcher:
         return self._inotify.fileno() if self._inotify is not None else -1
 
     def doRead(self):
+        for directory, name, mask in self.poll():
+            try:
+                self._on_change(directory, name, mask)
+            except Exception:
+                log.failure("directory change handler failed for {d}/{n}", d=directory, n=name)
+
+    def poll(self) -> list[Change]:
+        """The changes since the last call (directory, name or "" for the directory, mask); never blocks."""
         if self._inotify is None:
-            return
+            return []
         try:
             events = self._inotify.read(timeout=0)
         except OSError as e:
             log.warn("inotify read failed: {e}", e=e)
-            return
+            return []
+        changes = []
         for event in events:
             if event.mask & flags.Q_OVERFLOW:
                 # Events were lost: every watched name may have changed.
-                for directory in set(self._directories.values()):
-                    self._report(directory, "", event.mask)
+                changes += [(directory, "", event.mask) for directory in set(self._directories.values())]
                 continue
             directory = self._directories.get(event.wd)
             if directory is None:
@@ -105,19 +140,68 @@ class DirectoryWatcher:
             if event.mask & flags.IGNORED:
                 # The directory is gone: forget the watch; the owner re-adds it.
                 del self._directories[event.wd]
-                self._report(directory, "", event.mask)
+                changes.append((directory, "", event.mask))
                 continue
             if event.mask & (flags.DELETE_SELF | flags.MOVE_SELF) or event.name in self._wanted.get(directory, ()):
-                self._report(directory, event.name, event.mask)
-
-    def _report(self, directory: str, name: str, mask: int) -> None:
-        try:
-            self._on_change(directory, name, mask)
-        except Exception:
-            log.failure("directory change handler failed for {d}/{n}", d=directory, n=name)
+                changes.append((directory, event.name, event.mask))
+        return changes
 
     def logPrefix(self) -> str:
         return "inotify"
 
     def connectionLost(self, reason) -> None:
         pass
+
+
+class FileChangeWatcher:
+    """Tells whether a file changed since the last look (content, or replaced).
+
+    inotify on its directory (and its symlink target's) says when to look;
+    the stat signature (mtime, size, inode) says whether it really changed,
+    so a write that left it as it was is no change.  While a directory cannot
+    be watched (it is missing, or inotify is unavailable) every look compares
+    the signature.  The inotify fd opens at the first look, not here.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._watcher = DirectoryWatcher(None)
+        self._signature: tuple | None = ("never",)
+        self._blind = True  # some directory is not watched (yet)
+        self._looked = False
+
+    def changed(self) -> bool:
+        if not self._looked:
+            self._looked = True
+            try:
+                self._watcher.start()
+            except OSError as e:
+                log.warn("cannot watch {path} with inotify ({e}); comparing its stat on every look",
+                         path=self.path, e=e)
+        if self._watcher.poll() or self._blind:
+            # Re-aimed at every look that saw something: a symlink may point elsewhere now.
+            problems = self._watcher.watch(directories_of(self.path, os.path.realpath(self.path)))
+            self._blind = bool(problems) or not self._watcher.started
+            return self._signature_changed()
+        return False
+
+    def _signature_changed(self) -> bool:
+        try:
+            st = os.stat(self.path)
+            signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except OSError:
+            signature = None
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        return True
+
+    def read(self) -> str | None:
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        self._watcher.stop()

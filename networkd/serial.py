@@ -5,7 +5,10 @@ etcd keys) asks for a pass whenever its state changes.  ``SerialJob`` runs
 the job once; requests made while it runs are folded into one more pass,
 which reads the newest state when it starts; a pass that fails is run again
 after a backoff, unless something asks again sooner.  The job never sees
-the requests: it does the whole job every time (level-triggered).
+the requests: it does the whole job every time (level-triggered).  A job
+that must look again later (a grace period, a rate limit) asks for it with
+``later(delay)``: one timer, the earliest time wins, and any pass that starts
+sooner serves it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class SerialJob:
         self._busy: defer.Deferred | None = None
         self._again = False
         self._waiters: list[defer.Deferred] = []
-        self._retry = None
+        self._timer = None  # the one pending "pass later": a retry or a later()
         self.last_error: str | None = None
         self.passes = 0
         self.failures = 0
@@ -61,23 +64,48 @@ class SerialJob:
             self._start()
         return waiter
 
+    def later(self, delay: float) -> None:
+        """Ask for a pass in ``delay`` seconds; the earliest time asked for wins.
+
+        A pass that starts before then serves it: a level-triggered job asks
+        again if it still has to wait.
+        """
+        if not self.stopped:
+            self._wake(delay)
+
     def stop(self) -> defer.Deferred:
         """No more passes; fires when the one under way (if any) ended."""
         self.stopped = True
-        self._cancel_retry()
+        self._cancel_timer()
         if self._busy is None:
             return defer.succeed(None)
         done = defer.Deferred()
         self._busy.addBoth(lambda _: done.callback(None))
         return done
 
-    def _cancel_retry(self) -> None:
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
+    def _wake(self, delay: float) -> None:
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self._reactor.seconds() + delay:
+                return
+            self._timer.cancel()
+        self._timer = self._reactor.callLater(delay, self._timer_fired)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self.stopped:
+            return
+        if self._busy is not None:
+            self._again = True
+        else:
+            self._start()
 
     def _start(self) -> None:
-        self._cancel_retry()
+        self._cancel_timer()
         self._again = False
         waiters, self._waiters = self._waiters, []
         self.passes += 1
@@ -105,14 +133,10 @@ class SerialJob:
             self._log_failure(failure.value)
         except Exception:
             log.failure("logging a failure of {what}", what=self.what)
-        self._finish(waiters, False)
         if not self._again and not self.stopped and self._retry_failed:
-            self._retry = self._reactor.callLater(self._backoff.next(), self._retry_now)
-
-    def _retry_now(self) -> None:
-        self._retry = None
-        if self._busy is None and not self.stopped:
-            self._start()
+            # Before the waiters hear of it: a pass one of them asks for cancels it.
+            self._wake(self._backoff.next())  # a later() asked for sooner stays
+        self._finish(waiters, False)
 
     def _finish(self, waiters, ok: bool) -> None:
         for waiter in waiters:

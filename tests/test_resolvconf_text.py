@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from networkd.options import ListenAddress
-from networkd.resolvconf import describe_writer, parse_nameservers, restore, rewrite, upstreams
+from networkd.resolvconf.text import describe_writer, parse_nameservers, restore, rewrite, upstreams
 
 LOCAL = ListenAddress("127.0.0.1", 53)
 

@@ -129,3 +129,64 @@ def test_error_log_says_each_error_once_until_it_changes():
         errors.update({"/a": "not an object"})
     lines = [line for line in logs.lines if "skipped" in line]
     assert len(lines) == 4, lines
+
+
+def test_later_the_earliest_time_wins_and_a_pass_that_starts_sooner_serves_it():
+    clock, job, serial = job_and_clock()
+    serial.later(5.0)
+    serial.later(1.0)
+    serial.later(3.0)
+    clock.advance(0.9)
+    assert job.seen == []
+    clock.advance(0.1)
+    assert len(job.seen) == 1, "one pass, at the earliest time asked for"
+    job.pending.pop(0).callback(None)
+    clock.advance(10)
+    assert len(job.seen) == 1, "the later times were served by it"
+    serial.later(2.0)
+    serial.request()
+    job.pending.pop(0).callback(None)
+    clock.advance(10)
+    assert len(job.seen) == 2, "a request before the time serves it too"
+
+
+def test_later_from_inside_a_pass_runs_after_it_and_while_busy_folds_into_one_more():
+    clock, job, serial = job_and_clock()
+    serial.request()
+    serial.later(0.5)  # e.g. the job saw it must look again after a grace period
+    job.pending.pop(0).callback(None)
+    clock.advance(0.5)
+    assert len(job.seen) == 2
+    serial.later(0.1)
+    clock.advance(0.1)  # fires while the second pass is still busy
+    assert len(job.seen) == 2 and serial.busy
+    job.state = 7
+    job.pending.pop(0).callback(None)
+    assert job.seen == [0, 0, 7], "one more pass, at once, with the newest state"
+
+
+def test_a_failure_retry_never_postpones_a_sooner_later_and_stop_cancels_both():
+    clock, job, serial = job_and_clock()
+    serial.request()
+    serial.later(0.2)
+    job.pending.pop(0).errback(RuntimeError("x"))  # the backoff says 1 s; 0.2 s was asked for
+    clock.advance(0.2)
+    assert len(job.seen) == 2
+    job.pending.pop(0).errback(RuntimeError("y"))
+    serial.later(30)
+    serial.stop()
+    clock.advance(60)
+    assert len(job.seen) == 2
+
+
+def test_a_request_folded_into_a_failed_pass_runs_at_once_with_no_retry_left_behind():
+    clock, job, serial = job_and_clock()
+    serial.request()
+    serial.request()
+    job.pending.pop(0).errback(RuntimeError("x"))
+    assert len(job.seen) == 2, "the folded request runs at once"
+    clock.advance(5)
+    assert len(job.seen) == 2 and serial.busy, "no retry started a pass beside it"
+    job.pending.pop(0).callback(None)
+    clock.advance(60)
+    assert len(job.seen) == 2 and serial.last_error is None

@@ -174,6 +174,18 @@ def test_a_pass_run_late_decides_with_the_clock_it_runs_at(rig):
     assert rig.kernel.addresses() == [], "its lifetime (from t=0) ran out at t=2 as set"
 
 
+def test_late_keep_alives_the_address_lives_until_just_before_the_deadline(rig):
+    """Whole-second lifetimes would drop it up to a second early; one top-up keeps it to the deadline."""
+    rig.keeper.want({"10.0.0.5"})
+    rig.keeper.pass_now()  # at t=0: lifetime 2, the deadline is 2.25
+    rig.clock.pump([0.01] * 220)  # no acknowledged keep-alive since
+    assert rig.violations() == []
+    assert rig.kernel.expiry["10.0.0.5"] == pytest.approx(2.18, abs=0.02), "topped up to just before 2.25"
+    assert len(rig.kernel.exchanges) == 2, "one extra request, no more"
+    rig.clock.pump([0.01] * 10)
+    assert "10.0.0.5" not in rig.kernel.expiry and not rig.keeper.holds("10.0.0.5"), "gone by the deadline"
+
+
 def test_fencing_at_the_deadline_needs_no_other_timer(rig):
     rig.keeper.want({"10.0.0.5"})
     rig.keeper.pass_now()

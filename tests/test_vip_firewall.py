@@ -9,7 +9,7 @@ import pytest
 from twisted.internet import defer, task
 
 from networkd.vips import firewall as fw
-from networkd.vips.firewall import NatRule, nat_rules, parse_rule, parse_save, render_restore
+from networkd.vips.firewall.rules import NatRule, nat_rules, parse_rule, parse_save, render_restore
 from networkd.vips.planner import DnatRule
 from networkd.vips.reconciler import fencing_margin
 
@@ -146,3 +146,56 @@ def test_driver_retries_failures_and_applies_the_newest_state():
 @pytest.mark.parametrize("ttl, fence_after", [(2, 1.5), (3, 2.25), (10, 7.5)])
 def test_fencing_margin(ttl, fence_after):
     assert ttl - fencing_margin(ttl) == fence_after
+
+
+def test_driver_folds_requests_into_one_pass_redoes_a_failed_reset_and_stops_retrying():
+    clock = task.Clock()
+    desired = {"rules": frozenset([WEB])}
+    calls = []
+
+    class Backend:
+        name = "fake"
+
+        def read(self):
+            calls.append("read")
+            return fw.ChainState(nat_rules([WEB]), [], [], 0)
+
+        def write(self, rules, jumps):
+            calls.append(("write", len(rules)))
+
+    threads = []
+
+    def to_thread(f, *a):
+        d = defer.Deferred()
+        threads.append((d, f, a))
+        return d
+
+    def finish(ok=True):
+        d, f, a = threads.pop(0)
+        if ok:
+            d.callback(f(*a))
+        else:
+            d.errback(fw.FirewallError("xtables lock still held"))
+
+    driver = fw.Firewall(clock, Backend(), lambda: desired["rules"], to_thread=to_thread)
+    driver.reset()
+    finish(ok=False)
+    clock.advance(10)  # the retry still resets: it reads back and writes even though the rules match
+    finish()
+    assert calls == ["read", ("write", 2)] and driver.last_error is None
+    first, second = driver.sync(), driver.sync()
+    assert first.called and second.called and not threads, "nothing changed: no thread, no write"
+    desired["rules"] = frozenset([WEB, DNS])
+    busy = driver.sync()
+    desired["rules"] = frozenset([DNS])
+    folded = [driver.sync(), driver.sync()]
+    finish()
+    assert busy.result is True and len(threads) == 1, "the requests made meanwhile fold into one pass"
+    finish()
+    assert all(d.result for d in folded) and driver.applied == {DNS} and driver.writes == 3
+    desired["rules"] = frozenset()
+    driver.sync()
+    driver.stop()
+    finish(ok=False)
+    clock.advance(60)
+    assert not threads, "no retry after stop"

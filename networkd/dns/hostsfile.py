@@ -1,16 +1,19 @@
-"""The hosts file as local DNS data: parse text, and notice changes.
+"""The hosts file as local DNS data: its text parsed into (name, ip) entries.
 
 Parsing takes text, not a path (tests feed it strings).  Unlike the Go
 daemon a name keeps every address of every line (``localhost`` gets both
-127.0.0.1 and ::1), and inline comments are stripped.
+127.0.0.1 and ::1), and inline comments are stripped.  Noticing that the
+file changed is the directory watcher's job (``networkd.dirwatch``).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 
+from networkd.dirwatch import FileChangeWatcher  # networkd.dns.service imports it from here
 from networkd.dns.names import BadName, check_name
+
+__all__ = ["FileChangeWatcher", "parse_hosts"]
 
 
 def parse_hosts(text: str) -> list[tuple[str, str]]:
@@ -31,33 +34,3 @@ def parse_hosts(text: str) -> list[tuple[str, str]]:
             except BadName:
                 continue
     return entries
-
-
-class FileChangeWatcher:
-    """Tells whether a file changed since the last look (mtime, size, inode).
-
-    Polled about once a second: cheap, and it catches replace-by-rename and
-    delete/recreate, which a naive inotify watch on the file misses.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        self._signature = ("never",)
-
-    def changed(self) -> bool:
-        try:
-            st = os.stat(self.path)
-            signature = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            signature = None
-        if signature == self._signature:
-            return False
-        self._signature = signature
-        return True
-
-    def read(self) -> str | None:
-        try:
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return None

@@ -22,7 +22,9 @@ can give the lock away.
   once.
 * Renewals happen only when an address would otherwise lapse within
   ``renew_ahead`` (about one keep-alive interval), and only if they extend
-  it: one renewal per address per keep-alive at most, in one batch.
+  it: one renewal per address per keep-alive at most, in one batch.  When
+  keep-alives are late, one more renewal a second before the deadline keeps
+  the address until just before it (not up to a second less).
 * Removals come first in every exchange; ``removed(ip)`` fires once the
   kernel confirmed.
 * ``audit()`` reads the interface back: addresses that vanished (expired or
@@ -49,6 +51,8 @@ SEND_SLACK = 0.05  # seconds between reading the clock and the kernel starting a
 FIX_ROUNDS = 3  # re-sends of an overrun lifetime before the address is removed instead
 RETRY_AFTER = 1.0  # seconds before a failed add or removal is tried again
 MIN_GAIN = 0.25  # seconds a renewal must add to an address's life to be worth a request
+TOP_UP_GAIN = 0.1  # ... when the address would otherwise lapse within a second
+TOP_UP_EARLY = 0.02  # the last renewal before the deadline comes this much early (timer slack)
 MIN_WAKE = 0.01  # a pass never schedules the next one sooner than this
 
 
@@ -197,6 +201,10 @@ class AddressKeeper:
             return removals, puts, wake
         life = math.floor(deadline - now - SEND_SLACK)
         wake = min(wake or deadline, deadline) if self.placed else wake  # fence on time by ourselves
+        # When no newer keep-alive came, one renewal a second before the deadline, with a lifetime
+        # of exactly 1 s, lets the address live until just before it instead of lapsing up to a
+        # second early (lifetimes are whole seconds).
+        top_up = deadline - SEND_SLACK - 1 - TOP_UP_EARLY
         gone = set(removals)
         for ip in self.wanted:
             if ip in gone or not just.may_hold(ip):
@@ -212,14 +220,17 @@ class AddressKeeper:
                 if life >= 1 and self._retry_at.get(ip, 0.0) <= now:
                     puts.append((ip, life))
                 continue
-            if placed.expires - now > self.renew_ahead:
-                due = placed.expires - self.renew_ahead
-                if due + math.floor(deadline - due - SEND_SLACK) >= placed.expires + MIN_GAIN:
-                    wake = min(wake or math.inf, due)  # else only a newer keep-alive can help
+            gain = now + life - placed.expires if life >= 1 else 0.0
+            if placed.expires - now <= self.renew_ahead and (
+                    gain >= MIN_GAIN or (gain >= TOP_UP_GAIN and placed.expires - now < 1.0)):
+                puts.append((ip, life))
                 continue
-            if life < 1 or now + life < placed.expires + MIN_GAIN:
-                continue  # nothing to gain before the next acknowledged keep-alive moves the deadline
-            puts.append((ip, life))
+            due = placed.expires - self.renew_ahead
+            if due > now and due + math.floor(deadline - due - SEND_SLACK) >= placed.expires + MIN_GAIN:
+                wake = min(wake or math.inf, due)
+            elif now < top_up < placed.expires and top_up + 1 - placed.expires >= TOP_UP_GAIN:
+                wake = min(wake or math.inf, top_up)  # keep-alives late: live on until the deadline
+            # else only a newer keep-alive can help
         return removals, puts, wake
 
     def _exchange(self, removals, puts, started: float, deadline: float | None):

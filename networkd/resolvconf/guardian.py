@@ -7,219 +7,35 @@ address written is the one DNS really listens on (BUG 38).  The other
 nameservers, in file order and never ourselves, are the forwarder's
 upstreams.
 
-Level-triggered: every change (and a periodic re-check) reads the file and
-computes what it should be; our own writes read back as already right, so
-they cause no further write.
+Level-triggered: every change (and a periodic re-check) asks for a look,
+which reads the file and computes what it should be; our own writes read
+back as already right, so they cause no further write.  Looks run through
+a SerialJob: one at a time, a burst of events folded into one, a failed
+look retried with backoff.
 """
 
 from __future__ import annotations
 
-import collections
-import ipaddress
 import os
-import pwd
 from dataclasses import dataclass
 from typing import Callable
 
 from inotify_simple import flags
 from twisted.application import service
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, threads
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from networkd.atomicfile import replace_file
+from networkd.backoff import Backoff, every
 from networkd.dirwatch import DirectoryWatcher
 from networkd.options import ListenAddress
+from networkd.resolvconf.filestate import FileState, look_at, restore_file
+from networkd.resolvconf.ratelimit import RewriteLimit
+from networkd.resolvconf.text import DNS_PORT, describe_writer, resolv_conf_address, rewrite, upstreams
+from networkd.serial import SerialJob
 
 log = Logger()
-
-DNS_PORT = 53
-STUB_NAME = "stub-resolv.conf"  # systemd-resolved's file that points at 127.0.0.53
-
-
-# -- the text ------------------------------------------------------------------
-
-
-def _words(line: str) -> list[str]:
-    """Keyword and arguments of a resolv.conf line; [] for comments and blanks."""
-    stripped = line.strip()
-    if not stripped or stripped[0] in "#;":
-        return []
-    return stripped.split()
-
-
-def _same_ip(text: str, ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(text) == ipaddress.ip_address(ip)
-    except ValueError:
-        return text == ip
-
-
-def rewrite(text: str, ours: str) -> str:
-    """``text`` with ``nameserver <ours>`` as its first nameserver and no ``rotate``.
-
-    Our line goes where the first nameserver line was (at the end if there is
-    none); other copies of it are dropped; ``rotate`` is removed from options
-    lines, and an options line left empty is dropped.  Every other line is
-    kept as it is.  Idempotent: ``rewrite(rewrite(t)) == rewrite(t)``.
-    """
-    out: list[str] = []
-    placed = False
-    for line in text.splitlines():
-        words = _words(line)
-        keyword = words[0] if words else ""
-        if keyword == "nameserver":
-            if not placed:
-                out.append(f"nameserver {ours}")
-                placed = True
-            if len(words) > 1 and _same_ip(words[1], ours):
-                continue
-        elif keyword == "options" and "rotate" in words[1:]:
-            rest = [w for w in words[1:] if w != "rotate"]
-            if not rest:
-                continue
-            line = "options " + " ".join(rest)
-        out.append(line)
-    if not placed:
-        out.append(f"nameserver {ours}")
-    return "".join(line + "\n" for line in out)
-
-
-def restore(text: str, ours: str) -> str:
-    """``text`` without our nameserver line(s): the node's own resolution again."""
-    out = []
-    for line in text.splitlines():
-        words = _words(line)
-        if len(words) > 1 and words[0] == "nameserver" and _same_ip(words[1], ours):
-            continue
-        out.append(line)
-    return "".join(line + "\n" for line in out)
-
-
-def parse_nameservers(text: str) -> list[str]:
-    """The IP addresses of the ``nameserver`` lines, in file order, without repeats.
-
-    Lines whose argument is not an IP address are skipped (libc skips them too).
-    """
-    servers: list[str] = []
-    for line in text.splitlines():
-        words = _words(line)
-        if len(words) < 2 or words[0] != "nameserver":
-            continue
-        address, _, scope = words[1].partition("%")
-        try:
-            ip = str(ipaddress.ip_address(address))
-        except ValueError:
-            continue
-        if scope:
-            ip = f"{ip}%{scope}"
-        if ip not in servers:
-            servers.append(ip)
-    return servers
-
-
-def resolv_conf_address(listen: ListenAddress) -> str:
-    """What resolv.conf must name to reach a DNS server listening on ``listen``."""
-    if listen.host == "0.0.0.0":
-        return "127.0.0.1"
-    if listen.host == "::":
-        return "::1"
-    return listen.host
-
-
-def is_self(ip: str, listen: ListenAddress, node_ip: str | None = None) -> bool:
-    """Would a query to ``ip``:53 reach our own DNS server?"""
-    if listen.port != DNS_PORT:
-        return False
-    bare = ip.partition("%")[0]
-    if _same_ip(bare, listen.host):
-        return True
-    if listen.host in ("0.0.0.0", "::"):
-        try:
-            address = ipaddress.ip_address(bare)
-        except ValueError:
-            return False
-        if address.is_loopback or address.is_unspecified:
-            return True
-        return node_ip is not None and _same_ip(bare, node_ip)
-    return False
-
-
-def upstreams(text: str, listen: ListenAddress, node_ip: str | None = None) -> list[tuple[str, int]]:
-    """The forwarder's upstreams from resolv.conf text: every nameserver but us, port 53."""
-    return [(ip, DNS_PORT) for ip in parse_nameservers(text) if not is_self(ip, listen, node_ip)]
-
-
-def describe_writer(text: str | None, uid: int | None) -> str:
-    """Who probably wrote this content: its header comment and the file owner.
-
-    inotify does not say which process wrote; tools that manage resolv.conf
-    (NetworkManager, resolvconf, systemd-resolved, dhclient) sign their work
-    with a header comment, which is the best hint there is.
-    """
-    if text is None:
-        return "the file was deleted"
-    header = None
-    for line in text.splitlines()[:5]:
-        stripped = line.strip()
-        if stripped.startswith(("#", ";")) and len(stripped) > 1:
-            header = stripped[:80]
-            break
-    try:
-        owner = pwd.getpwuid(uid).pw_name if uid is not None else "?"
-    except KeyError:
-        owner = str(uid)
-    hint = f"header {header!r}" if header else "no header comment"
-    return f"{hint}, file owner {owner}"
-
-
-# -- the file as found ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileState:
-    """One look at the guarded file (and at systemd's upstream file in stub mode)."""
-
-    path: str
-    text: str | None  # None: missing
-    realpath: str
-    is_symlink: bool
-    inode: int | None
-    uid: int | None
-    stub: bool  # a symlink to systemd-resolved's stub file
-    upstream_text: str | None  # the text to take upstreams from (None: unknown)
-
-    def watch_list(self, systemd_path: str) -> dict[str, set[str]]:
-        wanted: dict[str, set[str]] = collections.defaultdict(set)
-        for path in (self.path, self.realpath) + ((systemd_path,) if self.stub else ()):
-            directory, name = os.path.split(os.path.abspath(path))
-            wanted[directory].add(name)
-        return dict(wanted)
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        return None
-
-
-def look_at(path: str, systemd_path: str) -> FileState:
-    """Read the file and what it is (blocking: call it off the reactor thread)."""
-    is_symlink = os.path.islink(path)
-    realpath = os.path.realpath(path)
-    text = _read_text(path)
-    try:
-        st = os.stat(path)
-        inode, uid = st.st_ino, st.st_uid
-    except FileNotFoundError:
-        inode = uid = None
-    stub = is_symlink and os.path.basename(realpath) == STUB_NAME
-    upstream_text = _read_text(systemd_path) if stub else text
-    return FileState(path, text, realpath, is_symlink, inode, uid, stub, upstream_text)
-
-
-# -- the service ---------------------------------------------------------------
 
 
 @dataclass
@@ -286,26 +102,20 @@ class ResolvConfGuardian(service.Service):
         self._node_ip = node_ip
         self._settle = settle
         self._missing_grace = missing_grace
-        self._burst = burst
-        self._window = window
+        self._limit = RewriteLimit(reactor, burst, window)
         self._run_blocking = run_blocking or _in_thread(reactor)
         self.address = resolv_conf_address(dns_listen)
         self.status = GuardianStatus(self.path, address=self.address)
         self._watcher = DirectoryWatcher(reactor, self._on_change)
-        self._recheck = task.LoopingCall(self._kick)
-        self._recheck.clock = reactor
         self._recheck_interval = recheck
+        self._recheck = None
+        self._looks: SerialJob | None = None  # made at start: a stopped SerialJob stays stopped
         self._writing = False  # True once DNS listens (and we may write)
         self._wrote = False  # we changed the file at least once
         self._good = False  # the file was as it should be at the last look
         self._missing_since: float | None = None
         self._stub_logged = False
         self._fed: list[tuple[str, int]] | None = None
-        self._recent_writes: collections.deque[float] = collections.deque()
-        self._warned_at: float | None = None
-        self._pending = None
-        self._busy: defer.Deferred | None = None
-        self._again = False
         self._being_written: dict[tuple[str, str], float] = {}
         self._max_writer_wait = max_writer_wait
 
@@ -313,8 +123,11 @@ class ResolvConfGuardian(service.Service):
 
     def startService(self):
         super().startService()
+        self._looks = SerialJob(self._reactor, self._check, f"checking {self.path}",
+                                backoff=Backoff(1.0, self._recheck_interval), failed=self._failed)
         self._watcher.start()
-        self._recheck.start(self._recheck_interval, now=True)
+        self._recheck = every(self._reactor, self._recheck_interval, self._kick, "resolv.conf re-check")
+        self._kick()
         if self._read_only:
             self.status.state = "read-only (--no-resolv-conf): feeding upstreams only"
         elif self._listen.port != DNS_PORT:
@@ -345,20 +158,14 @@ class ResolvConfGuardian(service.Service):
 
     def stopService(self):
         super().stopService()
-        if self._recheck.running:
+        if self._recheck is not None and self._recheck.running:
             self._recheck.stop()
-        if self._pending is not None and self._pending.active():
-            self._pending.cancel()
-        self._pending = None
         self._watcher.stop()
         return defer.Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
-        if self._busy is not None:
-            try:
-                await self._busy
-            except Exception:
-                pass
+        if self._looks is not None:
+            await self._looks.stop()  # the look under way ends first; none after it
         self._writing = False
         if not self._wrote:
             return
@@ -367,7 +174,7 @@ class ResolvConfGuardian(service.Service):
                      ip=self.address, path=self.path)
             return
         try:
-            how = await self._run_blocking(self._restore_file)
+            how = await self._run_blocking(restore_file, self.path, self.address)
         except Exception as e:
             log.error("resolv.conf: could not remove nameserver {ip} from {path}: {e}",
                       ip=self.address, path=self.path, e=e)
@@ -375,15 +182,6 @@ class ResolvConfGuardian(service.Service):
         if how:
             log.info("resolv.conf: removed nameserver {ip} from {path} ({how}); the node resolves without us",
                      ip=self.address, path=self.path, how=how)
-
-    def _restore_file(self) -> str | None:
-        text = _read_text(self.path)
-        if text is None:
-            return None
-        restored = restore(text, self.address)
-        if restored == text:
-            return None
-        return replace_file(self.path, restored.encode())
 
     # -- scheduling --------------------------------------------------------------
 
@@ -407,34 +205,13 @@ class ResolvConfGuardian(service.Service):
         return max(0.01, min(since + self._max_writer_wait for since in self._being_written.values()) - now)
 
     def _kick(self, delay: float | None = None) -> None:
-        """Look at the file soon; bursts of events become one look."""
-        if not self.running:
-            return
-        delay = self._settle if delay is None else delay
-        if self._pending is not None and self._pending.active():
-            if self._pending.getTime() <= self._reactor.seconds() + delay:
-                return
-            self._pending.cancel()
-        self._pending = self._reactor.callLater(delay, self._run)
+        """Look at the file soon (after ``settle``: bursts of events become one look)."""
+        if self.running:
+            self._looks.later(self._settle if delay is None else delay)
 
-    def _run(self) -> None:
-        self._pending = None
-        if self._busy is not None:
-            self._again = True
-            return
-        self._busy = defer.Deferred.fromCoroutine(self._check())
-        self._busy.addErrback(self._failed)
-        self._busy.addBoth(self._done)
-
-    def _failed(self, failure):
-        self.status.last_error = failure.getErrorMessage()
-        log.failure("resolv.conf: checking {path} failed", failure, path=self.path)
-
-    def _done(self, _):
-        self._busy = None
-        if self._again:
-            self._again = False
-            self._kick()
+    def _failed(self, error: BaseException) -> None:
+        self.status.last_error = str(error) or type(error).__name__
+        log.failure("resolv.conf: checking {path} failed", Failure(error), path=self.path)
 
     # -- one look ----------------------------------------------------------------
 
@@ -488,7 +265,7 @@ class ResolvConfGuardian(service.Service):
             self._kick(wait)
             return
         how = await self._run_blocking(replace_file, self.path, desired.encode())
-        self._recent_writes.append(self._reactor.seconds())
+        self._limit.record()
         self.status.writes += 1
         self.status.last_error = None
         self._wrote = True
@@ -498,18 +275,12 @@ class ResolvConfGuardian(service.Service):
                      ip=self.address, path=self.path, how=how)
 
     def _rate_limit_wait(self) -> float:
-        now = self._reactor.seconds()
-        while self._recent_writes and self._recent_writes[0] <= now - self._window:
-            self._recent_writes.popleft()
-        if len(self._recent_writes) < self._burst:
-            return 0.0
-        wait = self._recent_writes[0] + self._window - now
-        if self._warned_at is None or now - self._warned_at >= self._window:
-            self._warned_at = now
+        wait = self._limit.wait()
+        if wait > 0 and self._limit.warn_now():
             log.warn("resolv.conf: another writer keeps undoing our nameserver line in {path} "
                      "({n} rewrites in {w:.0f}s; last: {who}); next rewrite in {wait:.1f}s. "
                      "Configure that tool to keep nameserver {ip} first, or run with --no-resolv-conf",
-                     path=self.path, n=len(self._recent_writes), w=self._window,
+                     path=self.path, n=self._limit.recent, w=self._limit.window,
                      who=self.status.last_writer, wait=wait, ip=self.address)
         return wait
 
