@@ -160,25 +160,28 @@ class FileChangeWatcher:
     the stat signature (mtime, size, inode) says whether it really changed,
     so a write that left it as it was is no change.  While a directory cannot
     be watched (it is missing, or inotify is unavailable) every look compares
-    the signature.  The inotify fd opens at the first look, not here.
+    the signature, and every ``recheck``-th look does anyway: inotify misses
+    a bind-mounted file written through its other mount.  The inotify fd
+    opens at the first look, not here.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, recheck: int = 30):
         self.path = path
         self._watcher = DirectoryWatcher(None)
         self._signature: tuple | None = ("never",)
         self._blind = True  # some directory is not watched (yet)
-        self._looked = False
+        self._recheck = recheck
+        self._looks = 0
 
     def changed(self) -> bool:
-        if not self._looked:
-            self._looked = True
+        self._looks += 1
+        if self._looks == 1:
             try:
                 self._watcher.start()
             except OSError as e:
                 log.warn("cannot watch {path} with inotify ({e}); comparing its stat on every look",
                          path=self.path, e=e)
-        if self._watcher.poll() or self._blind:
+        if self._watcher.poll() or self._blind or self._looks % self._recheck == 0:
             # Re-aimed at every look that saw something: a symlink may point elsewhere now.
             problems = self._watcher.watch(directories_of(self.path, os.path.realpath(self.path)))
             self._blind = bool(problems) or not self._watcher.started

@@ -78,3 +78,18 @@ def test_file_change_watcher_in_a_missing_directory_notices_it_appear(tmp_path):
         assert watcher.changed(), "watched once the directory is there"
     finally:
         watcher.close()
+
+
+def test_file_change_watcher_compares_the_signature_every_nth_look_for_what_inotify_misses(tmp_path):
+    hosts = tmp_path / "hosts"
+    write(hosts, "10.0.0.1 a\n")
+    watcher = FileChangeWatcher(str(hosts), recheck=3)
+    try:
+        assert watcher.changed()
+        st = os.stat(hosts)
+        os.utime(hosts, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # no event in the mask: unseen by inotify
+        assert not watcher.changed()
+        assert watcher.changed(), "the third look compares the signature"
+        assert not watcher.changed()
+    finally:
+        watcher.close()
