@@ -25,6 +25,7 @@ class VipInputs:
         self.configs: dict[str, VipConfig] = {}
         self.containers: ContainerIndex = ContainerIndex()
         self.holders: dict[str, str] = {}  # ip -> hostname, from the lock snapshot
+        self.locks_revision = 0  # that snapshot's etcd revision
         self.members: frozenset[str] = frozenset()  # live daemons (presence keys)
         self.seen = {"configs": False, "pods": False, "locks": False}
         self._config_errors = ErrorLog(log, "VIP config skipped: {error}")
@@ -66,6 +67,7 @@ class VipInputs:
 
     def locks_snapshot(self, snapshot) -> None:
         self.holders, self.members = lock_holders(snapshot.values)
+        self.locks_revision = snapshot.revision
         self.seen["locks"] = True
 
     def floating_ips(self):

@@ -39,8 +39,9 @@ STOP_TIMEOUT = 1.0  # each etcd call on the way out
 class LockRecord:
     lease: int  # the lease the lock is on
     acquired_at: float
-    confirmed: bool = False  # seen in the lock snapshot
+    confirmed: bool = False  # seen in the lock snapshot, or read back from etcd
     releasing: bool = False
+    revision: int = 0  # we know it was ours at this etcd revision: an older snapshot cannot say otherwise
 
 
 class LockKeeper:
@@ -71,13 +72,13 @@ class LockKeeper:
         lease = self._session.lease
         return frozenset(ip for ip, r in self.records.items() if lease is not None and r.lease == lease)
 
-    def may_hold(self, ip: str, lease: int, holders) -> bool:
+    def may_hold(self, ip: str, lease: int, holders, revision: int) -> bool:
         """The address of ``ip`` may be on the host: the lock is ours on ``lease``, not leaving,
-        and the newest snapshot does not say it is gone (until the next pass drops it)."""
+        and the newest snapshot (at ``revision``) does not say it is gone (until the next pass drops it)."""
         record = self.records.get(ip)
         if record is None or record.lease != lease or record.releasing:
             return False
-        return not record.confirmed or holders.get(ip) == self.hostname
+        return not record.confirmed or revision < record.revision or holders.get(ip) == self.hostname
 
     def releasing(self, ip: str) -> bool:
         record = self.records.get(ip)
@@ -90,8 +91,12 @@ class LockKeeper:
 
     # -- the snapshot ----------------------------------------------------------
 
-    def observe(self, holders) -> None:
-        """Correct what we believe from the lock snapshot (ip -> holder)."""
+    def observe(self, holders, revision: int) -> None:
+        """Correct what we believe from the lock snapshot (ip -> holder, at ``revision``).
+
+        A snapshot older than what we read from etcd ourselves (the watch lags
+        behind a burst of writes) neither confirms nor contradicts it.
+        """
         self._ours_in_snapshot = {ip for ip, holder in holders.items() if holder == self.hostname}
         lease = self._session.lease
         now = self._reactor.seconds()
@@ -102,9 +107,10 @@ class LockKeeper:
                 lost = "lease changed"
             elif holder == self.hostname:
                 record.confirmed = True
-            elif record.confirmed:
+                record.revision = max(record.revision, revision)
+            elif record.confirmed and revision >= record.revision:
                 lost = "lock deleted" if holder is None else f"lock now held by {holder}"
-            elif now - record.acquired_at > VERIFY_AFTER:
+            elif not record.confirmed and now - record.acquired_at > VERIFY_AFTER:
                 self._verify(ip)  # not seen in the snapshot yet: ask etcd
             if lost:
                 log.warn("lost the lock of VIP {ip}: {why}", ip=ip, why=lost)
@@ -203,6 +209,7 @@ class LockKeeper:
                     log.info("the lock of VIP {ip} is on our lease {lease:x}: holding it", ip=ip, lease=lease)
                     record = self.records[ip] = LockRecord(lease, now)
                 record.confirmed = True
+                record.revision = max(record.revision, kv.mod_revision)
             elif record is not None and not record.confirmed:
                 log.warn("lost the lock of VIP {ip}: {why}", ip=ip,
                          why="it is gone" if kv is None else "it is on another lease")

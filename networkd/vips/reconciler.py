@@ -120,8 +120,9 @@ class VipManager(service.Service):
         lease = self._session.lease
         if self.stopping or not self.host_ready or lease is None or self.fenced():
             return Justification(None, lambda ip: False)
-        active, holders = self._active_ips, self.inputs.holders
-        return Justification(self.deadline(), lambda ip: ip in active and self.locks.may_hold(ip, lease, holders))
+        active, holders, revision = self._active_ips, self.inputs.holders, self.inputs.locks_revision
+        return Justification(self.deadline(),
+                             lambda ip: ip in active and self.locks.may_hold(ip, lease, holders, revision))
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -179,7 +180,7 @@ class VipManager(service.Service):
 
     def _on_locks(self, snapshot) -> None:
         self.inputs.locks_snapshot(snapshot)
-        self.locks.observe(self.inputs.holders)
+        self.locks.observe(self.inputs.holders, self.inputs.locks_revision)
 
     def _acked(self, lease: int) -> None:
         if self.stopping:
@@ -230,7 +231,7 @@ class VipManager(service.Service):
         if self._fenced_in_last_pass:
             self._fence()
         inputs = self.inputs
-        self.locks.observe(inputs.holders)
+        self.locks.observe(inputs.holders, inputs.locks_revision)
         if inputs.complete and not self._cleaned:
             self._cleaned = True
             self._check_addresses()  # a crashed predecessor's addresses go before we contest
