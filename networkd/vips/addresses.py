@@ -192,9 +192,8 @@ class AddressKeeper:
     def _plan(self, now: float, just: Justification, force: set[str]):
         """(removals, puts, when the next pass is needed) for this instant."""
         deadline = just.deadline if just.deadline is not None and now < just.deadline else None
-        removals = [ip for ip, placed in self.placed.items()
-                    if (deadline is None or ip not in self.wanted or not just.may_hold(ip))
-                    and self._retry_at.get(ip, 0.0) <= now]
+        allowed = frozenset() if deadline is None else {ip for ip in self.wanted if just.may_hold(ip)}
+        removals = [ip for ip in self.placed if ip not in allowed and self._retry_at.get(ip, 0.0) <= now]
         puts: list[tuple[str, int]] = []
         wake = min(self._retry_at.values(), default=None)
         if deadline is None:
@@ -205,10 +204,7 @@ class AddressKeeper:
         # of exactly 1 s, lets the address live until just before it instead of lapsing up to a
         # second early (lifetimes are whole seconds).
         top_up = deadline - SEND_SLACK - 1 - TOP_UP_EARLY
-        gone = set(removals)
-        for ip in self.wanted:
-            if ip in gone or not just.may_hold(ip):
-                continue
+        for ip in allowed:
             placed = self.placed.get(ip)
             if ip in force:
                 if life >= 1:

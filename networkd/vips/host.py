@@ -10,6 +10,7 @@ the lock may go after.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 from twisted.internet import defer
@@ -25,6 +26,7 @@ log = Logger()
 
 ADDRESS_CHECK = 1.0  # read-back of addresses (less often while one costs more than AUDIT_BUDGET of a CPU)
 AUDIT_BUDGET = 0.002
+FIREWALL_CHECK = 5.0  # read-back of iptables, likewise within AUDIT_BUDGET
 
 
 class VipHost:
@@ -46,7 +48,7 @@ class VipHost:
         if hasattr(self.arp, "allowed"):
             self.arp.allowed = self.may_announce
         self.firewall: fw.Firewall | None = None
-        self._next_audit = 0.0
+        self._next_audit = self._next_firewall_check = 0.0
 
     @property
     def addresses(self) -> set[str]:
@@ -140,5 +142,14 @@ class VipHost:
         self._next_audit = now + max(0.0, (self._clock() - now) / AUDIT_BUDGET - ADDRESS_CHECK)
 
     def verify_firewall(self) -> None:
-        if self.firewall is not None:
-            self.firewall.sync(verify=True)
+        """Read our chains back and rewrite them if they drifted, within the same CPU budget."""
+        now = self._clock()
+        if self.firewall is None or now < self._next_firewall_check:
+            return
+        self._next_firewall_check = math.inf  # until this one finished
+
+        def done(_):
+            took = self._clock() - now
+            self._next_firewall_check = now + max(0.0, took / AUDIT_BUDGET - FIREWALL_CHECK)
+
+        self.firewall.sync(verify=True).addBoth(done)

@@ -3,10 +3,11 @@
 Addresses are ``<ip>/32`` on one interface, matched exactly ([BUG 18]).
 
 Requests are synchronous on purpose.  The kernel handles an rtnetlink
-request inside the ``send`` that carries it, so its acknowledgement is
-already queued when ``send`` returns: a whole batch of adds, renewals and
-removals costs one system call plus one read of the acknowledgements, and
-nothing is ever queued in this process.  That matters for safety: a
+request inside the ``send`` that carries it, so when ``send`` returns every
+request in it has been handled, and any error is already queued: a whole
+batch of adds, renewals and removals costs one system call per 256
+requests, no acknowledgements are asked for (only failures are answered),
+and nothing is ever queued in this process.  That matters for safety: a
 lifetime computed by the caller right before ``apply`` is the lifetime the
 kernel starts, not one that waited behind other work (see
 networkd.vips.addresses).  The caller is told how long the exchange took.
@@ -39,7 +40,7 @@ NETLINK_CAP_ACK = 10  # error acks without a copy of the request
 SO_RCVBUFFORCE = 33
 SO_ATTACH_FILTER = 26
 RECEIVE_BUFFER = 4 << 20
-CHUNK = 64  # requests per datagram: their acknowledgements fit the receive buffer many times
+CHUNK = 256  # requests per datagram (15 KiB)
 REPLY_WAIT = 0.2  # seconds to wait for a reply that, by the protocol, is already there
 
 
@@ -110,22 +111,40 @@ class Netlink:
         return self._seq
 
     def _exchange(self, packed: list[tuple[int, bytes]]) -> dict[int, int]:
-        """Send ``(seq, message)`` pairs, CHUNK per datagram; return seq -> errno (0 = done)."""
+        """Send ``(seq, message)`` pairs, CHUNK per datagram; return seq -> errno (0 = done).
+
+        The requests ask for no acknowledgement: when ``send`` returns, the
+        kernel has handled every one of them, and only failures were answered.
+        """
         results: dict[int, int] = {}
         for start in range(0, len(packed), CHUNK):
             chunk = packed[start:start + CHUNK]
-            wanted = {seq for seq, _ in chunk}
             try:
                 self._requests.send(b"".join(message for _, message in chunk))
             except OSError as e:
-                results.update((seq, e.errno or errno.EIO) for seq in wanted)
+                results.update((seq, e.errno or errno.EIO) for seq, _ in chunk)
                 continue
-            for message in self._replies(wanted):
-                if message.type == rtnl.NLMSG_ERROR and message.seq in wanted:
-                    results[message.seq] = rtnl.error_code(message)
-                    wanted.discard(message.seq)
-            results.update((seq, errno.ETIMEDOUT) for seq in wanted)
+            results.update((seq, 0) for seq, _ in chunk)
+            try:
+                errors = self._errors_queued()
+            except OSError as e:  # ENOBUFS: answers were lost, so nothing is known of this chunk
+                log.error("netlink answers were lost ({e}); trying again", e=e)
+                results.update((seq, errno.EIO) for seq, _ in chunk)
+                continue
+            results.update((seq, code) for seq, code in errors.items() if seq in results)
         return results
+
+    def _errors_queued(self) -> dict[int, int]:
+        """seq -> errno of the error answers already in the socket (none waited for)."""
+        errors = {}
+        while True:
+            try:
+                data = self._requests.recv(1 << 16)
+            except BlockingIOError:
+                return errors
+            for message in rtnl.messages(data):
+                if message.type == rtnl.NLMSG_ERROR:
+                    errors[message.seq] = rtnl.error_code(message)
 
     def _read(self) -> bytes | None:
         """The next datagram of replies; None if none came within REPLY_WAIT (it should be there)."""

@@ -22,7 +22,7 @@ from networkd.etcd.lock import LeaseLocks
 from networkd.vips.addresses import Justification
 from networkd.vips.appkeys import AppKeys
 from networkd.vips.arp import Announcer
-from networkd.vips.host import ADDRESS_CHECK, VipHost
+from networkd.vips.host import ADDRESS_CHECK, FIREWALL_CHECK, VipHost
 from networkd.vips.inputs import VipInputs
 from networkd.vips.locks import STOP_TIMEOUT, LockKeeper
 from networkd.vips.netlink import Netlink
@@ -36,7 +36,6 @@ FENCE_CHECK = 0.1  # seconds between fencing checks
 TICK = 0.5  # seconds between checks for a level-triggered pass (see _tick)
 ANTI_ENTROPY = 5.0  # a full pass at least this often even when nothing changed
 RENEW_AHEAD = 1.5  # an address with less life left (at most a keep-alive interval + 0.5 s) is renewed
-FIREWALL_CHECK = 5.0  # read-back of iptables
 
 
 def fencing_margin(ttl: float) -> float:

@@ -98,16 +98,20 @@ _DELETE = struct.Struct("=IHHII" "BBBBI" "HH4s" "HH4s")
 
 
 def put_address(seq: int, index: int, ip: str, lifetime: int) -> bytes:
-    """Add ``ip/32``, or replace its lifetime if present (the kernel clock starts on receipt)."""
+    """Add ``ip/32``, or replace its lifetime if present (the kernel clock starts on receipt).
+
+    No acknowledgement is asked for: the kernel handles the request inside
+    the ``send`` and answers only an error, so a batch costs one system call.
+    """
     packed = socket.inet_aton(ip)
-    return _PUT.pack(_PUT.size, RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, seq, 0,
+    return _PUT.pack(_PUT.size, RTM_NEWADDR, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE, seq, 0,
                      socket.AF_INET, 32, 0, 0, index, 8, IFA_LOCAL, packed, 8, IFA_ADDRESS, packed,
                      20, IFA_CACHEINFO, lifetime, lifetime, 0, 0)
 
 
 def delete_address(seq: int, index: int, ip: str) -> bytes:
     packed = socket.inet_aton(ip)
-    return _DELETE.pack(_DELETE.size, RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, seq, 0,
+    return _DELETE.pack(_DELETE.size, RTM_DELADDR, NLM_F_REQUEST, seq, 0,
                         socket.AF_INET, 32, 0, 0, index, 8, IFA_LOCAL, packed, 8, IFA_ADDRESS, packed)
 
 
