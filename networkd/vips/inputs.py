@@ -5,7 +5,7 @@ VIP configs, deployd pod groups and the lock prefix arrive whole
 takes.  A bad key is logged once per distinct error and shown in the API;
 the others apply.  A pod group whose new value is bad keeps its last good
 containers, so one malformed write from deployd does not take VIPs away
-(Go BUG 10, docs/go-compatibility.md).
+([BUG 10]).
 """
 
 from __future__ import annotations

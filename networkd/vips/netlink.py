@@ -17,7 +17,7 @@ renewals come back as RTM_NEWADDR notifications; a socket filter drops
 those in the kernel, so holding many VIPs costs no wake-ups.  pyroute2 is
 not used here: its requests go through an asyncio queue (the lifetime
 would be stale by the time the kernel sees it) and its generic parser
-costs far more per message than these few fields (README, "VIPs").
+costs far more per message than these few fields (README, "Design choices": netlink).
 """
 
 from __future__ import annotations

@@ -117,7 +117,10 @@ def port_scoped_rules(configs: Mapping[str, VipConfig], containers: list[Contain
 
 @dataclass(frozen=True, order=True)
 class AppEndpoint:
-    """``ip:port`` of a port-scoped key this node serves for app/proc (Go's "app key", its 2.9)."""
+    """``ip:port`` of a port-scoped key this node serves for app/proc.
+
+    The Go daemon's "app key" (docs/go-compatibility.md, key layout).
+    """
 
     app: str
     proc: str
