@@ -98,6 +98,8 @@ class LockKeeper:
         behind a burst of writes) neither confirms nor contradicts it.
         """
         self._ours_in_snapshot = {ip for ip, holder in holders.items() if holder == self.hostname}
+        if self.stopping:
+            return  # our own releases on the way out are no news
         lease = self._session.lease
         now = self._reactor.seconds()
         for ip, record in list(self.records.items()):
