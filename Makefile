@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps venv test demo bench-dns bench-failover rpm clean
+.PHONY: deps venv test demo bench-dns bench-failover bench-hold rpm clean
 
 deps:
 	scripts/install-deps.sh
@@ -28,6 +28,10 @@ bench-dns: deps venv
 
 bench-failover: deps venv
 	$(PY) bench/failover.py
+
+bench-hold: deps venv
+	$(PY) bench/hold.py --configs 1000 --local 100
+	$(PY) bench/hold.py --configs 1000 --local 1000
 
 rpm:
 	packaging/rpm/build.sh
