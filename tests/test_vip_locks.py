@@ -40,6 +40,9 @@ class Etcd:
     def get(self, key):
         return defer.succeed(self.kv.get(key))
 
+    def get_prefix(self, prefix):
+        return defer.succeed((self.revision, [kv for key, kv in sorted(self.kv.items()) if key.startswith(prefix)]))
+
     def delete_if_lease(self, key, lease):
         if key in self.kv and self.kv[key].lease == lease:
             self.revision += 1
@@ -64,6 +67,7 @@ def test_a_lock_read_back_survives_a_snapshot_older_than_the_read():
     k.observe({}, revision=created - 1)  # the watch has not caught up yet
     clock.advance(VERIFY_AFTER + 0.1)
     k.observe({}, revision=created - 1)  # still behind: the keeper reads the lock back
+    clock.advance(0)
     assert k.records["10.0.0.5"].confirmed, "read back: ours on our lease"
     k.observe({}, revision=created - 1)  # an old snapshot again
     assert k.held() == {"10.0.0.5"}, "an older snapshot cannot say it was deleted"
@@ -81,6 +85,21 @@ def test_a_snapshot_as_new_as_our_knowledge_does_say_it_is_gone():
     assert k.held() == frozenset()
     k.observe({"10.0.0.6": "n2"}, revision=etcd.revision + 2)
     assert "10.0.0.6" not in k.held()
+
+
+def test_many_locks_are_read_back_with_one_range_read():
+    clock, etcd, k = keeper()
+    ips = {f"10.0.0.{i}" for i in range(1, 200)}
+    k.drive(FloatingPlan(campaign_now=frozenset(ips)))
+    reads = []
+    original = etcd.get_prefix
+    etcd.get_prefix = lambda prefix: (reads.append(prefix), original(prefix))[1]
+    etcd.get = lambda key: (_ for _ in ()).throw(AssertionError("one read for all, not one per lock"))
+    clock.advance(VERIFY_AFTER + 0.1)
+    k.observe({}, revision=1)
+    clock.advance(0)
+    assert reads == [KEYS.vip_locks.encode()]
+    assert all(k.records[ip].confirmed for ip in ips)
 
 
 def test_a_lock_held_by_someone_else_in_a_newer_snapshot_is_lost():

@@ -32,6 +32,10 @@ class LeaseLocks:
         """Fires with the lock's KeyValue (``.value`` owner, ``.lease``), or None."""
         return self._client.get(key.encode())
 
+    def read_prefix(self, prefix: str) -> Deferred:
+        """Fires with (revision, [KeyValue]) of every key under ``prefix``: many locks, one read."""
+        return self._client.get_prefix(prefix.encode())
+
     def announce(self, key: str, value: str, lease: int) -> Deferred:
         """Write a presence key on ``lease`` (it vanishes with the lease); fires with its revision."""
         return self._client.put(key.encode(), value.encode(), lease)

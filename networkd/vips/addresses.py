@@ -122,6 +122,11 @@ class AddressKeeper:
         self._waiters.setdefault(ip, []).append(d)
         return d
 
+    def counters(self) -> dict[str, int]:
+        stats = self.stats
+        return {"address_requests": stats["puts"] + stats["removals"], "netlink_overruns": stats["overruns"],
+                "lifetime_violations": stats["violations"]}
+
     def holds(self, ip: str) -> bool:
         return ip in self.placed
 

@@ -59,7 +59,8 @@ class LockKeeper:
         self.errors: dict[str, str] = {}  # ip -> last error
         self._campaigning: set[str] = set()
         self._verified_at: dict[str, float] = {}
-        self._verifying: set[str] = set()
+        self._to_verify: set[str] = set()
+        self._verify_call = None
         self._ours_in_snapshot: set[str] = set()
         self._presence_key = f"{keys.vip_locks}{MEMBERS}{hostname}"
         self._announced: int | None = None
@@ -91,7 +92,7 @@ class LockKeeper:
 
     # -- the snapshot ----------------------------------------------------------
 
-    def observe(self, holders, revision: int) -> None:
+    def observe(self, holders, revision: int) -> bool:
         """Correct what we believe from the lock snapshot (ip -> holder, at ``revision``).
 
         A snapshot older than what we read from etcd ourselves (the watch lags
@@ -99,9 +100,10 @@ class LockKeeper:
         """
         self._ours_in_snapshot = {ip for ip, holder in holders.items() if holder == self.hostname}
         if self.stopping:
-            return  # our own releases on the way out are no news
+            return False  # our own releases on the way out are no news
         lease = self._session.lease
         now = self._reactor.seconds()
+        lost_any = False
         for ip, record in list(self.records.items()):
             holder = holders.get(ip)
             lost = None
@@ -117,9 +119,11 @@ class LockKeeper:
             if lost:
                 log.warn("lost the lock of VIP {ip}: {why}", ip=ip, why=lost)
                 del self.records[ip]
+                lost_any = True
         if lease is not None:
             for ip in self._ours_in_snapshot - self.records.keys():
                 self._verify(ip)  # ours on this lease (adopt), or a previous process's (wait)
+        return lost_any
 
     def lease_lost(self) -> None:
         if self.records:
@@ -193,36 +197,57 @@ class LockKeeper:
         self._locks.acquire(key, self.hostname, lease).addCallbacks(done, failed)
 
     def _verify(self, ip: str) -> None:
-        """Read the lock: is it on our current lease?  Rate-limited per IP."""
+        """Queue a read-back of ``ip``'s lock (rate-limited per IP); one read serves all queued."""
         now = self._reactor.seconds()
-        lease = self._session.lease
-        if lease is None or ip in self._verifying or now - self._verified_at.get(ip, -1e9) < VERIFY_AFTER:
+        if self._session.lease is None or now - self._verified_at.get(ip, -1e9) < VERIFY_AFTER:
             return
-        self._verifying.add(ip)
         self._verified_at[ip] = now
+        self._to_verify.add(ip)
+        if self._verify_call is None:
+            self._verify_call = self._reactor.callLater(0, self._verify_queued)
 
-        def got(kv):
-            self._verifying.discard(ip)
+    def _verify_queued(self) -> None:
+        """Is each queued lock on our current lease?  One key read, or one range read for many."""
+        self._verify_call = None
+        ips, self._to_verify = sorted(self._to_verify), set()
+        lease = self._session.lease
+        if lease is None or not ips:
+            return
+        if len(ips) == 1:
+            read = self._locks.read(self._keys.vip_lock(ips[0])).addCallback(lambda kv: {ips[0]: kv})
+        else:
+            read = self._locks.read_prefix(self._keys.vip_locks).addCallback(
+                lambda result: {ip: kv for kv in result[1] for ip in [self._lock_ip(kv.key)] if ip in ips})
+
+        def got(found):
             if lease != self._session.lease or self.stopping:
                 return
-            record = self.records.get(ip)
-            if kv is not None and kv.lease == lease and kv.value.decode(errors="replace") == self.hostname:
-                if record is None:
-                    log.info("the lock of VIP {ip} is on our lease {lease:x}: holding it", ip=ip, lease=lease)
-                    record = self.records[ip] = LockRecord(lease, now)
-                record.confirmed = True
-                record.revision = max(record.revision, kv.mod_revision)
-            elif record is not None and not record.confirmed:
-                log.warn("lost the lock of VIP {ip}: {why}", ip=ip,
-                         why="it is gone" if kv is None else "it is on another lease")
-                del self.records[ip]
+            for ip in ips:
+                self._read_back(ip, found.get(ip), lease)
             self._changed()
 
         def failed(failure):
-            self._verifying.discard(ip)
-            log.warn("could not read the lock of VIP {ip}: {e}", ip=ip, e=failure.getErrorMessage())
+            log.warn("could not read the locks of VIPs {ips} back: {e}", ips=", ".join(ips),
+                     e=failure.getErrorMessage())
 
-        self._locks.read(self._keys.vip_lock(ip)).addCallbacks(got, failed)
+        read.addCallbacks(got, failed)
+
+    def _lock_ip(self, key: bytes) -> str | None:
+        name = key.decode(errors="replace")[len(self._keys.vip_locks):]
+        return name[: -len(".lock")] if name.endswith(".lock") and "/" not in name else None
+
+    def _read_back(self, ip: str, kv, lease: int) -> None:
+        record = self.records.get(ip)
+        if kv is not None and kv.lease == lease and kv.value.decode(errors="replace") == self.hostname:
+            if record is None:
+                log.info("the lock of VIP {ip} is on our lease {lease:x}: holding it", ip=ip, lease=lease)
+                record = self.records[ip] = LockRecord(lease, self._reactor.seconds())
+            record.confirmed = True
+            record.revision = max(record.revision, kv.mod_revision)
+        elif record is not None and not record.confirmed:
+            log.warn("lost the lock of VIP {ip}: {why}", ip=ip,
+                     why="it is gone" if kv is None else "it is on another lease")
+            del self.records[ip]
 
     def release(self, ip: str, reason: str) -> None:
         """Host first, then the lock (guarded by our lease); retried by the next pass on failure."""

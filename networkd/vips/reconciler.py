@@ -1,9 +1,8 @@
 """VipManager: make the host and the locks match the snapshots, safely.
 
-Read top to bottom, a pass is: snapshots in (networkd.vips.inputs) → the
-planner says what to contest, keep and release (networkd.vips.planner) →
-the locks (networkd.vips.locks) → the host: addresses (networkd.vips.addresses)
-and DNAT rules (networkd.vips.firewall) → app keys (networkd.vips.appkeys).
+A pass, top to bottom: snapshots in (vips.inputs) → the planner says what to contest, keep and
+release (vips.planner) → the locks (vips.locks) → the host (vips.host: addresses and DNAT rules)
+→ app keys (vips.appkeys).
 
 Safety first (docs/design.md, "VIP safety"): fencing at the lease deadline, kernel lifetimes,
 adds and renewals justified when sent, host before lock, leftovers removed before contesting.
@@ -17,6 +16,7 @@ from twisted.application import service
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 
+from networkd.api.vipstatus import vip_entries
 from networkd.backoff import every
 from networkd.etcd.lock import LeaseLocks
 from networkd.vips.addresses import Justification
@@ -35,6 +35,7 @@ log = Logger()
 FENCE_CHECK = 0.1  # seconds between fencing checks
 TICK = 0.5  # seconds between checks for a level-triggered pass (see _tick)
 ANTI_ENTROPY = 5.0  # a full pass at least this often even when nothing changed
+MAX_KICK_DELAY = 0.1  # seconds a kicked pass may wait behind costly earlier ones
 RENEW_AHEAD = 1.5  # an address with less life left (at most a keep-alive interval + 0.5 s) is renewed
 
 
@@ -52,9 +53,7 @@ class VipManager(service.Service):
                  netlink: Netlink | None = None, announcer: Announcer | None = None, to_thread=None):
         # Deadlines are on the session's clock (monotonic in the daemon): a wall-clock step never stretches one.
         self._clock = getattr(session, "clock", None) or reactor.seconds
-        self._reactor = reactor
-        self._keys = keys
-        self._session = session
+        self._reactor, self._keys, self._session = reactor, keys, session
         self.hostname, self.interface, self.node_ip = hostname, interface, node_ip
         self.ttl, self.margin = session.ttl, fencing_margin(session.ttl)
         # Create the shared watchers now (no I/O) so they are started before us.
@@ -72,11 +71,12 @@ class VipManager(service.Service):
                             netlink=netlink, announcer=announcer)
         self.keeper, self.netlink = self.host.keeper, self.host.netlink
         self._active_ips: frozenset[str] = frozenset()  # floating VIPs for this host, as of the last pass
-        self.fenced_since: float | None = None
+        self.fenced_since: float | None = None  # since when we hold nothing for late keep-alives
         self.fencings = 0
         self.host_ready = self.stopping = self._cleaned = False
         self._fenced_in_last_pass = True
-        self._last_pass = 0.0
+        self._last_pass = self._pass_cost = 0.0
+        self._port_rules: tuple = (None, None, frozenset())  # (configs, containers, rules) of the last build
         self._kick_call = self._started = None
         self._loops: list = []
 
@@ -84,7 +84,6 @@ class VipManager(service.Service):
 
     invalid_keys = property(lambda self: self.inputs.invalid_keys)
     pod_errors = property(lambda self: self.inputs.pod_errors)
-
     firewall = property(lambda self: self.host.firewall)
     addresses = property(lambda self: self.host.addresses)
 
@@ -92,17 +91,13 @@ class VipManager(service.Service):
         return len(self.locks.held() & self.addresses)
 
     def status(self) -> list[dict]:
-        from networkd.api.vipstatus import vip_entries
-
         return vip_entries(self)
 
     def error_of(self, key: str) -> str | None:
         return self.locks.errors.get(key) or self.keeper.errors.get(key)
 
     def safety_counters(self) -> dict[str, int]:
-        stats = self.keeper.stats
-        return {"fencings": self.fencings, "address_requests": stats["puts"] + stats["removals"],
-                "netlink_overruns": stats["overruns"], "lifetime_violations": stats["violations"]}
+        return {"fencings": self.fencings, **self.keeper.counters()}
 
     def fenced(self) -> bool:
         """True while we may not be sure etcd still keeps our lease alive."""
@@ -145,7 +140,7 @@ class VipManager(service.Service):
             self._watchers[name].subscribe(lambda snapshot, handler=handler: (handler(snapshot), self.kick()))
         self._loops = [
             every(self._reactor, interval, tick, f"VIP {tick.__name__}")
-            for interval, tick in ((FENCE_CHECK, self._fence_check), (TICK, self._tick),
+            for interval, tick in ((FENCE_CHECK, self._fence), (TICK, self._tick),
                                    (ADDRESS_CHECK, self._check_addresses), (FIREWALL_CHECK, self.host.verify_firewall))
         ]
         if self._session.lease is not None:
@@ -179,7 +174,8 @@ class VipManager(service.Service):
 
     def _on_locks(self, snapshot) -> None:
         self.inputs.locks_snapshot(snapshot)
-        self.locks.observe(self.inputs.holders, self.inputs.locks_revision)
+        if self.locks.observe(self.inputs.holders, self.inputs.locks_revision):
+            self.keeper.pass_now()  # a lost lock's address goes now, not after the next pass
 
     def _acked(self, lease: int) -> None:
         if self.stopping:
@@ -203,29 +199,27 @@ class VipManager(service.Service):
     # -- the pass ------------------------------------------------------------
 
     def kick(self) -> None:
-        """Reconcile soon (coalesced: every event of this reactor turn, one pass)."""
+        """Reconcile soon, coalesced; costly passes get at most a third of the reactor (safety
+        does not wait: fencing and lost locks act through the address keeper at once)."""
         if self._kick_call is None or not self._kick_call.active():
-            self._kick_call = self._reactor.callLater(0, self._guarded_reconcile)
+            delay = min(MAX_KICK_DELAY, max(0.0, self._last_pass + 3 * self._pass_cost - self._clock()))
+            self._kick_call = self._reactor.callLater(delay, self._guarded_reconcile)
 
     def _guarded_reconcile(self) -> None:
         try:
             self._reconcile()
-        except Exception:
+        except Exception:  # never let one bad pass end the kicks
             log.failure("VIP pass failed")
 
     def _tick(self) -> None:
-        """Periodic: a pass when something waits on time, else a full one every ANTI_ENTROPY s.
-
-        Every input and every etcd answer already kicks a pass; walking a
-        thousand configs twice a second with nothing changed only burns CPU.
-        """
+        """A pass when something waits on time, else every ANTI_ENTROPY s (inputs kick their own)."""
         if self.locks.unsettled() or self.locks.errors or self._clock() - self._last_pass >= ANTI_ENTROPY:
             self._reconcile()
 
     def _reconcile(self) -> None:
         if not self.host_ready or self.stopping:
             return
-        self._last_pass = self._clock()
+        self._last_pass = started = self._clock()
         self._fenced_in_last_pass = self.fenced()
         if self._fenced_in_last_pass:
             self._fence()
@@ -241,6 +235,7 @@ class VipManager(service.Service):
         endpoints = app_endpoints(inputs.configs, inputs.containers, self.hostname, self.node_ip)
         self.app_keys.sync(frozenset(self._keys.app_key(e.app, e.proc, e.ip, e.port) for e in endpoints),
                            self._session.lease)
+        self._pass_cost = self._clock() - started
 
     # -- host ----------------------------------------------------------------
 
@@ -254,12 +249,19 @@ class VipManager(service.Service):
                          and local_container(c, inputs.containers, self.hostname) is not None)
 
     def _desired_rules(self) -> frozenset[DnatRule]:
+        """Port-scoped DNAT (rebuilt only when configs or containers change) and the active VIPs'."""
         if self.stopping:
             return frozenset()
-        inputs, active = self.inputs, self.active()
-        rules = set(port_scoped_rules(inputs.configs, inputs.containers, self.hostname, self.node_ip))
-        for config in inputs.configs.values():
-            if config.floating and config.ip in active:
+        inputs = self.inputs
+        active = frozenset() if self.fenced() else self._active_ips
+        configs, containers, port_rules = self._port_rules
+        if configs is not inputs.configs or containers is not inputs.containers:
+            port_rules = port_scoped_rules(inputs.configs, inputs.containers, self.hostname, self.node_ip)
+            self._port_rules = (inputs.configs, inputs.containers, port_rules)
+        rules = set(port_rules)
+        for ip in active:
+            config = inputs.configs.get(ip)
+            if config is not None and config.floating:
                 rules.update(dnat_rules(config, local_container(config, inputs.containers, self.hostname),
                                         self.node_ip))
         return frozenset(rules)
@@ -273,11 +275,9 @@ class VipManager(service.Service):
         self._sync_host()
         await self.host.cleared(ip)
 
-    def _fence_check(self) -> None:
-        if self.fenced():
-            self._fence()
-
     def _fence(self) -> None:
+        if not self.fenced():
+            return
         configs = self.inputs.configs
         if not self.addresses and not self.host.floating_rules(lambda k: k in configs and not configs[k].floating):
             return
@@ -290,7 +290,7 @@ class VipManager(service.Service):
         self._active_ips = frozenset()
         self.host.fence()
 
-    def _address_removed(self, ip: str) -> None:
+    def _address_removed(self, ip: str) -> None:  # netlink: someone removed it, or its lifetime ran out
         self.keeper.vanished(ip)
 
     def _check_addresses(self) -> None:
