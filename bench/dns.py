@@ -10,6 +10,11 @@ Prints QPS, server CPU per query and the networkd/dnsmasq ratio for
 
 Run as root from the repository: ``/tmp/venv/bin/python bench/dns.py``
 (needs etcd, dnsmasq-base, dnsperf; touches only 127.0.0.0/8).
+
+``--baseline DIR`` adds a third server, networkd from another checkout
+(e.g. ``git archive HEAD~1 | tar -x -C DIR``), to the same interleaved
+rounds, so a change is measured against its parent on the same CPU at the
+same time rather than in two runs minutes apart.
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved runs per case; the best one counts")
     parser.add_argument("--forwarded-names", type=int, default=NAMES,
                         help="distinct forwarded names (many names = each one asked less often)")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run networkd from this checkout (imported from DIR) in the same rounds")
     args = parser.parse_args()
     for tool in ("dnsperf", "dnsmasq", "taskset", "etcd"):
         if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
@@ -106,16 +113,21 @@ def main() -> None:
         with open(resolv, "w") as f:
             f.write(f"nameserver {stub.host}\n")
 
-        nd_port, dm_port = free_port(), free_port()
-        nd = subprocess.Popen(
-            ["taskset", "-c", args.server_cpu, TWISTD, "--nodaemon", "--pidfile=", "networkd",
-             "--etcd", etcd.endpoint, "--etcd-root", root, "--dns-listen", f"127.0.0.1:{nd_port}",
-             "--api-listen", f"127.0.0.1:{free_port()}", "--no-vips", "--no-resolv-conf",
-             "--node-ip", "10.1.1.1", "--hosts-file", hosts, "--resolv-conf", resolv],
-            stdout=open(os.path.join(work, "networkd.log"), "wb"), stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": REPO},
-        )
-        processes.append(nd)
+        def start_networkd(checkout: str, label: str) -> tuple[int, subprocess.Popen]:
+            port = free_port()
+            proc = subprocess.Popen(
+                ["taskset", "-c", args.server_cpu, TWISTD, "--nodaemon", "--pidfile=", "networkd",
+                 "--etcd", etcd.endpoint, "--etcd-root", root, "--dns-listen", f"127.0.0.1:{port}",
+                 "--api-listen", f"127.0.0.1:{free_port()}", "--no-vips", "--no-resolv-conf",
+                 "--node-ip", "10.1.1.1", "--hosts-file", hosts, "--resolv-conf", resolv],
+                stdout=open(os.path.join(work, f"{label}.log"), "wb"), stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": checkout},
+            )
+            processes.append(proc)
+            return port, proc
+
+        nd_port, nd = start_networkd(REPO, "networkd")
+        dm_port = free_port()
         dm = subprocess.Popen(
             ["taskset", "-c", args.server_cpu, "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
              "--no-resolv", "--no-hosts", "--port", str(dm_port), "--listen-address", "127.0.0.1",
@@ -124,12 +136,15 @@ def main() -> None:
             stdout=open(os.path.join(work, "dnsmasq.log"), "wb"), stderr=subprocess.STDOUT,
         )
         processes.append(dm)
-        for port in (nd_port, dm_port):
+        servers = [("networkd", nd_port, nd), ("dnsmasq", dm_port, dm)]
+        if args.baseline:
+            bl_port, bl = start_networkd(os.path.abspath(args.baseline), "baseline")
+            servers.append(("baseline", bl_port, bl))
+        for _, port, _ in servers:
             wait_for_answer(port, local[-1][0])
         results = {}
         runs: dict = {}
         cases = (("local", local_file), ("cached forwarded", forward_file))
-        servers = (("networkd", nd_port, nd), ("dnsmasq", dm_port, dm))
         for case, datafile in cases:
             for server, port, proc in servers:
                 dnsperf(port, datafile, 2, proc.pid, args.client_cpu)  # warm-up: fills the caches
@@ -147,12 +162,13 @@ def main() -> None:
             median = statistics.median(runs[(case, server)])
             print(f"{case:<18} {server:<9} {qps:>9.0f} {cpu:>8.1f}us {lost:>6} {median:>11.0f}")
         for case in ("local", "cached forwarded"):
-            n, d = results[(case, "networkd")], results[(case, "dnsmasq")]
-            pairs = [a / b for a, b in zip(runs[(case, "networkd")], runs[(case, "dnsmasq")])]
-            print(f"{case}: networkd/dnsmasq QPS ratio {n[0] / d[0]:.2f} (best against best; round by round "
-                  f"{min(pairs):.2f}-{max(pairs):.2f}), CPU per query ratio {n[1] / d[1]:.2f}")
-        print(f"upstream saw {len(stub.queries)} queries (each forwarded name should be asked about twice: "
-              f"once per server)")
+            for other, _, _ in servers[1:]:
+                n, d = results[(case, "networkd")], results[(case, other)]
+                pairs = [a / b for a, b in zip(runs[(case, "networkd")], runs[(case, other)])]
+                print(f"{case}: networkd/{other} QPS ratio {n[0] / d[0]:.2f} (best against best; round by round "
+                      f"{min(pairs):.2f}-{max(pairs):.2f}), CPU per query ratio {n[1] / d[1]:.2f}")
+        print(f"upstream saw {len(stub.queries)} queries (each forwarded name should be asked about "
+              f"{len(servers)} times: once per server)")
     finally:
         for proc in processes:
             proc.terminate()

@@ -25,7 +25,8 @@ asyncioreactor.install()
 from twisted.internet import reactor  # noqa: E402
 from dnslib import DNSRecord  # noqa: E402
 
-from networkd.dns.server import SO_RCVBUFFORCE, DnsUdpListener, Resolver  # noqa: E402
+from networkd.dns.resolver import Resolver  # noqa: E402
+from networkd.dns.udp import SO_RCVBUFFORCE, DnsUdpListener  # noqa: E402
 from networkd.dns.zone import build_zone  # noqa: E402
 
 QUEUED = 20000
@@ -38,9 +39,9 @@ def main() -> None:
                          node_ip=None, webrouters=(), ttl=60)
     resolver.set_zone(zone)
     listener = DnsUdpListener(resolver, reactor, "127.0.0.1", 0, batched=False)
-    listener._loop.remove_reader(listener.sock.fileno())  # we call doRead ourselves
+    listener.stopReading()  # we call doRead ourselves
     batched = DnsUdpListener(resolver, reactor, "127.0.0.1", 0, batched=True)
-    batched._loop.remove_reader(batched.sock.fileno())
+    batched.stopReading()
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.bind(("127.0.0.1", 0))
     client.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)

@@ -177,7 +177,14 @@ def add_dns(root: Networkd, options) -> None:
         return
     from networkd.dns.service import DnsService
 
-    root.dns = DnsService.from_root(root)
+    keys = root.keys
+    root.dns = DnsService(
+        reactor=root.reactor, listen=options["dns-listen"], ttl=options["dns-ttl"],
+        cache_size=options["dns-cache-size"], allow=options["dns-allow"], node_ip=options["node-ip"],
+        hosts_file=options["hosts-file"],
+        domains=root.watch(keys.domains), domain_servers=root.watch(keys.domain_servers), vips=root.watch(keys.vips),
+        domains_prefix=keys.domains, domain_servers_prefix=keys.domain_servers,
+    )
     root.dns.setServiceParent(root)
 
 

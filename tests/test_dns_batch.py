@@ -17,7 +17,9 @@ from dnslib import DNSRecord
 from twisted.internet import reactor, threads
 
 from networkd.dns import mmsg
-from networkd.dns.server import DnsUdpListener, Resolver
+from networkd.dns.clients import ClientFilter
+from networkd.dns.resolver import Resolver
+from networkd.dns.udp import DnsUdpListener
 from networkd.dns.zone import build_zone
 from tests.support.waiting import eventually
 
@@ -78,11 +80,11 @@ def listener(request, upstream):
 
 
 def pause(udp: DnsUdpListener) -> None:
-    udp._loop.remove_reader(udp.sock.fileno())
+    udp.stopReading()
 
 
 def resume(udp: DnsUdpListener) -> None:
-    udp._loop.add_reader(udp.sock.fileno(), udp._read_guarded)
+    udp.startReading()
 
 
 @pytest_twisted.ensureDeferred
@@ -270,3 +272,80 @@ async def test_cached_hot_answers_keep_counting_down(listener, upstream):
         assert listener.resolver.stats.queries[("NOERROR", "cache")] == 7
     finally:
         client.close()
+
+
+class OnlyThese(ClientFilter):
+    """Admits exactly the listed addresses, loopback or not, so that a test
+    can refuse a sender on 127.0.0.0/8."""
+
+    def __init__(self, admitted: set):
+        super().__init__()
+        self.admitted = admitted
+
+    def decide(self, ip) -> bool:
+        return str(ip) in self.admitted
+
+
+def summary(replies: dict) -> dict:
+    """{qid: (rcode, addresses)} of the replies collect_all gathered."""
+    return {qid: [(r.header.rcode, ips(r)) for r in got] for qid, got in replies.items()}
+
+
+@pytest.mark.parametrize("host, senders, admitted", [
+    ("127.0.0.1", ("127.0.0.1", "127.0.0.2", "127.0.0.3"), {"127.0.0.1", "127.0.0.2"}),
+    ("::1", ("::1",), {"::1"}),
+    ("::1", ("::1",), set()),
+])
+@pytest_twisted.ensureDeferred
+async def test_both_read_paths_admit_and_refuse_alike(upstream, host, senders, admitted):
+    """The batched reader and the one-by-one reader go by the same
+    ClientFilter.verdicts: a refused sender gets REFUSED (or nothing, for
+    garbage) even for a question that is a hot answer for everyone else."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    outcomes, counts = {}, {}
+    for mode in ("batched", "one by one"):
+        clients = OnlyThese(set(senders))
+        resolver = Resolver(reactor, cache_size=100, client_filter=clients)
+        zone, _ = build_zone({f"h{i}.lain": f'{{"ips": ["10.0.0.{i}"]}}' for i in (1, 2)}, [],
+                             node_ip=None, webrouters=(), ttl=60)
+        resolver.set_zone(zone)
+        resolver.set_upstreams([(upstream.host, 53)])
+        try:
+            udp = DnsUdpListener(resolver, reactor, host, 0, batched=mode == "batched")
+        except OSError as e:
+            pytest.skip(f"no {host} here: {e}")
+        sockets = {}
+        try:
+            for sender in senders:
+                sockets[sender] = socket.socket(family, socket.SOCK_DGRAM)
+                sockets[sender].bind((sender, 0))
+            server = (host, udp.port)
+            warm = sockets[senders[0]]  # h1.lain and example.com become hot answers
+            for qid, name in ((1, "h1.lain"), (2, "example.com"), (3, "example.com")):
+                warm.sendto(question(name, qid), server)
+                assert ips((await threads.deferToThread(collect, warm, 1))[qid]), name
+            clients.admitted = set(admitted)
+            clients.verdicts.clear()
+
+            pause(udp)
+            for sock in sockets.values():
+                sock.sendto(question("h1.lain", 10), server)  # a hot local answer
+                sock.sendto(question("example.com", 11), server)  # a hot cached answer
+                sock.sendto(question("h2.lain", 12), server)  # first sight: the slow path
+                sock.sendto(question("h2.lain", 13)[:4] + b"\x00\x02" + question("h2.lain", 13)[6:], server)  # FORMERR
+            udp.doRead()
+            resume(udp)
+            outcomes[mode] = {sender: summary(await threads.deferToThread(collect_all, sock, 0.5))
+                              for sender, sock in sockets.items()}
+            counts[mode] = dict(resolver.stats.queries)
+        finally:
+            udp.stopListening()
+            for sock in sockets.values():
+                sock.close()
+
+    answered = {10: [(0, ["10.0.0.1"])], 11: [(0, ["93.184.216.34"])], 12: [(0, ["10.0.0.2"])], 13: [(1, [])]}
+    refused = {10: [(5, [])], 11: [(5, [])], 12: [(5, [])]}
+    expected = {sender: answered if sender in admitted else refused for sender in senders}
+    assert outcomes["batched"] == expected
+    assert outcomes["one by one"] == expected
+    assert counts["batched"] == counts["one by one"]

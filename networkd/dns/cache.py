@@ -110,7 +110,3 @@ def render(entry: Entry, query: wire.Query, now: float) -> bytes:
         struct.pack_into(">H", body, 10, arcount + 1)
         body += wire.opt_record(query.do, answer.rcode >> 4)
     return bytes(body)
-
-
-def min_remaining_ttl(entry: Entry, now: float) -> float:
-    return entry.expires_at - now

@@ -71,7 +71,9 @@ class DatagramBatch:
 
     After ``receive`` returns n, datagram i is ``data[offset(i):offset(i) +
     lengths(n)[i]]`` and its sender's address (a sockaddr) is in ``names`` at
-    ``i * namesize``.
+    ``i * namesize`` (the address alone: ``senders(n)[i]``).  ``raw`` is the
+    same buffer as a ctypes array: ``raw[a:b]`` copies bytes out in about a
+    third of the time ``bytes(data[a:b])`` takes (writes go through ``data``).
     ``send(start, stop)`` sends slots start..stop-1 back to their senders,
     each with the byte count set by ``set_reply_length``.
     """
@@ -83,6 +85,7 @@ class DatagramBatch:
         self.slots = slots
         self.size = size
         self.namesize = 28 if sock.family == socket.AF_INET6 else 16  # sockaddr_in6 / sockaddr_in
+        self._address_span = (8, 24) if sock.family == socket.AF_INET6 else (4, 8)  # the address in it
         self._buffers = (ctypes.c_char * (slots * size))()
         self._names = (ctypes.c_char * (slots * self.namesize))()
         self._recv_iov = (IoVec * slots)()
@@ -100,6 +103,7 @@ class DatagramBatch:
                 header.msg_iov = ctypes.addressof(iov[i])
                 header.msg_iovlen = 1
         self.data = memoryview(self._buffers).cast("B")
+        self.raw = self._buffers
         self.names = memoryview(self._names).cast("B")
         stride = ctypes.sizeof(MMsgHdr) // 4
         self._lengths = memoryview(self._recv).cast("B").cast("I")
@@ -119,6 +123,12 @@ class DatagramBatch:
         """Byte counts of the first n datagrams; -1 for one cut short by the buffer."""
         values, index, flags = self._lengths, self._length_index, self._flags_index
         return [-1 if values[flags[i]] & MSG_TRUNC else values[index[i]] for i in range(n)]
+
+    def senders(self, n: int) -> list:
+        """The packed address (4 or 16 bytes) each of the first n datagrams came from."""
+        size, (start, stop) = self.namesize, self._address_span
+        names = self._names[:n * size]
+        return [names[i * size + start:i * size + stop] for i in range(n)]
 
     def receive(self) -> int:
         """How many datagrams were read (0 when none are waiting)."""

@@ -40,8 +40,3 @@ def split_wildcard(name: str) -> tuple[str, bool]:
     if text.startswith("*."):
         return check_name(text[2:]), True
     return check_name(text), False
-
-
-def is_under(name: str, zone: str) -> bool:
-    """``name`` is ``zone`` or below it."""
-    return name == zone or name.endswith("." + zone)

@@ -18,7 +18,10 @@ from twisted.logger import Logger
 
 from networkd.backoff import every
 from networkd.dns.hostsfile import FileChangeWatcher, parse_hosts
-from networkd.dns.server import ClientFilter, DnsTcpFactory, DnsUdpListener, Resolver
+from networkd.dns.clients import ClientFilter
+from networkd.dns.resolver import Resolver
+from networkd.dns.tcp import DnsTcpFactory
+from networkd.dns.udp import DnsUdpListener
 from networkd.dns.upstreams import (
     ForwardZones, format_server, parse_forward_zones, without_self,
 )
@@ -64,20 +67,6 @@ class DnsService(service.Service):
         self._waiting: list = []
         self._loops: list = []
         self._subscribed = False
-
-    @classmethod
-    def from_root(cls, root) -> "DnsService":
-        options = root.options
-        keys = root.keys
-        return cls(
-            root.reactor,
-            listen=options["dns-listen"], ttl=options["dns-ttl"], cache_size=options["dns-cache-size"],
-            allow=options["dns-allow"], node_ip=options["node-ip"],
-            hosts_file=options["hosts-file"],
-            domains=root.watch(keys.domains), domain_servers=root.watch(keys.domain_servers),
-            vips=root.watch(keys.vips),
-            domains_prefix=keys.domains, domain_servers_prefix=keys.domain_servers,
-        )
 
     # -- DnsPart ---------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import ipaddress
 import json
 from dataclasses import dataclass
 
-from networkd.dns.names import BadName, check_name, is_under
+from networkd.dns.names import BadName, check_name
 
 Server = tuple[str, int]
 
@@ -60,9 +60,6 @@ class ForwardZones:
             if servers is not None:
                 return servers
         return None
-
-    def contains(self, name: str) -> bool:
-        return any(is_under(name, zone) for zone in self.zones)
 
 
 def parse_forward_zones(values, key_prefix: str = "") -> tuple[ForwardZones, dict]:

@@ -132,10 +132,6 @@ class Query:
     edns_version: int = 0
 
     @property
-    def opcode(self) -> int:
-        return (self.flags >> 11) & 0xF
-
-    @property
     def max_udp(self) -> int:
         return max(PLAIN_UDP_SIZE, min(self.udp_size, 65535)) if self.edns else PLAIN_UDP_SIZE
 

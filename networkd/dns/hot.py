@@ -1,0 +1,101 @@
+"""The hot answers: pre-packed responses the UDP listener sends as they are.
+
+A query whose bytes after the ID (when it has no EDNS options) or whose key
+(flags + raw question + EDNS summary, which ignores a cookie;
+``wire.question_key``) is here gets the stored bytes after its own ID: no
+parsing, no logging, no objects.  The slow path (``networkd.dns.resolver``)
+fills the two tables: ``local`` is emptied with each new zone, ``cached``
+when the cache is flushed.
+
+A cached answer carries the time its TTLs next change (its age ticks over);
+``lookup`` patches them on the first hit after that (a few bytes, no
+parsing), so cached TTLs keep counting down without sending every cached
+name through the slow path once a second.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from networkd.dns import wire
+from networkd.dns.cache import Entry
+
+HOT_LIMIT = 50_000  # entries per table before it is emptied
+LOCAL = (wire.RCODE_NAMES[wire.NOERROR], "local")
+_TTL = struct.Struct(">I")
+
+
+@dataclass(slots=True)
+class HotEntry:
+    """One hot answer, never changed once made (re-ageing makes a new one).
+
+    Slots: reading a field costs what indexing a tuple does (a NamedTuple's
+    ``hit[0]`` is slower), which the UDP loops notice.  Not frozen: a frozen
+    dataclass takes four times as long to build, once per cached name and
+    second."""
+
+    body: bytes  # the response after its 2-byte ID
+    counter: tuple  # its key in DnsStats.queries: (rcode name, source)
+    good_until: float  # when its TTLs next change; 0: never (local answers)
+    entry: Entry | None  # the cache entry it was rendered from; None for local answers
+
+
+class HotAnswers:
+    def __init__(self, limit: int = HOT_LIMIT):
+        self.limit = limit
+        self.local: dict = {}
+        self.cached: dict = {}
+
+    def lookup(self, key: bytes, now: float) -> HotEntry | None:
+        """The answer for ``key`` (the bytes after the ID, or a question key),
+        its TTLs aged to ``now``; None if there is none (or it is about to
+        expire, and then it is dropped)."""
+        hit = self.local.get(key) or self.cached.get(key)
+        if hit is not None and hit.good_until and now >= hit.good_until:
+            return self._reage(key, hit, now)
+        return hit
+
+    def _reage(self, key: bytes, hit: HotEntry, now: float) -> HotEntry | None:
+        entry = hit.entry
+        if entry.expires_at - now <= 2:
+            self.cached.pop(key, None)
+            return None
+        body = bytearray(hit.body)
+        age = int(now - entry.stored_at)
+        for offset, ttl in entry.answer.ttl_offsets:
+            _TTL.pack_into(body, offset - 2, max(0, ttl - age))
+        hit = HotEntry(bytes(body), hit.counter, entry.stored_at + age + 1, entry)
+        self.cached[key] = hit
+        return hit
+
+    def remember_local(self, data: bytes, response: bytes) -> None:
+        """Keep an authoritative answer until the zone changes."""
+        self._remember(self.local, data, HotEntry(response[2:], LOCAL, 0, None))
+
+    def remember_cached(self, data: bytes, response: bytes, entry: Entry, now: float) -> None:
+        """Keep an answer rendered from ``entry`` at ``now``, good until its
+        age, and so its TTLs, next change; not if it expires within 2 s."""
+        if entry.expires_at - now > 2:
+            counter = (wire.RCODE_NAMES.get(entry.rcode, "?"), "cache")
+            good_until = entry.stored_at + int(now - entry.stored_at) + 1
+            self._remember(self.cached, data, HotEntry(response[2:], counter, good_until, entry))
+
+    def _remember(self, table: dict, data: bytes, hit: HotEntry) -> None:
+        """Small answers to plain questions only."""
+        if len(hit.body) + 2 > wire.PLAIN_UDP_SIZE:
+            return
+        key = wire.question_key(data)
+        if key is None or b"\x00" in data[12:data.find(b"\x00", 12)]:
+            return
+        if len(table) >= self.limit:
+            table.clear()
+        table[key] = hit
+        if wire.has_fixed_bytes(data):
+            table[data[2:]] = hit
+
+    def clear_local(self) -> None:
+        self.local.clear()
+
+    def clear_cached(self) -> None:
+        self.cached.clear()

@@ -1,0 +1,267 @@
+"""The slow path: one query message in, the bytes to answer it with out.
+
+``Resolver.resolve`` settles what holds for every query (admission, a
+well-formed question, EDNS version 0, no zone transfer), then asks its
+chain in order: the local zone, the cache, the forwarder.  Every link has
+the one method ``answer(ask)``: the response, a Deferred firing with it,
+or None for "not mine", and the next link is asked (as twisted.names'
+ResolverChain moves on after a DomainError).  An authoritative "no such
+name" is an answer, never None.  The forwarder is last and answers
+everything.  On the way, UDP answers are packed into the hot tables
+(``networkd.dns.hot``), so a repeated question never gets here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from networkd.dns import wire
+from networkd.dns.cache import Cache, Entry, render
+from networkd.dns.clients import ClientFilter
+from networkd.dns.forward import Forwarder, UpstreamFailed
+from networkd.dns.hot import HotAnswers
+from networkd.dns.upstreams import ForwardZones
+from networkd.dns.zone import EMPTY_ZONE, Zone
+from networkd.views import DnsStats
+
+log = Logger()
+
+ZONE_TRANSFERS = (251, 252)  # IXFR, AXFR: not something a forwarder relays
+MAX_FORWARDS = 1000  # questions in flight to upstreams at once (dnsmasq: --dns-forward-max 150)
+
+
+@dataclass(slots=True)
+class Ask:
+    """One admitted, well-formed query, as the links see it."""
+
+    data: bytes  # the message as received (it keys the hot answers)
+    query: wire.Query
+    name: str | None  # lower-case text; None if no local name can have these bytes
+    key: tuple  # the cache key: (lower-case wire name, type, class, DO)
+    udp: bool
+
+
+def count(stats: DnsStats, rcode: int, source: str) -> None:
+    key = (wire.RCODE_NAMES.get(rcode, str(rcode)), source)
+    stats.queries[key] = stats.queries.get(key, 0) + 1
+
+
+def fit(response: bytes, query: wire.Query, udp: bool) -> bytes:
+    """Over UDP, an answer larger than the client takes goes out truncated (TC)."""
+    if udp and len(response) > query.max_udp:
+        return wire.truncated(response, 12 + len(query.question), query.do if query.edns else None)
+    return response
+
+
+class LocalZone:
+    """Authoritative answers from the zone in force (swapped whole)."""
+
+    def __init__(self, stats: DnsStats, hot: HotAnswers):
+        self.stats = stats
+        self.hot = hot
+        self.zone: Zone = EMPTY_ZONE
+
+    def answer(self, ask: Ask):
+        if ask.name is None or ask.query.qclass not in (wire.CLASS_IN, wire.TYPE_ANY):
+            return None
+        found = self.zone.lookup(ask.name)
+        if found is None:
+            return None
+        response = self.zone.answer(ask.query, *found)
+        count(self.stats, wire.NOERROR, "local")
+        if ask.udp:
+            self.hot.remember_local(ask.data, response)
+        return fit(response, ask.query, ask.udp)
+
+
+class CachedAnswers:
+    """Upstream answers (and brief failures) the cache still holds."""
+
+    def __init__(self, reactor, cache: Cache, stats: DnsStats, hot: HotAnswers):
+        self.reactor = reactor
+        self.cache = cache
+        self.stats = stats
+        self.hot = hot
+
+    def answer(self, ask: Ask):
+        entry = self.cache.get(ask.key)
+        if entry is None:
+            self.stats.cache_misses += 1
+            return None
+        self.stats.cache_hits += 1
+        query = ask.query
+        if entry.failure:
+            count(self.stats, wire.SERVFAIL, "cache")
+            return wire.error_response(query, wire.SERVFAIL)
+        now = self.reactor.seconds()
+        response = render(entry, query, now)
+        count(self.stats, entry.rcode, "cache")
+        if ask.udp:
+            self.hot.remember_cached(ask.data, response, entry, now)
+        return fit(response, query, ask.udp)
+
+
+class Forwarding:
+    """The forwarding zone's servers, else the upstreams: one exchange per
+    cache key in flight, shared by everyone asking; its outcome is cached."""
+
+    def __init__(self, reactor, cache: Cache, stats: DnsStats, budget: float):
+        self.reactor = reactor
+        self.cache = cache
+        self.stats = stats
+        self.forwarder = Forwarder(reactor, stats, budget=budget)
+        self.zones = ForwardZones({})
+        self.upstreams: list = []
+        self.inflight: dict = {}  # cache key -> [(Deferred, query, udp), ...]
+        self.max_forwards = MAX_FORWARDS
+
+    def answer(self, ask: Ask):
+        query, key = ask.query, ask.key
+        servers = None
+        if ask.name is not None:
+            servers = self.zones.servers_for(ask.name)
+        if servers is None:
+            servers = self.upstreams
+        waiting = self.inflight.get(key)
+        if waiting is None:
+            if len(self.inflight) >= self.max_forwards:
+                # Upstreams are not keeping up: fail fast rather than pile up sockets.
+                count(self.stats, wire.SERVFAIL, "error")
+                return fit(wire.error_response(query, wire.SERVFAIL), query, ask.udp)
+            waiting = self.inflight[key] = []
+            exchange = self.forwarder.query(query.question, query.do, servers)
+            exchange.addBoth(self._forwarded, key)
+        result = defer.Deferred()
+        waiting.append((result, query, ask.udp))
+        return result
+
+    def _forwarded(self, outcome, key) -> None:
+        waiters = self.inflight.pop(key, [])
+        if isinstance(outcome, defer.Failure):
+            if not outcome.check(UpstreamFailed):
+                log.failure("forwarding failed unexpectedly", outcome)
+            else:
+                log.debug("upstream failure: {why}", why=outcome.getErrorMessage())
+            self.cache.put_failure(key)
+            for result, query, udp in waiters:
+                count(self.stats, wire.SERVFAIL, "forward")
+                result.callback(wire.error_response(query, wire.SERVFAIL))
+            return
+        entry = self.cache.put_answer(key, outcome)
+        now = self.reactor.seconds()
+        for result, query, udp in waiters:
+            try:
+                response = render(entry or Entry(outcome, outcome.rcode, now, now), query, now)
+                response = fit(response, query, udp)
+                count(self.stats, outcome.rcode, "forward")
+            except Exception:
+                log.failure("cannot answer {name!r} from an upstream answer", name=query.qname)
+                response = wire.error_response(query, wire.SERVFAIL)
+                count(self.stats, wire.SERVFAIL, "error")
+            result.callback(response)
+
+
+class Resolver:
+    """Answers one query message: local zone, then cache, then upstreams."""
+
+    def __init__(self, reactor, *, cache_size: int, stats: DnsStats | None = None,
+                 client_filter: ClientFilter | None = None, budget: float = 1.6):
+        self.reactor = reactor
+        self.stats = stats or DnsStats()
+        self.clients = client_filter or ClientFilter()
+        self.hot = HotAnswers()
+        self.cache = Cache(cache_size, reactor)
+        self.local = LocalZone(self.stats, self.hot)
+        self.forwarding = Forwarding(reactor, self.cache, self.stats, budget)
+        self.chain = (self.local, CachedAnswers(reactor, self.cache, self.stats, self.hot), self.forwarding)
+
+    # -- data ------------------------------------------------------------------
+
+    @property
+    def zone(self) -> Zone:
+        return self.local.zone
+
+    @property
+    def forward_zones(self) -> ForwardZones:
+        return self.forwarding.zones
+
+    @property
+    def upstreams(self) -> list:
+        return self.forwarding.upstreams
+
+    def set_zone(self, zone: Zone) -> None:
+        self.local.zone = zone
+        self.hot.clear_local()
+
+    def set_forward_zones(self, zones: ForwardZones) -> None:
+        if zones != self.forwarding.zones:
+            self.forwarding.zones = zones
+            self.flush()
+
+    def set_upstreams(self, servers: list) -> bool:
+        """Replace the upstream list; the cache is flushed if it changed."""
+        servers = list(servers)
+        if servers == self.forwarding.upstreams:
+            return False
+        self.forwarding.upstreams = servers
+        self.flush()
+        return True
+
+    def flush(self) -> None:
+        self.cache.clear()
+        self.hot.clear_cached()
+
+    # -- what the tests look at ------------------------------------------------
+
+    @property
+    def hot_local(self) -> dict:
+        return self.hot.local
+
+    @property
+    def hot_cached(self) -> dict:
+        return self.hot.cached
+
+    @property
+    def max_forwards(self) -> int:
+        return self.forwarding.max_forwards
+
+    @max_forwards.setter
+    def max_forwards(self, value: int) -> None:
+        self.forwarding.max_forwards = value
+
+    @property
+    def _inflight(self) -> dict:
+        return self.forwarding.inflight
+
+    # -- the slow path ---------------------------------------------------------
+
+    def resolve(self, data: bytes, client: str, udp: bool):
+        """bytes to send, None to drop, or a Deferred firing with one of those."""
+        data = bytes(data)
+        allowed = self.clients.admits(client)
+        try:
+            query = wire.parse_query(data)
+        except wire.QueryError as e:
+            if e.rcode is None or not allowed:
+                return None
+            count(self.stats, e.rcode, "error")
+            return wire.error_response(data, e.rcode)
+        if not allowed:
+            count(self.stats, wire.REFUSED, "refused")
+            return wire.error_response(query, wire.REFUSED)
+        if query.edns and query.edns_version != 0:
+            count(self.stats, wire.BADVERS, "error")
+            return wire.error_response(query, wire.BADVERS)
+        if query.qtype in ZONE_TRANSFERS:
+            count(self.stats, wire.NOTIMP, "error")
+            return wire.error_response(query, wire.NOTIMP)
+        ask = Ask(data, query, wire.wire_to_text(query.qname),
+                  (query.qname.lower(), query.qtype, query.qclass, query.do), udp)
+        for link in self.chain:
+            result = link.answer(ask)
+            if result is not None:
+                return result
+        return None  # every link passed: nothing to send

@@ -1,0 +1,100 @@
+"""DNS over TCP: length-prefixed messages, pipelining, an idle timeout and a
+cap on connections.  Every message goes through ``Resolver.resolve``."""
+
+from __future__ import annotations
+
+import struct
+
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+
+from networkd.dns.resolver import Resolver
+
+log = Logger()
+
+TCP_IDLE_TIMEOUT = 10.0
+TCP_MAX_CONNECTIONS = 256
+TCP_MAX_PENDING = 32  # unanswered queries per TCP connection
+
+
+class DnsTcpProtocol(protocol.Protocol, TimeoutMixin):
+    """TCP: length-prefixed messages, pipelining, idle timeout."""
+
+    def __init__(self, factory):
+        self.factory = factory
+        self.buffer = b""
+        self.pending = 0
+        self.counted = False
+
+    def connectionMade(self):
+        if self.factory.connections >= self.factory.max_connections:
+            self.transport.abortConnection()
+            return
+        self.factory.connections += 1
+        self.counted = True
+        self.setTimeout(self.factory.idle_timeout)
+
+    def connectionLost(self, reason=None):
+        if self.counted:
+            self.factory.connections -= 1
+            self.counted = False
+        self.setTimeout(None)
+
+    def dataReceived(self, data):
+        self.buffer += data
+        while len(self.buffer) >= 2:
+            length = struct.unpack_from(">H", self.buffer)[0]
+            if len(self.buffer) < 2 + length:
+                break
+            message, self.buffer = self.buffer[2:2 + length], self.buffer[2 + length:]
+            self.resetTimeout()
+            if self.pending >= TCP_MAX_PENDING:
+                self.transport.loseConnection()
+                return
+            self._handle(message)
+
+    def _handle(self, message: bytes) -> None:
+        peer = self.transport.getPeer()
+        try:
+            result = self.factory.resolver.resolve(message, peer.host, udp=False)
+        except Exception:
+            log.failure("DNS query over TCP from {addr} failed", addr=peer.host)
+            self.transport.loseConnection()
+            return
+        if result is None:
+            self.transport.loseConnection()
+        elif isinstance(result, defer.Deferred):
+            self.pending += 1
+            result.addCallback(self._answer_later)
+            result.addErrback(lambda f: log.failure("DNS answer over TCP failed", f))
+        else:
+            self._write(result)
+
+    def _answer_later(self, response):
+        self.pending -= 1
+        if response is not None and self.connected:
+            self._write(response)
+
+    def _write(self, response: bytes) -> None:
+        self.transport.write(struct.pack(">H", len(response)) + response)
+
+    def timeoutConnection(self):
+        self.transport.loseConnection()
+
+
+class DnsTcpFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, resolver: Resolver, reactor, max_connections: int = TCP_MAX_CONNECTIONS,
+                 idle_timeout: float = TCP_IDLE_TIMEOUT):
+        self.resolver = resolver
+        self.reactor = reactor
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.connections = 0
+
+    def buildProtocol(self, addr):
+        proto = DnsTcpProtocol(self)
+        proto.callLater = self.reactor.callLater
+        return proto
