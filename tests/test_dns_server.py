@@ -526,3 +526,17 @@ async def test_hot_path_answers_equal_slow_path(etcd_server, etcd_root, upstream
         assert stats.upstream_latency_count == 1 and stats.cache_misses == 1
     finally:
         await env.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_upstream_at_all_answers_servfail_at_once(etcd_server, etcd_root):
+    """An empty resolv.conf (or one naming only us): the client gets SERVFAIL now, not a timeout."""
+    env = await Env(etcd_server, etcd_root, []).start()
+    try:
+        for attempt in range(2):  # the first asker, and one served from the cached failure
+            started = time.monotonic()
+            reply = await env.q(f"nowhere{attempt}.example.com", timeout=3.0)
+            assert reply.header.rcode == 2, f"SERVFAIL, got rcode {reply.header.rcode}"
+            assert time.monotonic() - started < 0.5, "at once"
+    finally:
+        await env.stop()

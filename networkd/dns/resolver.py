@@ -125,17 +125,19 @@ class Forwarding:
             servers = self.zones.servers_for(ask.name)
         if servers is None:
             servers = self.upstreams
-        waiting = self.inflight.get(key)
-        if waiting is None:
-            if len(self.inflight) >= self.max_forwards:
-                # Upstreams are not keeping up: fail fast rather than pile up sockets.
-                count(self.stats, wire.SERVFAIL, "error")
-                return fit(wire.error_response(query, wire.SERVFAIL), query, ask.udp)
-            waiting = self.inflight[key] = []
-            exchange = self.forwarder.query(query.question, query.do, servers)
-            exchange.addBoth(self._forwarded, key)
         result = defer.Deferred()
-        waiting.append((result, query, ask.udp))
+        waiting = self.inflight.get(key)
+        if waiting is not None:
+            waiting.append((result, query, ask.udp))
+            return result
+        if len(self.inflight) >= self.max_forwards:
+            # Upstreams are not keeping up: fail fast rather than pile up sockets.
+            count(self.stats, wire.SERVFAIL, "error")
+            return fit(wire.error_response(query, wire.SERVFAIL), query, ask.udp)
+        # The asker waits before the exchange starts: one that fails at once (no upstream
+        # at all, every socket refused) must still answer it, with SERVFAIL.
+        self.inflight[key] = [(result, query, ask.udp)]
+        self.forwarder.query(query.question, query.do, servers).addBoth(self._forwarded, key)
         return result
 
     def _forwarded(self, outcome, key) -> None:
