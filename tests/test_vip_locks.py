@@ -108,3 +108,25 @@ def test_a_lock_held_by_someone_else_in_a_newer_snapshot_is_lost():
     k.observe({"10.0.0.5": "n1"}, revision=etcd.revision)
     k.observe({"10.0.0.5": "n2"}, revision=etcd.revision + 5)
     assert k.held() == frozenset()
+
+
+def test_a_release_whose_delete_failed_is_finished_never_undone():
+    """The delete may have been applied though its answer was lost: the address must not come back."""
+    clock, etcd, k = keeper()
+    k.drive(FloatingPlan(campaign_now=frozenset({"10.0.0.5"})))
+    k.observe({"10.0.0.5": "n1"}, revision=etcd.revision)
+    applied_but_failed = []
+
+    def delete_then_fail(key, lease):
+        applied_but_failed.append(key)
+        del etcd.kv[key]  # etcd applied it ...
+        return defer.fail(TimeoutError())  # ... but the answer never came
+
+    etcd.delete_if_lease = delete_then_fail
+    k.release("10.0.0.5", "rebalancing")
+    assert applied_but_failed and "10.0.0.5" in k.records
+    k.observe({"10.0.0.5": "n1"}, revision=etcd.revision - 1)  # a lagging snapshot still names us
+    assert not k.may_hold("10.0.0.5", LEASE, {"10.0.0.5": "n1"}, etcd.revision - 1), "never put back"
+    del etcd.delete_if_lease  # etcd answers again
+    clock.advance(0.5)
+    assert "10.0.0.5" not in k.records and k.errors == {}, "the release was finished"

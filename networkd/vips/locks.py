@@ -33,6 +33,7 @@ log = Logger()
 VERIFY_AFTER = 1.0  # a lock not seen in the snapshot this long after we took it is read back
 CAMPAIGN_GRACE = 1.0  # a node that is not the least loaded waits this long for a free VIP
 STOP_TIMEOUT = 1.0  # each etcd call on the way out
+RELEASE_RETRY = 0.5  # seconds between attempts to delete a lock we are releasing
 
 
 @dataclass
@@ -250,7 +251,14 @@ class LockKeeper:
             del self.records[ip]
 
     def release(self, ip: str, reason: str) -> None:
-        """Host first, then the lock (guarded by our lease); retried by the next pass on failure."""
+        """Host first, then the lock (guarded by our lease).
+
+        Once begun, a release is finished, never undone: a delete that failed
+        may still have been applied (a timeout, a lost answer), and the next
+        holder may already carry the address.  So the record stays
+        "releasing" (nothing goes back on the host) and the delete is tried
+        again until it succeeds or the lease is gone.
+        """
         record = self.records.get(ip)
         if record is None or record.releasing:
             return
@@ -262,14 +270,20 @@ class LockKeeper:
         try:
             await self._clear_host(ip)
             await self._locks.release(self._keys.vip_lock(ip), record.lease)
-            if self.records.get(ip) is record:
-                del self.records[ip]
         except Exception as e:
-            self.errors[ip] = f"release: {e}"
-            log.warn("could not release VIP {ip}: {e}; trying again", ip=ip, e=e)
-        finally:
-            record.releasing = False
-            self._changed()
+            self.errors[ip] = f"release: {e or type(e).__name__}"
+            log.warn("could not release VIP {ip}: {e}; trying again", ip=ip, e=self.errors[ip])
+            if self.records.get(ip) is record and not self.stopping:
+                self._reactor.callLater(RELEASE_RETRY, self._retry_release, ip, record)
+            return
+        if self.records.get(ip) is record:
+            del self.records[ip]
+        self.errors.pop(ip, None)
+        self._changed()
+
+    def _retry_release(self, ip: str, record: LockRecord) -> None:
+        if self.records.get(ip) is record and record.lease == self._session.lease and not self.stopping:
+            defer.Deferred.fromCoroutine(self._release(ip, record))
 
     async def release_all(self) -> list[str]:
         """On the way out (the host is already clear): delete every lock still on our lease."""
