@@ -56,14 +56,6 @@ TOP_UP_EARLY = 0.02  # the last renewal before the deadline comes this much earl
 MIN_WAKE = 0.01  # a pass never schedules the next one sooner than this
 
 
-@dataclass
-class Placed:
-    """An address we put on the interface."""
-
-    expires: float  # upper bound of the kernel's expiry, on our clock
-    deadline: float  # the deadline it was justified against
-
-
 @dataclass(frozen=True)
 class Justification:
     """What the reconciler allows at this instant."""
@@ -86,14 +78,14 @@ class AddressKeeper:
         self._on_removed = on_removed
         self._managed = managed
         self.wanted: frozenset[str] = frozenset()
-        self.placed: dict[str, Placed] = {}
+        self.placed: dict[str, float] = {}  # ip -> upper bound of the kernel's expiry, on our clock
         self.errors: dict[str, str] = {}
         self._retry_at: dict[str, float] = {}
         self._own_removals: dict[str, int] = {}
         self._waiters: dict[str, list[defer.Deferred]] = {}
         self._call = None
         self._call_at: float | None = None
-        self.stats = {"exchanges": 0, "puts": 0, "removals": 0, "overruns": 0, "violations": 0}
+        self.stats = {"puts": 0, "removals": 0, "overruns": 0, "violations": 0}
 
     # -- what the reconciler uses ------------------------------------------------
 
@@ -137,11 +129,11 @@ class AddressKeeper:
             if not self._own_removals[ip]:
                 del self._own_removals[ip]
             return
-        placed = self.placed.pop(ip, None)
-        if placed is None:
+        expires = self.placed.pop(ip, None)
+        if expires is None:
             return
         self._on_removed(ip)
-        if self._clock() >= placed.expires - SEND_SLACK:
+        if self._clock() >= expires - SEND_SLACK:
             log.warn("VIP {ip}: its kernel lifetime ran out before it was renewed", ip=ip)
         else:
             log.warn("VIP {ip} was removed from the interface behind our back; putting it back", ip=ip)
@@ -176,7 +168,7 @@ class AddressKeeper:
             removals, puts, wake = self._plan(now, just, force)
             if not removals and not puts:
                 break
-            added, force = self._exchange(removals, puts, now, just.deadline)
+            added, force = self._exchange(removals, puts, just.deadline)
             announce += added
             if not force:
                 now = self._clock()
@@ -210,35 +202,34 @@ class AddressKeeper:
         # second early (lifetimes are whole seconds).
         top_up = deadline - SEND_SLACK - 1 - TOP_UP_EARLY
         for ip in allowed:
-            placed = self.placed.get(ip)
+            expires = self.placed.get(ip)
             if ip in force:
                 if life >= 1:
                     puts.append((ip, life))
                 else:
                     removals.append(ip)
                 continue
-            if placed is None:
+            if expires is None:
                 if life >= 1 and self._retry_at.get(ip, 0.0) <= now:
                     puts.append((ip, life))
                 continue
-            gain = now + life - placed.expires if life >= 1 else 0.0
-            if placed.expires - now <= self.renew_ahead and (
-                    gain >= MIN_GAIN or (gain >= TOP_UP_GAIN and placed.expires - now < 1.0)):
+            gain = now + life - expires if life >= 1 else 0.0
+            if expires - now <= self.renew_ahead and (
+                    gain >= MIN_GAIN or (gain >= TOP_UP_GAIN and expires - now < 1.0)):
                 puts.append((ip, life))
                 continue
-            due = placed.expires - self.renew_ahead
-            if due > now and due + math.floor(deadline - due - SEND_SLACK) >= placed.expires + MIN_GAIN:
+            due = expires - self.renew_ahead
+            if due > now and due + math.floor(deadline - due - SEND_SLACK) >= expires + MIN_GAIN:
                 wake = min(wake or math.inf, due)
-            elif now < top_up < placed.expires and top_up + 1 - placed.expires >= TOP_UP_GAIN:
+            elif now < top_up < expires and top_up + 1 - expires >= TOP_UP_GAIN:
                 wake = min(wake or math.inf, top_up)  # keep-alives late: live on until the deadline
             # else only a newer keep-alive can help
         return removals, puts, wake
 
-    def _exchange(self, removals, puts, started: float, deadline: float | None):
+    def _exchange(self, removals, puts, deadline: float | None):
         """Send one batch; returns (new addresses, addresses whose expiry may overrun the deadline)."""
         results = self._netlink.apply(removals, puts)
         finished = self._clock()
-        self.stats["exchanges"] += 1
         self.stats["removals"] += len(removals)
         self.stats["puts"] += len(puts)
         for ip in removals:
@@ -254,7 +245,7 @@ class AddressKeeper:
                 self._failed(ip, "address", code, finished)
                 continue
             new = ip not in self.placed
-            self.placed[ip] = Placed(expires=finished + life, deadline=deadline)
+            self.placed[ip] = finished + life
             self._retry_at.pop(ip, None)
             self.errors.pop(ip, None)
             if deadline is None or finished + life > deadline:
@@ -316,8 +307,8 @@ class AddressKeeper:
             self._own_removals.pop(ip, None)
             self.vanished(ip)
         for ip, address in present.items():
-            placed = self.placed.get(ip)
-            if placed is None:
+            expires = self.placed.get(ip)
+            if expires is None:
                 if ip in managed and ip not in self._retry_at:
                     log.warn("VIP {ip} is on the interface but not held here; removing it", ip=ip)
                     stale.append(ip)
@@ -326,7 +317,7 @@ class AddressKeeper:
             at_least = started + address.valid - 1
             permanent = address.valid == rtnl.FOREVER or bool(address.flags & rtnl.IFA_F_PERMANENT)
             if permanent or (just.deadline is not None and at_least > just.deadline + SEND_SLACK) \
-                    or at_least > placed.expires + SEND_SLACK:
+                    or at_least > expires + SEND_SLACK:
                 self.stats["violations"] += 1
                 log.error("VIP {ip}: the kernel keeps it until at least {left}s from now, past the lease "
                           "deadline ({d:.2f}s from now): removing it", ip=ip,

@@ -158,22 +158,15 @@ class Netlink:
                     return None
                 select.select([self._requests], [], [], left)
 
-    def _replies(self, wanted: set[int]):
-        """Messages read until every seq in ``wanted`` had its ERROR/ack (or none came)."""
-        while wanted:
-            try:
-                data = self._read()
-                if data is None:
-                    return
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    log.error("netlink replies were lost (receive buffer overrun)")
-                    return
-                raise
+    def _answers(self, seq: int):
+        """The messages answering request ``seq`` (already sent), as they are read; ends when none came."""
+        while True:
+            data = self._read()
+            if data is None:
+                return
             for message in rtnl.messages(data):
-                yield message
-                if message.type == rtnl.NLMSG_ERROR:
-                    wanted.discard(message.seq)
+                if message.seq == seq:
+                    yield message
 
     def lookup(self) -> int:
         """The interface index (cached; link events and ENODEV clear it)."""
@@ -181,9 +174,7 @@ class Netlink:
             return self.index
         seq = self._next_seq()
         self._requests.send(rtnl.get_link(seq, self.interface))
-        for message in self._replies({seq}):
-            if message.seq != seq:
-                continue
+        for message in self._answers(seq):
             if message.type == rtnl.NLMSG_ERROR:
                 code = rtnl.error_code(message)
                 if code in (errno.ENODEV, errno.ENOENT):
@@ -229,22 +220,17 @@ class Netlink:
         seq = self._next_seq()
         self._requests.send(rtnl.dump_addresses(seq))
         found = []
-        while True:
-            data = self._read()
-            if data is None:
-                raise rtnl.NetlinkError(errno.ETIMEDOUT, "address dump did not finish")
-            for message in rtnl.messages(data):
-                if message.seq != seq:
-                    continue
-                if message.type == rtnl.NLMSG_DONE:
-                    return found
-                if message.type == rtnl.NLMSG_ERROR:
-                    code = rtnl.error_code(message)
-                    raise rtnl.NetlinkError(code, f"address dump: {errno.errorcode.get(code, code)}")
-                if message.type == rtnl.RTM_NEWADDR:
-                    address = rtnl.parse_address(message)
-                    if address is not None and address.index == index and address.prefixlen == 32:
-                        found.append(address)
+        for message in self._answers(seq):
+            if message.type == rtnl.NLMSG_DONE:
+                return found
+            if message.type == rtnl.NLMSG_ERROR:
+                code = rtnl.error_code(message)
+                raise rtnl.NetlinkError(code, f"address dump: {errno.errorcode.get(code, code)}")
+            if message.type == rtnl.RTM_NEWADDR:
+                address = rtnl.parse_address(message)
+                if address is not None and address.index == index and address.prefixlen == 32:
+                    found.append(address)
+        raise rtnl.NetlinkError(errno.ETIMEDOUT, "address dump did not finish")
 
     # -- events --------------------------------------------------------------
 
