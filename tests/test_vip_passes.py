@@ -1,0 +1,48 @@
+"""How often the VIP manager works at rest: renewals follow keep-alives, full passes do not (driven clock)."""
+
+from __future__ import annotations
+
+from tests.test_vip_reconciler import hold_vip, node  # noqa: F401 (fixture)
+
+
+def count_calls(obj, name):
+    calls = []
+    original = getattr(obj, name)
+
+    def counted(*a, **kw):
+        calls.append(1)
+        return original(*a, **kw)
+
+    setattr(obj, name, counted)
+    return calls
+
+
+def test_at_rest_keep_alives_renew_without_full_passes(node):  # noqa: F811
+    hold_vip(node)
+    passes = count_calls(node.manager, "_reconcile")
+    for _ in range(10):  # ten seconds, a keep-alive each
+        node.clock.pump([0.1] * 10)
+        node.session.ack()
+    renewals = [entry for entry in node.journal if entry[0] == "renew"]
+    assert len(renewals) >= 9, "the address is renewed as keep-alives come"
+    assert 1 <= len(passes) <= 3, f"a full pass only every 5 s at rest, not {len(passes)} in 10 s"
+
+
+def test_address_read_back_backs_off_when_it_is_costly(node):  # noqa: F811
+    hold_vip(node)
+    reads = []
+    fake = node.manager.netlink
+    original = fake.addresses
+
+    def slow_dump():
+        reads.append(node.clock.seconds())
+        node.session.last_ack = node.clock.seconds()  # stay unfenced
+        node.clock.advance(0.02)  # a dump of many addresses: 20 ms
+        return original()
+
+    fake.addresses = slow_dump
+    for _ in range(30):
+        node.clock.pump([0.1] * 10)
+        node.session.ack()
+    # 20 ms within a 0.2 % budget: one read-back every ~10 s, not every second
+    assert 2 <= len(reads) <= 5, reads
