@@ -20,6 +20,17 @@ can give the lock away.
   after every exchange; one that overran (the exchange took longer than the
   slack: rtnl lock contention, preemption) is renewed again or removed at
   once.
+* All held addresses share one kernel expiry: whenever any address is
+  added or renewed, every held address is put again, with the same
+  lifetime, in the same system call.  The kernel removes expired addresses
+  from a timer that runs on every address change and otherwise at the
+  earliest expiry, but never sooner than a second after its previous run:
+  an address expiring within a second after another (or after a change)
+  would outlive its lifetime by up to a second, more than the fencing
+  margin.  With one shared expiry the run that removes the first removes
+  all; the timer's rounding (up to 0.25 s) is what the margin covers
+  (docs/design.md, "Kernel expiry").  An exchange whose requests reached
+  the kernel more than ``ALIGNED`` apart counts as an overrun.
 * Renewals happen only when an address would otherwise lapse within
   ``renew_ahead`` (about one keep-alive interval), and only if they extend
   it: one renewal per address per keep-alive at most, in one batch.  When
@@ -54,6 +65,7 @@ MIN_GAIN = 0.25  # seconds a renewal must add to an address's life to be worth a
 TOP_UP_GAIN = 0.1  # ... when the address would otherwise lapse within a second
 TOP_UP_EARLY = 0.02  # the last renewal before the deadline comes this much early (timer slack)
 MIN_WAKE = 0.01  # a pass never schedules the next one sooner than this
+ALIGNED = 0.015  # seconds: the kernel's expiry check takes addresses up to 20 ms before their expiry
 
 
 @dataclass(frozen=True)
@@ -177,8 +189,9 @@ class AddressKeeper:
                     wake = now
                 break
             self.stats["overruns"] += 1
-            log.warn("netlink exchange took {took:.3f}s: the lifetimes of {n} VIP(s) may end after the lease "
-                     "deadline; renewing them again", took=self._netlink.last_exchange, n=len(force))
+            log.warn("netlink exchange took {took:.3f}s (requests {span:.3f}s apart): the kernel may keep {n} "
+                     "VIP(s) past the lease deadline; renewing them again", took=self._netlink.last_exchange,
+                     span=self._netlink.last_span, n=len(force))
         else:
             self._force_remove(force)  # exchanges keep overrunning: hold nothing rather than risk it
             wake = self._clock()
@@ -224,6 +237,9 @@ class AddressKeeper:
             elif now < top_up < expires and top_up + 1 - expires >= TOP_UP_GAIN:
                 wake = min(wake or math.inf, top_up)  # keep-alives late: live on until the deadline
             # else only a newer keep-alive can help
+        if puts:  # one expiry for every held address (see the module's docstring)
+            queued = {ip for ip, _ in puts}
+            puts += [(ip, life) for ip in allowed if ip in self.placed and ip not in queued]
         return removals, puts, wake
 
     def _exchange(self, removals, puts, deadline: float | None):
@@ -239,16 +255,19 @@ class AddressKeeper:
             else:
                 self._failed(ip, "removal", code, finished)
         overrun, added = set(), []
+        spread = self._netlink.last_span > ALIGNED  # the expiries may lie apart
         for ip, life in puts:
             code = results.get(ip, errno.EIO)
             if code != 0:
                 self._failed(ip, "address", code, finished)
+                if ip in self.placed:
+                    overrun.add(ip)  # a renewal failed: its old, earlier expiry stands apart
                 continue
             new = ip not in self.placed
             self.placed[ip] = finished + life
             self._retry_at.pop(ip, None)
             self.errors.pop(ip, None)
-            if deadline is None or finished + life > deadline:
+            if deadline is None or finished + life > deadline or spread:
                 overrun.add(ip)
             if new:
                 added.append((ip, life))

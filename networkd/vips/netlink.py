@@ -5,8 +5,8 @@ Addresses are ``<ip>/32`` on one interface, matched exactly ([BUG 18]).
 Requests are synchronous on purpose.  The kernel handles an rtnetlink
 request inside the ``send`` that carries it, so when ``send`` returns every
 request in it has been handled, and any error is already queued: a whole
-batch of adds, renewals and removals costs one system call per 256
-requests, no acknowledgements are asked for (only failures are answered),
+batch of adds, renewals and removals costs one system call (up to 2,048
+requests), no acknowledgements are asked for (only failures are answered),
 and nothing is ever queued in this process.  That matters for safety: a
 lifetime computed by the caller right before ``apply`` is the lifetime the
 kernel starts, not one that waited behind other work (see
@@ -37,10 +37,12 @@ log = Logger()
 
 SOL_NETLINK = 270
 NETLINK_CAP_ACK = 10  # error acks without a copy of the request
+SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
 SO_ATTACH_FILTER = 26
 RECEIVE_BUFFER = 4 << 20
-CHUNK = 256  # requests per datagram (15 KiB)
+SEND_BUFFER = 1 << 20
+CHUNK = 2048  # requests per datagram (120 KiB): a whole batch is handled in one system call
 REPLY_WAIT = 0.2  # seconds to wait for a reply that, by the protocol, is already there
 
 
@@ -54,6 +56,10 @@ def _socket(groups: int = 0) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
     except OSError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
     try:
         sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
     except OSError:
@@ -79,7 +85,8 @@ class Netlink:
         self.on_address_removed: Callable[[str], None] = lambda ip: None
         self.on_link_up: Callable[[], None] = lambda: None
         self.on_events_lost: Callable[[], None] = lambda: None
-        self.last_exchange = 0.0  # seconds the newest apply() spent in the kernel
+        self.last_exchange = 0.0  # seconds the newest apply() took
+        self.last_span = 0.0  # seconds from the first request of the newest apply() reaching the kernel to the last
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -117,13 +124,18 @@ class Netlink:
         kernel has handled every one of them, and only failures were answered.
         """
         results: dict[int, int] = {}
-        for start in range(0, len(packed), CHUNK):
-            chunk = packed[start:start + CHUNK]
+        datagrams = [(packed[start:start + CHUNK], b"".join(message for _, message in packed[start:start + CHUNK]))
+                     for start in range(0, len(packed), CHUNK)]
+        first_sent = None
+        for chunk, datagram in datagrams:
+            if first_sent is None:
+                first_sent = self._clock()
             try:
-                self._requests.send(b"".join(message for _, message in chunk))
+                self._requests.send(datagram)
             except OSError as e:
                 results.update((seq, e.errno or errno.EIO) for seq, _ in chunk)
                 continue
+            self.last_span = self._clock() - first_sent
             results.update((seq, 0) for seq, _ in chunk)
             try:
                 errors = self._errors_queued()
@@ -193,6 +205,7 @@ class Netlink:
         was already gone).  ``last_exchange`` says how long it took.
         """
         started = self._clock()
+        self.last_span = 0.0
         try:
             index = self.lookup()
         except InterfaceMissing:

@@ -14,6 +14,7 @@ from networkd.vips.rtnl import Address
 
 class FakeNetlink:
     mac = b"\x02\x00\x00\x00\x00\x01"
+    last_exchange = last_span = 0.0  # exchanges take no time here
 
     def __init__(self, journal):
         self.journal = journal
