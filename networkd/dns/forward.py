@@ -194,7 +194,7 @@ class _Exchange:
         self.forwarder = forwarder
         self.reactor = forwarder.reactor
         self.question = question
-        self.question_lower = question.lower()
+        self.question_lower = wire.fold_question(question)
         self.do = do
         self.servers = forwarder.health.order(servers)
         self.result = defer.Deferred()
@@ -265,7 +265,7 @@ class _Exchange:
             answer = wire.inspect_answer(data)
         except wire.WireError as e:
             return self.failed(attempt, f"malformed answer: {e}")
-        if answer.question.lower() != self.question_lower:
+        if wire.fold_question(answer.question) != self.question_lower:
             return  # an answer to another question: ignore it
         self.forwarder.health.answered(attempt.server, self.reactor.seconds() - attempt.started)
         self.forwarder.stats.observe_upstream(self.reactor.seconds() - attempt.started)

@@ -86,6 +86,12 @@ def wire_to_text(qname: bytes) -> str | None:
     return ".".join(labels)
 
 
+def fold_question(question: bytes) -> bytes:
+    """The question with its name's ASCII letters lower-cased; type and class
+    stay as they are (bytes.lower() over all of it made HTTPS, 65, into 97)."""
+    return question[:-4].lower() + question[-4:]
+
+
 def question_key(data: bytes):
     """The hot-path key of a query: flags + raw question + EDNS summary.
 

@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 
-from dnslib import AAAA, QTYPE, RCODE, RR, SOA, A, DNSRecord, TXT
+from dnslib import AAAA, CLASS, QTYPE, RCODE, RR, SOA, A, DNSQuestion, DNSRecord, RD, TXT
 
 from tests.support.ports import free_port
 
@@ -31,6 +31,7 @@ class StubServer:
         self.records: dict[str, list[str]] = {}
         self.nxdomain: set[str] = set()
         self.big: set[str] = set()
+        self.typed: dict[tuple[str, int], bytes] = {}  # (name, qtype) -> rdata, for any other type
         self.ttl = ttl
         self.mode = mode  # answer | servfail | refused | silent | tricky
         self.queries: list[tuple[str, str, str]] = []  # (proto, name, type)
@@ -91,6 +92,10 @@ class StubServer:
             if proto == "udp":
                 reply = request.reply()
                 reply.header.tc = 1
+            return reply.pack()
+        rdata = self.typed.get((name, request.q.qtype))
+        if rdata is not None:
+            reply.add_answer(RR(request.q.qname, request.q.qtype, ttl=self.ttl, rdata=RD(rdata)))
             return reply.pack()
         for ip in self.records.get(name, []):
             if ":" in ip and request.q.qtype == QTYPE.AAAA:
@@ -166,10 +171,11 @@ def _recv_exact(conn, n: int) -> bytes:
     return data
 
 
-def query(port: int, name: str, qtype: str = "A", host: str = "127.0.0.1", *, timeout: float = 2.0,
+def query(port: int, name: str, qtype: str | int = "A", host: str = "127.0.0.1", *, timeout: float = 2.0,
           tcp: bool = False, edns: bool = False, source: str | None = None) -> DNSRecord:
-    """Blocking query with dnslib (use from a thread in Twisted tests)."""
-    q = DNSRecord.question(name, qtype)
+    """Blocking query with dnslib (use from a thread in Twisted tests);
+    ``qtype`` by name or number."""
+    q = DNSRecord(q=DNSQuestion(name, qtype if isinstance(qtype, int) else getattr(QTYPE, qtype), CLASS.IN))
     if edns:
         from dnslib import EDNS0
         q.add_ar(EDNS0(udp_len=1232))
@@ -206,3 +212,32 @@ def timed(fn, *args, **kwargs):
     start = time.monotonic()
     result = fn(*args, **kwargs)
     return result, time.monotonic() - start
+
+
+class LocalDns:
+    """A DnsService on 127.0.0.1:<free port> without etcd: forwarding to
+    ``upstreams`` (StubServers or (host, port) pairs), UDP and TCP."""
+
+    def __init__(self, upstreams, **kwargs):
+        from twisted.internet import reactor
+
+        from networkd.dns.service import DnsService
+        from networkd.options import ListenAddress
+
+        self.port = free_port()
+        self.upstreams = [(u.host, u.port) if isinstance(u, StubServer) else u for u in upstreams]
+        self.dns = DnsService(reactor, listen=ListenAddress("127.0.0.1", self.port), **kwargs)
+
+    async def start(self) -> "LocalDns":
+        self.dns.startService()
+        self.dns.set_upstreams(self.upstreams)
+        await self.dns.when_listening()
+        return self
+
+    async def stop(self) -> None:
+        await self.dns.stopService()
+
+    async def q(self, name: str, qtype: str = "A", **kwargs) -> DNSRecord:
+        from twisted.internet import threads
+
+        return await threads.deferToThread(query, self.port, name, qtype, **kwargs)
