@@ -11,6 +11,8 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 from twisted.application import service
 from twisted.internet import defer
@@ -21,6 +23,9 @@ from networkd.etcd.reflector import PrefixWatcher
 from networkd.etcd.session import Session
 from networkd.keys import Keys
 from networkd.logsetup import filter_debug_logs
+
+if TYPE_CHECKING:
+    from networkd.api.parts import ApiParts
 
 log = Logger()
 
@@ -59,10 +64,12 @@ class EtcdClientService(service.Service):
 
 
 class Networkd(service.MultiService):
-    """The root service; also the place components find shared pieces.
+    """The root service: it owns the shared pieces and holds the parts built.
 
     ``watch(prefix)`` gives the one PrefixWatcher of a prefix (created on first
     use), so two components that need the same keys share one etcd watch.
+    Parts are handed what they use when they are built (``add_*`` below);
+    none of them looks anything up here.
     """
 
     def __init__(self, options, reactor, client: EtcdClient):
@@ -248,9 +255,24 @@ def add_leader(root: Networkd, options) -> None:
     root.leader_tasks.setServiceParent(root)
 
 
-def add_api(root: Networkd, options) -> None:
+def api_parts(root: Networkd, **shown) -> "ApiParts":
+    """What the API shows: the root's parts, named once; ``shown`` puts others in their place (tests)."""
+    from networkd.api.parts import ApiParts
+
+    options = root.options
+    parts = dict(
+        reactor=root.reactor, client=root.client, etcd_root=options["etcd-root"], hostname=options["hostname"],
+        node_ip=options["node-ip"], dns_listen=options["dns-listen"], watchers=MappingProxyType(root.watchers),
+        session=root.session, dns=root.dns, vips=root.vips, resolv_conf=root.resolv_conf, leader=root.leader,
+        leader_tasks=root.leader_tasks,
+    )
+    parts.update(shown)
+    return ApiParts(**parts)
+
+
+def add_api(root: Networkd, options, **shown) -> None:
     """Last, so it starts after (and stops before) everything it reports on."""
     from networkd.api import ApiService
 
-    root.api = ApiService(root, options["api-listen"], root.reactor)
+    root.api = ApiService(api_parts(root, **shown), options["api-listen"], root.reactor)
     root.api.setServiceParent(root)

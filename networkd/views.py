@@ -2,8 +2,9 @@
 the HTTP API and the resolv.conf guardian rely on.
 
 The DNS server, the VIP manager and the resolv.conf guardian are built as
-separate parts; they meet only through these shapes, reached from the root
-service (``Networkd.dns``, ``.vips``, ``.resolv_conf``; None when disabled).
+separate parts; they meet only through these shapes, handed over when
+networkd/app.py builds them (the guardian gets the DNS part, the API an
+``ApiParts``, networkd/api/parts.py; None when disabled).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from twisted.internet import defer, reactor, threads
 
 from networkd.api import ApiService
 from networkd.api.dnsdump import render_json, render_text
-from networkd.app import Networkd, make_client
+from networkd.app import Networkd, add_api, api_parts, make_client
 from networkd.backoff import Backoff
 from networkd.options import ListenAddress, Options
 from networkd.views import DnsConfigView
@@ -150,9 +150,18 @@ class Api:
             svc.startService()
             self.started.append(svc)
 
-    def start_api(self):
-        self.root.api = ApiService(self.root, self.root.options["api-listen"], reactor)
+    def start_api(self, **shown):
+        """The API as networkd/app.py adds it, showing the stand-ins ``shown`` (dns=, vips=)."""
+        add_api(self.root, self.root.options, **shown)
         self.start(self.root.api)
+
+    async def restart_api(self, **shown):
+        """The API stopped and added again: what it shows is fixed when it is built."""
+        old = self.root.api
+        await old.stopService()
+        self.started.remove(old)
+        old.disownServiceParent()
+        self.start_api(**shown)
 
     async def stop(self):
         for svc in reversed(self.started):
@@ -212,8 +221,7 @@ def test_dump_as_json_has_the_same_data():
 @pytest_twisted.ensureDeferred
 async def test_dns_config_over_http(etcd_server, api_factory):
     api = api_factory(etcd_server)
-    api.root.dns = FakeDns(VIEW, listening=True)
-    api.start_api()
+    api.start_api(dns=FakeDns(VIEW, listening=True))
 
     status, headers, body = await api.fetch("/v1/dns/config")
     assert (status, body) == (200, EXPECTED_DUMP)
@@ -254,7 +262,7 @@ async def test_vips_lists_what_the_vip_part_reports(etcd_server, api_factory):
     assert (status, json.loads(body)) == (200, [])
     entry = {"key": "10.0.0.100", "config": {"app": "hello", "proc": "web"}, "holder": "node-a",
              "held": True, "container": "172.20.0.5", "dnat": ["tcp 80 -> 172.20.0.5:8080"], "error": None}
-    api.root.vips = FakeVips([entry], held=1)
+    await api.restart_api(vips=FakeVips([entry], held=1))
     status, headers, body = await api.fetch("/v1/vips")
     assert headers["content-type"] == "application/json"
     assert json.loads(body) == [entry]
@@ -266,12 +274,11 @@ async def test_status_reports_etcd_revisions_invalid_keys_and_upstreams(etcd_ser
     dns = FakeDns(listening=True)
     dns.set_upstreams([("10.0.0.2", 53), ("10.0.0.3", 53)])
     dns.invalid_keys = {f"{etcd_root}/config/domains/bad.lain": "value is not JSON"}
-    api.root.dns = dns
-    api.root.vips = FakeVips(held=2)
-    api.root.vips.invalid_keys = {f"{etcd_root}/config/vips/10.0.0.300": "not an IP address"}
+    vips = FakeVips(held=2)
+    vips.invalid_keys = {f"{etcd_root}/config/vips/10.0.0.300": "not an IP address"}
     watcher = api.root.watch(api.root.keys.domains)
     api.start(watcher)
-    api.start_api()
+    api.start_api(dns=dns, vips=vips)
     etcd_server.put(f"{etcd_root}/config/domains/a.lain", '{"ips": ["10.0.0.1"]}')
     revision = etcd_server.revision()
     await eventually(lambda: watcher.status.revision >= revision)
@@ -297,10 +304,10 @@ async def test_status_reports_etcd_revisions_invalid_keys_and_upstreams(etcd_ser
 @pytest_twisted.ensureDeferred
 async def test_healthz_turns_503_when_etcd_stops(private_etcd, etcd_root, api_factory):
     api = api_factory(private_etcd)
-    api.root.dns = dns = FakeDns(listening=True)
+    dns = FakeDns(listening=True)
     watcher = api.root.watch(api.root.keys.domains)
     api.start(watcher)
-    api.start_api()
+    api.start_api(dns=dns)
     await eventually(lambda: watcher.status.connected)
     assert await api.fetch("/healthz") == (200, _any_headers, b"ok\n")
     assert await api.fetch("/healthz", method="HEAD") == (200, _any_headers, b"")
@@ -349,11 +356,9 @@ async def test_metrics_in_prometheus_text(etcd_server, etcd_root, api_factory):
     dns.stats.cache_misses = 4
     dns.stats.observe_upstream(0.004)
     dns.stats.observe_upstream(0.2)
-    api.root.dns = dns
-    api.root.vips = FakeVips(held=2)
     watcher = api.root.watch(api.root.keys.domains)
     api.start(watcher)
-    api.start_api()
+    api.start_api(dns=dns, vips=FakeVips(held=2))
     await eventually(lambda: watcher.status.connected)
 
     status, headers, body = await api.fetch("/metrics")
@@ -377,8 +382,7 @@ async def test_metrics_in_prometheus_text(etcd_server, etcd_root, api_factory):
 @pytest_twisted.ensureDeferred
 async def test_metrics_count_fencings_and_lifetime_violations(etcd_server, api_factory):
     api = api_factory(etcd_server)
-    api.root.vips = FakeVips(held=1)
-    api.start_api()
+    api.start_api(vips=FakeVips(held=1))
     status, _, body = await api.fetch("/metrics")
     samples = {s.name: s.value for family in text_string_to_metric_families(body.decode()) for s in family.samples}
     assert status == 200
@@ -396,7 +400,8 @@ async def test_busy_address_is_logged_and_retried(etcd_server, api_factory):
     blocker.bind(("127.0.0.1", api.port))
     blocker.listen()
     with LogCapture() as logs:
-        api.root.api = ApiService(api.root, ListenAddress("127.0.0.1", api.port), reactor, backoff=Backoff(0.05, 0.1))
+        api.root.api = ApiService(api_parts(api.root), ListenAddress("127.0.0.1", api.port), reactor,
+                                  backoff=Backoff(0.05, 0.1))
         api.start(api.root.api)
         await eventually(lambda: logs.has(f"HTTP API: cannot listen on 127.0.0.1:{api.port}"))
         blocker.close()

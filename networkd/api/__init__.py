@@ -1,5 +1,8 @@
 """The HTTP API service: binds ``--api-listen`` and serves ApiResource.
 
+It shows the parts it is given in an ApiParts (networkd/api/parts.py),
+built once by networkd/app.py.
+
 The API is not on the data path: if the address cannot be bound (an old
 process still holds it), that is logged clearly and retried with backoff;
 the daemon keeps doing its real work.
@@ -12,6 +15,7 @@ from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.web import server
 
+from networkd.api.parts import ApiParts
 from networkd.backoff import Backoff
 from networkd.options import ListenAddress
 
@@ -29,13 +33,13 @@ class QuietSite(server.Site):
 class ApiService(service.Service):
     name = "http api"
 
-    def __init__(self, root, listen: ListenAddress, reactor, backoff: Backoff | None = None):
+    def __init__(self, parts: ApiParts, listen: ListenAddress, reactor, backoff: Backoff | None = None):
         from networkd.api.resources import ApiResource
 
         self._listen = listen
         self._reactor = reactor
         self._backoff = backoff or Backoff(1.0, 30.0)
-        self.resource = ApiResource(root)
+        self.resource = ApiResource(parts)
         self.site = QuietSite(self.resource)
         self.site.displayTracebacks = False
         self.port = None

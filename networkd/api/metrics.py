@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from networkd.api.parts import ApiParts
 from networkd.views import UPSTREAM_BUCKETS
 
 __all__ = ["CONTENT_TYPE_LATEST", "NetworkdCollector", "make_registry", "render_metrics"]
@@ -21,19 +22,19 @@ def _bound(value: float) -> str:
 
 
 class NetworkdCollector:
-    def __init__(self, root):
-        self._root = root
+    def __init__(self, parts: ApiParts):
+        self._parts = parts
 
     def collect(self):
-        root = self._root
-        yield from self._dns(root.dns)
-        yield from self._etcd(root)
+        parts = self._parts
+        yield from self._dns(parts.dns)
+        yield from self._etcd(parts)
         held = GaugeMetricFamily("networkd_vips_held", "VIPs this node holds (address up, DNAT installed).")
-        held.add_metric([], float(root.vips.held_count()) if root.vips is not None else 0.0)
+        held.add_metric([], float(parts.vips.held_count()) if parts.vips is not None else 0.0)
         yield held
-        if root.vips is not None:
-            yield from self._vip_safety(root.vips)
-        guardian = getattr(root, "resolv_conf", None)
+        if parts.vips is not None:
+            yield from self._vip_safety(parts.vips)
+        guardian = parts.resolv_conf
         if guardian is not None:
             yield CounterMetricFamily("networkd_resolv_conf_writes", "Rewrites of resolv.conf.",
                                       value=guardian.status.writes)
@@ -41,7 +42,7 @@ class NetworkdCollector:
                                       value=guardian.status.undone)
         invalid = GaugeMetricFamily("networkd_invalid_keys", "etcd keys ignored because their value is invalid.",
                                     labels=["part"])
-        for name, part in (("dns", root.dns), ("vips", root.vips)):
+        for name, part in (("dns", parts.dns), ("vips", parts.vips)):
             if part is not None:
                 invalid.add_metric([name], float(len(part.invalid_keys or {})))
         yield invalid
@@ -77,15 +78,15 @@ class NetworkdCollector:
         if dns is not None:
             yield latency
 
-    def _etcd(self, root):
+    def _etcd(self, parts: ApiParts):
         connected = GaugeMetricFamily("networkd_etcd_connected", "1 while the etcd watch of a prefix is live.",
                                       labels=["prefix"])
         revision = GaugeMetricFamily("networkd_etcd_revision", "etcd revision of the last snapshot of a prefix.",
                                      labels=["prefix"])
         reconnects = CounterMetricFamily("networkd_etcd_reconnects", "Times the etcd watch of a prefix was lost.",
                                          labels=["prefix"])
-        for prefix in sorted(root.watchers):
-            status = root.watchers[prefix].status
+        for prefix in sorted(parts.watchers):
+            status = parts.watchers[prefix].status
             connected.add_metric([prefix], 1.0 if status.connected else 0.0)
             revision.add_metric([prefix], float(status.revision))
             reconnects.add_metric([prefix], status.reconnects)
@@ -93,18 +94,18 @@ class NetworkdCollector:
         yield revision
         yield reconnects
         failovers = CounterMetricFamily("networkd_etcd_failovers", "Switches to another etcd endpoint.",
-                                        value=root.client.failovers)
+                                        value=parts.client.failovers)
         yield failovers
-        if root.session is not None:
-            age = root.session.ack_age()
+        if parts.session is not None:
+            age = parts.session.ack_age()
             if age is not None:
                 yield GaugeMetricFamily("networkd_etcd_keepalive_age_seconds",
                                         "Seconds since the last acknowledged lease keep-alive.", value=age)
 
 
-def make_registry(root) -> CollectorRegistry:
+def make_registry(parts: ApiParts) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NetworkdCollector(root))
+    registry.register(NetworkdCollector(parts))
     return registry
 
 

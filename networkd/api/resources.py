@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from networkd.api import dnsdump, metrics
+from networkd.api.parts import ApiParts
 from networkd.api.status import EtcdProbe, full_status, health_problems
 from networkd.views import DnsConfigView
 
@@ -33,11 +34,11 @@ class ApiResource(resource.Resource):
         "/metrics": "metrics",
     }
 
-    def __init__(self, root, probe: EtcdProbe | None = None, registry=None):
+    def __init__(self, parts: ApiParts, probe: EtcdProbe | None = None, registry=None):
         super().__init__()
-        self._root = root
-        self._probe = probe or EtcdProbe(root.client, root.options["etcd-root"].encode() + b"/", root.reactor)
-        self._registry = registry or metrics.make_registry(root)
+        self._parts = parts
+        self._probe = probe or EtcdProbe(parts.client, parts.probe_key, parts.reactor)
+        self._registry = registry or metrics.make_registry(parts)
 
     def render(self, request):
         path = request.path.decode("utf-8", errors="replace").rstrip("/") or "/"
@@ -52,24 +53,24 @@ class ApiResource(resource.Resource):
     # -- routes ----------------------------------------------------------------
 
     def _get_dns_config(self, request):
-        view = self._root.dns.config_view() if self._root.dns is not None else DnsConfigView()
+        view = self._parts.dns.config_view() if self._parts.dns is not None else DnsConfigView()
         if _wants_json(request):
             return _json(request, dnsdump.render_json(view))
         return _reply(request, 200, dnsdump.render_text(view))
 
     def _get_vips(self, request):
-        vips = self._root.vips
+        vips = self._parts.vips
         return _json(request, list(vips.status()) if vips is not None else [])
 
     def _get_status(self, request):
         def respond(probe):
-            return _json(request, full_status(self._root, probe))
+            return _json(request, full_status(self._parts, probe))
 
         return _later(request, self._probe_if_needed(), respond)
 
     def _get_healthz(self, request):
         def respond(probe):
-            problems = health_problems(self._root, probe)
+            problems = health_problems(self._parts, probe)
             if problems:
                 return _reply(request, 503, ("unhealthy: " + "; ".join(problems) + "\n").encode())
             return _reply(request, 200, b"ok\n")
@@ -81,7 +82,7 @@ class ApiResource(resource.Resource):
 
     def _probe_if_needed(self) -> defer.Deferred:
         """Ask etcd directly only when no watcher already says how it is."""
-        if self._root.watchers:
+        if self._parts.watchers:
             return defer.succeed(None)
         return self._probe.check()
 

@@ -1,6 +1,7 @@
 """What ``/v1/status`` and ``/healthz`` say, computed from the parts' own state.
 
-Read-only: nothing here changes a part.  etcd's state comes from the prefix
+Read-only: nothing here changes a part; everything comes from the
+ApiParts the API was given (networkd/api/parts.py).  etcd's state comes from the prefix
 watchers (are their snapshots live?) and the lease session; when nothing
 watches etcd (``--no-dns --no-vips``) a cheap read, cached for a moment,
 tells whether etcd answers.
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.logger import Logger
+
+from networkd.api.parts import ApiParts
 
 log = Logger()
 
@@ -67,12 +70,12 @@ def _age(now: float, then: float | None) -> float | None:
     return None if then is None else round(max(0.0, now - then), 3)
 
 
-def etcd_status(root, probe: ProbeResult | None) -> dict:
+def etcd_status(parts: ApiParts, probe: ProbeResult | None) -> dict:
     """``{"endpoint", "connected", "last_error", "failovers", "prefixes": [...]}``."""
-    now = root.reactor.seconds()
+    now = parts.reactor.seconds()
     prefixes = []
-    for prefix in sorted(root.watchers):
-        s = root.watchers[prefix].status
+    for prefix in sorted(parts.watchers):
+        s = parts.watchers[prefix].status
         prefixes.append({
             "prefix": prefix,
             "connected": s.connected,
@@ -90,16 +93,16 @@ def etcd_status(root, probe: ProbeResult | None) -> dict:
         connected = bool(probe and probe.ok)
         last_error = probe.error if probe else None
     return {
-        "endpoint": str(root.client.endpoint),
+        "endpoint": str(parts.client.endpoint),
         "connected": connected,
         "last_error": last_error,
-        "failovers": root.client.failovers,
+        "failovers": parts.client.failovers,
         "prefixes": prefixes,
     }
 
 
-def session_status(root) -> dict | None:
-    session = root.session
+def session_status(parts: ApiParts) -> dict | None:
+    session = parts.session
     if session is None:
         return None
     return {
@@ -110,10 +113,9 @@ def session_status(root) -> dict | None:
     }
 
 
-def invalid_keys(root) -> list[dict]:
+def invalid_keys(parts: ApiParts) -> list[dict]:
     found = []
-    parts = (("dns", root.dns), ("vips", root.vips), ("leader", getattr(root, "leader_tasks", None)))
-    for part_name, part in parts:
+    for part_name, part in (("dns", parts.dns), ("vips", parts.vips), ("leader", parts.leader_tasks)):
         if part is None:
             continue
         for key, error in dict(getattr(part, "invalid_keys", {}) or {}).items():
@@ -121,37 +123,36 @@ def invalid_keys(root) -> list[dict]:
     return sorted(found, key=lambda item: (item["key"], item["part"]))
 
 
-def dns_upstreams(root) -> list[str]:
-    if root.dns is None:
+def dns_upstreams(parts: ApiParts) -> list[str]:
+    if parts.dns is None:
         return []
-    return list(root.dns.config_view().nameservers)
+    return list(parts.dns.config_view().nameservers)
 
 
-def full_status(root, probe: ProbeResult | None) -> dict:
+def full_status(parts: ApiParts, probe: ProbeResult | None) -> dict:
     """The body of ``GET /v1/status`` (see the README for the shape)."""
-    options = root.options
     dns = None
-    if root.dns is not None:
-        dns = {"listen": str(options["dns-listen"]), "listening": bool(root.dns.listening())}
-    guardian = getattr(root, "resolv_conf", None)
-    vips = None if root.vips is None else {"held": int(root.vips.held_count())}
+    if parts.dns is not None:
+        dns = {"listen": str(parts.dns_listen), "listening": bool(parts.dns.listening())}
+    guardian = parts.resolv_conf
+    vips = None if parts.vips is None else {"held": int(parts.vips.held_count())}
     return {
-        "hostname": options["hostname"],
-        "node_ip": options["node-ip"],
-        "etcd": etcd_status(root, probe),
-        "session": session_status(root),
-        "invalid_keys": invalid_keys(root),
-        "upstreams": dns_upstreams(root),
+        "hostname": parts.hostname,
+        "node_ip": parts.node_ip,
+        "etcd": etcd_status(parts, probe),
+        "session": session_status(parts),
+        "invalid_keys": invalid_keys(parts),
+        "upstreams": dns_upstreams(parts),
         "dns": dns,
         "resolv_conf": None if guardian is None else guardian.status.as_dict(),
         "vips": vips,
-        "leader": leader_status(root),
+        "leader": leader_status(parts),
     }
 
 
-def leader_status(root) -> dict | None:
+def leader_status(parts: ApiParts) -> dict | None:
     """Who leads, whether we do, and what our leader tasks last wrote (None: no leader task here)."""
-    election, tasks = getattr(root, "leader", None), getattr(root, "leader_tasks", None)
+    election, tasks = parts.leader, parts.leader_tasks
     if election is None:
         return None
     status = election.status()
@@ -161,24 +162,24 @@ def leader_status(root) -> dict | None:
     return status
 
 
-def health_problems(root, probe: ProbeResult | None) -> list[str]:
+def health_problems(parts: ApiParts, probe: ProbeResult | None) -> list[str]:
     """Why this node is unhealthy; empty when DNS listens and etcd snapshots are live."""
-    now = root.reactor.seconds()
+    now = parts.reactor.seconds()
     problems = []
-    for prefix in sorted(root.watchers):
-        s = root.watchers[prefix].status
+    for prefix in sorted(parts.watchers):
+        s = parts.watchers[prefix].status
         if not s.connected:
             since = f" for {now - s.lost_at:.1f}s" if s.lost_at is not None else ""
             problems.append(f"etcd watch of {prefix} is down{since}: {s.last_error or 'not connected yet'}")
-    if not root.watchers and probe is not None and not probe.ok:
-        problems.append(f"etcd {root.client.endpoint} does not answer: {probe.error}")
-    session = root.session
+    if not parts.watchers and probe is not None and not probe.ok:
+        problems.append(f"etcd {parts.client.endpoint} does not answer: {probe.error}")
+    session = parts.session
     if session is not None:
         age = session.ack_age()
         if age is None:
             problems.append(f"etcd lease not granted yet: {session.last_error or 'waiting'}")
         elif age > session.ttl:
             problems.append(f"etcd lease keep-alive not acknowledged for {age:.1f}s (TTL {session.ttl}s)")
-    if root.dns is not None and not root.dns.listening():
-        problems.append(f"DNS server is not listening on {root.options['dns-listen']}")
+    if parts.dns is not None and not parts.dns.listening():
+        problems.append(f"DNS server is not listening on {parts.dns_listen}")
     return problems
