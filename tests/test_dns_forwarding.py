@@ -3,6 +3,8 @@ DnsService without etcd (``LocalDns``) and stub upstreams."""
 
 from __future__ import annotations
 
+import time
+
 import pytest_twisted
 from dnslib import QTYPE
 
@@ -29,3 +31,28 @@ async def test_types_whose_bytes_look_like_capitals_go_upstream_unchanged():
     finally:
         await env.stop()
         stub.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_first_upstream_is_demoted_and_names_resolve_fast_via_the_next():
+    """A black-holed first nameserver (reads, never answers): after a few
+    queries it is asked last, so uncached names no longer wait out its head
+    start (0.2 s) before the live second one is asked."""
+    dead, live = StubServer(mode="silent"), StubServer()
+    names = [f"n{i}.example.com" for i in range(12)]
+    for name in names:
+        live.records[name] = ["10.0.0.7"]
+    env = await LocalDns([dead, live]).start()
+    try:
+        took = []
+        for name in names:
+            start = time.monotonic()
+            reply = await env.q(name, timeout=3)
+            took.append(time.monotonic() - start)
+            assert [str(rr.rdata) for rr in reply.rr] == ["10.0.0.7"], name
+        fast = [t for t in took[4:] if t < 0.15]
+        assert len(fast) >= 6, f"after 4 queries, answers took {[round(t, 3) for t in took]} s"
+    finally:
+        await env.stop()
+        dead.close()
+        live.close()

@@ -16,68 +16,18 @@ import struct
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReadDescriptor
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from networkd.dns import wire
+from networkd.dns.health import ServerHealth
+from networkd.dns.upstreams import format_server
 
-log = Logger()
-
-DEFAULT_STAGGER = 0.2
-MIN_STAGGER = 0.03
-MAX_STAGGER = 0.4
-DOWN_AFTER = 3  # consecutive unanswered attempts before a server goes last
 RETRANSMIT_AFTER = 0.4  # first re-send to a server already asked; doubles each round
-RETRY_DOWN_AFTER = 30.0  # seconds after which a server that went last gets first place again
+MISS_AFTER = 0.3  # an attempt unanswered this long when the exchange ends is a miss
 
 
 class UpstreamFailed(Exception):
     """No upstream gave a usable answer in time."""
-
-
-class ServerHealth:
-    """Smoothed RTT and consecutive misses per server."""
-
-    def __init__(self, clock):
-        self.clock = clock
-        self.srtt: dict = {}
-        self.misses: dict = {}
-        self.down_since: dict = {}
-
-    def answered(self, server, rtt: float) -> None:
-        old = self.srtt.get(server)
-        self.srtt[server] = rtt if old is None else 0.7 * old + 0.3 * rtt
-        self.misses[server] = 0
-        if self.down_since.pop(server, None) is not None:
-            log.info("DNS upstream {server} answers again", server=wire_server(server))
-
-    def missed(self, server) -> None:
-        self.misses[server] = self.misses.get(server, 0) + 1
-        if self.misses[server] >= DOWN_AFTER and server not in self.down_since:
-            self.down_since[server] = self.clock.seconds()
-            log.warn("DNS upstream {server} does not answer; asking it last for now",
-                     server=wire_server(server))
-
-    def is_down(self, server) -> bool:
-        since = self.down_since.get(server)
-        if since is None:
-            return False
-        if self.clock.seconds() - since > RETRY_DOWN_AFTER:
-            self.down_since[server] = self.clock.seconds()  # give it one more chance now
-            self.misses[server] = DOWN_AFTER - 1
-            return False
-        return True
-
-    def stagger(self, server) -> float:
-        srtt = self.srtt.get(server)
-        if srtt is None:
-            return DEFAULT_STAGGER
-        return min(MAX_STAGGER, max(MIN_STAGGER, 4 * srtt))
-
-    def order(self, servers) -> list:
-        """File order, but servers that keep missing go last."""
-        down = [s for s in servers if self.is_down(s)]
-        return [s for s in servers if s not in down] + down
 
 
 @implementer(IReadDescriptor)
@@ -243,7 +193,7 @@ class _Exchange:
         try:
             attempt = _UdpAttempt(self, server, qid, wire.make_query(qid, self.question_lower, self.do))
         except OSError as e:  # e.g. out of file descriptors, no route
-            self.last_failure = f"{wire_server(server)}: {e.strerror or e}"
+            self.last_failure = f"{format_server(server)}: {e.strerror or e}"
             self.failed_servers.add(server)
             return
         self.attempts.append(attempt)
@@ -276,13 +226,13 @@ class _Exchange:
         if answer.rcode in (wire.SERVFAIL, wire.REFUSED):
             return self.failed(attempt, wire.RCODE_NAMES[answer.rcode])
         attempt.close()
-        self._finish(answer, None)
+        self._finish(answer, None, attempt.server)
 
     def failed(self, attempt, why: str) -> None:
         attempt.close()
         if self.finished:
             return
-        self.last_failure = f"{wire_server(attempt.server)}: {why}"
+        self.last_failure = f"{format_server(attempt.server)}: {why}"
         self.failed_servers.add(attempt.server)
         self.tcp_servers.discard(attempt.server)
         if self.next_call is not None and self.next_call.active():
@@ -294,14 +244,12 @@ class _Exchange:
         if not self.finished:
             self._finish(None, f"no answer in time ({self.last_failure})")
 
-    def _finish(self, answer, failure: str | None) -> None:
+    def _finish(self, answer, failure: str | None, winner=None) -> None:
         self.finished = True
-        now = self.reactor.seconds()
+        for server in self._missed(winner):
+            self.forwarder.health.missed(server)
         for attempt in self.attempts:
-            if not attempt.done:
-                if now - attempt.started >= 0.3:
-                    self.forwarder.health.missed(attempt.server)
-                attempt.close()
+            attempt.close()
         if self.next_call is not None and self.next_call.active():
             self.next_call.cancel()
         if self.deadline is not None and self.deadline.active():
@@ -312,9 +260,19 @@ class _Exchange:
             self.result.errback(UpstreamFailed(failure))
 
 
-def wire_server(server) -> str:
-    ip, port = server
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    def _missed(self, winner) -> set:
+        """Servers still silent now: those asked before ``winner``, the server
+        that answered (they had their head start and the next server was tried),
+        and any asked MISS_AFTER ago or more.  A dead first server then misses
+        on every query and goes last (DOWN_AFTER), though the next server
+        answers a stagger later, long before MISS_AFTER."""
+        now = self.reactor.seconds()
+        first_asked: dict = {}
+        for attempt in self.attempts:
+            first_asked.setdefault(attempt.server, attempt.started)
+        winner_asked = first_asked.get(winner, now)
+        return {a.server for a in self.attempts if not a.done and a.server != winner
+                and (first_asked[a.server] < winner_asked or now - a.started >= MISS_AFTER)}
 
 
 class Forwarder:
