@@ -26,9 +26,8 @@ from networkd.vips.host import ADDRESS_CHECK, FIREWALL_CHECK, VipHost
 from networkd.vips.inputs import VipInputs
 from networkd.vips.locks import STOP_TIMEOUT, LockKeeper
 from networkd.vips.netlink import Netlink
-from networkd.vips.planner import (
-    DnatRule, app_endpoints, dnat_rules, local_container, plan_floating, port_scoped_rules,
-)
+from networkd.vips.planner import DnatRule, app_endpoints, plan_floating
+from networkd.vips.wants import HostWants
 
 log = Logger()
 
@@ -61,6 +60,7 @@ class VipManager(service.Service):
                           "locks": watch(keys.vip_locks), "apps": watch(keys.apps)}
         self._etcd = LeaseLocks(client)
         self.inputs = VipInputs(keys)
+        self.wants = HostWants(self.inputs, hostname, node_ip)
         self.locks = LockKeeper(locks=self._etcd, keys=keys, hostname=hostname, session=session, reactor=reactor,
                                 changed=self.kick, clear_host=self._clear_host)
         self.app_keys = AppKeys(self._etcd, reactor, hostname)
@@ -76,7 +76,6 @@ class VipManager(service.Service):
         self.host_ready = self.stopping = self._cleaned = False
         self._fenced_in_last_pass = True
         self._last_pass = self._pass_cost = 0.0
-        self._port_rules: tuple = (None, None, frozenset())  # (configs, containers, rules) of the last build
         self._kick_call = self._started = None
         self._loops: list = []
 
@@ -243,28 +242,14 @@ class VipManager(service.Service):
         """Floating VIPs that should be on this host now: held, not fenced, not leaving, container here."""
         if self.stopping or not self.host_ready or self.fenced():
             return frozenset()
-        held, inputs = self.locks.held(), self.inputs
-        return frozenset(c.ip for c in inputs.configs.values()
-                         if c.floating and c.ip in held and not self.locks.releasing(c.ip)
-                         and local_container(c, inputs.containers, self.hostname) is not None)
+        held = self.locks.held()
+        return frozenset(ip for ip in self.wants.placeable() if ip in held and not self.locks.releasing(ip))
 
     def _desired_rules(self) -> frozenset[DnatRule]:
-        """Port-scoped DNAT (rebuilt only when configs or containers change) and the active VIPs'."""
+        """Port-scoped DNAT and the active VIPs' (memoized: networkd.vips.wants)."""
         if self.stopping:
             return frozenset()
-        inputs = self.inputs
-        active = frozenset() if self.fenced() else self._active_ips
-        configs, containers, port_rules = self._port_rules
-        if configs is not inputs.configs or containers is not inputs.containers:
-            port_rules = port_scoped_rules(inputs.configs, inputs.containers, self.hostname, self.node_ip)
-            self._port_rules = (inputs.configs, inputs.containers, port_rules)
-        rules = set(port_rules)
-        for ip in active:
-            config = inputs.configs.get(ip)
-            if config is not None and config.floating:
-                rules.update(dnat_rules(config, local_container(config, inputs.containers, self.hostname),
-                                        self.node_ip))
-        return frozenset(rules)
+        return self.wants.rules(frozenset() if self.fenced() else self._active_ips)
 
     def _sync_host(self) -> None:
         self._active_ips = self.active()
