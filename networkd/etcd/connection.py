@@ -1,0 +1,252 @@
+"""The connection under the etcd client: endpoints, TLS, fail-over, errors.
+
+aetcd is asyncio (grpc.aio); Twisted's coroutine driver cannot await its
+futures.  ``EtcdConnection._call`` runs every call as an asyncio task and
+hands it back as a Deferred, so the rest of networkd sees Deferreds only.
+Errors come out as two named types: ``EtcdUnavailable`` (retry later) and
+``Compacted`` (re-read the prefix).  This module and networkd/etcd/client.py
+(the operations: reads, writes, transactions, leases, watches) are the only
+code that touches aetcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterable
+
+import aetcd
+import grpc
+from aetcd import exceptions as aetcd_errors
+from aetcd import rpc
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.logger import Logger
+
+from networkd.options import Endpoint
+
+log = Logger()
+
+# The aetcd release this module and networkd/etcd/client.py are written
+# against, and the one setup.cfg pins: ``_Client.connect`` re-implements that
+# release's ``Client.connect`` and sets its private fields.  tests/test_etcd_client_shape.py fails when
+# the installed aetcd is another release or its client changed shape; to
+# upgrade, re-check ``_Client.connect`` against the new ``Client.connect``,
+# then move this, the pin and the test's fingerprints together.
+AETCD_VERSION = "1.0.0"
+
+# gRPC retries a broken channel with its own backoff, by default up to two
+# minutes apart.  Keep it short: etcd coming back must be noticed at once.
+CHANNEL_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 200,
+    "grpc.min_reconnect_backoff_ms": 200,
+    "grpc.max_reconnect_backoff_ms": 1000,
+    "grpc.keepalive_time_ms": 10000,
+    "grpc.keepalive_timeout_ms": 3000,
+    "grpc.keepalive_permit_without_calls": 1,
+}
+
+CONNECTION_ERRORS = (
+    aetcd_errors.ConnectionFailedError,
+    aetcd_errors.ConnectionTimeoutError,
+    aetcd_errors.InternalError,
+    aetcd_errors.WatchTimeoutError,
+    rpc.AioRpcError,
+    asyncio.TimeoutError,
+    OSError,
+)
+
+
+class EtcdUnavailable(Exception):
+    """etcd did not answer; the call may be retried later."""
+
+
+class Compacted(Exception):
+    """The revision asked for was compacted away; re-read the prefix."""
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def credentials(self):
+        def read(path):
+            if path is None:
+                return None
+            with open(path, "rb") as f:
+                return f.read()
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+class _Client(aetcd.Client):
+    """aetcd's client, plus TLS channels (aetcd itself only opens insecure ones).
+
+    Without credentials ``connect`` is aetcd's own.  With them it is aetcd
+    1.0.0's ``Client.connect`` step for step, with ``secure_channel`` in
+    place of ``insecure_channel``: aetcd has no hook for the channel, so
+    this reads the fields its ``__init__`` sets and sets every field its
+    ``connect`` sets (``AETCD_VERSION`` above says why that is safe).
+    """
+
+    def __init__(self, *args, credentials=None, **kwargs):
+        self._credentials = credentials
+        super().__init__(*args, **kwargs)
+
+    async def connect(self) -> None:
+        if self._credentials is None or self._connected.is_set():
+            return await super().connect()
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            self.channel = rpc.secure_channel(target, self._credentials, options=self._options.items())
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                resp = await self.auth_stub.Authenticate(
+                    rpc.AuthenticateRequest(name=self._username, password=self._password),
+                    timeout=self._timeout,
+                )
+                self.metadata = (("token", resp.token),)
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(
+                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+def _translate(error: BaseException, endpoint: Endpoint) -> BaseException:
+    if isinstance(error, aetcd_errors.RevisionCompactedError):
+        return Compacted(f"revision compacted below {error.compacted_revision}")
+    if isinstance(error, CONNECTION_ERRORS):
+        detail = str(error) or type(error).__name__
+        return EtcdUnavailable(f"etcd {endpoint}: {detail.splitlines()[0][:200]}")
+    return error
+
+
+class EtcdConnection:
+    """One aetcd client at a time, to one of the endpoints, with fail-over.
+
+    ``_call`` runs an operation on it as an asyncio task and hands it back as
+    a Deferred, bounded by ``call_timeout``; a connection error drops the
+    client (the next call opens a fresh one, on the next endpoint if there
+    are several).  The etcd operations are EtcdClient's (networkd/etcd/client.py).
+    """
+
+    def __init__(
+        self,
+        endpoints: Iterable[Endpoint],
+        *,
+        tls: TLSFiles | None = None,
+        user: str | None = None,
+        password: str | None = None,
+        call_timeout: float = 3.0,
+    ):
+        self.endpoints = tuple(endpoints)
+        self._tls = tls
+        self._user = user
+        self._password = password
+        self.call_timeout = call_timeout
+        self._index = 0
+        self._client: _Client | None = None
+        self.failovers = 0
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.endpoints[self._index]
+
+    def _current(self) -> _Client:
+        if self._client is None:
+            endpoint = self.endpoint
+            secure = endpoint.secure or (self._tls is not None and any(vars(self._tls).values()))
+            self._client = _Client(
+                endpoint.host,
+                endpoint.port,
+                username=self._user,
+                password=self._password,
+                timeout=None,
+                options=CHANNEL_OPTIONS,
+                credentials=(self._tls or TLSFiles()).credentials() if secure else None,
+            )
+        return self._client
+
+    def _failed(self, client: _Client) -> None:
+        """Drop ``client`` after a connection error; with several endpoints, use the next."""
+        if client is not self._client:
+            return
+        # A fresh aetcd client per connection loss: aetcd's watcher does not
+        # always recover from a broken stream, a new one does.
+        self._client = None
+        if len(self.endpoints) > 1:
+            self._index = (self._index + 1) % len(self.endpoints)
+            self.failovers += 1
+            log.warn("etcd: failing over to {endpoint}", endpoint=self.endpoint)
+        asyncio.ensure_future(_close_quietly(client))
+
+    def _call(self, operation: Callable[[_Client], Awaitable], timeout: float | None = None) -> Deferred:
+        async def run():
+            client = self._current()
+            endpoint = self.endpoint
+            try:
+                return await _bounded(operation(client), timeout or self.call_timeout)
+            except BaseException as e:
+                translated = _translate(e, endpoint)
+                if isinstance(translated, EtcdUnavailable):
+                    self._failed(client)
+                if translated is e:
+                    raise
+                raise translated from e
+
+        return Deferred.fromFuture(asyncio.ensure_future(run())).addErrback(_twisted_cancel)
+
+    def close(self) -> Deferred:
+        client, self._client = self._client, None
+        if client is None:
+            return succeed(None)
+        return Deferred.fromFuture(asyncio.ensure_future(_close_quietly(client)))
+
+
+def _twisted_cancel(failure):
+    """An asyncio cancellation, seen from Twisted, is Twisted's CancelledError."""
+    failure.trap(asyncio.CancelledError)
+    raise CancelledError()
+
+
+async def _bounded(awaitable, timeout: float):
+    """Like asyncio.wait_for, but never waits for a cancelled call to unwind.
+
+    Some aetcd internals swallow cancellation (its watcher awaits its own
+    stream task under ``except CancelledError: pass``); wait_for would then
+    hang for ever.  Here the call is cancelled and left to finish alone.
+    """
+    call = asyncio.ensure_future(awaitable)
+    done, _ = await asyncio.wait({call}, timeout=timeout)
+    if not done:
+        call.cancel()
+        call.add_done_callback(_consume)
+        raise asyncio.TimeoutError()
+    return call.result()
+
+
+def _consume(future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def _quietly(awaitable, timeout: float = 1.0) -> None:
+    try:
+        await _bounded(awaitable, timeout)
+    except BaseException:
+        pass
+
+
+async def _close_quietly(client: _Client) -> None:
+    await _quietly(client.close())
