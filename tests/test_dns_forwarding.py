@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 
 import pytest_twisted
-from dnslib import QTYPE
+from dnslib import QTYPE, RCODE
 
 from tests.support.dnsstub import LocalDns, StubServer
+from tests.support.waiting import sleep
 
 
 @pytest_twisted.ensureDeferred
@@ -56,3 +57,26 @@ async def test_a_dead_first_upstream_is_demoted_and_names_resolve_fast_via_the_n
         await env.stop()
         dead.close()
         live.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_answer_slower_than_the_budget_is_cached_for_the_retry():
+    """An upstream that answers after 2 s (the client gets SERVFAIL at 1.6 s):
+    its answer is still taken and cached, so the client's retry gets it."""
+    slow = StubServer()
+    slow.delay = 2.0
+    slow.records["slow.example.com"] = ["10.0.0.8"]
+    env = await LocalDns([slow]).start()
+    try:
+        start = time.monotonic()
+        first = await env.q("slow.example.com", timeout=3)
+        assert first.header.rcode == RCODE.SERVFAIL and time.monotonic() - start < 1.9
+        asked = len(slow.queries)
+        await sleep(2.6 - (time.monotonic() - start))  # the first answer went out at 2.0 s
+        retry = await env.q("slow.example.com", timeout=3)
+        assert retry.header.rcode == RCODE.NOERROR, f"the retry got {RCODE[retry.header.rcode]}"
+        assert [str(rr.rdata) for rr in retry.rr] == ["10.0.0.8"]
+        assert len(slow.queries) == asked, "the retry was answered from the cache"
+    finally:
+        await env.stop()
+        slow.close()

@@ -155,6 +155,6 @@ class FakeForwarder:
     def __init__(self, asked: list):
         self.asked = asked
 
-    def query(self, question: bytes, do: bool, servers) -> defer.Deferred:
+    def query(self, question: bytes, do: bool, servers, late=None) -> defer.Deferred:
         self.asked.append(defer.Deferred())
         return self.asked[-1]

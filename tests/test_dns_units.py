@@ -276,3 +276,38 @@ def test_forwarder_staggers_then_backs_off_and_gives_up_in_time():
     finally:
         for s in silent:
             s.close()
+
+
+def test_past_its_budget_an_exchange_waits_for_a_late_answer_only_so_long():
+    """Silent servers: the asker fails at 1.6 s, the sockets stay open for a
+    late answer until 5 s after the question, then all are closed."""
+    import socket as socketlib
+
+    from networkd.dns.forward import LATE_LIMIT, Forwarder
+    from networkd.views import DnsStats
+
+    class FakeReactor(Clock):
+        def __init__(self):
+            super().__init__()
+            self.readers = []
+
+        def addReader(self, reader):
+            self.readers.append(reader)
+
+        def removeReader(self, reader):
+            pass
+
+    silent = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
+    try:
+        silent.bind(("127.0.0.1", 0))
+        reactor = FakeReactor()
+        forwarder = Forwarder(reactor, DnsStats(), budget=1.6)
+        outcome, late = [], []
+        forwarder.query(b"\x01x\x03com\x00\x00\x01\x00\x01", False, [silent.getsockname()], late.append
+                        ).addBoth(outcome.append)
+        reactor.advance(1.7)
+        assert outcome and not any(a.done for a in reactor.readers) and forwarder.lingering == 1
+        reactor.advance(LATE_LIMIT - 1.6)
+        assert all(a.done for a in reactor.readers) and forwarder.lingering == 0 and late == []
+    finally:
+        silent.close()

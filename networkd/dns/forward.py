@@ -5,143 +5,43 @@ server, so the kernel only delivers replies from that server, and a fresh
 random ID; a reply counts only if it has our ID and echoes our question
 (RFC 5452).  The first server gets a head start based on its smoothed RTT;
 a SERVFAIL/REFUSED/refused-port/garbage from one server starts the next at
-once.  The whole exchange ends within ``budget`` seconds.
+once.  The asker has an answer or a failure within ``budget`` seconds; past
+it, the attempts still open wait until LATE_LIMIT for a late answer, which
+goes to the cache.  The sockets themselves are in ``networkd.dns.attempts``.
 """
 
 from __future__ import annotations
 
 import random
-import socket
 import struct
 
-from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IReadDescriptor
-from zope.interface import implementer
+from twisted.internet import defer
+from twisted.logger import Logger
 
 from networkd.dns import wire
+from networkd.dns.attempts import TcpAttempt, TcpFactory, UdpAttempt
 from networkd.dns.health import ServerHealth
 from networkd.dns.upstreams import format_server
 
+log = Logger()
+
 RETRANSMIT_AFTER = 0.4  # first re-send to a server already asked; doubles each round
 MISS_AFTER = 0.3  # an attempt unanswered this long when the exchange ends is a miss
+LATE_LIMIT = 5.0  # seconds after the question an answer is still taken (for the cache)
+MAX_LINGERING = 64  # exchanges past their budget still waiting for a late answer
 
 
 class UpstreamFailed(Exception):
     """No upstream gave a usable answer in time."""
 
 
-@implementer(IReadDescriptor)
-class _UdpAttempt:
-    """One query over UDP: its own socket, connected to the server.
-
-    A plain socket on the reactor rather than listenUDP, which logs two lines
-    per socket (and we open one per upstream query).
-    """
-
-    def __init__(self, exchange, server, qid: int, packet: bytes):
-        self.exchange = exchange
-        self.reactor = exchange.reactor
-        self.server = server
-        self.qid = qid
-        self.started = self.reactor.seconds()
-        self.done = False
-        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            self.sock.setblocking(False)
-            self.sock.connect(server)
-            self.sock.send(packet)
-        except OSError:
-            self.sock.close()
-            raise
-        self.reactor.addReader(self)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def logPrefix(self) -> str:
-        return "dns-upstream"
-
-    def doRead(self):
-        for _ in range(16):
-            if self.done:
-                return
-            try:
-                data = self.sock.recv(65535)
-            except BlockingIOError:
-                return
-            except ConnectionRefusedError:
-                self.exchange.failed(self, "port unreachable")
-                return
-            except OSError as e:
-                self.exchange.failed(self, e.strerror or str(e))
-                return
-            self.exchange.reply(self, data)
-
-    def connectionLost(self, reason):
-        self.close()
-
-    def close(self):
-        if not self.done:
-            self.done = True
-            self.reactor.removeReader(self)
-            self.sock.close()
-
-
-class _TcpAttempt(protocol.Protocol):
-    """One query over TCP after a truncated UDP answer."""
-
-    def __init__(self, exchange, server, qid: int, packet: bytes):
-        self.exchange = exchange
-        self.server = server
-        self.qid = qid
-        self.packet = packet
-        self.started = exchange.reactor.seconds()
-        self.buffer = b""
-        self.done = False
-        self.connector = None
-
-    def connectionMade(self):
-        self.transport.write(struct.pack(">H", len(self.packet)) + self.packet)
-
-    def dataReceived(self, data):
-        self.buffer += data
-        if len(self.buffer) >= 2:
-            length = struct.unpack_from(">H", self.buffer)[0]
-            if len(self.buffer) >= 2 + length and not self.done:
-                self.exchange.reply(self, self.buffer[2:2 + length], tcp=True)
-
-    def connectionLost(self, reason=None):
-        if not self.done:
-            self.exchange.failed(self, "TCP connection closed")
-
-    def close(self):
-        self.done = True
-        if self.transport is not None:
-            self.transport.loseConnection()
-        elif self.connector is not None:
-            self.connector.disconnect()
-
-
-class _TcpFactory(protocol.ClientFactory):
-    noisy = False
-
-    def __init__(self, attempt):
-        self.attempt = attempt
-
-    def buildProtocol(self, addr):
-        return self.attempt
-
-    def clientConnectionFailed(self, connector, reason):
-        if not self.attempt.done:
-            self.attempt.exchange.failed(self.attempt, "TCP connect failed")
-
-
 class _Exchange:
     """One question asked of a list of servers until someone answers."""
 
-    def __init__(self, forwarder, question: bytes, do: bool, servers: list, budget: float):
+    def __init__(self, forwarder, question: bytes, do: bool, servers: list, budget: float, late=None):
         self.forwarder = forwarder
+        self.late = late  # called with an answer that comes after the budget
+        self.lingering = None  # the timer that ends the wait for a late answer
         self.reactor = forwarder.reactor
         self.question = question
         self.question_lower = wire.fold_question(question)
@@ -155,6 +55,7 @@ class _Exchange:
         self.tcp_servers: set = set()
         self.last_failure = "no upstream"
         self.next_call = None
+        self.started = self.reactor.seconds()
         self.deadline = self.reactor.callLater(budget, self._give_up)
 
     def start(self) -> defer.Deferred:
@@ -191,7 +92,7 @@ class _Exchange:
     def _send_udp(self, server) -> None:
         qid = self.forwarder.new_id()
         try:
-            attempt = _UdpAttempt(self, server, qid, wire.make_query(qid, self.question_lower, self.do))
+            attempt = UdpAttempt(self, server, qid, wire.make_query(qid, self.question_lower, self.do))
         except OSError as e:  # e.g. out of file descriptors, no route
             self.last_failure = f"{format_server(server)}: {e.strerror or e}"
             self.failed_servers.add(server)
@@ -200,14 +101,14 @@ class _Exchange:
 
     def _send_tcp(self, server) -> None:
         qid = self.forwarder.new_id()
-        attempt = _TcpAttempt(self, server, qid, wire.make_query(qid, self.question_lower, self.do))
+        attempt = TcpAttempt(self, server, qid, wire.make_query(qid, self.question_lower, self.do))
         self.attempts.append(attempt)
         self.tcp_servers.add(server)
         remaining = max(0.1, self.deadline.getTime() - self.reactor.seconds())
-        attempt.connector = self.reactor.connectTCP(server[0], server[1], _TcpFactory(attempt), timeout=remaining)
+        attempt.connector = self.reactor.connectTCP(server[0], server[1], TcpFactory(attempt), timeout=remaining)
 
     def reply(self, attempt, data: bytes, tcp: bool = False) -> None:
-        if self.finished:
+        if self.finished and self.lingering is None:
             return
         if len(data) < 12 or struct.unpack_from(">H", data)[0] != attempt.qid or not data[2] & 0x80:
             return  # not the answer to this attempt: keep waiting (RFC 5452)
@@ -219,6 +120,8 @@ class _Exchange:
             return  # an answer to another question: ignore it
         self.forwarder.health.answered(attempt.server, self.reactor.seconds() - attempt.started)
         self.forwarder.stats.observe_upstream(self.reactor.seconds() - attempt.started)
+        if self.finished:
+            return self._late_reply(attempt, answer)
         if answer.flags & wire.TC and not tcp:
             attempt.close()
             self._send_tcp(attempt.server)
@@ -231,6 +134,8 @@ class _Exchange:
     def failed(self, attempt, why: str) -> None:
         attempt.close()
         if self.finished:
+            if all(a.done for a in self.attempts):
+                self._stop_lingering()
             return
         self.last_failure = f"{format_server(attempt.server)}: {why}"
         self.failed_servers.add(attempt.server)
@@ -242,14 +147,15 @@ class _Exchange:
     def _give_up(self) -> None:
         self.deadline = None
         if not self.finished:
-            self._finish(None, f"no answer in time ({self.last_failure})")
+            self._finish(None, f"no answer in time ({self.last_failure})", linger=True)
 
-    def _finish(self, answer, failure: str | None, winner=None) -> None:
+    def _finish(self, answer, failure: str | None, winner=None, linger: bool = False) -> None:
         self.finished = True
         for server in self._missed(winner):
             self.forwarder.health.missed(server)
-        for attempt in self.attempts:
-            attempt.close()
+        if not (linger and self._linger()):
+            for attempt in self.attempts:
+                attempt.close()
         if self.next_call is not None and self.next_call.active():
             self.next_call.cancel()
         if self.deadline is not None and self.deadline.active():
@@ -259,6 +165,40 @@ class _Exchange:
         else:
             self.result.errback(UpstreamFailed(failure))
 
+    def _linger(self) -> bool:
+        """Past the budget the client gets SERVFAIL, but the attempts still
+        open stay open until LATE_LIMIT: a slow upstream's answer is then
+        cached for the client's retry, instead of SERVFAIL on every try."""
+        forwarder = self.forwarder
+        if self.late is None or forwarder.lingering >= MAX_LINGERING or all(a.done for a in self.attempts):
+            return False
+        forwarder.lingering += 1
+        wait = max(0.0, LATE_LIMIT - (self.reactor.seconds() - self.started))
+        self.lingering = self.reactor.callLater(wait, self._stop_lingering)
+        return True
+
+    def _late_reply(self, attempt, answer) -> None:
+        """An answer after the budget: given to ``late`` if it is one to cache."""
+        attempt.close()
+        if answer.rcode in (wire.SERVFAIL, wire.REFUSED) or answer.flags & wire.TC:
+            if all(a.done for a in self.attempts):
+                self._stop_lingering()
+            return
+        self._stop_lingering()
+        try:
+            self.late(answer)
+        except Exception:
+            log.failure("a late upstream answer could not be kept")
+
+    def _stop_lingering(self) -> None:
+        if self.lingering is None:
+            return
+        if self.lingering.active():
+            self.lingering.cancel()
+        self.lingering = None
+        self.forwarder.lingering -= 1
+        for attempt in self.attempts:
+            attempt.close()
 
     def _missed(self, winner) -> set:
         """Servers still silent now: those asked before ``winner``, the server
@@ -281,11 +221,13 @@ class Forwarder:
         self.stats = stats
         self.budget = budget
         self.health = ServerHealth(reactor)
+        self.lingering = 0  # exchanges waiting for a late answer
         self._rng = rng or random.SystemRandom()
 
     def new_id(self) -> int:
         return self._rng.getrandbits(16)
 
-    def query(self, question: bytes, do: bool, servers: list) -> defer.Deferred:
-        """Fires with a wire.UpstreamAnswer, or fails with UpstreamFailed."""
-        return _Exchange(self, question, do, list(servers), self.budget).start()
+    def query(self, question: bytes, do: bool, servers: list, late=None) -> defer.Deferred:
+        """Fires with a wire.UpstreamAnswer, or fails with UpstreamFailed;
+        ``late(answer)`` gets an answer that arrives after the failure."""
+        return _Exchange(self, question, do, list(servers), self.budget, late).start()

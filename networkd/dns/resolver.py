@@ -14,6 +14,7 @@ everything.  On the way, UDP answers are packed into the hot tables
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -117,6 +118,7 @@ class Forwarding:
         self.upstreams: list = []
         self.inflight: dict = {}  # cache key -> [(Deferred, query, udp), ...]
         self.max_forwards = MAX_FORWARDS
+        self.epoch = 0  # counts cache flushes: a late answer from before one is not kept
 
     def answer(self, ask: Ask):
         query, key = ask.query, ask.key
@@ -137,8 +139,14 @@ class Forwarding:
         # The asker waits before the exchange starts: one that fails at once (no upstream
         # at all, every socket refused) must still answer it, with SERVFAIL.
         self.inflight[key] = [(result, query, ask.udp)]
-        self.forwarder.query(query.question, query.do, servers).addBoth(self._forwarded, key)
+        late = partial(self._late_answer, key, self.epoch)
+        self.forwarder.query(query.question, query.do, servers, late).addBoth(self._forwarded, key)
         return result
+
+    def _late_answer(self, key, epoch: int, answer) -> None:
+        """An answer after the client got SERVFAIL: cached for its retry."""
+        if epoch == self.epoch:
+            self.cache.put_answer(key, answer)
 
     def _forwarded(self, outcome, key) -> None:
         waiters = self.inflight.pop(key, [])
@@ -214,6 +222,7 @@ class Resolver:
 
     def flush(self) -> None:
         self.cache.clear()
+        self.forwarding.epoch += 1
         self.hot.clear_cached()
 
     # -- what the tests look at ------------------------------------------------

@@ -34,6 +34,7 @@ class StubServer:
         self.typed: dict[tuple[str, int], bytes] = {}  # (name, qtype) -> rdata, for any other type
         self.ttl = ttl
         self.mode = mode  # answer | servfail | refused | silent | tricky
+        self.delay = 0.0  # seconds before each UDP answer goes out
         self.queries: list[tuple[str, str, str]] = []  # (proto, name, type)
         self._stop = threading.Event()
         self.udp, self.tcp = self._bind(host, port)
@@ -118,8 +119,16 @@ class StubServer:
                     self._send_forgeries(data, out, addr)
             except Exception:
                 continue
-            if out is not None:
+            if out is not None and self.delay:
+                threading.Timer(self.delay, self._send_late, (out, addr)).start()
+            elif out is not None:
                 self.udp.sendto(out, addr)
+
+    def _send_late(self, out: bytes, addr) -> None:
+        try:
+            self.udp.sendto(out, addr)
+        except OSError:
+            pass  # closed meanwhile
 
     def _send_forgeries(self, query: bytes, good: bytes, addr) -> None:
         """Answers a spoofer would try (RFC 5452): all must be ignored."""
