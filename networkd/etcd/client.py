@@ -30,8 +30,8 @@ from networkd.etcd.connection import (  # noqa: F401  (re-exported: imported fro
 )
 
 __all__ = [
-    "AETCD_VERSION", "CHANNEL_OPTIONS", "CONNECTION_ERRORS", "Compacted", "EtcdClient", "EtcdUnavailable", "KeyValue", "TLSFiles",
-    "WatchEvent", "WatchHandle",
+    "AETCD_VERSION", "CHANNEL_OPTIONS", "CONNECTION_ERRORS", "Compacted", "EtcdClient", "EtcdUnavailable",
+    "KeyValue", "TLSFiles", "WatchEvent", "WatchHandle",
 ]
 
 
