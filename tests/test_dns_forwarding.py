@@ -3,10 +3,13 @@ DnsService without etcd (``LocalDns``) and stub upstreams."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 
 import pytest_twisted
-from dnslib import QTYPE, RCODE
+from dnslib import QTYPE, RCODE, DNSRecord
+from twisted.internet import threads
 
 from tests.support.dnsstub import LocalDns, StubServer
 from tests.support.waiting import sleep
@@ -80,3 +83,51 @@ async def test_an_answer_slower_than_the_budget_is_cached_for_the_retry():
     finally:
         await env.stop()
         slow.close()
+
+
+def pipeline(port: int, names: list, timeout: float = 10.0) -> dict:
+    """Send every query on one TCP connection at once, then read answers
+    (in any order) until all came or the server closed: {id: DNSRecord}."""
+    packets = b""
+    for qid, name in enumerate(names):
+        q = DNSRecord.question(name, "A")
+        q.header.id = qid
+        data = q.pack()
+        packets += struct.pack(">H", len(data)) + data
+    replies: dict = {}
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(packets)
+        buffer = b""
+        deadline = time.monotonic() + timeout
+        while len(replies) < len(names) and time.monotonic() < deadline:
+            chunk = conn.recv(65535)
+            if not chunk:
+                break  # closed by the server
+            buffer += chunk
+            while len(buffer) >= 2 and len(buffer) >= 2 + struct.unpack_from(">H", buffer)[0]:
+                length = struct.unpack_from(">H", buffer)[0]
+                reply = DNSRecord.parse(buffer[2:2 + length])
+                replies[reply.header.id] = reply
+                buffer = buffer[2 + length:]
+    return replies
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_hundred_pipelined_tcp_queries_all_get_answers():
+    """RFC 7766 pipelining: far more forwarded queries in flight on one
+    connection than it serves at once; every one is answered, none dropped."""
+    stub = StubServer()
+    names = [f"p{i}.example.com" for i in range(200)]
+    for i, name in enumerate(names):
+        stub.records[name] = [f"10.1.{i // 250}.{i % 250}"]
+    env = await LocalDns([stub]).start()
+    try:
+        replies = await threads.deferToThread(pipeline, env.port, names)
+        assert len(replies) == 200, f"{len(replies)} of 200 answered"
+        assert all([str(rr.rdata) for rr in replies[i].rr] == stub.records[name] for i, name in enumerate(names))
+        env.dns.set_upstreams([])  # no upstream: each SERVFAIL comes at once, inside the read loop
+        replies = await threads.deferToThread(pipeline, env.port, [f"x{i}.example.com" for i in range(200)])
+        assert len(replies) == 200 and {r.header.rcode for r in replies.values()} == {RCODE.SERVFAIL}
+    finally:
+        await env.stop()
+        stub.close()

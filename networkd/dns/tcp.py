@@ -1,5 +1,10 @@
 """DNS over TCP: length-prefixed messages, pipelining, an idle timeout and a
-cap on connections.  Every message goes through ``Resolver.resolve``."""
+cap on connections.  Every message goes through ``Resolver.resolve``.
+
+Pipelined queries (RFC 7766) are answered as their answers come, in any
+order.  While TCP_MAX_PENDING of a connection's queries wait for upstreams,
+it is not read any further (back-pressure through TCP's own window) until
+answers go out; nothing is dropped and the connection stays open."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ log = Logger()
 
 TCP_IDLE_TIMEOUT = 10.0
 TCP_MAX_CONNECTIONS = 256
-TCP_MAX_PENDING = 32  # unanswered queries per TCP connection
+TCP_MAX_PENDING = 32  # queries of one connection waiting for upstreams before it is read no more
 
 
 class DnsTcpProtocol(protocol.Protocol, TimeoutMixin):
@@ -26,6 +31,9 @@ class DnsTcpProtocol(protocol.Protocol, TimeoutMixin):
         self.buffer = b""
         self.pending = 0
         self.counted = False
+        self.paused = False
+        self.closing = False
+        self.serving = False
 
     def connectionMade(self):
         if self.factory.connections >= self.factory.max_connections:
@@ -43,16 +51,37 @@ class DnsTcpProtocol(protocol.Protocol, TimeoutMixin):
 
     def dataReceived(self, data):
         self.buffer += data
-        while len(self.buffer) >= 2:
-            length = struct.unpack_from(">H", self.buffer)[0]
-            if len(self.buffer) < 2 + length:
-                break
-            message, self.buffer = self.buffer[2:2 + length], self.buffer[2 + length:]
-            self.resetTimeout()
-            if self.pending >= TCP_MAX_PENDING:
-                self.transport.loseConnection()
-                return
-            self._handle(message)
+        self._serve()
+
+    def _serve(self) -> None:
+        """Answer the buffered messages while few enough wait for upstreams;
+        at the limit, stop reading the socket until answers go out."""
+        if self.serving:
+            return  # an answer that came at once, inside the loop below: it goes on
+        self.serving = True
+        try:
+            while self.pending < TCP_MAX_PENDING and not self.closing and len(self.buffer) >= 2:
+                length = struct.unpack_from(">H", self.buffer)[0]
+                if len(self.buffer) < 2 + length:
+                    break
+                message, self.buffer = self.buffer[2:2 + length], self.buffer[2 + length:]
+                self.resetTimeout()
+                self._handle(message)
+        finally:
+            self.serving = False
+        self._pause(self.pending >= TCP_MAX_PENDING and not self.closing)
+
+    def _pause(self, paused: bool) -> None:
+        if paused != self.paused and self.transport is not None:
+            self.paused = paused
+            if paused:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    def _close(self) -> None:
+        self.closing = True
+        self.transport.loseConnection()
 
     def _handle(self, message: bytes) -> None:
         peer = self.transport.getPeer()
@@ -60,10 +89,10 @@ class DnsTcpProtocol(protocol.Protocol, TimeoutMixin):
             result = self.factory.resolver.resolve(message, peer.host, udp=False)
         except Exception:
             log.failure("DNS query over TCP from {addr} failed", addr=peer.host)
-            self.transport.loseConnection()
+            self._close()
             return
         if result is None:
-            self.transport.loseConnection()
+            self._close()
         elif isinstance(result, defer.Deferred):
             self.pending += 1
             result.addCallback(self._answer_later)
@@ -73,14 +102,18 @@ class DnsTcpProtocol(protocol.Protocol, TimeoutMixin):
 
     def _answer_later(self, response):
         self.pending -= 1
-        if response is not None and self.connected:
+        if not self.connected or self.closing:
+            return
+        if response is not None:
             self._write(response)
+        self._serve()  # under the limit again: read on
 
     def _write(self, response: bytes) -> None:
+        self.resetTimeout()
         self.transport.write(struct.pack(">H", len(response)) + response)
 
     def timeoutConnection(self):
-        self.transport.loseConnection()
+        self._close()
 
 
 class DnsTcpFactory(protocol.Factory):
