@@ -72,11 +72,13 @@ class Networkd(service.MultiService):
     none of them looks anything up here.
     """
 
-    def __init__(self, options, reactor, client: EtcdClient):
+    def __init__(self, options, reactor, client: EtcdClient, watch_client: EtcdClient | None = None):
         super().__init__()
         self.options = options
         self.reactor = reactor
         self.client = client
+        # What the prefix watchers read through: the same client in the daemon.
+        self.watch_client = watch_client or client
         self.keys = Keys(options["etcd-root"])
         self.watchers: dict[str, PrefixWatcher] = {}
         self.session: Session | None = None
@@ -91,7 +93,7 @@ class Networkd(service.MultiService):
 
     def watch(self, prefix: str) -> PrefixWatcher:
         if prefix not in self.watchers:
-            watcher = PrefixWatcher(self.client, prefix, self.reactor)
+            watcher = PrefixWatcher(self.watch_client, prefix, self.reactor)
             watcher.setServiceParent(self)
             self.watchers[prefix] = watcher
         return self.watchers[prefix]
@@ -166,15 +168,28 @@ def make_client(options) -> EtcdClient:
 
 def makeService(options) -> Networkd:
     reactor = install_asyncio_reactor()
-    root = Networkd(options, reactor, make_client(options))
-    # The parts, in dependency order (each later issue adds its own here):
-    # DNS server, then the resolv.conf guardian (only once DNS listens),
-    # the VIP manager, and last the HTTP API.
+    return build(options, reactor, make_client(options))
+
+
+def build(options, reactor, client: EtcdClient, *, watch_client: EtcdClient | None = None,
+          vip_host: dict | None = None, api: bool = True) -> Networkd:
+    """The service tree: the root and its parts, in dependency order.
+
+    DNS server, then the resolv.conf guardian (only once DNS listens), the
+    VIP manager, the leader election and tasks, and last the HTTP API.
+    makeService builds the daemon with it, and the tests their in-process
+    nodes (tests/support/builder.py), which may have the watchers read
+    through another client (``watch_client``), give the VIP manager a
+    recorded host (``vip_host``: netlink, announcer, firewall_backend,
+    to_thread) and add the API themselves (``api=False``, then ``add_api``).
+    """
+    root = Networkd(options, reactor, client, watch_client=watch_client)
     add_dns(root, options)
     add_resolv_conf_guardian(root, options)
-    add_vips(root, options)
+    add_vips(root, options, **(vip_host or {}))
     add_leader(root, options)
-    add_api(root, options)
+    if api:
+        add_api(root, options)
     return root
 
 
@@ -216,17 +231,23 @@ def add_resolv_conf_guardian(root: Networkd, options) -> None:
     root.resolv_conf.setServiceParent(root)
 
 
-def add_vips(root: Networkd, options) -> None:
-    """The VIP manager borrows the process lease; it is stopped before the lease is revoked."""
+def add_vips(root: Networkd, options, **host) -> None:
+    """The VIP manager borrows the process lease; it is stopped before the lease is revoked.
+
+    ``host`` replaces parts of its host side (``netlink``, ``announcer``,
+    ``firewall_backend``, ``to_thread``): tests record them.
+    """
     if options["no-vips"]:
         return
     from networkd.vips.reconciler import VipManager
 
-    root.vips = VipManager(
+    parts = dict(
         reactor=root.reactor, client=root.client, keys=root.keys, watch=root.watch,
         session=root.lease_session(), hostname=options["hostname"], interface=options["interface"],
         node_ip=options["node-ip"], firewall_backend=options["firewall-backend"],
     )
+    parts.update(host)
+    root.vips = VipManager(**parts)
     root.vips.setServiceParent(root)
 
 

@@ -17,10 +17,10 @@ from twisted.internet import defer, reactor, threads
 
 from networkd.api import ApiService
 from networkd.api.dnsdump import render_json, render_text
-from networkd.app import Networkd, add_api, api_parts, make_client
 from networkd.backoff import Backoff
-from networkd.options import ListenAddress, Options
+from networkd.options import ListenAddress
 from networkd.views import DnsConfigView
+from tests.support.builder import BuiltNode
 from tests.support.fakeparts import FakeDns, FakeVips
 from tests.support.logcapture import LogCapture
 from tests.support.ports import free_port
@@ -126,48 +126,13 @@ def check_shape(value, shape, where="$"):
 # -- fixtures ------------------------------------------------------------------------
 
 
-def make_root(etcd_endpoint: str, etcd_root: str, api_port: int) -> Networkd:
-    options = Options()
-    options.parseOptions([
-        "--etcd", etcd_endpoint, "--etcd-root", etcd_root, "--no-vips", "--no-dns", "--node-ip", "10.1.2.3",
-        "--hostname", "node-a", "--api-listen", f"127.0.0.1:{api_port}",
-    ])
-    client = make_client(options)
-    client.call_timeout = 1.0
-    return Networkd(options, reactor, client)
-
-
-class Api:
-    """A root with an API service on a free port, and a tiny HTTP client for it."""
+class Api(BuiltNode):
+    """A node built as the daemon builds it (no DNS, no VIPs) with its API on a free port, and a tiny HTTP client."""
 
     def __init__(self, etcd, etcd_root):
         self.port = free_port()
-        self.root = make_root(etcd.endpoint, etcd_root, self.port)
-        self.started = []
-
-    def start(self, *services):
-        for svc in services:
-            svc.startService()
-            self.started.append(svc)
-
-    def start_api(self, **shown):
-        """The API as networkd/app.py adds it, showing the stand-ins ``shown`` (dns=, vips=)."""
-        add_api(self.root, self.root.options, **shown)
-        self.start(self.root.api)
-
-    async def restart_api(self, **shown):
-        """The API stopped and added again: what it shows is fixed when it is built."""
-        old = self.root.api
-        await old.stopService()
-        self.started.remove(old)
-        old.disownServiceParent()
-        self.start_api(**shown)
-
-    async def stop(self):
-        for svc in reversed(self.started):
-            if svc.running:
-                await svc.stopService()
-        await self.root.client.close()
+        super().__init__(etcd.endpoint, etcd_root, "node-a", "--no-vips", "--no-dns", "--node-ip", "10.1.2.3",
+                         "--api-listen", f"127.0.0.1:{self.port}", call_timeout=1.0)
 
     def _fetch(self, path, method="GET", headers=None):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
@@ -341,7 +306,7 @@ async def test_healthz_asks_etcd_itself_when_nothing_watches(private_etcd, api_f
         status, _, body = await api.fetch("/healthz")
         return body if status == 503 else None
 
-    body = await _eventually_async(unhealthy, timeout=10)
+    body = await eventually(unhealthy, timeout=10, interval=0.1)
     assert b"does not answer" in body
     status, _, body = await api.fetch("/v1/status")
     assert json.loads(body)["etcd"]["connected"] is False
@@ -400,7 +365,7 @@ async def test_busy_address_is_logged_and_retried(etcd_server, api_factory):
     blocker.bind(("127.0.0.1", api.port))
     blocker.listen()
     with LogCapture() as logs:
-        api.root.api = ApiService(api_parts(api.root), ListenAddress("127.0.0.1", api.port), reactor,
+        api.root.api = ApiService(api.parts(), ListenAddress("127.0.0.1", api.port), reactor,
                                   backoff=Backoff(0.05, 0.1))
         api.start(api.root.api)
         await eventually(lambda: logs.has(f"HTTP API: cannot listen on 127.0.0.1:{api.port}"))
@@ -415,18 +380,3 @@ class _Any:
 
 
 _any_headers = _Any()
-
-
-async def _eventually_async(probe, timeout):
-    import time
-
-    from tests.support.waiting import sleep
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await sleep(0.1)

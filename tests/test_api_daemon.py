@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pytest
 
 from tests.support.daemon import Daemon
 from tests.support.ports import free_port
+from tests.support.waiting import wait_until
 
 
 def curl(port: int, path: str) -> tuple[int, bytes]:
@@ -21,16 +21,6 @@ def curl(port: int, path: str) -> tuple[int, bytes]:
     assert result.returncode == 0, result.stderr
     body, _, code = result.stdout.rpartition(b"\n")
     return int(code), body
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not within {timeout}s")
 
 
 @pytest.fixture
@@ -71,7 +61,8 @@ def test_daemon_api_with_curl(private_etcd, etcd_root, tmp_path, daemon_factory)
     assert curl(port, "/nothing")[0] == 404
 
     private_etcd.stop()
-    code, body = wait_for(lambda: (r := curl(port, "/healthz"))[0] == 503 and r, 10, "/healthz 503")
+    code, body = wait_until(lambda: (r := curl(port, "/healthz"))[0] == 503 and r, 10, interval=0.1,
+                            message="/healthz 503")
     assert b"does not answer" in body
     assert daemon.running(), "losing etcd is not a reason to exit"
     assert resolv.read_text() == "nameserver 10.0.0.2\n", "--no-resolv-conf: the file is not touched"

@@ -14,58 +14,27 @@ import tempfile
 import time
 
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 
-from networkd.etcd.client import EtcdClient
 from networkd.etcd.lock import LeaseLocks
-from networkd.etcd.reflector import PrefixWatcher
-from networkd.etcd.session import Session
 from networkd.keys import Keys
-from networkd.leader.election import LeaderElection
-from networkd.leader.tasks import LeaderTasks
-from networkd.options import parse_endpoints
+from tests.support.builder import BuiltNode
 from tests.support.daemon import Daemon
 from tests.support.dnsstub import dig_answers
 from tests.support.ports import free_port
 from tests.support.waiting import eventually, sleep
 
 
-class Node:
-    """What add_leader builds in a daemon: session, election, tasks."""
+class Node(BuiltNode):
+    """What add_leader builds in a daemon (session, election, tasks), built by networkd/app.py."""
 
     def __init__(self, etcd_server, root: str, hostname: str, tasks=("deployd", "swarm", "tinydns"),
                  domain: str | None = "example.lain", ttl: int = 2):
-        self.keys = Keys(root)
-        self.client = EtcdClient(parse_endpoints(etcd_server.endpoint), call_timeout=2.0)
-        self.watchers: dict = {}
-        self.session = Session(self.client, ttl, reactor)
-        locks = LeaseLocks(self.client)
-        self.election = LeaderElection(locks=locks, watcher=self.watch(self.keys.leader), session=self.session,
-                                       key=self.keys.leader, hostname=hostname)
-        self.tasks = LeaderTasks(reactor=reactor, election=self.election, locks=locks, keys=self.keys,
-                                 watch=self.watch, tasks=tasks, domain=domain)
-        self.stopped = False
-
-    def watch(self, prefix: str) -> PrefixWatcher:
-        if prefix not in self.watchers:
-            self.watchers[prefix] = PrefixWatcher(self.client, prefix, reactor)
-        return self.watchers[prefix]
-
-    def start(self) -> "Node":
-        self.session.startService()
-        for watcher in self.watchers.values():
-            watcher.startService()
-        self.election.startService()
-        self.tasks.startService()
-        return self
-
-    async def stop(self) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        for part in (self.tasks, self.election, *self.watchers.values(), self.session):
-            await defer.maybeDeferred(part.stopService)
-        await self.client.close()
+        args = ["--no-dns", "--no-vips", "--lock-ttl", str(ttl), *(f"--{task}" for task in tasks)]
+        if domain is not None:
+            args += ["--domain", domain]
+        super().__init__(etcd_server.endpoint, root, hostname, *args, call_timeout=2.0)
+        self.election, self.tasks = self.leader, self.leader_tasks
 
 
 async def in_etcd(predicate, timeout: float = 10.0, message: str = ""):

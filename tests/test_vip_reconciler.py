@@ -13,14 +13,13 @@ import json
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, task
 
-from networkd.etcd.client import EtcdClient, KeyValue
-from networkd.etcd.reflector import PrefixWatcher, Snapshot
-from networkd.etcd.session import Session
+from networkd.etcd.client import KeyValue
+from networkd.etcd.reflector import Snapshot
 from networkd.keys import Keys
-from networkd.options import parse_endpoints
 from networkd.vips.reconciler import VipManager
+from tests.support.builder import BuiltNode
 from tests.support.hostfakes import FakeArp, FakeBackend, FakeNetlink
 from tests.support.logcapture import LogCapture
 from tests.support.tcpproxy import TCPProxy
@@ -225,39 +224,19 @@ def test_invalid_keys_are_shown_and_do_not_block(node):
 HELLO = {"app": "hello", "proc": "web"}
 
 
-class LiveNode:
-    """A VipManager on a real etcd session; ``proxy`` (a TCPProxy) carries the lease and the writes."""
+class LiveNode(BuiltNode):
+    """A VipManager on a real etcd session, built by networkd/app.py with a recorded host;
+    ``proxy`` (a TCPProxy) carries the lease and the writes."""
 
     def __init__(self, etcd, root, hostname, node_ip, proxy=None, ttl=2):
         self.journal = Journal()
         endpoint = proxy.endpoint if proxy else etcd.endpoint
-        self.client = EtcdClient(parse_endpoints(endpoint), call_timeout=0.5)
+        host = dict(firewall_backend=FakeBackend(self.journal), netlink=FakeNetlink(self.journal),
+                    announcer=FakeArp(self.journal), to_thread=defer.maybeDeferred)
         # Snapshots come over a direct connection, so a cut proxy only stops the writes.
-        self.reader = EtcdClient(parse_endpoints(etcd.endpoint), call_timeout=0.5)
-        self.session = Session(self.client, ttl, reactor)
-        self.watchers = []
-        self.manager = VipManager(
-            reactor=reactor, client=self.client, keys=Keys(root), watch=self._watch, session=self.session,
-            hostname=hostname, interface="eth0", node_ip=node_ip, firewall_backend=FakeBackend(self.journal),
-            netlink=FakeNetlink(self.journal), announcer=FakeArp(self.journal), to_thread=defer.maybeDeferred,
-        )
-
-    def _watch(self, prefix):
-        watcher = PrefixWatcher(self.reader, prefix, reactor)
-        self.watchers.append(watcher)
-        return watcher
-
-    def start(self):
-        for part in [self.session, *self.watchers, self.manager]:
-            part.startService()
-        return self
-
-    async def stop(self):
-        for part in [self.manager, *self.watchers, self.session]:
-            if part.running:
-                await part.stopService()
-        await self.client.close()
-        await self.reader.close()
+        super().__init__(endpoint, root, hostname, "--no-dns", "--interface", "eth0", "--node-ip", node_ip,
+                         "--lock-ttl", str(ttl), call_timeout=0.5, watch_endpoint=etcd.endpoint, vip_host=host)
+        self.manager = self.vips
 
 
 @pytest.fixture

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 
 from twisted.internet import reactor, task
 
 
 async def eventually(predicate, timeout: float = 10.0, interval: float = 0.02, message: str = ""):
-    """Await until ``predicate()`` is truthy; return its value or fail after ``timeout``."""
+    """Await until ``predicate()`` is truthy; return its value or fail after ``timeout``.
+
+    ``predicate`` may be an ``async def``: its coroutine is awaited each time.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
+        if inspect.iscoroutine(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
