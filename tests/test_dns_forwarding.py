@@ -131,3 +131,29 @@ async def test_two_hundred_pipelined_tcp_queries_all_get_answers():
     finally:
         await env.stop()
         stub.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_cd_bit_goes_upstream_and_cd_answers_are_kept_apart():
+    """A validating upstream gives SERVFAIL for bogus data unless the client
+    set CD (checking disabled).  CD reaches the upstream, and an answer had
+    with CD=1 is never served from the cache to a CD=0 client."""
+    stub = StubServer()
+    stub.records["bogus.example.com"] = ["10.0.0.9"]
+    stub.bogus.add("bogus.example.com")
+    env = await LocalDns([stub]).start()
+    try:
+        unchecked = await env.q("bogus.example.com", cd=True)
+        assert stub.cd_asked == ["bogus.example.com"], "CD went upstream"
+        assert unchecked.header.rcode == RCODE.NOERROR and unchecked.header.cd == 1
+        assert [str(rr.rdata) for rr in unchecked.rr] == ["10.0.0.9"]
+        checked = await env.q("bogus.example.com")
+        assert checked.header.rcode == RCODE.SERVFAIL and checked.header.cd == 0, "not the CD=1 answer"
+        asked = len(stub.queries)
+        for _ in range(2):  # from the cache, then from the hot answers
+            again = await env.q("bogus.example.com", cd=True)
+            assert [str(rr.rdata) for rr in again.rr] == ["10.0.0.9"] and again.header.cd == 1
+        assert len(stub.queries) == asked
+    finally:
+        await env.stop()
+        stub.close()

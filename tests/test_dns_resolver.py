@@ -135,7 +135,7 @@ def test_the_real_chain_local_then_cache_then_forwarder():
     resolver.set_zone(zone)
     local = DNSRecord.parse(resolver.resolve(question("A.lain"), "127.0.0.1", udp=True))
     assert local.header.aa and [str(rr.rdata) for rr in local.rr] == ["10.0.0.1"]
-    key = (b"\x01b\x03com\x00", 1, 1, False)
+    key = (b"\x01b\x03com\x00", 1, 1, False, False)
     resolver.cache.put_answer(key, upstream_answer("b.com", 60))
     cached = DNSRecord.parse(resolver.resolve(question("b.com"), "127.0.0.1", udp=False))
     assert [str(rr.rdata) for rr in cached.rr] == ["1.2.3.4"] and resolver.hot_cached == {}, "TCP: not kept hot"
@@ -155,6 +155,6 @@ class FakeForwarder:
     def __init__(self, asked: list):
         self.asked = asked
 
-    def query(self, question: bytes, do: bool, servers, late=None) -> defer.Deferred:
+    def query(self, question: bytes, do: bool, servers, late=None, cd=False) -> defer.Deferred:
         self.asked.append(defer.Deferred())
         return self.asked[-1]

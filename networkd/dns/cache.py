@@ -1,6 +1,8 @@
 """Answers from upstreams, kept as long as their TTLs say, in a bounded LRU.
 
-Keyed by (lower-case wire name, type, class, DO bit).  Entries keep the
+Keyed by (lower-case wire name, type, class, DO bit, CD bit): an answer
+fetched with checking disabled is never served to a client that wants it
+checked, nor the reverse.  Entries keep the
 upstream bytes and the offsets of every TTL, so serving a hit only patches
 bytes: the ID, the question's case, the TTLs (decremented by the age).
 NXDOMAIN and NODATA are cached for min(SOA TTL, SOA minimum) (RFC 2308);

@@ -38,7 +38,8 @@ class UpstreamFailed(Exception):
 class _Exchange:
     """One question asked of a list of servers until someone answers."""
 
-    def __init__(self, forwarder, question: bytes, do: bool, servers: list, budget: float, late=None):
+    def __init__(self, forwarder, question: bytes, do: bool, servers: list, budget: float, late=None,
+                 cd: bool = False):
         self.forwarder = forwarder
         self.late = late  # called with an answer that comes after the budget
         self.lingering = None  # the timer that ends the wait for a late answer
@@ -46,6 +47,7 @@ class _Exchange:
         self.question = question
         self.question_lower = wire.fold_question(question)
         self.do = do
+        self.cd = cd  # the client's "checking disabled": the upstream must see it too
         self.servers = forwarder.health.order(servers)
         self.result = defer.Deferred()
         self.attempts: list = []
@@ -92,7 +94,7 @@ class _Exchange:
     def _send_udp(self, server) -> None:
         qid = self.forwarder.new_id()
         try:
-            attempt = UdpAttempt(self, server, qid, wire.make_query(qid, self.question_lower, self.do))
+            attempt = UdpAttempt(self, server, qid, wire.make_query(qid, self.question_lower, self.do, self.cd))
         except OSError as e:  # e.g. out of file descriptors, no route
             self.last_failure = f"{format_server(server)}: {e.strerror or e}"
             self.failed_servers.add(server)
@@ -101,7 +103,7 @@ class _Exchange:
 
     def _send_tcp(self, server) -> None:
         qid = self.forwarder.new_id()
-        attempt = TcpAttempt(self, server, qid, wire.make_query(qid, self.question_lower, self.do))
+        attempt = TcpAttempt(self, server, qid, wire.make_query(qid, self.question_lower, self.do, self.cd))
         self.attempts.append(attempt)
         self.tcp_servers.add(server)
         remaining = max(0.1, self.deadline.getTime() - self.reactor.seconds())
@@ -227,7 +229,7 @@ class Forwarder:
     def new_id(self) -> int:
         return self._rng.getrandbits(16)
 
-    def query(self, question: bytes, do: bool, servers: list, late=None) -> defer.Deferred:
+    def query(self, question: bytes, do: bool, servers: list, late=None, cd: bool = False) -> defer.Deferred:
         """Fires with a wire.UpstreamAnswer, or fails with UpstreamFailed;
         ``late(answer)`` gets an answer that arrives after the failure."""
-        return _Exchange(self, question, do, list(servers), self.budget, late).start()
+        return _Exchange(self, question, do, list(servers), self.budget, late, cd).start()

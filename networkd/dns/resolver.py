@@ -41,7 +41,7 @@ class Ask:
     data: bytes  # the message as received (it keys the hot answers)
     query: wire.Query
     name: str | None  # lower-case text; None if no local name can have these bytes
-    key: tuple  # the cache key: (lower-case wire name, type, class, DO)
+    key: tuple  # the cache key: (lower-case wire name, type, class, DO, CD)
     udp: bool
 
 
@@ -140,7 +140,8 @@ class Forwarding:
         # at all, every socket refused) must still answer it, with SERVFAIL.
         self.inflight[key] = [(result, query, ask.udp)]
         late = partial(self._late_answer, key, self.epoch)
-        self.forwarder.query(query.question, query.do, servers, late).addBoth(self._forwarded, key)
+        cd = bool(query.flags & wire.CD)  # CD=1 data may be what a validating upstream refuses at CD=0
+        self.forwarder.query(query.question, query.do, servers, late, cd=cd).addBoth(self._forwarded, key)
         return result
 
     def _late_answer(self, key, epoch: int, answer) -> None:
@@ -270,7 +271,7 @@ class Resolver:
             count(self.stats, wire.NOTIMP, "error")
             return wire.error_response(query, wire.NOTIMP)
         ask = Ask(data, query, wire.wire_to_text(query.qname),
-                  (query.qname.lower(), query.qtype, query.qclass, query.do), udp)
+                  (query.qname.lower(), query.qtype, query.qclass, query.do, bool(query.flags & wire.CD)), udp)
         for link in self.chain:
             result = link.answer(ask)
             if result is not None:

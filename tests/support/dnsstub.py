@@ -32,6 +32,8 @@ class StubServer:
         self.nxdomain: set[str] = set()
         self.big: set[str] = set()
         self.typed: dict[tuple[str, int], bytes] = {}  # (name, qtype) -> rdata, for any other type
+        self.bogus: set[str] = set()  # SERVFAIL unless CD is set, as a validating resolver does
+        self.cd_asked: list[str] = []  # names asked with CD set
         self.ttl = ttl
         self.mode = mode  # answer | servfail | refused | silent | tricky
         self.delay = 0.0  # seconds before each UDP answer goes out
@@ -73,10 +75,12 @@ class StubServer:
         request = DNSRecord.parse(data)
         name = str(request.q.qname).rstrip(".").lower()
         self.queries.append((proto, name, QTYPE[request.q.qtype]))
+        if request.header.cd:
+            self.cd_asked.append(name)
         if self.mode == "silent":
             return None
         reply = request.reply()
-        if self.mode == "servfail":
+        if self.mode == "servfail" or (name in self.bogus and not request.header.cd):
             reply.header.rcode = RCODE.SERVFAIL
             return reply.pack()
         if self.mode == "refused":
@@ -181,10 +185,11 @@ def _recv_exact(conn, n: int) -> bytes:
 
 
 def query(port: int, name: str, qtype: str | int = "A", host: str = "127.0.0.1", *, timeout: float = 2.0,
-          tcp: bool = False, edns: bool = False, source: str | None = None) -> DNSRecord:
+          tcp: bool = False, edns: bool = False, source: str | None = None, cd: bool = False) -> DNSRecord:
     """Blocking query with dnslib (use from a thread in Twisted tests);
     ``qtype`` by name or number."""
     q = DNSRecord(q=DNSQuestion(name, qtype if isinstance(qtype, int) else getattr(QTYPE, qtype), CLASS.IN))
+    q.header.cd = int(cd)
     if edns:
         from dnslib import EDNS0
         q.add_ar(EDNS0(udp_len=1232))
