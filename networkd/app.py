@@ -1,4 +1,4 @@
-"""makeService: build the service tree in dependency order.
+"""makeService and build: the service tree in dependency order.
 
 Services start in the order they are added and stop in reverse, so the
 etcd client comes first (closed last) and the consumers after it.  This is

@@ -15,17 +15,18 @@ from networkd.etcd.lock import LeaseLocks
 from networkd.keys import Keys
 from networkd.vips.locks import VERIFY_AFTER, LockKeeper
 from networkd.vips.planner import FloatingPlan
+from tests.support.fakeetcd import FakeSession
 
 LEASE = 0x42
 KEYS = Keys("/lain")
 
 
-class Session:
-    lease = LEASE
-
-
 class Etcd:
-    """put_if_absent / get on a dict, with a revision counter like etcd's."""
+    """put_if_absent / get on a dict, with a revision counter like etcd's.
+
+    Not tests.support.fakeetcd.FakeEtcd: these tests turn on revisions (a read
+    newer than a snapshot), which that one keeps at 1 for the reconciler tests.
+    """
 
     def __init__(self):
         self.kv, self.revision = {}, 100
@@ -54,7 +55,7 @@ class Etcd:
 def keeper():
     clock, etcd = task.Clock(), Etcd()
     changed = []
-    k = LockKeeper(locks=LeaseLocks(etcd), keys=KEYS, hostname="n1", session=Session(), reactor=clock,
+    k = LockKeeper(locks=LeaseLocks(etcd), keys=KEYS, hostname="n1", session=FakeSession(clock), reactor=clock,
                    changed=lambda: changed.append(1), clear_host=lambda ip: defer.succeed(None))
     return clock, etcd, k
 

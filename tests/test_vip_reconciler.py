@@ -15,11 +15,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, task
 
-from networkd.etcd.client import KeyValue
-from networkd.etcd.reflector import Snapshot
 from networkd.keys import Keys
 from networkd.vips.reconciler import VipManager
 from tests.support.builder import BuiltNode
+# Journal, FakeEtcd and Watchers are imported from here by test_vip_delays too.
+from tests.support.fakeetcd import FakeEtcd, FakeSession, Journal, Watchers
 from tests.support.hostfakes import FakeArp, FakeBackend, FakeNetlink
 from tests.support.logcapture import LogCapture
 from tests.support.tcpproxy import TCPProxy
@@ -27,82 +27,6 @@ from tests.support.vipnodes import pod_group, vip_value
 from tests.support.waiting import eventually, sleep
 
 VIP = "10.0.0.5"
-LEASE = 0x42
-
-
-class Journal(list):
-    """Every host and etcd change, in order."""
-
-
-class FakeSession:
-    ttl = 3
-
-    def __init__(self, clock):
-        self._clock = clock
-        self.lease = LEASE
-        self.last_ack = clock.seconds()
-        self.acks, self.losses = [], []
-
-    def ack_age(self):
-        return None if self.last_ack is None else self._clock.seconds() - self.last_ack
-
-    def on_ack(self, cb):
-        self.acks.append(cb)
-
-    def on_lost(self, cb):
-        self.losses.append(cb)
-
-    def ack(self):
-        self.last_ack = self._clock.seconds()
-        for cb in self.acks:
-            cb(self.lease)
-
-
-class FakeEtcd:
-    def __init__(self, journal):
-        self.journal = journal
-        self.kv = {}
-
-    def put_if_absent(self, key, value, lease):
-        if key in self.kv:
-            return defer.succeed(False)
-        self.kv[key] = (value, lease)
-        self.journal.append(("lock", key.decode().rsplit("/", 1)[-1]))
-        return defer.succeed(True)
-
-    def delete_if_lease(self, key, lease):
-        if self.kv.get(key, (None, None))[1] == lease:
-            del self.kv[key]
-            self.journal.append(("unlock", key.decode().rsplit("/", 1)[-1]))
-            return defer.succeed(True)
-        return defer.succeed(False)
-
-    def put(self, key, value, lease=None):
-        self.kv[key] = (value, lease)
-        return defer.succeed(None)
-
-    def get(self, key):
-        if key not in self.kv:
-            return defer.succeed(None)
-        value, lease = self.kv[key]
-        return defer.succeed(KeyValue(key, value, 1, lease or 0))
-
-
-class Watchers:
-    def __init__(self):
-        self.subscribers = {}
-
-    def __call__(self, prefix):
-        watchers = self
-
-        class W:
-            def subscribe(self, cb):
-                watchers.subscribers[prefix] = cb
-
-        return W()
-
-    def publish(self, prefix, values):
-        self.subscribers[prefix](Snapshot(prefix, 1, values))
 
 
 @pytest.fixture
