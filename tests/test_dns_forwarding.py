@@ -157,3 +157,23 @@ async def test_the_cd_bit_goes_upstream_and_cd_answers_are_kept_apart():
     finally:
         await env.stop()
         stub.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_chaos_class_questions_about_the_server_are_refused_here():
+    """version.bind, hostname.bind, id.server (TXT, class CH) are about this
+    server: REFUSED at once over UDP and TCP, never forwarded (an upstream
+    would describe itself, or fail and leave the client with SERVFAIL)."""
+    stub = StubServer()
+    env = await LocalDns([stub]).start()
+    try:
+        for name in ("version.bind", "hostname.bind", "id.server", "VERSION.BIND"):
+            for tcp in (False, True):
+                start = time.monotonic()
+                reply = await env.q(name, "TXT", qclass="CH", tcp=tcp)
+                assert reply.header.rcode == RCODE.REFUSED, f"{name} tcp={tcp}: {RCODE[reply.header.rcode]}"
+                assert reply.q.qclass == 3 and reply.rr == [] and time.monotonic() - start < 1.0
+        assert stub.queries == [], "nothing went upstream"
+    finally:
+        await env.stop()
+        stub.close()

@@ -270,6 +270,11 @@ class Resolver:
         if query.qtype in ZONE_TRANSFERS:
             count(self.stats, wire.NOTIMP, "error")
             return wire.error_response(query, wire.NOTIMP)
+        if query.qclass == wire.CLASS_CH:
+            # version.bind, hostname.bind, id.server: questions about this server, which
+            # an upstream cannot answer for it; refused here, at once (README, "Forwarding").
+            count(self.stats, wire.REFUSED, "local")
+            return wire.error_response(query, wire.REFUSED)
         ask = Ask(data, query, wire.wire_to_text(query.qname),
                   (query.qname.lower(), query.qtype, query.qclass, query.do, bool(query.flags & wire.CD)), udp)
         for link in self.chain:

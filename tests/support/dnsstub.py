@@ -185,10 +185,12 @@ def _recv_exact(conn, n: int) -> bytes:
 
 
 def query(port: int, name: str, qtype: str | int = "A", host: str = "127.0.0.1", *, timeout: float = 2.0,
-          tcp: bool = False, edns: bool = False, source: str | None = None, cd: bool = False) -> DNSRecord:
+          tcp: bool = False, edns: bool = False, source: str | None = None, cd: bool = False,
+          qclass: str = "IN") -> DNSRecord:
     """Blocking query with dnslib (use from a thread in Twisted tests);
     ``qtype`` by name or number."""
-    q = DNSRecord(q=DNSQuestion(name, qtype if isinstance(qtype, int) else getattr(QTYPE, qtype), CLASS.IN))
+    q = DNSRecord(q=DNSQuestion(name, qtype if isinstance(qtype, int) else getattr(QTYPE, qtype),
+                                getattr(CLASS, qclass)))
     q.header.cd = int(cd)
     if edns:
         from dnslib import EDNS0
