@@ -31,8 +31,7 @@ from networkd.vips.wants import HostWants
 
 log = Logger()
 
-FENCE_CHECK = 0.1  # seconds between fencing checks
-TICK = 0.5  # seconds between checks for a level-triggered pass (see _tick)
+TICK = 0.5  # seconds between checks for a level-triggered pass (see _tick); also a fallback fencing check
 ANTI_ENTROPY = 5.0  # a full pass at least this often even when nothing changed
 MAX_KICK_DELAY = 0.1  # seconds a kicked pass may wait behind costly earlier ones
 RENEW_AHEAD = 1.5  # an address with less life left (at most a keep-alive interval + 0.5 s) is renewed
@@ -76,7 +75,7 @@ class VipManager(service.Service):
         self.host_ready = self.stopping = self._cleaned = False
         self._fenced_in_last_pass = True
         self._last_pass = self._pass_cost = 0.0
-        self._kick_call = self._started = None
+        self._kick_call = self._started = self._fence_call = None
         self._loops: list = []
 
     # -- views ---------------------------------------------------------------
@@ -139,7 +138,7 @@ class VipManager(service.Service):
             self._watchers[name].subscribe(lambda snapshot, handler=handler: (handler(snapshot), self.kick()))
         self._loops = [
             every(self._reactor, interval, tick, f"VIP {tick.__name__}")
-            for interval, tick in ((FENCE_CHECK, self._fence), (TICK, self._tick),
+            for interval, tick in ((TICK, self._tick),
                                    (ADDRESS_CHECK, self._check_addresses), (FIREWALL_CHECK, self.host.verify_firewall))
         ]
         if self._session.lease is not None:
@@ -156,8 +155,9 @@ class VipManager(service.Service):
         for loop in self._loops:
             if loop.running:
                 loop.stop()
-        if self._kick_call is not None and self._kick_call.active():
-            self._kick_call.cancel()
+        for call in (self._kick_call, self._fence_call):
+            if call is not None and call.active():
+                call.cancel()
         if self._started is not None and not self._started.called:
             self._started.cancel()
         withdraw = [defer.Deferred.fromCoroutine(self.app_keys.withdraw_all()).addTimeout(STOP_TIMEOUT, self._reactor),
@@ -187,8 +187,20 @@ class VipManager(service.Service):
             self.fenced_since = None
             changed = True
         self.keeper.pass_now()  # the deadline moved: renew what needs it
+        self._arm_fence()
         if changed:
             self.kick()
+
+    def _arm_fence(self) -> None:
+        """Fence right at the deadline (no polling: the keeper drops the addresses by then anyway)."""
+        deadline = self.deadline()
+        if deadline is None:
+            return
+        delay = max(0.0, deadline - self._clock()) + 0.001
+        if self._fence_call is not None and self._fence_call.active():
+            self._fence_call.reset(delay)
+        else:
+            self._fence_call = self._reactor.callLater(delay, self._fence)
 
     def _lease_lost(self) -> None:
         self.locks.lease_lost()
@@ -212,6 +224,7 @@ class VipManager(service.Service):
 
     def _tick(self) -> None:
         """A pass when something waits on time, else every ANTI_ENTROPY s (inputs kick their own)."""
+        self._fence()
         if self.locks.unsettled() or self.locks.errors or self._clock() - self._last_pass >= ANTI_ENTROPY:
             self._reconcile()
 
