@@ -177,3 +177,25 @@ async def test_chaos_class_questions_about_the_server_are_refused_here():
     finally:
         await env.stop()
         stub.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_cached_nxdomain_soa_carries_the_remaining_negative_ttl():
+    """RFC 2308 s5: the SOA of a negative answer says how long the "no" may
+    be kept: min(SOA TTL, SOA minimum) = 30 s here, less its age, never
+    the SOA's own 300 s."""
+    stub = StubServer(ttl=300)  # its SOA: TTL 300, minimum 30
+    stub.nxdomain.add("gone.example.com")
+    env = await LocalDns([stub]).start()
+    try:
+        ttls = []
+        for step in ("forwarded", "cached", "hot"):
+            reply = await env.q("gone.example.com")
+            assert reply.header.rcode == RCODE.NXDOMAIN and [QTYPE[a.rtype] for a in reply.auth] == ["SOA"]
+            ttls.append(reply.auth[0].ttl)
+            await sleep(1.1)
+        assert ttls[0] <= 30 and ttls[0] > ttls[1] > ttls[2], f"SOA TTLs {ttls}"
+        assert len(stub.queries) == 1
+    finally:
+        await env.stop()
+        stub.close()

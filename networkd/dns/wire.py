@@ -267,7 +267,7 @@ class UpstreamAnswer:
     flags: int
     question: bytes  # as the upstream echoed it
     body: bytes  # the message without its OPT record (ARCOUNT adjusted)
-    ttl_offsets: tuple  # ((offset in body, ttl), ...) of every non-OPT record
+    ttl_offsets: tuple  # ((offset in body, ttl), ...) of every non-OPT record; an SOA's is the negative TTL
     answer_count: int
     min_answer_ttl: int | None
     negative_ttl: int | None  # min(SOA ttl, SOA minimum) from the authority section
@@ -306,13 +306,13 @@ def inspect_answer(msg: bytes) -> UpstreamAnswer:
             opt_span = (start, offset)
             ext_rcode = ttl >> 24
             continue
-        ttls.append((ttl_at, ttl))
         if index < ancount:
             min_answer = ttl if min_answer is None else min(min_answer, ttl)
         elif index < ancount + nscount and rtype == TYPE_SOA and rdlen >= 22:
-            soa_min = struct.unpack_from(">I", msg, offset - 4)[0]
-            value = min(ttl, soa_min)
-            negative = value if negative is None else min(negative, value)
+            # RFC 2308 s3, s5: the SOA carries the negative TTL, and counts down with it
+            ttl = min(ttl, struct.unpack_from(">I", msg, offset - 4)[0])
+            negative = ttl if negative is None else min(negative, ttl)
+        ttls.append((ttl_at, ttl))
     body = msg
     if opt_span is not None:
         start, end = opt_span
