@@ -9,7 +9,7 @@ import time
 
 import pytest_twisted
 from dnslib import QTYPE, RCODE, DNSRecord
-from twisted.internet import threads
+from twisted.internet import defer, threads
 
 from tests.support.dnsstub import LocalDns, StubServer
 from tests.support.waiting import sleep
@@ -199,3 +199,29 @@ async def test_a_cached_nxdomain_soa_carries_the_remaining_negative_ttl():
     finally:
         await env.stop()
         stub.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tcp_connection_keeps_being_read_after_answers_that_failed():
+    """Answers that fail inside the server (here: every forwarded one) free
+    their place among a connection's waiting queries: the questions after
+    them are still read and answered."""
+    env = await LocalDns([]).start()
+    try:
+        env.dns.resolver.forwarding.answer = lambda ask: defer.fail(RuntimeError("no answer for this test"))
+
+        def forty_lost_then_one():
+            lost = [f"lost{i}.example.com" for i in range(40)]
+            with socket.create_connection(("127.0.0.1", env.port), timeout=5) as conn:
+                for name in lost:
+                    data = DNSRecord.question(name).pack()
+                    conn.sendall(struct.pack(">H", len(data)) + data)
+                data = DNSRecord.question("version.bind", "TXT", "CH").pack()
+                conn.sendall(struct.pack(">H", len(data)) + data)
+                length = struct.unpack(">H", conn.recv(2, socket.MSG_WAITALL))[0]
+                return DNSRecord.parse(conn.recv(length, socket.MSG_WAITALL))
+
+        reply = await threads.deferToThread(forty_lost_then_one)
+        assert reply.header.rcode == RCODE.REFUSED and str(reply.q.qname) == "version.bind."
+    finally:
+        await env.stop()

@@ -95,10 +95,17 @@ class DnsTcpProtocol(protocol.Protocol, TimeoutMixin):
             self._close()
         elif isinstance(result, defer.Deferred):
             self.pending += 1
+            result.addErrback(self._no_answer)
             result.addCallback(self._answer_later)
             result.addErrback(lambda f: log.failure("DNS answer over TCP failed", f))
         else:
             self._write(result)
+
+    def _no_answer(self, failure) -> None:
+        """A query that cannot be answered still frees its place, or enough of
+        them would stop the connection being read at all."""
+        log.failure("DNS answer over TCP failed", failure)
+        return None
 
     def _answer_later(self, response):
         self.pending -= 1
