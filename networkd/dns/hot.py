@@ -99,3 +99,11 @@ class HotAnswers:
 
     def clear_cached(self) -> None:
         self.cached.clear()
+
+    def drop_cached(self, owned) -> None:
+        """Forget the upstream answers to every name ``owned(name)`` claims
+        (lower-case text, or None for bytes no local name has): a new zone's
+        names, which the hot table must not shadow.  A key is the query after
+        its ID, so its name starts after the rest of the header."""
+        for key in [key for key in self.cached if owned(wire.wire_to_text(key[10:]))]:
+            del self.cached[key]

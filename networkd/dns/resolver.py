@@ -204,8 +204,12 @@ class Resolver:
         return self.forwarding.upstreams
 
     def set_zone(self, zone: Zone) -> None:
-        self.local.zone = zone
+        """Swap in a new zone.  Upstream answers to the names it adds leave the
+        hot table at once (the cache stays: the zone is asked before it)."""
+        old, self.local.zone = self.local.zone, zone
         self.hot.clear_local()
+        if zone.exact.keys() - old.exact.keys() or zone.wildcards.keys() - old.wildcards.keys():
+            self.hot.drop_cached(lambda name: name is not None and zone.lookup(name) is not None)
 
     def set_forward_zones(self, zones: ForwardZones) -> None:
         if zones != self.forwarding.zones:

@@ -230,9 +230,35 @@ def timed(fn, *args, **kwargs):
     return result, time.monotonic() - start
 
 
+class Snapshots:
+    """Stands in for an etcd PrefixWatcher: ``publish(values)`` hands every
+    subscriber a new snapshot (``LocalDns(domains=Snapshots())``)."""
+
+    def __init__(self, values=None):
+        from networkd.etcd.reflector import Snapshot
+
+        self._make = Snapshot
+        self.snapshot = None
+        self._subscribers: list = []
+        if values is not None:
+            self.publish(values)
+
+    def subscribe(self, subscriber) -> None:
+        self._subscribers.append(subscriber)
+        if self.snapshot is not None:
+            subscriber(self.snapshot)
+
+    def publish(self, values: dict) -> None:
+        revision = self.snapshot.revision + 1 if self.snapshot is not None else 1
+        self.snapshot = self._make("", revision, dict(values))
+        for subscriber in self._subscribers:
+            subscriber(self.snapshot)
+
+
 class LocalDns:
     """A DnsService on 127.0.0.1:<free port> without etcd: forwarding to
-    ``upstreams`` (StubServers or (host, port) pairs), UDP and TCP."""
+    ``upstreams`` (StubServers or (host, port) pairs), UDP and TCP; local
+    names from ``domains=Snapshots(...)`` if given."""
 
     def __init__(self, upstreams, **kwargs):
         from twisted.internet import reactor
