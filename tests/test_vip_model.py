@@ -84,3 +84,33 @@ def test_unplaced_containers_are_skipped_and_garbage_is_an_error():
     for bad in ("", "{}", '{"Spec": {"Name": "x"}}', '{"Spec": {"Name": "a.b", "Namespace": "a"}, "Pods": [{}]}'):
         with pytest.raises(InvalidValue):
             parse_pod_group("a/x", bad)
+
+
+def test_pod_state_and_health_as_deployd_writes_them():
+    """deployd flattens the pod's runtime (State, Healthst) beside InstanceNo; absent = an older writer."""
+    raw = pod_group("hello", "web", [(1, "n1", "10.1.0.1", "172.20.0.1"), (2, "n2", "10.1.0.2", "172.20.0.2"),
+                                     (3, "n3", "10.1.0.3", "172.20.0.3")],
+                    states={1: {"State": 2, "Healthst": 2}, 2: {"State": 3, "Healthst": 0}})
+    got = {c.instance: (c.state, c.health, c.candidate) for c in parse_pod_group("hello/hello.proc.web", raw)}
+    assert got == {1: (2, 2, True), 2: (3, 0, False), 3: (None, None, True)}
+
+
+@pytest.mark.parametrize("state, health, candidate", [
+    (None, None, True), (2, None, True), (2, 0, True), (2, 2, True),
+    (0, None, False), (1, None, False), (3, 0, False), (4, 2, False),  # pending, drift, exit, fail
+    (2, 1, False), (2, 3, False), (None, 3, False),  # starting, unhealthy
+])
+def test_only_running_not_unhealthy_pods_are_candidates(state, health, candidate):
+    assert Container("a", "w", 1, "n1", "", "172.20.0.1", state=state, health=health).candidate is candidate
+
+
+@pytest.mark.parametrize("fields, error", [
+    ({"State": "2"}, "Pods[0].State '2' is not an integer"),
+    ({"State": True}, "Pods[0].State True is not an integer"),
+    ({"Healthst": 2.5}, "Pods[0].Healthst 2.5 is not an integer"),
+    ({"Healthst": [2]}, "Pods[0].Healthst [2] is not an integer"),
+])
+def test_bad_state_or_health_is_an_invalid_value_naming_the_field(fields, error):
+    raw = pod_group("hello", "web", [(1, "n1", "10.1.0.1", "172.20.0.1")], states={1: fields})
+    with pytest.raises(InvalidValue, match=error.replace("[", r"\[").replace("]", r"\]")):
+        parse_pod_group("hello/hello.proc.web", raw)

@@ -151,3 +151,20 @@ def test_container_index_answers_like_the_plain_list():
                 == plan_floating(configs, containers, node, {}, frozenset({"n1", "n2", "n3"}), frozenset()))
         assert port_scoped_rules(configs, index, node, "10.9.0.1") == port_scoped_rules(configs, containers, node,
                                                                                         "10.9.0.1")
+
+
+def test_pods_deployd_reports_not_running_are_not_candidates():
+    """State 3 (exit) or Healthst 3 (unhealthy): no container for the planner, in the index or a list."""
+    from networkd.vips.planner import ContainerIndex, nodes_running
+
+    containers = [Container("hello", "web", 1, "n1", "", "172.20.0.1", state=3, health=0),
+                  Container("hello", "web", 2, "n2", "", "172.20.0.2", state=2, health=2),
+                  Container("hello", "web", 3, "n3", "", "172.20.0.3", state=2, health=3)]
+    vips = configs("10.0.0.1")
+    for given in (containers, ContainerIndex(containers)):
+        assert local_container(vips["10.0.0.1"], given, "n1") is None
+        assert nodes_running(vips["10.0.0.1"], given) == {"n2"}
+        plan = plan_floating(vips, given, "n1", {"10.0.0.1": "n1"}, frozenset({"n1", "n2"}), frozenset({"10.0.0.1"}))
+        assert plan.release == {"10.0.0.1"} and plan.reasons["10.0.0.1"] == "no local container"
+        plan = plan_floating(vips, given, "n2", {}, frozenset({"n1", "n2"}), frozenset())
+        assert plan.campaign_now == {"10.0.0.1"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 PROTOCOLS = ("tcp", "udp")
@@ -68,6 +68,29 @@ class Container:
     node_ip: str
     container_ip: str
     container_port: int | None = None
+    # deployd's runtime state of the pod (None: an older writer did not say)
+    state: int | None = field(default=None, compare=False)
+    health: int | None = field(default=None, compare=False)
+
+    @property
+    def candidate(self) -> bool:
+        """deployd says the pod runs (State 2) and is not starting or unhealthy (Healthst 0 or 2)."""
+        return self.state in CANDIDATE_STATES and self.health in CANDIDATE_HEALTH
+
+
+# deployd engine/runtimes.go: RunState 0 pending, 1 drift, 2 success (running), 3 exit, 4 fail;
+# HealthState 0 none, 1 starting, 2 healthy, 3 unhealthy.  Absent (older writers) counts as running.
+CANDIDATE_STATES = (None, 2)
+CANDIDATE_HEALTH = (None, 0, 2)
+
+
+def _optional_int(pod: dict, name: str, what: str) -> int | None:
+    value = pod.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidValue(f"{what}.{name} {value!r} is not an integer")
+    return value
 
 
 def _port(value, what: str) -> int:
@@ -183,6 +206,8 @@ def parse_pod_group(key: str, raw: str) -> list[Container]:
         instance = pod.get("InstanceNo")
         if isinstance(instance, bool) or not isinstance(instance, int):
             raise InvalidValue(f"Pods[{n}].InstanceNo {instance!r} is not a number")
+        state = _optional_int(pod, "State", f"Pods[{n}]")
+        health = _optional_int(pod, "Healthst", f"Pods[{n}]")
         for m, c in enumerate(pod.get("Containers") or []):
             what = f"Pods[{n}].Containers[{m}]"
             if not isinstance(c, dict):
@@ -197,5 +222,6 @@ def parse_pod_group(key: str, raw: str) -> list[Container]:
                 node_ip=str(c.get("NodeIp") or ""),
                 container_ip=_ipv4(str(container_ip), f"{what}.ContainerIp"),
                 container_port=port if isinstance(port, int) and not isinstance(port, bool) else None,
+                state=state, health=health,
             ))
     return containers

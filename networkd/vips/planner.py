@@ -48,22 +48,25 @@ class ContainerIndex(tuple):
     """The containers of every pod group, looked up by app/proc (a tuple: iterate it as before).
 
     Built once per pod-group snapshot, so a pass over a thousand VIP configs
-    finds each config's containers without scanning them all.
+    finds each config's containers without scanning them all.  ``by_proc``
+    holds candidates only: pods deployd says are running (``Container.candidate``).
     """
 
     def __new__(cls, containers: Iterable[Container] = ()):
         self = super().__new__(cls, sorted(containers))
         self.by_proc: dict[tuple[str, str], list[Container]] = defaultdict(list)
         for c in self:
-            self.by_proc[(c.app, c.proc)].append(c)
+            if c.candidate:
+                self.by_proc[(c.app, c.proc)].append(c)
         return self
 
 
 def _of(containers: Iterable[Container], app: str, proc: str) -> Iterable[Container]:
+    """The candidate containers of app/proc: a pod deployd reports exited, failed, pending or unhealthy is none."""
     by_proc = getattr(containers, "by_proc", None)
     if by_proc is not None:
         return by_proc.get((app, proc), ())
-    return [c for c in containers if c.app == app and c.proc == proc]
+    return [c for c in containers if c.app == app and c.proc == proc and c.candidate]
 
 
 def local_container(config: VipConfig, containers: Iterable[Container], hostname: str) -> Container | None:

@@ -44,12 +44,14 @@ class NsForwarder(TCPProxy):
         super().__init__(target_port, listener=socket_in_netns(netns))
 
 
-def pod_group(app: str, proc: str, placements: list[tuple[int, str, str, str]], proctype: str = "proc") -> str:
-    """A deployd pod group value: placements of (instance, node name, node ip, container ip)."""
+def pod_group(app: str, proc: str, placements: list[tuple[int, str, str, str]], proctype: str = "proc",
+              states: dict | None = None) -> str:
+    """A deployd pod group value: placements of (instance, node name, node ip, container ip);
+    ``states``: instance -> extra pod fields, e.g. ``{"State": 3, "Healthst": 0}`` (deployd's runtime state)."""
     return json.dumps({
         "Spec": {"Name": f"{app}.{proctype}.{proc}", "Namespace": app},
         "Pods": [
-            {"InstanceNo": instance, "Containers": [
+            {"InstanceNo": instance, **(states or {}).get(instance, {}), "Containers": [
                 {"NodeName": node, "NodeIp": node_ip, "ContainerIp": container_ip, "ContainerPort": 80}]}
             for instance, node, node_ip, container_ip in placements
         ],
@@ -218,10 +220,11 @@ class Cluster:
     def delete_vip(self, key: str) -> None:
         self.etcd.delete(f"{self.root}/config/vips/{key}")
 
-    def put_pods(self, app: str, proc: str, placements) -> None:
-        """placements: (instance, node name, container ip)."""
+    def put_pods(self, app: str, proc: str, placements, states: dict | None = None) -> None:
+        """placements: (instance, node name, container ip); states: instance -> pod fields (State, Healthst)."""
         full = [(i, n, self.nodes[n].ip if n in self.nodes else "", cip) for i, n, cip in placements]
-        self.etcd.put(f"{self.root}/deployd/pod_groups/{app}/{app}.proc.{proc}", pod_group(app, proc, full))
+        self.etcd.put(f"{self.root}/deployd/pod_groups/{app}/{app}.proc.{proc}",
+                      pod_group(app, proc, full, states=states))
 
     def holders_of(self, ip: str) -> set[str]:
         return {name for name, node in self.nodes.items() if ip in node.addresses()}
