@@ -193,6 +193,11 @@ class Options(usage.Options):
         ["dns-allow", None, "", "Comma-separated CIDRs allowed to query besides loopback."],
         ["domain", None, None, "The cluster's own domain, forwarded to tinydns besides lain (with --tinydns)."],
         ["firewall-backend", None, "auto", "iptables back end: auto, legacy (python-iptables) or nft (iptables-restore)."],
+        ["vip-probe", None, "on", "Probe each VIP's local container (TCP connect or its health object): on or off."],
+        ["vip-probe-interval", None, "1", "Seconds between two probes of one target."],
+        ["vip-probe-timeout", None, "1", "Seconds a probe may take before it counts as failed."],
+        ["vip-probe-rise", None, "2", "Successful probes in a row that make a target healthy."],
+        ["vip-probe-fall", None, "3", "Failed probes in a row that make a target unhealthy."],
     ] + [[alias, None, None, f"Alias of --{name} (Go flag name)."] for alias, name in GO_ALIASES.items()]
 
     def opt_version(self):
@@ -236,6 +241,22 @@ class Options(usage.Options):
         if self["domain"] is not None:
             self["domain"] = self._domain(self["domain"])
         self["leader-tasks"] = tuple(t for t in ("deployd", "swarm", "tinydns", "webrouter") if self[t])
+        self._vip_probe_options()
+
+    def _vip_probe_options(self) -> None:
+        """--vip-probe on|off, its interval and timeout (seconds, fractions allowed), rise and fall."""
+        if self["vip-probe"] not in ("on", "off"):
+            raise usage.UsageError(f"--vip-probe: {self['vip-probe']!r} is not on or off")
+        for name in ("vip-probe-interval", "vip-probe-timeout"):
+            try:
+                value = float(self[name])
+            except (TypeError, ValueError):
+                raise usage.UsageError(f"--{name}: {self[name]!r} is not a number of seconds") from None
+            if not 0.05 <= value <= 3600:
+                raise usage.UsageError(f"--{name}: {value} is out of range 0.05-3600")
+            self[name] = value
+        self["vip-probe-rise"] = self._integer("vip-probe-rise", 1, 100)
+        self["vip-probe-fall"] = self._integer("vip-probe-fall", 1, 100)
 
     def _domain(self, text: str) -> str:
         from networkd.dns.names import BadName, check_name

@@ -84,3 +84,20 @@ def test_node_ip_needed_when_interface_has_none():
     options = Options()
     with pytest.raises(usage.UsageError, match="has no IPv4 address; pass --node-ip"):
         options.parseOptions(["--interface", "nd-nonexistent"])
+
+
+def test_vip_probe_options_default_and_validate():
+    options = parse()
+    assert (options["vip-probe"], options["vip-probe-interval"], options["vip-probe-timeout"],
+            options["vip-probe-rise"], options["vip-probe-fall"]) == ("on", 1.0, 1.0, 2, 3)
+    options = parse("--vip-probe", "off", "--vip-probe-interval", "0.5", "--vip-probe-timeout", "0.2",
+                    "--vip-probe-rise", "1", "--vip-probe-fall", "5")
+    assert (options["vip-probe"], options["vip-probe-interval"], options["vip-probe-timeout"],
+            options["vip-probe-rise"], options["vip-probe-fall"]) == ("off", 0.5, 0.2, 1, 5)
+    for args, message in ((["--vip-probe", "yes"], "--vip-probe: 'yes' is not on or off"),
+                          (["--vip-probe-interval", "fast"], "--vip-probe-interval: 'fast' is not a number"),
+                          (["--vip-probe-timeout", "0"], "--vip-probe-timeout: 0.0 is out of range"),
+                          (["--vip-probe-rise", "0"], "--vip-probe-rise: 0 is out of range"),
+                          (["--vip-probe-fall", "x"], "--vip-probe-fall: 'x' is not a whole number")):
+        with pytest.raises(usage.UsageError, match=message):
+            parse(*args)
