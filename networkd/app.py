@@ -167,12 +167,14 @@ def make_client(options) -> EtcdClient:
 
 
 def makeService(options) -> Networkd:
+    from networkd.systemd.notify import Notifier
+
     reactor = install_asyncio_reactor()
-    return build(options, reactor, make_client(options))
+    return build(options, reactor, make_client(options), notifier=Notifier.from_environ())
 
 
 def build(options, reactor, client: EtcdClient, *, watch_client: EtcdClient | None = None,
-          vip_host: dict | None = None, api: bool = True) -> Networkd:
+          vip_host: dict | None = None, api: bool = True, notifier=None) -> Networkd:
     """The service tree: the root and its parts, in dependency order.
 
     DNS server, then the resolv.conf guardian (only once DNS listens), the
@@ -190,6 +192,8 @@ def build(options, reactor, client: EtcdClient, *, watch_client: EtcdClient | No
     add_leader(root, options)
     if api:
         add_api(root, options)
+    if notifier is not None and notifier.enabled:
+        add_systemd_notify(root, options, notifier)
     return root
 
 
@@ -297,3 +301,13 @@ def add_api(root: Networkd, options, **shown) -> None:
 
     root.api = ApiService(api_parts(root, **shown), options["api-listen"], root.reactor)
     root.api.setServiceParent(root)
+
+
+def add_systemd_notify(root: Networkd, options, notifier) -> None:
+    """The very last: stopped first, so STOPPING=1 goes out when the stop begins."""
+    from networkd.systemd.service import SystemdNotify
+
+    SystemdNotify(
+        notifier, root.reactor, watchers=MappingProxyType(root.watchers), dns=root.dns,
+        dns_listen=options["dns-listen"], vips=root.vips, session=root.session, leader=root.leader,
+    ).setServiceParent(root)

@@ -6,7 +6,7 @@ declare -A need=(
   [etcd]=etcd-server [etcdctl]=etcd-client [ip]=iproute2 [iptables]=iptables
   [iptables-restore]=iptables [arping]=arping [dig]=bind9-dnsutils [dnsperf]=dnsperf
   [dnsmasq]=dnsmasq-base [curl]=curl [taskset]=util-linux
-  [rpmbuild]=rpm [rpm2archive]=rpm
+  [rpmbuild]=rpm [rpm2archive]=rpm [systemd-analyze]=systemd
 )
 missing=()
 for cmd in "${!need[@]}"; do

@@ -68,6 +68,7 @@ def test_package_holds_the_daemon_unit_and_config(rpm):
                    "/etc/sysconfig/networkd"):
         assert wanted in files, wanted
     assert "/etc/sysconfig/networkd" in rpm_query(path, "-c"), "an operator's options survive upgrades"
+    assert "/usr/share/doc/networkd/README.md" in files, "the unit's Documentation="
     assert rpm_query(path, "--queryformat", "%{VERSION}")[0] == networkd.__version__
     requires = rpm_query(path, "--requires")
     assert {"iproute", "iptables"} <= set(requires)
