@@ -147,6 +147,34 @@ def first_ipv4_of(interface: str) -> str | None:
     return socket.inet_ntoa(result[20:24])
 
 
+# The etcd options: the daemon's, and those of `networkd check` (networkd/tools/).
+ETCD_PARAMETERS = [
+    ["etcd", None, "http://127.0.0.1:2379", "Comma-separated etcd v3 endpoints (http:// or https://)."],
+    ["etcd-root", None, "/lain", "Root of the LAIN keys in etcd."],
+    ["etcd-ca", None, None, "CA certificate (PEM) to verify etcd's TLS certificate."],
+    ["etcd-cert", None, None, "Client certificate (PEM) for etcd TLS."],
+    ["etcd-key", None, None, "Client private key (PEM) for etcd TLS."],
+    ["etcd-user", None, None, "etcd user name (needs --etcd-password)."],
+    ["etcd-password", None, None, "etcd password (needs --etcd-user)."],
+]
+
+
+def validate_etcd(opts) -> None:
+    """Check and normalise the ETCD_PARAMETERS of ``opts`` (sets ``etcd-endpoints``)."""
+    opts["etcd-endpoints"] = parse_endpoints(opts["etcd"])
+    root = "/" + opts["etcd-root"].strip("/")
+    if root == "/":
+        raise usage.UsageError("--etcd-root: must not be empty")
+    opts["etcd-root"] = root
+    for name in ("etcd-ca", "etcd-cert", "etcd-key"):
+        if opts[name]:
+            readable_file(opts[name], f"--{name}")
+    if bool(opts["etcd-cert"]) != bool(opts["etcd-key"]):
+        raise usage.UsageError("--etcd-cert and --etcd-key go together")
+    if bool(opts["etcd-user"]) != bool(opts["etcd-password"]):
+        raise usage.UsageError("--etcd-user and --etcd-password go together")
+
+
 class Options(usage.Options):
     """networkd options (``twistd -n networkd --help``)."""
 
@@ -171,13 +199,7 @@ class Options(usage.Options):
     ]
 
     optParameters = [
-        ["etcd", None, "http://127.0.0.1:2379", "Comma-separated etcd v3 endpoints (http:// or https://)."],
-        ["etcd-root", None, "/lain", "Root of the LAIN keys in etcd."],
-        ["etcd-ca", None, None, "CA certificate (PEM) to verify etcd's TLS certificate."],
-        ["etcd-cert", None, None, "Client certificate (PEM) for etcd TLS."],
-        ["etcd-key", None, None, "Client private key (PEM) for etcd TLS."],
-        ["etcd-user", None, None, "etcd user name (needs --etcd-password)."],
-        ["etcd-password", None, None, "etcd password (needs --etcd-user)."],
+        *ETCD_PARAMETERS,
         ["hostname", None, None, "This node's name in etcd (default: the system host name)."],
         ["interface", None, "eth0", "Interface that carries VIPs; its first IPv4 is the default node IP."],
         ["node-ip", None, None, "This node's IP (default: first IPv4 of --interface)."],
@@ -211,18 +233,7 @@ class Options(usage.Options):
             if self[alias] is not None:
                 self[name] = self[alias]
 
-        self["etcd-endpoints"] = parse_endpoints(self["etcd"])
-        root = "/" + self["etcd-root"].strip("/")
-        if root == "/":
-            raise usage.UsageError("--etcd-root: must not be empty")
-        self["etcd-root"] = root
-        for name in ("etcd-ca", "etcd-cert", "etcd-key"):
-            if self[name]:
-                readable_file(self[name], f"--{name}")
-        if bool(self["etcd-cert"]) != bool(self["etcd-key"]):
-            raise usage.UsageError("--etcd-cert and --etcd-key go together")
-        if bool(self["etcd-user"]) != bool(self["etcd-password"]):
-            raise usage.UsageError("--etcd-user and --etcd-password go together")
+        validate_etcd(self)
 
         self["hostname"] = self["hostname"] or socket.gethostname()
         self["dns-listen"] = parse_listen(self["dns-listen"], "--dns-listen")
