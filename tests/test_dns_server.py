@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import struct
 import tempfile
 import time
 
@@ -451,12 +452,17 @@ async def test_tcp_idle_timeout_and_connection_cap(etcd_server, etcd_root, upstr
             try:
                 time.sleep(0.1)
                 with socket.create_connection(("127.0.0.1", env.port), timeout=3) as extra:
-                    return closed_by_server(extra)
+                    data = DNSRecord.question("db").pack()
+                    extra.sendall(struct.pack(">H", len(data)) + data)
+                    length = struct.unpack(">H", extra.recv(2, socket.MSG_WAITALL))[0]
+                    reply = DNSRecord.parse(extra.recv(length, socket.MSG_WAITALL))
+                    return answers(reply), closed_by_server(held[0])
             finally:
                 for c in held:
                     c.close()
 
-        assert await threads.deferToThread(over_the_cap), "a connection over the cap is closed at once"
+        served, oldest_closed = await threads.deferToThread(over_the_cap)
+        assert served == ["10.7.0.1"] and oldest_closed, "over the cap, the idlest connection makes room"
         await eventually(lambda: factory.connections == 0, message="closed connections are no longer counted")
         assert answers(await env.q("db", tcp=True)) == ["10.7.0.1"], "under the cap again"
     finally:

@@ -4,7 +4,12 @@ cap on connections.  Every message goes through ``Resolver.resolve``.
 Pipelined queries (RFC 7766) are answered as their answers come, in any
 order.  While TCP_MAX_PENDING of a connection's queries wait for upstreams,
 it is not read any further (back-pressure through TCP's own window) until
-answers go out; nothing is dropped and the connection stays open."""
+answers go out; nothing is dropped and the connection stays open.
+
+At the cap on connections a new client is still served: the connection idle
+longest (preferring those with no query waiting for an upstream) is closed
+to make room, rather than the new one refused (idle clients would otherwise
+lock out everyone else for the idle timeout)."""
 
 from __future__ import annotations
 
@@ -34,20 +39,26 @@ class DnsTcpProtocol(protocol.Protocol, TimeoutMixin):
         self.paused = False
         self.closing = False
         self.serving = False
+        self.last_active = 0.0  # reactor time of the last query read or answer written
 
     def connectionMade(self):
-        if self.factory.connections >= self.factory.max_connections:
-            self.transport.abortConnection()
-            return
-        self.factory.connections += 1
+        self.factory.admit(self)
         self.counted = True
+        self.last_active = self.factory.reactor.seconds()
         self.setTimeout(self.factory.idle_timeout)
 
     def connectionLost(self, reason=None):
         if self.counted:
-            self.factory.connections -= 1
+            self.factory.forget(self)
             self.counted = False
         self.setTimeout(None)
+
+    def make_room(self) -> None:
+        """Closed to let a new client in: no longer counted from now on."""
+        self.factory.forget(self)
+        self.counted = False
+        self.setTimeout(None)
+        self._close()
 
     def dataReceived(self, data):
         self.buffer += data
@@ -65,7 +76,7 @@ class DnsTcpProtocol(protocol.Protocol, TimeoutMixin):
                 if len(self.buffer) < 2 + length:
                     break
                 message, self.buffer = self.buffer[2:2 + length], self.buffer[2 + length:]
-                self.resetTimeout()
+                self._active()
                 self._handle(message)
         finally:
             self.serving = False
@@ -115,8 +126,12 @@ class DnsTcpProtocol(protocol.Protocol, TimeoutMixin):
             self._write(response)
         self._serve()  # under the limit again: read on
 
-    def _write(self, response: bytes) -> None:
+    def _active(self) -> None:
+        self.last_active = self.factory.reactor.seconds()
         self.resetTimeout()
+
+    def _write(self, response: bytes) -> None:
+        self._active()
         self.transport.write(struct.pack(">H", len(response)) + response)
 
     def timeoutConnection(self):
@@ -132,7 +147,21 @@ class DnsTcpFactory(protocol.Factory):
         self.reactor = reactor
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
-        self.connections = 0
+        self.open: dict = {}  # the counted connections, oldest first (a dict keeps order)
+
+    @property
+    def connections(self) -> int:
+        return len(self.open)
+
+    def admit(self, proto: DnsTcpProtocol) -> None:
+        """Count a new connection; at the cap, close the idlest one first."""
+        while self.open and len(self.open) >= self.max_connections:
+            idlest = min(self.open, key=lambda p: (p.pending > 0, p.last_active))
+            idlest.make_room()
+        self.open[proto] = None
+
+    def forget(self, proto: DnsTcpProtocol) -> None:
+        self.open.pop(proto, None)
 
     def buildProtocol(self, addr):
         proto = DnsTcpProtocol(self)
