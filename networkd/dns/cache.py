@@ -8,13 +8,17 @@ bytes: the ID, the question's case, the TTLs (decremented by the age).
 NXDOMAIN and NODATA are cached for min(SOA TTL, SOA minimum) (RFC 2308);
 without an SOA they are not cached.  Our own failures (SERVFAIL) are kept a
 few seconds at most and never replace a live good answer.
+
+The size bounds every kept upstream answer: an entry that leaves (evicted,
+replaced, expired, flushed) is handed to ``on_evict``, which drops its
+pre-packed hot answers too (``networkd.dns.hot``).
 """
 
 from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from networkd.dns import wire
 
@@ -29,6 +33,8 @@ class Entry:
     rcode: int
     stored_at: float
     expires_at: float
+    key: object = None  # its key in the cache
+    hot_keys: list = field(default_factory=list)  # its keys in the hot table
 
     @property
     def failure(self) -> bool:
@@ -36,10 +42,11 @@ class Entry:
 
 
 class Cache:
-    def __init__(self, size: int, clock):
+    def __init__(self, size: int, clock, on_evict=None):
         self.size = size
         self._clock = clock
         self._entries: OrderedDict = OrderedDict()
+        self.on_evict = on_evict or (lambda entry: None)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -50,9 +57,15 @@ class Cache:
             return None
         if entry.expires_at <= self._clock.seconds():
             del self._entries[key]
+            self.on_evict(entry)
             return None
         self._entries.move_to_end(key)
         return entry
+
+    def touch(self, entry: Entry) -> None:
+        """``entry`` was used (a hot hit): it is the most recent again."""
+        if self._entries.get(entry.key) is entry:
+            self._entries.move_to_end(entry.key)
 
     def put_answer(self, key, answer: wire.UpstreamAnswer) -> Entry | None:
         """Store an upstream answer if its rcode and TTLs allow; return the entry."""
@@ -60,7 +73,7 @@ class Cache:
         if not ttl or self.size <= 0:
             return None
         now = self._clock.seconds()
-        entry = Entry(answer, answer.rcode, now, now + ttl)
+        entry = Entry(answer, answer.rcode, now, now + ttl, key)
         self._store(key, entry)
         return entry
 
@@ -72,15 +85,20 @@ class Cache:
         now = self._clock.seconds()
         if current is not None and not current.failure and current.expires_at > now:
             return
-        self._store(key, Entry(None, wire.SERVFAIL, now, now + SERVFAIL_TTL))
+        self._store(key, Entry(None, wire.SERVFAIL, now, now + SERVFAIL_TTL, key))
 
     def _store(self, key, entry: Entry) -> None:
+        old = self._entries.get(key)
         self._entries[key] = entry
         self._entries.move_to_end(key)
+        if old is not None:
+            self.on_evict(old)
         while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+            self.on_evict(self._entries.popitem(last=False)[1])
 
     def clear(self) -> None:
+        for entry in self._entries.values():
+            self.on_evict(entry)
         self._entries.clear()
 
 

@@ -7,6 +7,10 @@ parsing, no logging, no objects.  The slow path (``networkd.dns.resolver``)
 fills the two tables: ``local`` is emptied with each new zone, ``cached``
 when the cache is flushed.
 
+The cached table holds at most ``cached_limit`` keys (the cache's size; the
+oldest goes first), each for an entry the cache still holds: an entry the
+cache lets go takes its hot answers with it (``forget``).
+
 A cached answer carries the time its TTLs next change (its age ticks over);
 ``lookup`` patches them on the first hit after that (a few bytes, no
 parsing), so cached TTLs keep counting down without sending every cached
@@ -16,12 +20,13 @@ name through the slow path once a second.
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from networkd.dns import wire
 from networkd.dns.cache import Entry
 
-HOT_LIMIT = 50_000  # entries per table before it is emptied
+HOT_LIMIT = 50_000  # local answers before the table is emptied
 LOCAL = (wire.RCODE_NAMES[wire.NOERROR], "local")
 _TTL = struct.Struct(">I")
 
@@ -42,10 +47,12 @@ class HotEntry:
 
 
 class HotAnswers:
-    def __init__(self, limit: int = HOT_LIMIT):
+    def __init__(self, limit: int = HOT_LIMIT, cached_limit: int = HOT_LIMIT):
         self.limit = limit
+        self.cached_limit = cached_limit
         self.local: dict = {}
-        self.cached: dict = {}
+        self.cached: OrderedDict = OrderedDict()  # oldest first, popped in O(1)
+        self.touch = lambda entry: None  # tells the cache an entry is in use (its LRU order)
 
     def lookup(self, key: bytes, now: float) -> HotEntry | None:
         """The answer for ``key`` (the bytes after the ID, or a question key),
@@ -67,6 +74,7 @@ class HotAnswers:
             _TTL.pack_into(body, offset - 2, max(0, ttl - age))
         hit = HotEntry(bytes(body), hit.counter, entry.stored_at + age + 1, entry)
         self.cached[key] = hit
+        self.touch(entry)  # hits that never reach the cache still keep it from being evicted first
         return hit
 
     def remember_local(self, data: bytes, response: bytes) -> None:
@@ -88,11 +96,25 @@ class HotAnswers:
         key = wire.question_key(data)
         if key is None or b"\x00" in data[12:data.find(b"\x00", 12)]:
             return
-        if len(table) >= self.limit:
-            table.clear()
-        table[key] = hit
-        if wire.has_fixed_bytes(data):
-            table[data[2:]] = hit
+        keys = (key, data[2:]) if wire.has_fixed_bytes(data) and data[2:] != key else (key,)
+        if table is self.local:
+            if len(table) >= self.limit:
+                table.clear()
+        else:
+            if self.cached_limit < len(keys):
+                return
+            while len(table) > self.cached_limit - len(keys):
+                table.popitem(last=False)  # the oldest
+            hit.entry.hot_keys.extend(k for k in keys if k not in hit.entry.hot_keys)
+        for k in keys:
+            table[k] = hit
+
+    def forget(self, entry: Entry) -> None:
+        """``entry`` left the cache: its hot answers go too."""
+        for key in entry.hot_keys:
+            hit = self.cached.get(key)
+            if hit is not None and hit.entry is entry:
+                del self.cached[key]
 
     def clear_local(self) -> None:
         self.local.clear()

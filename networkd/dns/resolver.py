@@ -183,8 +183,9 @@ class Resolver:
         self.reactor = reactor
         self.stats = stats or DnsStats()
         self.clients = client_filter or ClientFilter()
-        self.hot = HotAnswers()
-        self.cache = Cache(cache_size, reactor)
+        self.hot = HotAnswers(cached_limit=cache_size)
+        self.cache = Cache(cache_size, reactor, on_evict=self.hot.forget)
+        self.hot.touch = self.cache.touch
         self.local = LocalZone(self.stats, self.hot)
         self.forwarding = Forwarding(reactor, self.cache, self.stats, budget)
         self.chain = (self.local, CachedAnswers(reactor, self.cache, self.stats, self.hot), self.forwarding)
