@@ -1,0 +1,1 @@
+"""The operator's commands beside the daemon: ``networkd check`` and ``networkd status``."""
