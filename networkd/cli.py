@@ -1,13 +1,14 @@
 """``networkd [options]``: the daemon in the foreground, same options as twistd's plugin.
 
-``networkd check ...`` is an operator's command
-(networkd/tools/); anything else is the daemon's command line.
+``networkd check ...`` and ``networkd status ...`` are the operator's
+commands (networkd/tools/); anything else is the daemon's command line.
 """
 
 import sys
 
 COMMANDS = {
     "check": "networkd.tools.check",
+    "status": "networkd.tools.status",
 }
 
 

@@ -59,8 +59,12 @@ class ApiResource(resource.Resource):
         return _reply(request, 200, dnsdump.render_text(view))
 
     def _get_vips(self, request):
+        from networkd.api.vipstatus import add_held_for
+
         vips = self._parts.vips
-        return _json(request, list(vips.status()) if vips is not None else [])
+        if vips is None:
+            return _json(request, [])
+        return _json(request, add_held_for(list(vips.status()), vips, self._parts.reactor.seconds()))
 
     def _get_status(self, request):
         def respond(probe):

@@ -41,3 +41,14 @@ def vip_entries(manager) -> list[dict]:
     for key, error in sorted(inputs.invalid_keys.items()):
         out.append({"key": key, "error": error, "last_error": error})
     return out
+
+
+def add_held_for(entries: list[dict], manager, now: float) -> list[dict]:
+    """``held_for``: seconds since this node took the lock of each VIP it holds (None otherwise)."""
+    records = getattr(getattr(manager, "locks", None), "records", None) or {}
+    for entry in entries:
+        if "ip" not in entry:
+            continue  # an invalid key
+        record = records.get(entry.get("ip")) if entry.get("held_by_me") else None
+        entry["held_for"] = None if record is None else round(max(0.0, now - record.acquired_at), 1)
+    return entries
