@@ -94,7 +94,7 @@ class HotAnswers:
         if len(hit.body) + 2 > wire.PLAIN_UDP_SIZE:
             return
         key = wire.question_key(data)
-        if key is None or b"\x00" in data[12:data.find(b"\x00", 12)]:
+        if key is None or not wire.name_ends_at_first_zero(data):
             return
         keys = (key, data[2:]) if wire.has_fixed_bytes(data) and data[2:] != key else (key,)
         if table is self.local:
@@ -124,7 +124,7 @@ class HotAnswers:
 
     def drop_cached(self, owned) -> None:
         """Forget the upstream answers to every name ``owned(name)`` claims
-        (lower-case text, or None for bytes no local name has): a new zone's
+        (lower-case text, ``wire.wire_to_text``): a new zone's
         names, which the hot table must not shadow.  A key is the query after
         its ID, so its name starts after the rest of the header."""
         for key in [key for key in self.cached if owned(wire.wire_to_text(key[10:]))]:

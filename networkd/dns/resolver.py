@@ -40,7 +40,7 @@ class Ask:
 
     data: bytes  # the message as received (it keys the hot answers)
     query: wire.Query
-    name: str | None  # lower-case text; None if no local name can have these bytes
+    name: str  # lower-case text, any odd byte escaped (wire.wire_to_text)
     key: tuple  # the cache key: (lower-case wire name, type, class, DO, CD)
     udp: bool
 
@@ -66,7 +66,7 @@ class LocalZone:
         self.zone: Zone = EMPTY_ZONE
 
     def answer(self, ask: Ask):
-        if ask.name is None or ask.query.qclass not in (wire.CLASS_IN, wire.TYPE_ANY):
+        if ask.query.qclass not in (wire.CLASS_IN, wire.TYPE_ANY):
             return None
         found = self.zone.lookup(ask.name)
         if found is None:
@@ -122,9 +122,7 @@ class Forwarding:
 
     def answer(self, ask: Ask):
         query, key = ask.query, ask.key
-        servers = None
-        if ask.name is not None:
-            servers = self.zones.servers_for(ask.name)
+        servers = self.zones.servers_for(ask.name)
         if servers is None:
             servers = self.upstreams
         result = defer.Deferred()
@@ -210,7 +208,7 @@ class Resolver:
         old, self.local.zone = self.local.zone, zone
         self.hot.clear_local()
         if zone.exact.keys() - old.exact.keys() or zone.wildcards.keys() - old.wildcards.keys():
-            self.hot.drop_cached(lambda name: name is not None and zone.lookup(name) is not None)
+            self.hot.drop_cached(lambda name: zone.lookup(name) is not None)
 
     def set_forward_zones(self, zones: ForwardZones) -> None:
         if zones != self.forwarding.zones:

@@ -71,17 +71,25 @@ def name_to_wire(name: str) -> bytes:
     return bytes(out)
 
 
-def wire_to_text(qname: bytes) -> str | None:
-    """Lower-case dotted text of an uncompressed wire name, or None if it
-    has bytes no local name can have (then it can only be forwarded)."""
+_PLAIN_BYTES = bytes(b for b in range(0x21, 0x7F) if b not in (0x2E, 0x5C))  # kept as they are in text
+
+
+def wire_to_text(qname: bytes) -> str:
+    """Lower-case dotted text of an uncompressed wire name.  A label may hold
+    any byte (RFC 2181 s11): a dot, a backslash, a byte outside printable
+    ASCII is written ``\\DDD`` (RFC 1035 s5.1), so the text still splits into
+    its labels at dots and no such label equals a local name's; a name under
+    a local wildcard matches it whatever its other labels hold."""
     labels = []
     offset = 0
     while qname[offset]:
         length = qname[offset]
-        label = qname[offset + 1: offset + 1 + length]
-        if b"." in label or not label.isascii():
-            return None
-        labels.append(label.lower().decode("ascii"))
+        label = qname[offset + 1: offset + 1 + length].lower()
+        if not label.translate(None, _PLAIN_BYTES):
+            labels.append(label.decode("ascii"))
+        else:
+            labels.append("".join(chr(b) if 0x21 <= b <= 0x7E and b not in (0x2E, 0x5C) else f"\\{b:03d}"
+                                  for b in label))
         offset += 1 + length
     return ".".join(labels)
 
@@ -113,6 +121,15 @@ def question_key(data: bytes):
     if ar == b"\x00\x01" and data[qend:qend + 3] == b"\x00\x00\x29" and len(data) >= qend + 11:
         return data[2:qend] + b"E" + data[qend + 5:qend + 8]
     return None
+
+
+def name_ends_at_first_zero(data: bytes) -> bool:
+    """No label of the (well-formed) question name holds a zero byte, which
+    question_key and has_fixed_bytes would take for the name's end."""
+    offset = 12
+    while data[offset]:
+        offset += 1 + data[offset]
+    return data.find(b"\x00", 12) == offset
 
 
 def has_fixed_bytes(data: bytes) -> bool:
