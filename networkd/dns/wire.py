@@ -10,6 +10,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from networkd.dns.wirenames import (  # noqa: F401 - names on the wire, re-exported
+    fold_question, name_ends_at_first_zero, name_to_wire, wire_to_text,
+)
+
 # Header flag bits (16-bit flags word).
 QR = 0x8000
 AA = 0x0400
@@ -59,47 +63,6 @@ def skip_name(msg: bytes, offset: int) -> int:
             raise WireError("too many labels")
 
 
-def name_to_wire(name: str) -> bytes:
-    """``a.b`` -> ``\\x01a\\x01b\\x00`` (the name must be valid)."""
-    out = bytearray()
-    for label in name.strip(".").split("."):
-        if label:
-            raw = label.encode("ascii")
-            out.append(len(raw))
-            out += raw
-    out.append(0)
-    return bytes(out)
-
-
-_PLAIN_BYTES = bytes(b for b in range(0x21, 0x7F) if b not in (0x2E, 0x5C))  # kept as they are in text
-
-
-def wire_to_text(qname: bytes) -> str:
-    """Lower-case dotted text of an uncompressed wire name.  A label may hold
-    any byte (RFC 2181 s11): a dot, a backslash, a byte outside printable
-    ASCII is written ``\\DDD`` (RFC 1035 s5.1), so the text still splits into
-    its labels at dots and no such label equals a local name's; a name under
-    a local wildcard matches it whatever its other labels hold."""
-    labels = []
-    offset = 0
-    while qname[offset]:
-        length = qname[offset]
-        label = qname[offset + 1: offset + 1 + length].lower()
-        if not label.translate(None, _PLAIN_BYTES):
-            labels.append(label.decode("ascii"))
-        else:
-            labels.append("".join(chr(b) if 0x21 <= b <= 0x7E and b not in (0x2E, 0x5C) else f"\\{b:03d}"
-                                  for b in label))
-        offset += 1 + length
-    return ".".join(labels)
-
-
-def fold_question(question: bytes) -> bytes:
-    """The question with its name's ASCII letters lower-cased; type and class
-    stay as they are (bytes.lower() over all of it made HTTPS, 65, into 97)."""
-    return question[:-4].lower() + question[-4:]
-
-
 def question_key(data: bytes):
     """The hot-path key of a query: flags + raw question + EDNS summary.
 
@@ -121,15 +84,6 @@ def question_key(data: bytes):
     if ar == b"\x00\x01" and data[qend:qend + 3] == b"\x00\x00\x29" and len(data) >= qend + 11:
         return data[2:qend] + b"E" + data[qend + 5:qend + 8]
     return None
-
-
-def name_ends_at_first_zero(data: bytes) -> bool:
-    """No label of the (well-formed) question name holds a zero byte, which
-    question_key and has_fixed_bytes would take for the name's end."""
-    offset = 12
-    while data[offset]:
-        offset += 1 + data[offset]
-    return data.find(b"\x00", 12) == offset
 
 
 def has_fixed_bytes(data: bytes) -> bool:
