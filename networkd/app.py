@@ -243,12 +243,13 @@ def add_vips(root: Networkd, options, **host) -> None:
     """
     if options["no-vips"]:
         return
+    from networkd.vips.health import probe_settings
     from networkd.vips.reconciler import VipManager
 
     parts = dict(
         reactor=root.reactor, client=root.client, keys=root.keys, watch=root.watch,
         session=root.lease_session(), hostname=options["hostname"], interface=options["interface"],
-        node_ip=options["node-ip"], firewall_backend=options["firewall-backend"],
+        node_ip=options["node-ip"], firewall_backend=options["firewall-backend"], probe=probe_settings(options),
     )
     parts.update(host)
     root.vips = VipManager(**parts)

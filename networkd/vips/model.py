@@ -29,6 +29,48 @@ class PortMap:
 
 
 @dataclass(frozen=True)
+class HealthCheck:
+    """A VIP config's ``"health"`` object: how this node probes its local container.
+
+    ``tcp``: a connect to ``port``; ``http``: ``GET path`` on ``port`` answered with
+    status ``expect``; ``none``: no probe (deployd's pod state alone).
+    """
+
+    type: str
+    port: int | None = None
+    path: str = "/"
+    expect: int = 200
+
+
+HEALTH_FIELDS = {"tcp": {"type", "port"}, "http": {"type", "port", "path", "expect"}, "none": {"type"}}
+
+
+def parse_health(data) -> HealthCheck:
+    if not isinstance(data, dict):
+        raise InvalidValue(f"health must be an object, not {type(data).__name__}")
+    kind = data.get("type")
+    if kind not in HEALTH_FIELDS:
+        raise InvalidValue(f"health.type {kind!r} is not tcp, http or none")
+    unknown = sorted(set(data) - HEALTH_FIELDS[kind])
+    if unknown:
+        raise InvalidValue(f"health: {', '.join(map(repr, unknown))} is not a field of a {kind} check")
+    if kind == "none":
+        return HealthCheck("none")
+    if "port" not in data:
+        raise InvalidValue(f"health.port is missing (a {kind} check needs one)")
+    port = _port(data["port"], "health.port")
+    if kind == "tcp":
+        return HealthCheck("tcp", port)
+    path = data.get("path", "/")
+    if not isinstance(path, str) or not path.startswith("/") or any(ch in path for ch in " \r\n"):
+        raise InvalidValue(f"health.path {path!r} is not an absolute path without spaces")
+    expect = data.get("expect", 200)
+    if isinstance(expect, bool) or not isinstance(expect, int) or not 100 <= expect <= 599:
+        raise InvalidValue(f"health.expect {expect!r} is not an HTTP status code")
+    return HealthCheck("http", port, path, expect)
+
+
+@dataclass(frozen=True)
 class VipConfig:
     """One ``<root>/config/vips/<KEY>`` value.
 
@@ -44,6 +86,7 @@ class VipConfig:
     proc: str
     ports: tuple[PortMap, ...]
     excluded_nodes: frozenset[str] = frozenset()
+    health: HealthCheck | None = None  # None: a TCP connect to each TCP port's dest
 
     @property
     def floating(self) -> bool:
@@ -169,7 +212,8 @@ def parse_vip(key: str, raw: str) -> VipConfig:
     excluded = data.get("excluded_nodes") or []
     if not isinstance(excluded, list) or not all(isinstance(x, str) for x in excluded):
         raise InvalidValue("excluded_nodes must be a list of node names")
-    return VipConfig(key, ip, key_port, app, proc, tuple(sorted(ports.values())), frozenset(excluded))
+    health = None if data.get("health") is None else parse_health(data["health"])
+    return VipConfig(key, ip, key_port, app, proc, tuple(sorted(ports.values())), frozenset(excluded), health)
 
 
 def parse_vips(values: Mapping[str, str], prefix: str = "") -> tuple[dict[str, VipConfig], dict[str, str]]:

@@ -22,6 +22,7 @@ from networkd.etcd.lock import LeaseLocks
 from networkd.vips.addresses import Justification
 from networkd.vips.appkeys import AppKeys
 from networkd.vips.arp import Announcer
+from networkd.vips.health import VipHealth
 from networkd.vips.host import ADDRESS_CHECK, FIREWALL_CHECK, VipHost
 from networkd.vips.inputs import VipInputs
 from networkd.vips.locks import STOP_TIMEOUT, LockKeeper
@@ -48,7 +49,7 @@ class VipManager(service.Service):
 
     def __init__(self, *, reactor, client, keys, watch: Callable, session, hostname: str,
                  interface: str, node_ip: str | None, firewall_backend: str = "auto",
-                 netlink: Netlink | None = None, announcer: Announcer | None = None, to_thread=None):
+                 netlink: Netlink | None = None, announcer: Announcer | None = None, to_thread=None, probe=None):
         # Deadlines are on the session's clock (monotonic in the daemon): a wall-clock step never stretches one.
         self._clock = getattr(session, "clock", None) or reactor.seconds
         self._reactor, self._keys, self._session = reactor, keys, session
@@ -60,12 +61,13 @@ class VipManager(service.Service):
         self._etcd = LeaseLocks(client)
         self.inputs = VipInputs(keys)
         self.wants = HostWants(self.inputs, hostname, node_ip)
+        self.health = VipHealth(reactor, self.inputs, self.wants, hostname, probe, self.kick)
         self.locks = LockKeeper(locks=self._etcd, keys=keys, hostname=hostname, session=session, reactor=reactor,
                                 changed=self.kick, clear_host=self._clear_host)
         self.app_keys = AppKeys(self._etcd, reactor, hostname)
         self.firewall_choice = firewall_backend  # "auto" | "legacy" | "nft", or a back end object
         self.host = VipHost(reactor=reactor, interface=interface, clock=self._clock, justify=self._justification,
-                            renew_ahead=min(session.ttl / 3 + 0.5, RENEW_AHEAD), managed=self.inputs.floating_ips,
+                            renew_ahead=min(session.interval + 0.5, RENEW_AHEAD), managed=self.inputs.floating_ips,
                             desired_rules=self._desired_rules, to_thread=to_thread or threads.deferToThread,
                             netlink=netlink, announcer=announcer)
         self.keeper, self.netlink = self.host.keeper, self.host.netlink
@@ -84,6 +86,7 @@ class VipManager(service.Service):
     pod_errors = property(lambda self: self.inputs.pod_errors)
     firewall = property(lambda self: self.host.firewall)
     addresses = property(lambda self: self.host.addresses)
+    _address_removed = property(lambda self: self.keeper.vanished)  # netlink: removed by someone, or expired
 
     def held_count(self) -> int:
         return len(self.locks.held() & self.addresses)
@@ -152,6 +155,7 @@ class VipManager(service.Service):
     async def _stop(self) -> None:
         """Release everything: presence and app keys, then rules and addresses, then the locks."""
         self.stopping = True
+        self.health.stop()
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -237,6 +241,7 @@ class VipManager(service.Service):
             self._fence()
         inputs = self.inputs
         self.locks.observe(inputs.holders, inputs.locks_revision)
+        self.health.sync()
         if inputs.complete and not self._cleaned:
             self._cleaned = True
             self._check_addresses()  # a crashed predecessor's addresses go before we contest
@@ -287,9 +292,6 @@ class VipManager(service.Service):
                      age="ever" if age is None else f"{age:.2f}s", ips=", ".join(sorted(self.addresses)) or "-")
         self._active_ips = frozenset()
         self.host.fence()
-
-    def _address_removed(self, ip: str) -> None:  # netlink: someone removed it, or its lifetime ran out
-        self.keeper.vanished(ip)
 
     def _check_addresses(self) -> None:
         if self.inputs.seen["configs"] and not self.stopping:

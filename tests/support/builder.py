@@ -26,7 +26,9 @@ from networkd.options import Options, parse_endpoints
 
 def node_options(endpoint: str, etcd_root: str, hostname: str, *args: str) -> Options:
     options = Options()
-    options.parseOptions(["--etcd", endpoint, "--etcd-root", etcd_root, "--hostname", hostname, *args])
+    # In-process nodes run in the host's namespace: no probes to their made-up container IPs (``*args`` may override).
+    options.parseOptions(["--etcd", endpoint, "--etcd-root", etcd_root, "--hostname", hostname,
+                          "--vip-probe", "off", *args])
     return options
 
 

@@ -1,0 +1,208 @@
+"""Active probes of this node's containers (issue 11, item 2).
+
+deployd learns of a dead process late and never of a hung one, so the node
+asks its own container: by default a TCP connect to ``container_ip:dest``
+for each TCP port of the VIP config (UDP-only configs rely on deployd's
+state), or what the config's ``"health"`` object says (``tcp``, ``http``,
+``none``).  A target is up after ``rise`` successes in a row and down after
+``fall`` failures in a row; until then it is undecided (None).
+
+Everything runs on the reactor: ``connectTCP`` with a timeout, never a
+blocking call.  Each target is probed every ``interval`` at a phase of its
+own (a hash of the target), so a thousand targets do not start together;
+a probe still running when its next turn comes is not doubled.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from twisted.internet import defer
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+
+from networkd.vips.model import Container, VipConfig
+
+log = Logger()
+
+MAX_STATUS_LINE = 1024
+
+
+@dataclass(frozen=True, order=True)
+class Target:
+    kind: str  # "tcp" | "http"
+    ip: str
+    port: int
+    path: str = "/"
+    expect: int = 200
+
+    def __str__(self) -> str:
+        return f"{self.kind}://{self.ip}:{self.port}{self.path if self.kind == 'http' else ''}"
+
+
+def targets_of(config: VipConfig, container: Container) -> tuple[Target, ...]:
+    """What to probe for ``config`` on ``container`` (empty: nothing to probe, deployd's state alone)."""
+    health, ip = config.health, container.container_ip
+    if health is None:
+        return tuple(sorted({Target("tcp", ip, p.dest) for p in config.ports if p.proto == "tcp"}))
+    if health.type == "tcp":
+        return (Target("tcp", ip, health.port),)
+    if health.type == "http":
+        return (Target("http", ip, health.port, health.path, health.expect),)
+    return ()
+
+
+class ProbeFailed(Exception):
+    pass
+
+
+class _Probe(Protocol):
+    def connectionMade(self):
+        target = self.factory.target
+        if target.kind == "tcp":
+            self.factory.finish(None)
+            self.transport.loseConnection()
+            return
+        self._buffer = b""
+        self.transport.write(f"GET {target.path} HTTP/1.0\r\nHost: {target.ip}:{target.port}\r\n"
+                             "User-Agent: networkd-probe\r\nConnection: close\r\n\r\n".encode())
+
+    def dataReceived(self, data: bytes):
+        self._buffer += data
+        line, found, _ = self._buffer.partition(b"\r\n")
+        if not found and len(self._buffer) < MAX_STATUS_LINE:
+            return
+        parts = line.split(None, 2)
+        expect = self.factory.target.expect
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            self.factory.finish(ProbeFailed(f"not an HTTP answer: {line[:60]!r}"))
+        elif int(parts[1]) != expect:
+            self.factory.finish(ProbeFailed(f"HTTP {int(parts[1])}, expected {expect}"))
+        else:
+            self.factory.finish(None)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason):
+        self.factory.finish(ProbeFailed("closed before an HTTP status line"))
+
+
+class _ProbeFactory(ClientFactory):
+    protocol = _Probe
+
+    def __init__(self, target: Target, done: defer.Deferred):
+        self.target, self._done = target, done
+
+    def finish(self, error: Exception | None) -> None:
+        if self._done.called:
+            return
+        if error is None:
+            self._done.callback(None)
+        else:
+            self._done.errback(error)
+
+    def clientConnectionFailed(self, connector, reason):
+        self.finish(ProbeFailed(_describe(reason.value)))
+
+
+def _describe(error: BaseException) -> str:
+    text = {"ConnectionRefusedError": "connection refused", "TCPTimedOutError": "connect timed out",
+            "TimeoutError": "connect timed out", "NoRouteError": "no route to host"}.get(type(error).__name__)
+    return text or (str(error).strip() or type(error).__name__)
+
+
+def probe_once(reactor, target: Target, timeout: float) -> defer.Deferred:
+    """Fires None when ``target`` answers, fails with ProbeFailed(why) when not; never blocks."""
+    connector = None
+
+    def cancel(_):
+        if connector is not None:
+            connector.disconnect()
+
+    done = defer.Deferred(cancel)
+    connector = reactor.connectTCP(target.ip, target.port, _ProbeFactory(target, done), timeout=timeout)
+    return done
+
+
+@dataclass
+class TargetState:
+    up: bool | None = None  # None: neither rise successes nor fall failures yet
+    successes: int = 0  # in a row
+    failures: int = 0  # in a row
+    last_error: str | None = None
+    since: float | None = None  # when ``up`` last changed
+    probes: int = 0
+    call: object = None
+    running: defer.Deferred | None = None
+
+
+class Prober:
+    """Keeps the tracked targets probed; ``changed()`` is called when one goes up or down."""
+
+    def __init__(self, reactor, *, interval: float = 1.0, timeout: float = 1.0, rise: int = 2, fall: int = 3,
+                 changed: Callable[[], None] = lambda: None, probe: Callable | None = None):
+        self._reactor, self.interval, self.timeout, self.rise, self.fall = reactor, interval, timeout, rise, fall
+        self._changed = changed
+        self._probe = probe or (lambda target: probe_once(reactor, target, timeout))
+        self.states: dict[Target, TargetState] = {}
+
+    def track(self, targets: Iterable[Target]) -> None:
+        """Probe exactly ``targets`` from now on (new ones start undecided, gone ones are forgotten)."""
+        wanted = set(targets)
+        for target in set(self.states) - wanted:
+            self._forget(self.states.pop(target))
+        for target in wanted - set(self.states):
+            state = self.states[target] = TargetState()
+            phase = (zlib.crc32(str(target).encode()) % 1000) / 1000 * self.interval
+            state.call = self._reactor.callLater(phase, self._turn, target, state)
+
+    def up(self, target: Target) -> bool | None:
+        state = self.states.get(target)
+        return None if state is None else state.up
+
+    def stop(self) -> None:
+        states, self.states = list(self.states.values()), {}
+        for state in states:
+            self._forget(state)
+
+    def _forget(self, state: TargetState) -> None:
+        if state.call is not None and state.call.active():
+            state.call.cancel()
+        if state.running is not None:
+            running, state.running = state.running, None
+            running.cancel()
+
+    def _turn(self, target: Target, state: TargetState) -> None:
+        state.call = self._reactor.callLater(self.interval, self._turn, target, state)
+        if state.running is not None:
+            return  # the previous probe has not finished: no second one beside it
+        try:
+            running = self._probe(target)
+        except Exception as e:  # a probe that cannot even start counts as failed
+            running = defer.fail(ProbeFailed(_describe(e)))
+        running.addTimeout(self.timeout, self._reactor)
+        state.running = running
+        running.addCallbacks(lambda _: self._result(target, state, None),
+                             lambda f: self._result(target, state, f.value))
+
+    def _result(self, target: Target, state: TargetState, error: BaseException | None) -> None:
+        if self.states.get(target) is not state:
+            return None  # forgotten (or cancelled) meanwhile
+        state.running = None
+        state.probes += 1
+        if error is None:
+            state.successes, state.failures = state.successes + 1, 0
+            turn = state.up is not True and state.successes >= self.rise
+        else:
+            if isinstance(error, defer.TimeoutError):
+                error = ProbeFailed(f"no answer within {self.timeout:g}s")
+            state.last_error = str(error) or type(error).__name__
+            state.successes, state.failures = 0, state.failures + 1
+            turn = state.up is not False and state.failures >= self.fall
+        if turn:
+            state.up, state.since = error is None, self._reactor.seconds()
+            log.info("probe {target}: {state}{why}", target=str(target), state="up" if state.up else "down",
+                     why="" if state.up else f" ({state.last_error})")
+            self._changed()
+        return None

@@ -1,0 +1,264 @@
+"""Active probes of the local container (issue 11 item 2): rise/fall on a fake clock, the probe on real sockets."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import Factory, Protocol
+
+from networkd.vips.model import Container, HealthCheck, InvalidValue, parse_vip
+from networkd.vips.probes import ProbeFailed, Prober, Target, probe_once, targets_of
+
+C = Container("hello", "web", 1, "n1", "10.9.0.1", "172.20.0.5")
+
+
+def vip(**fields) -> str:
+    return json.dumps({"app": "hello", "proc": "web", "ports": [{"src": "80", "dest": "8080"}], **fields})
+
+
+# -- what is probed ---------------------------------------------------------------
+
+
+def test_default_is_a_tcp_connect_to_each_tcp_dest_and_udp_only_is_not_probed():
+    config = parse_vip("10.0.0.5", vip(ports=[{"src": 80, "dest": 8080}, {"src": 443, "dest": 8443},
+                                              {"src": 53, "proto": "udp"}, {"src": 81, "dest": 8080}]))
+    assert targets_of(config, C) == (Target("tcp", "172.20.0.5", 8080), Target("tcp", "172.20.0.5", 8443))
+    udp = parse_vip("10.0.0.5", vip(ports=[{"src": 53, "proto": "udp"}]))
+    assert targets_of(udp, C) == ()
+
+
+def test_health_object_overrides():
+    assert parse_vip("10.0.0.5", vip(health={"type": "tcp", "port": 9000})).health == HealthCheck("tcp", 9000)
+    http = parse_vip("10.0.0.5", vip(health={"type": "http", "port": "9001", "path": "/healthz", "expect": 204}))
+    assert targets_of(http, C) == (Target("http", "172.20.0.5", 9001, "/healthz", 204),)
+    assert parse_vip("10.0.0.5", vip(health={"type": "http", "port": 9001})).health == HealthCheck("http", 9001)
+    assert targets_of(parse_vip("10.0.0.5", vip(health={"type": "none"})), C) == ()
+    assert parse_vip("10.0.0.5", vip(health=None)).health is None
+
+
+@pytest.mark.parametrize("health, error", [
+    ("tcp", "health must be an object"),
+    ({"type": "icmp"}, "health.type 'icmp' is not tcp, http or none"),
+    ({"port": 80}, "health.type None is not tcp, http or none"),
+    ({"type": "tcp"}, "health.port is missing"),
+    ({"type": "tcp", "port": 0}, "health.port 0 is not a port"),
+    ({"type": "http", "port": 80, "path": "healthz"}, "health.path 'healthz' is not an absolute path"),
+    ({"type": "http", "port": 80, "expect": "200"}, "health.expect '200' is not an HTTP status code"),
+    ({"type": "http", "port": 80, "expect": 42}, "health.expect 42 is not an HTTP status code"),
+    ({"type": "tcp", "port": 80, "path": "/"}, "health: 'path' is not a field of a tcp check"),
+    ({"type": "none", "port": 80}, "health: 'port' is not a field of a none check"),
+])
+def test_bad_health_object_is_an_invalid_key_saying_why(health, error):
+    with pytest.raises(InvalidValue, match=error.replace("[", r"\[")):
+        parse_vip("10.0.0.5", vip(health=health))
+
+
+# -- rise and fall on a fake clock -------------------------------------------------
+
+
+class Scripted:
+    """A probe whose answers the test decides: True (up), False (refused) or None (never answers)."""
+
+    def __init__(self, clock):
+        self.clock, self.answer, self.calls, self.pending = clock, True, [], []
+
+    def __call__(self, target):
+        self.calls.append((self.clock.seconds(), target))
+        if self.answer is True:
+            return defer.succeed(None)
+        if self.answer is False:
+            return defer.fail(ProbeFailed("connection refused"))
+        d = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+def prober(**kw):
+    clock = task.Clock()
+    script = Scripted(clock)
+    changes = []
+    p = Prober(clock, interval=1.0, timeout=0.5, rise=2, fall=3, changed=lambda: changes.append(clock.seconds()),
+               probe=script, **kw)
+    return clock, script, p, changes
+
+
+T = Target("tcp", "172.20.0.5", 8080)
+
+
+def test_up_after_rise_successes_down_after_fall_failures():
+    clock, script, p, changes = prober()
+    p.track([T])
+    assert p.up(T) is None
+    clock.advance(1.0)  # the first probe at its phase (< interval), then every second
+    assert p.up(T) is None and p.states[T].successes == 1
+    clock.advance(1.0)
+    assert p.up(T) is True and len(changes) == 1
+    script.answer = False
+    clock.advance(1.0)
+    clock.advance(1.0)
+    assert p.up(T) is True and p.states[T].failures == 2 and p.states[T].last_error == "connection refused"
+    clock.advance(1.0)
+    assert p.up(T) is False and len(changes) == 2
+    script.answer = True
+    clock.advance(1.0)
+    assert p.up(T) is False, "one success is not rise"
+    script.answer = False
+    clock.advance(1.0)
+    script.answer = True
+    clock.advance(1.0)
+    clock.advance(1.0)
+    assert p.up(T) is True and len(changes) == 3, "rise counts successes in a row"
+    assert [t for t, _ in script.calls] == sorted(t for t, _ in script.calls)
+
+
+def test_a_probe_that_never_answers_fails_at_the_timeout_and_is_never_doubled():
+    clock, script, p, changes = prober()
+    script.answer = None
+    p.track([T])
+    for _ in range(4):
+        clock.advance(1.0)
+    assert p.up(T) is False and p.states[T].last_error == "no answer within 0.5s"
+    assert len(script.calls) == 4
+
+    clock2, script2, slow, _ = prober()
+    slow.timeout = 5.0  # longer than the interval: the next turn finds it running
+    script2.answer = None
+    slow.track([T])
+    for _ in range(4):
+        clock2.advance(1.0)
+    assert len(script2.calls) == 1, "no second probe beside a running one"
+
+
+def test_targets_are_spread_over_the_interval_and_forgotten_when_untracked():
+    clock, script, p, _ = prober()
+    targets = [Target("tcp", f"172.20.{i // 250}.{i % 250}", 8080) for i in range(1000)]
+    p.track(targets)
+    clock.pump([0.01] * 101)
+    first = sorted({target: t for t, target in reversed(script.calls)}.values())
+    assert len(first) == 1000
+    per_tenth = [sum(1 for t in first if k / 10 <= t < (k + 1) / 10) for k in range(10)]
+    assert min(per_tenth) > 50, f"no burst: {per_tenth}"
+    p.track(targets[:10])
+    script.calls.clear()
+    clock.advance(1.0)
+    assert len(script.calls) == 10 and len(clock.getDelayedCalls()) == 10
+    p.stop()
+    assert not clock.getDelayedCalls()
+
+
+# -- the probe itself, on real sockets -----------------------------------------------
+
+
+class Answer(Protocol):
+    def __init__(self, reply: bytes | None):
+        self.reply = reply
+
+    def dataReceived(self, data):
+        if self.reply is not None and b"\r\n\r\n" in data:
+            self.transport.write(self.reply)
+            self.transport.loseConnection()
+
+
+def listen(host: str, reply: bytes | None = None):
+    return reactor.listenTCP(0, Factory.forProtocol(lambda: Answer(reply)), interface=host)
+
+
+def closed_port(host: str) -> int:
+    s = socket.socket()
+    s.bind((host, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+async def outcome(target: Target, timeout: float = 1.0) -> str | None:
+    try:
+        await probe_once(reactor, target, timeout).addTimeout(timeout, reactor)
+    except ProbeFailed as e:
+        return str(e)
+    except defer.TimeoutError:
+        return "timeout"
+    return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_and_http_probes_on_real_sockets():
+    host = "127.0.0.7"
+    ok = listen(host, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    bad = listen(host, b"HTTP/1.0 503 Service Unavailable\r\n\r\n")
+    silent = listen(host)
+    garbage = listen(host, b"SSH-2.0-OpenSSH\r\n")
+    try:
+        assert await outcome(Target("tcp", host, ok.getHost().port)) is None
+        assert await outcome(Target("tcp", host, closed_port(host))) == "connection refused"
+        assert await outcome(Target("http", host, ok.getHost().port, "/healthz", 200)) is None
+        assert await outcome(Target("http", host, bad.getHost().port, "/healthz", 200)) == "HTTP 503, expected 200"
+        assert await outcome(Target("http", host, bad.getHost().port, "/", 503)) is None
+        assert await outcome(Target("http", host, silent.getHost().port), 0.3) == "timeout"
+        assert (await outcome(Target("http", host, garbage.getHost().port))).startswith("not an HTTP answer")
+    finally:
+        for port in (ok, bad, silent, garbage):
+            await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_prober_on_the_reactor_sees_a_listener_stop():
+    host = "127.0.0.8"
+    port = listen(host)
+    target = Target("tcp", host, port.getHost().port)
+    changes = []
+    p = Prober(reactor, interval=0.05, timeout=0.5, rise=2, fall=3, changed=lambda: changes.append(p.up(target)))
+    try:
+        p.track([target])
+        from tests.support.waiting import eventually
+
+        await eventually(lambda: p.up(target) is True, 2, message="up")
+        await port.stopListening()
+        await eventually(lambda: p.up(target) is False, 2, message="down")
+        assert changes == [True, False] and p.states[target].last_error == "connection refused"
+    finally:
+        p.stop()
+        if port.connected:
+            await port.stopListening()
+
+
+def test_only_floating_vips_with_a_container_here_are_probed():
+    from networkd.keys import Keys
+    from networkd.vips.health import ProbeSettings, VipHealth
+    from networkd.vips.inputs import VipInputs
+    from networkd.vips.wants import HostWants
+    from tests.support.vipnodes import pod_group
+
+    class Snapshot:
+        def __init__(self, values):
+            self.values, self.revision = values, 1
+
+    keys = Keys("/lain")
+    inputs = VipInputs(keys)
+    inputs.configs_snapshot(Snapshot({
+        "10.0.0.5": vip(), "10.0.0.6": vip(proc="db"), "10.0.0.7": vip(health={"type": "none"}),
+        "10.0.0.8:80": vip(), "10.0.0.9": vip(ports=[{"src": 53, "proto": "udp"}]),
+        "10.0.0.10": vip(health={"type": "http", "port": 9000, "path": "/ok"}),
+    }))
+    inputs.pods_snapshot(Snapshot({"hello/hello.proc.web": pod_group(
+        "hello", "web", [(1, "n1", "10.9.0.1", "172.20.0.5"), (2, "n2", "10.9.0.2", "172.20.0.6")])}))
+    clock = task.Clock()
+    health = VipHealth(clock, inputs, HostWants(inputs, "n1", "10.9.0.1"), "n1", ProbeSettings(), lambda: None)
+    health.sync()
+    assert health.targets == {"10.0.0.5": (Target("tcp", "172.20.0.5", 8080),), "10.0.0.7": (), "10.0.0.9": (),
+                              "10.0.0.10": (Target("http", "172.20.0.5", 9000, "/ok"),)}
+    assert set(health.prober.states) == {Target("tcp", "172.20.0.5", 8080), Target("http", "172.20.0.5", 9000, "/ok")}
+    assert [health.local(ip) for ip in ("10.0.0.5", "10.0.0.7", "10.0.0.9")] == [None, True, True]
+    health.prober.states[Target("tcp", "172.20.0.5", 8080)].up = False
+    health.prober.states[Target("tcp", "172.20.0.5", 8080)].last_error = "connection refused"
+    assert health.local("10.0.0.5") is False
+    assert health.why("10.0.0.5") == "probe tcp://172.20.0.5:8080: connection refused"
+    health.stop()
+    assert not clock.getDelayedCalls()
+    off = VipHealth(clock, inputs, HostWants(inputs, "n1", "10.9.0.1"), "n1", None, lambda: None)
+    off.sync()
+    assert off.prober is None and off.local("10.0.0.5") is True and not clock.getDelayedCalls()
