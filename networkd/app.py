@@ -91,6 +91,16 @@ class Networkd(service.MultiService):
         self.api = None
         EtcdClientService(client).setServiceParent(self)
 
+    def setServiceParent(self, parent):
+        """twistd's application: with --log-format json, its log observer is ours (networkd/logjson.py)."""
+        if self.options["log-format"] == "json" and hasattr(parent, "setComponent"):
+            from twisted.logger import ILogObserver
+
+            from networkd.logjson import json_observer
+
+            parent.setComponent(ILogObserver, json_observer())
+        return super().setServiceParent(parent)
+
     def watch(self, prefix: str) -> PrefixWatcher:
         if prefix not in self.watchers:
             watcher = PrefixWatcher(self.watch_client, prefix, self.reactor)

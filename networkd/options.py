@@ -26,6 +26,7 @@ GO_ALIASES = {
 }
 
 FIREWALL_BACKENDS = ("auto", "legacy", "nft")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -214,6 +215,7 @@ class Options(usage.Options):
         ["dns-cache-size", None, "10000", "Entries in the DNS cache."],
         ["dns-allow", None, "", "Comma-separated CIDRs allowed to query besides loopback."],
         ["domain", None, None, "The cluster's own domain, forwarded to tinydns besides lain (with --tinydns)."],
+        ["log-format", None, "text", "Log lines as text, or json (one JSON object per line, to standard output)."],
         ["firewall-backend", None, "auto", "iptables back end: auto, legacy (python-iptables) or nft (iptables-restore)."],
         ["vip-probe", None, "on", "Probe each VIP's local container (TCP connect or its health object): on or off."],
         ["vip-probe-interval", None, "1", "Seconds between two probes of one target."],
@@ -242,6 +244,8 @@ class Options(usage.Options):
         self["dns-ttl"] = self._integer("dns-ttl", 0, 86400)
         self["dns-cache-size"] = self._integer("dns-cache-size", 0, 10_000_000)
         self["dns-allow"] = parse_cidrs(self["dns-allow"], "--dns-allow")
+        if self["log-format"] not in LOG_FORMATS:
+            raise usage.UsageError(f"--log-format: {self['log-format']!r} is not one of {', '.join(LOG_FORMATS)}")
         if self["firewall-backend"] not in FIREWALL_BACKENDS:
             raise usage.UsageError(
                 f"--firewall-backend: {self['firewall-backend']!r} is not one of {', '.join(FIREWALL_BACKENDS)}"
