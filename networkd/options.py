@@ -214,6 +214,8 @@ class Options(usage.Options):
         ["dns-ttl", None, "60", "TTL of local DNS answers, seconds."],
         ["dns-cache-size", None, "10000", "Entries in the DNS cache."],
         ["dns-allow", None, "", "Comma-separated CIDRs allowed to query besides loopback."],
+        ["dns-forward-reverse", None, (), "A CIDR whose reverse names go to the upstreams instead of being "
+         "answered here (RFC 6303 private reverse zones); repeatable."],
         ["domain", None, None, "The cluster's own domain, forwarded to tinydns besides lain (with --tinydns)."],
         ["log-format", None, "text", "Log lines as text, or json (one JSON object per line, to standard output)."],
         ["firewall-backend", None, "auto", "iptables back end: auto, legacy (python-iptables) or nft (iptables-restore)."],
@@ -223,6 +225,10 @@ class Options(usage.Options):
         ["vip-probe-rise", None, "2", "Successful probes in a row that make a target healthy."],
         ["vip-probe-fall", None, "3", "Failed probes in a row that make a target unhealthy."],
     ] + [[alias, None, None, f"Alias of --{name} (Go flag name)."] for alias, name in GO_ALIASES.items()]
+
+    def opt_dns_forward_reverse(self, cidr):
+        """A CIDR whose reverse names go to the upstreams instead of being answered here (RFC 6303 zones); repeatable."""
+        self["dns-forward-reverse"] = tuple(self["dns-forward-reverse"]) + parse_cidrs(cidr, "--dns-forward-reverse")
 
     def opt_version(self):
         """Print the version and exit."""
