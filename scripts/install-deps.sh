@@ -6,7 +6,7 @@ declare -A need=(
   [etcd]=etcd-server [etcdctl]=etcd-client [ip]=iproute2 [iptables]=iptables
   [iptables-restore]=iptables [arping]=arping [dig]=bind9-dnsutils [dnsperf]=dnsperf
   [dnsmasq]=dnsmasq-base [curl]=curl [taskset]=util-linux
-  [rpmbuild]=rpm [rpm2archive]=rpm [systemd-analyze]=systemd
+  [rpmbuild]=rpm [rpm2archive]=rpm [systemd-analyze]=systemd [promtool]=prometheus
 )
 missing=()
 for cmd in "${!need[@]}"; do
@@ -26,5 +26,14 @@ if [ "$(id -u)" != 0 ]; then
   SUDO=sudo
 fi
 export DEBIAN_FRONTEND=noninteractive
+# prometheus brings promtool (tests/test_monitoring.py) and a server unit: installing it must not
+# start a Prometheus on this machine, so services are kept from starting for the install
+# (policy-rc.d, Debian's switch for that), unless the machine already has such a policy.
+policy=/usr/sbin/policy-rc.d
+own_policy=""
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null && $SUDO chmod 755 "$policy" && own_policy=1
+  trap '[ -n "$own_policy" ] && $SUDO rm -f "$policy"' EXIT
+fi
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -47,7 +47,19 @@ class NetworkdCollector:
                 invalid.add_metric([name], float(len(part.invalid_keys or {})))
         yield invalid
 
+    def _vip_active(self, vips):
+        """One sample per floating VIP this node knows: 1 while it carries it.  Summed over the
+        nodes it says how many carry each VIP (packaging/monitoring: unheld, two holders)."""
+        active = GaugeMetricFamily("networkd_vip_active", "1 while this node carries the floating VIP.",
+                                   labels=["vip", "app", "proc"])
+        for entry in vips.status():
+            if entry.get("floating"):
+                active.add_metric([entry["ip"], str(entry.get("app")), str(entry.get("proc"))],
+                                  1.0 if entry.get("active") else 0.0)
+        yield active
+
     def _vip_safety(self, vips):
+        yield from self._vip_active(vips)
         counters = vips.safety_counters()
         for name, help_text in (
             ("fencings", "Times this node dropped its VIPs for late keep-alives."),
@@ -97,6 +109,8 @@ class NetworkdCollector:
                                         value=parts.client.failovers)
         yield failovers
         if parts.session is not None:
+            yield GaugeMetricFamily("networkd_etcd_lease_ttl_seconds", "TTL of the process lease (--lock-ttl).",
+                                    value=float(parts.session.ttl))
             age = parts.session.ack_age()
             if age is not None:
                 yield GaugeMetricFamily("networkd_etcd_keepalive_age_seconds",
