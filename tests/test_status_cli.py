@@ -114,7 +114,8 @@ def test_vip_table_reads_like_a_report():
                    "vips": {"held": 1}, "leader": None},
         "vips": [
             {"key": "10.0.0.100", "ip": "10.0.0.100", "floating": True, "app": "web", "proc": "web", "holder": "n1",
-             "held_by_me": True, "active": True, "held_for": 754.0, "last_error": None, "health": "up"},
+             "held_by_me": True, "active": True, "held_for": 754.0, "last_error": None,
+             "health": {"here": "healthy", "probes": ["tcp 172.20.0.5:8080"], "error": None}},
             {"key": "10.0.0.101", "ip": "10.0.0.101", "floating": True, "app": "web", "proc": "web", "holder": "n2",
              "held_by_me": False, "active": False, "held_for": None, "last_error": None},
             {"key": "0.0.0.0:8443", "ip": "0.0.0.0", "floating": False, "app": "api", "proc": "web", "holder": None,
@@ -129,7 +130,7 @@ def test_vip_table_reads_like_a_report():
     table = text.split("VIPs\n", 1)[1].split("\n\n", 1)[0].splitlines()
     assert table[0] == "  1 held here, 4 configured"
     assert table[1].split() == ["KEY", "APP/PROC", "HOLDER", "HERE", "HEALTH", "SINCE", "ERROR"]
-    assert table[2].split() == ["10.0.0.100", "web/web", "n1", "active", "up", "12m34s"]
+    assert table[2].split() == ["10.0.0.100", "web/web", "n1", "active", "healthy", "12m34s"]
     assert table[3].split() == ["10.0.0.101", "web/web", "n2", "no", "-", "-"]
     assert table[4].split()[:6] == ["0.0.0.0:8443", "api/web", "(DNAT)", "no", "-", "-"]
     assert table[4].endswith("firewall: iptables-restore failed")

@@ -105,8 +105,8 @@ def _vips(s: dict, vips: list[dict]) -> list[str]:
         if v.get("excluded"):
             here = "excluded"
         health = v.get("health")
-        if isinstance(health, dict):
-            health = health.get("state") or health.get("status") or "?"
+        if isinstance(health, dict):  # the VIP probes' verdict on this node's container
+            health = health.get("here") or "?"
         rows.append([v["key"], f"{v.get('app')}/{v.get('proc')}", v.get("holder") or ("-" if v.get("floating") else "(DNAT)"),
                      here, str(health) if health is not None else "-", ago(v.get("held_for")),
                      v.get("last_error") or ""])
