@@ -77,9 +77,10 @@ class HotAnswers:
         self.touch(entry)  # hits that never reach the cache still keep it from being evicted first
         return hit
 
-    def remember_local(self, data: bytes, response: bytes) -> None:
+    def remember_local(self, data: bytes, response: bytes, rcode: int = wire.NOERROR) -> None:
         """Keep an authoritative answer until the zone changes."""
-        self._remember(self.local, data, HotEntry(response[2:], LOCAL, 0, None))
+        counter = LOCAL if rcode == wire.NOERROR else (wire.RCODE_NAMES[rcode], "local")
+        self._remember(self.local, data, HotEntry(response[2:], counter, 0, None))
 
     def remember_cached(self, data: bytes, response: bytes, entry: Entry, now: float) -> None:
         """Keep an answer rendered from ``entry`` at ``now``, good until its

@@ -24,6 +24,7 @@ from networkd.dns.cache import Cache, Entry, render
 from networkd.dns.clients import ClientFilter
 from networkd.dns.forward import Forwarder, UpstreamFailed
 from networkd.dns.hot import HotAnswers
+from networkd.dns.reverse import ReverseZones
 from networkd.dns.upstreams import ForwardZones
 from networkd.dns.zone import EMPTY_ZONE, Zone
 from networkd.views import DnsStats
@@ -58,23 +59,32 @@ def fit(response: bytes, query: wire.Query, udp: bool) -> bytes:
 
 
 class LocalZone:
-    """Authoritative answers from the zone in force (swapped whole)."""
+    """Authoritative answers from the zone in force (swapped whole), and the
+    reverse names answered here (``networkd.dns.reverse``)."""
 
-    def __init__(self, stats: DnsStats, hot: HotAnswers):
+    def __init__(self, stats: DnsStats, hot: HotAnswers, reverse: ReverseZones, forwarded):
         self.stats = stats
         self.hot = hot
         self.zone: Zone = EMPTY_ZONE
+        self.reverse = reverse
+        self.forwarded = forwarded  # name -> a domain_servers zone claims it
 
     def answer(self, ask: Ask):
         if ask.query.qclass not in (wire.CLASS_IN, wire.TYPE_ANY):
             return None
         found = self.zone.lookup(ask.name)
-        if found is None:
+        if found is not None:
+            rcode, response = wire.NOERROR, self.zone.answer(ask.query, *found)
+        elif ask.name.endswith(".arpa"):
+            found = self.reverse.answer(self.zone, ask.query, ask.name, self.forwarded(ask.name))
+            if found is None:
+                return None
+            rcode, response = found
+        else:
             return None
-        response = self.zone.answer(ask.query, *found)
-        count(self.stats, wire.NOERROR, "local")
+        count(self.stats, rcode, "local")
         if ask.udp:
-            self.hot.remember_local(ask.data, response)
+            self.hot.remember_local(ask.data, response, rcode)
         return fit(response, ask.query, ask.udp)
 
 
@@ -177,14 +187,15 @@ class Resolver:
     """Answers one query message: local zone, then cache, then upstreams."""
 
     def __init__(self, reactor, *, cache_size: int, stats: DnsStats | None = None,
-                 client_filter: ClientFilter | None = None, budget: float = 1.6):
+                 client_filter: ClientFilter | None = None, budget: float = 1.6, forward_reverse=()):
         self.reactor = reactor
         self.stats = stats or DnsStats()
         self.clients = client_filter or ClientFilter()
         self.hot = HotAnswers(cached_limit=cache_size)
         self.cache = Cache(cache_size, reactor, on_evict=self.hot.forget)
         self.hot.touch = self.cache.touch
-        self.local = LocalZone(self.stats, self.hot)
+        self.local = LocalZone(self.stats, self.hot, ReverseZones(forward_reverse),
+                               lambda name: self.forwarding.zones.servers_for(name) is not None)
         self.forwarding = Forwarding(reactor, self.cache, self.stats, budget)
         self.chain = (self.local, CachedAnswers(reactor, self.cache, self.stats, self.hot), self.forwarding)
 
@@ -213,6 +224,7 @@ class Resolver:
     def set_forward_zones(self, zones: ForwardZones) -> None:
         if zones != self.forwarding.zones:
             self.forwarding.zones = zones
+            self.hot.clear_local()  # a reverse name answered here may be forwarded now
             self.flush()
 
     def set_upstreams(self, servers: list) -> bool:

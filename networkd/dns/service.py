@@ -42,12 +42,13 @@ class DnsService(service.Service):
                  node_ip: str | None = None, hosts_file: str | None = None,
                  domains=None, domain_servers=None, vips=None,
                  domains_prefix: str = "", domain_servers_prefix: str = "",
-                 poll_interval: float = 1.0, budget: float = 1.6):
+                 poll_interval: float = 1.0, budget: float = 1.6, forward_reverse=()):
         self.reactor = reactor
         self.listen = listen
         self.ttl = ttl
         self.node_ip = node_ip
-        self.resolver = Resolver(reactor, cache_size=cache_size, client_filter=ClientFilter(allow), budget=budget)
+        self.resolver = Resolver(reactor, cache_size=cache_size, client_filter=ClientFilter(allow), budget=budget,
+                                 forward_reverse=forward_reverse)
         self.stats = self.resolver.stats
         self.invalid_keys: dict = {}
         self._zone_invalid: dict = {}
