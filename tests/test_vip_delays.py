@@ -272,6 +272,7 @@ class MonotonicSession:
     """A lease session whose acknowledgements the test gives (on the monotonic clock)."""
 
     ttl = TTL
+    interval = 1.0  # the test acknowledges about once a second
 
     def __init__(self):
         self.clock = time.monotonic

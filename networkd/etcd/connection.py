@@ -12,6 +12,7 @@ code that touches aetcd.
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable
 
@@ -157,6 +158,7 @@ class EtcdConnection:
         self.call_timeout = call_timeout
         self._index = 0
         self._client: _Client | None = None
+        self._failed_at = [float("-inf")] * len(self.endpoints)  # monotonic time of each endpoint's last failure
         self.failovers = 0
 
     @property
@@ -185,11 +187,19 @@ class EtcdConnection:
         # A fresh aetcd client per connection loss: aetcd's watcher does not
         # always recover from a broken stream, a new one does.
         self._client = None
+        self._failed_at[self._index] = time.monotonic()
         if len(self.endpoints) > 1:
-            self._index = (self._index + 1) % len(self.endpoints)
+            self._index = self._healthiest()
             self.failovers += 1
             log.warn("etcd: failing over to {endpoint}", endpoint=self.endpoint)
         asyncio.ensure_future(_close_quietly(client))
+
+    def _healthiest(self) -> int:
+        """The next endpoint in turn among those that failed longest ago (never, first): after a
+        member dies, calls never go back to it while another has not failed as recently."""
+        count = len(self.endpoints)
+        order = [(self._index + step) % count for step in range(1, count + 1)]
+        return min(order, key=lambda i: self._failed_at[i])
 
     def _call(self, operation: Callable[[_Client], Awaitable], timeout: float | None = None) -> Deferred:
         async def run():

@@ -21,6 +21,7 @@ class Journal(list):
 
 class FakeSession:
     ttl = 3
+    interval = 1.0  # the tests acknowledge keep-alives once a second
 
     def __init__(self, clock):
         self._clock = clock
