@@ -153,6 +153,30 @@ async def test_fails_over_to_the_next_endpoint(etcd_server, etcd_root):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_outage_is_logged_once_and_its_end_once_not_per_attempt(etcd_server, etcd_root):
+    from tests.support.logcapture import LogCapture
+    from tests.support.ports import free_port
+
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    etcd_server.put(f"{etcd_root}/x", "y")
+    client = client_for(*dead, etcd_server.endpoint)
+    try:
+        with LogCapture() as logs:
+            for _ in range(5):
+                try:
+                    got = await client.get(f"{etcd_root}/x".encode())
+                    break
+                except EtcdUnavailable:
+                    continue
+            assert got is not None and got.value == b"y"
+        assert client.failovers == 2
+        assert len(logs.matching("failing over")) == 1, logs.matching("failing over")
+        assert len(logs.matching("answers; 2 fail-over(s)")) == 1
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_guarded_create_and_delete(etcd_server, etcd_root):
     client = client_for(etcd_server.endpoint)
     try:

@@ -160,6 +160,7 @@ class EtcdConnection:
         self._client: _Client | None = None
         self._failed_at = [float("-inf")] * len(self.endpoints)  # monotonic time of each endpoint's last failure
         self.failovers = 0
+        self._outage: tuple[float, int] | None = None  # (since, fail-overs) while calls keep failing
 
     @property
     def endpoint(self) -> Endpoint:
@@ -191,7 +192,10 @@ class EtcdConnection:
         if len(self.endpoints) > 1:
             self._index = self._healthiest()
             self.failovers += 1
-            log.warn("etcd: failing over to {endpoint}", endpoint=self.endpoint)
+            if self._outage is None:  # one line per outage, and one when it ends (not one per attempt)
+                self._outage = (time.monotonic(), 0)
+                log.warn("etcd: failing over to {endpoint}", endpoint=self.endpoint)
+            self._outage = (self._outage[0], self._outage[1] + 1)
         asyncio.ensure_future(_close_quietly(client))
 
     def _healthiest(self) -> int:
@@ -206,7 +210,7 @@ class EtcdConnection:
             client = self._current()
             endpoint = self.endpoint
             try:
-                return await _bounded(operation(client), timeout or self.call_timeout)
+                result = await _bounded(operation(client), timeout or self.call_timeout)
             except BaseException as e:
                 translated = _translate(e, endpoint)
                 if isinstance(translated, EtcdUnavailable):
@@ -214,6 +218,12 @@ class EtcdConnection:
                 if translated is e:
                     raise
                 raise translated from e
+            if self._outage is not None:
+                since, count = self._outage
+                self._outage = None
+                log.info("etcd: {endpoint} answers; {n} fail-over(s) in {s:.1f}s", endpoint=endpoint, n=count,
+                         s=time.monotonic() - since)
+            return result
 
         return Deferred.fromFuture(asyncio.ensure_future(run())).addErrback(_twisted_cancel)
 

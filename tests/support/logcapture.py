@@ -21,3 +21,6 @@ class LogCapture:
 
     def has(self, text: str) -> bool:
         return any(text in line for line in self.lines)
+
+    def matching(self, text: str) -> list[str]:
+        return [line for line in self.lines if text in line]
