@@ -1,15 +1,16 @@
 """Service-aware VIPs across namespaced nodes (issue 11): real daemons, real etcd, real netlink.
 
-A VIP goes to a node whose container runs: deployd's own pod state first.
+A VIP goes to a node whose container runs (deployd's own pod state) and answers (the node's probes).
 """
 
 from __future__ import annotations
 
+import json
 import time
 
-from tests.support.vipnodes import AddressSampler, vip_value
+from tests.support.vipnodes import AddressSampler, socket_in_netns
 from tests.support.waiting import wait_until
-from tests.test_vip_nodes import VIP, WEB, cluster_factory, one_vip_on_two_nodes  # noqa: F401 (fixture)
+from tests.test_vip_nodes import VIP, cluster_factory, one_vip_on_two_nodes  # noqa: F401 (fixture)
 
 CONTAINERS = {"n1": (1, "10.77.0.11"), "n2": (2, "10.77.0.12")}
 
@@ -35,3 +36,60 @@ def test_pod_state_exit_moves_the_vip_within_2s_without_overlap(cluster_factory)
     assert not sampler.overlaps(), "never both at once"
     assert c.lock_holder(VIP) == other
     assert "no local container" in c[holder].daemon.log()
+
+
+def members(c) -> dict:
+    prefix = f"{c.root}/networkd/vips/members/"
+    return {k[len(prefix):]: json.loads(v) for k, v in c.etcd.get_prefix(prefix).items()}
+
+
+def test_holder_listener_stops_vip_moves_within_fall_times_interval_plus_2s_then_held_down(cluster_factory):
+    """Each node's "container" is a listener on its node IP :8080 (the VIP's dest); probes on (1 s, rise 2, fall 3)."""
+    c = cluster_factory()
+    listeners = {n: socket_in_netns(c[n].ns.name, c[n].ip, 8080) for n in ("n1", "n2")}
+    try:
+        holder, other = one_vip_on_two_nodes(c)
+        wait_until(lambda: all(m["healthy"] == [VIP] for m in members(c).values()) and len(members(c)) == 2, 10,
+                   message="both publish they are healthy candidates")
+        assert c.holders_of(VIP) == {holder}
+        with AddressSampler(list(c.nodes.values()), VIP) as sampler:
+            stopped = time.monotonic()
+            listeners.pop(holder).close()
+            wait_until(lambda: sampler.first(lambda h: h == {other}, after=stopped), 3 * 1 + 2 + 1, interval=0.05,
+                       message="moved to the healthy node")
+            moved = sampler.first(lambda h: other in h, after=stopped)
+            # started again: healthy after rise (2 s), yet the VIP stays on `other` (hold-down, and it is healthy)
+            listeners[holder] = socket_in_netns(c[holder].ns.name, c[holder].ip, 8080)
+            wait_until(lambda: members(c)[holder]["healthy"] == [VIP], 5, message="healthy again")
+            time.sleep(1.0)
+        print(f"listener stopped -> VIP on the healthy node: {moved - stopped:.2f}s")
+        assert moved - stopped <= 3 * 1 + 2, f"the move took {moved - stopped:.2f}s"
+        assert not sampler.overlaps(), "never both at once"
+        assert c.holders_of(VIP) == {other} and c.lock_holder(VIP) == other, "no flap back"
+        assert "unhealthy here (probe tcp://" in c[holder].daemon.log()
+    finally:
+        for s in listeners.values():
+            s.close()
+
+
+def test_all_candidates_unhealthy_the_holder_keeps_it(cluster_factory):
+    c = cluster_factory()
+    listeners = {n: socket_in_netns(c[n].ns.name, c[n].ip, 8080) for n in ("n1", "n2")}
+    try:
+        holder, other = one_vip_on_two_nodes(c)
+        wait_until(lambda: len(members(c)) == 2 and all(m["healthy"] == [VIP] for m in members(c).values()), 10,
+                   message="both healthy")
+        listeners.pop(other).close()
+        wait_until(lambda: members(c)[other]["healthy"] == [], 6, message="the other is unhealthy")
+        listeners.pop(holder).close()
+        wait_until(lambda: members(c)[holder]["healthy"] == [], 6, message="the holder is unhealthy")
+        time.sleep(1.5)
+        assert c.holders_of(VIP) == {holder} and c.lock_holder(VIP) == holder, "serving something beats nothing"
+        status = json.loads(c[holder].ns.run("curl", "-sf", "http://127.0.0.1:3000/v1/vips").stdout)
+        entry = next(e for e in status if e.get("key") == VIP)
+        assert entry["health"]["here"] == "unhealthy"
+        assert "no candidate is healthy: keeping it" in entry["health"]["note"], entry
+        assert "connection refused" in entry["health"]["error"]
+    finally:
+        for s in listeners.values():
+            s.close()

@@ -168,3 +168,69 @@ def test_pods_deployd_reports_not_running_are_not_candidates():
         assert plan.release == {"10.0.0.1"} and plan.reasons["10.0.0.1"] == "no local container"
         plan = plan_floating(vips, given, "n2", {}, frozenset({"n1", "n2"}), frozenset())
         assert plan.campaign_now == {"10.0.0.1"}
+
+
+# -- health (issue 11 item 3) --------------------------------------------------------
+
+
+def health(published=None, mine=None, hold_down=()):
+    from networkd.vips.planner import CandidateHealth
+
+    return CandidateHealth({n: None if v is None else frozenset(v) for n, v in (published or {}).items()},
+                           mine or {}, frozenset(hold_down))
+
+
+V = "10.0.0.1"
+
+
+@pytest.mark.parametrize("case, holders, held, h, expect", [
+    ("free, n2 healthy, we are down: n2 takes it",
+     {}, set(), health({"n2": [V]}, {V: False}), {}),
+    ("free, n2 healthy, we are undecided: n2 takes it",
+     {}, set(), health({"n2": [V]}, {V: None}), {}),
+    ("free, we are healthy, n2 is not: ours at once",
+     {}, set(), health({"n2": []}, {V: True}), {"now": {V}}),
+    ("free, nobody is healthy: placed among all, as before",
+     {}, set(), health({"n2": []}, {V: False}), {"now": {V}}),
+    ("free, n2 an older daemon (no health in its value): a healthy candidate",
+     {}, set(), health({"n2": None}, {V: False}), {}),
+    ("held, we are down, n2 healthy: hand it over",
+     {V: "n1"}, {V}, health({"n2": [V]}, {V: False}), {"release": {V}}),
+    ("held, we are down, nobody healthy: keep it",
+     {V: "n1"}, {V}, health({"n2": []}, {V: False}), {"keep": {V}}),
+    ("held, we are undecided: keep it",
+     {V: "n1"}, {V}, health({"n2": [V]}, {V: None}), {"keep": {V}}),
+    ("free, hold-down, n2 healthy too: only after the grace",
+     {}, set(), health({"n2": [V]}, {V: True}, [V]), {"later": {V}}),
+    ("free, hold-down, we are the only healthy candidate: at once",
+     {}, set(), health({"n2": []}, {V: True}, [V]), {"now": {V}}),
+])
+def test_plan_places_on_healthy_candidates(case, holders, held, h, expect):
+    plan = plan_floating(configs(V), BOTH, "n1", holders, frozenset({"n1", "n2"}), frozenset(held), h)
+    got = {"now": plan.campaign_now, "later": plan.campaign_later, "keep": plan.keep, "release": plan.release}
+    assert {k: v for k, v in got.items() if v} == expect, case
+
+
+def test_balance_counts_only_healthy_candidates():
+    """n2 holds nothing but is unhealthy for these VIPs: no rebalancing towards it; n3 healthy: one goes."""
+    three = BOTH + running((3, "n3", "172.20.0.3"))
+    vips = configs("10.0.0.1", "10.0.0.2", "10.0.0.3")
+    held = frozenset(vips)
+    holders = {ip: "n1" for ip in vips}
+    sick = health({"n2": [], "n3": []}, {ip: True for ip in vips})
+    plan = plan_floating(vips, three, "n1", holders, frozenset({"n1", "n2", "n3"}), held, sick)
+    assert plan.keep == held and not plan.release
+    well = health({"n2": [], "n3": list(vips)}, {ip: True for ip in vips})
+    plan = plan_floating(vips, three, "n1", holders, frozenset({"n1", "n2", "n3"}), held, well)
+    assert plan.release == {"10.0.0.3"} and plan.reasons["10.0.0.3"].startswith("rebalancing")
+
+
+def test_members_value_old_and_new():
+    from networkd.vips.planner import member_health, member_value
+
+    value = member_value("10.9.0.1", {"10.0.0.2", "10.0.0.1"})
+    assert value == '{"node_ip":"10.9.0.1","healthy":["10.0.0.1","10.0.0.2"]}'
+    assert member_health(value) == {"10.0.0.1", "10.0.0.2"}
+    assert member_health(member_value(None, ())) == frozenset()
+    for older in ("10.9.0.1", "", "{broken", '{"node_ip": "10.9.0.1"}', '{"healthy": "10.0.0.1"}'):
+        assert member_health(older) is None, older

@@ -246,8 +246,15 @@ def test_only_floating_vips_with_a_container_here_are_probed():
     }))
     inputs.pods_snapshot(Snapshot({"hello/hello.proc.web": pod_group(
         "hello", "web", [(1, "n1", "10.9.0.1", "172.20.0.5"), (2, "n2", "10.9.0.2", "172.20.0.6")])}))
+    class Locks:
+        presence_value, refreshed = None, 0
+
+        def refresh_presence(self):
+            self.refreshed += 1
+
     clock = task.Clock()
-    health = VipHealth(clock, inputs, HostWants(inputs, "n1", "10.9.0.1"), "n1", ProbeSettings(), lambda: None)
+    health = VipHealth(clock, inputs, HostWants(inputs, "n1", "10.9.0.1"), Locks(), "n1", "10.9.0.1",
+                       ProbeSettings(), lambda: None)
     health.sync()
     assert health.targets == {"10.0.0.5": (Target("tcp", "172.20.0.5", 8080),), "10.0.0.7": (), "10.0.0.9": (),
                               "10.0.0.10": (Target("http", "172.20.0.5", 9000, "/ok"),)}
@@ -259,6 +266,74 @@ def test_only_floating_vips_with_a_container_here_are_probed():
     assert health.why("10.0.0.5") == "probe tcp://172.20.0.5:8080: connection refused"
     health.stop()
     assert not clock.getDelayedCalls()
-    off = VipHealth(clock, inputs, HostWants(inputs, "n1", "10.9.0.1"), "n1", None, lambda: None)
+    off = VipHealth(clock, inputs, HostWants(inputs, "n1", "10.9.0.1"), Locks(), "n1", "10.9.0.1", None, lambda: None)
     off.sync()
     assert off.prober is None and off.local("10.0.0.5") is True and not clock.getDelayedCalls()
+    assert json.loads(off.presence()) == {"node_ip": "10.9.0.1",
+                                          "healthy": ["10.0.0.10", "10.0.0.5", "10.0.0.7", "10.0.0.9"]}
+
+
+def test_ill_health_hands_over_and_holds_down_for_10s():
+    """VipHealth.plan: members values in, our probe verdicts, the hold-down after an unhealthy release."""
+    from networkd.keys import Keys
+    from networkd.vips.health import HOLD_DOWN, ProbeSettings, VipHealth
+    from networkd.vips.inputs import VipInputs
+    from networkd.vips.planner import member_value
+    from networkd.vips.wants import HostWants
+    from tests.support.vipnodes import pod_group
+
+    class Snapshot:
+        def __init__(self, values, revision=1):
+            self.values, self.revision = values, revision
+
+    class Locks:
+        presence_value, refreshed = None, 0
+
+        def refresh_presence(self):
+            self.refreshed += 1
+
+    inputs = VipInputs(Keys("/lain"))
+    inputs.configs_snapshot(Snapshot({"10.0.0.5": vip()}))
+    inputs.pods_snapshot(Snapshot({"hello/hello.proc.web": pod_group(
+        "hello", "web", [(1, "n1", "10.9.0.1", "172.20.0.5"), (2, "n2", "10.9.0.2", "172.20.0.6")])}))
+    inputs.locks_snapshot(Snapshot({"10.0.0.5.lock": "n1", "members/n1": member_value("10.9.0.1", ["10.0.0.5"]),
+                                    "members/n2": member_value("10.9.0.2", ["10.0.0.5"])}))
+    assert inputs.member_health == {"n1": {"10.0.0.5"}, "n2": {"10.0.0.5"}}
+    clock, locks = task.Clock(), Locks()
+    health = VipHealth(clock, inputs, HostWants(inputs, "n1", "10.9.0.1"), locks, "n1", "10.9.0.1",
+                       ProbeSettings(), lambda: None)
+    health.sync()
+    target = Target("tcp", "172.20.0.5", 8080)
+    state = health.prober.states[target]
+    state.up = True
+    health._probe_changed()
+    health.sync()
+    assert health.healthy == {"10.0.0.5"} and locks.refreshed == 1 and locks.presence_value == health.presence
+    assert health.plan(frozenset({"10.0.0.5"})).keep == {"10.0.0.5"}
+
+    state.up, state.last_error = False, "connection refused"
+    health._probe_changed()
+    health.sync()
+    assert health.healthy == frozenset() and locks.refreshed == 2
+    plan = health.plan(frozenset({"10.0.0.5"}))
+    assert plan.release == {"10.0.0.5"}
+    assert plan.reasons["10.0.0.5"] == ("unhealthy here (probe tcp://172.20.0.5:8080: connection refused); "
+                                        "a healthy candidate takes it")
+    assert health.hold_down == {"10.0.0.5": HOLD_DOWN}
+
+    inputs.locks_snapshot(Snapshot({"members/n1": member_value("10.9.0.1", []),
+                                    "members/n2": member_value("10.9.0.2", ["10.0.0.5"])}, 2))
+    state.up = True  # healthy again, and the VIP is free: n2 (healthy) goes first
+    clock.advance(5)
+    plan = health.plan(frozenset())
+    assert not plan.campaign_now and plan.campaign_later == {"10.0.0.5"}
+    assert "hold-down" in health.notes["10.0.0.5"]
+    clock.advance(HOLD_DOWN - 5)
+    assert health.plan(frozenset()).campaign_now == {"10.0.0.5"}, "the hold-down is over"
+
+    inputs.locks_snapshot(Snapshot({"10.0.0.5.lock": "n1", "members/n1": member_value("10.9.0.1", []),
+                                    "members/n2": member_value("10.9.0.2", [])}, 3))
+    state.up = False  # nobody healthy: the holder keeps it, and says why
+    plan = health.plan(frozenset({"10.0.0.5"}))
+    assert plan.keep == {"10.0.0.5"} and "no candidate is healthy" in health.notes["10.0.0.5"]
+    health.stop()

@@ -37,6 +37,7 @@ def vip_entries(manager) -> list[dict]:
             },
             "dnat": [f"{r.ip}:{r.port}/{r.proto} -> {r.to_ip}:{r.to_port}" for r in rules],
             "last_error": manager.error_of(config.ip if config.floating else key) or firewall_error,
+            "health": manager.health.status(config.ip) if config.floating and container is not None else None,
         })
     for key, error in sorted(inputs.invalid_keys.items()):
         out.append({"key": key, "error": error, "last_error": error})

@@ -5,6 +5,11 @@ only when the configs or the pod groups changed (networkd.vips.wants), and
 only for floating VIPs whose container is on this node.  ``local(ip)``:
 True (every target up, or nothing to probe), False (a target is down), None
 (undecided: not yet ``rise`` successes nor ``fall`` failures).
+
+Placement (item 3): our members value lists the VIPs we are a healthy
+candidate for (``sync`` rewrites it when that changes); ``plan()`` runs the
+planner with every node's published health and our own, and starts a
+hold-down for a VIP we release for ill health, so it does not flap back.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from networkd.vips.planner import local_container
+from networkd.vips.planner import UNHEALTHY, CandidateHealth, FloatingPlan, local_container, member_value, plan_floating
 from networkd.vips.probes import Prober, Target, targets_of
+
+HOLD_DOWN = 10.0  # seconds a VIP lost for ill health is contested only if no other healthy candidate takes it
 
 
 @dataclass(frozen=True)
@@ -33,29 +40,69 @@ def probe_settings(options) -> ProbeSettings | None:
 
 
 class VipHealth:
-    def __init__(self, reactor, inputs, wants, hostname: str, settings: ProbeSettings | None,
-                 changed: Callable[[], None]):
-        self._inputs, self._wants, self._hostname = inputs, wants, hostname
+    def __init__(self, reactor, inputs, wants, locks, hostname: str, node_ip: str | None,
+                 settings: ProbeSettings | None, changed: Callable[[], None]):
+        self._reactor, self._inputs, self._wants, self._locks = reactor, inputs, wants, locks
+        self._hostname, self._node_ip, self._changed = hostname, node_ip, changed
         self.settings = settings
         self.prober = None if settings is None else Prober(
             reactor, interval=settings.interval, timeout=settings.timeout, rise=settings.rise, fall=settings.fall,
-            changed=changed)
+            changed=self._probe_changed)
         self.targets: dict[str, tuple[Target, ...]] = {}  # floating VIP ip -> what is probed for it here
+        self.healthy: frozenset[str] = frozenset()  # what our members value says
+        self.hold_down: dict[str, float] = {}  # ip -> until when (reactor seconds)
+        self.notes: dict[str, str] = {}  # ip -> why the placement is what it is (for the API)
         self._memo: tuple = (None, None)
+        self._dirty = True
+        locks.presence_value = self.presence
+
+    def _probe_changed(self) -> None:
+        self._dirty = True
+        self._changed()
+
+    def presence(self) -> str:
+        return member_value(self._node_ip, self.healthy)
 
     def sync(self) -> None:
-        """Probe the targets of the floating VIPs placeable here (nothing when probing is off)."""
+        """Probe the targets of the floating VIPs placeable here; publish what we are healthy for."""
         inputs = self._inputs
-        if self.prober is None or (self._memo[0] is inputs.configs and self._memo[1] is inputs.containers):
-            return
-        targets = {}
-        placeable = self._wants.placeable()
-        for config in inputs.configs.values():
-            if config.floating and config.ip in placeable:
-                targets[config.ip] = targets_of(config, local_container(config, inputs.containers, self._hostname))
-        self.targets = targets
-        self.prober.track(t for ts in targets.values() for t in ts)
-        self._memo = (inputs.configs, inputs.containers)
+        if not (self._memo[0] is inputs.configs and self._memo[1] is inputs.containers):
+            targets = {}
+            placeable = self._wants.placeable()
+            for config in inputs.configs.values():
+                if config.floating and config.ip in placeable:
+                    container = local_container(config, inputs.containers, self._hostname)
+                    targets[config.ip] = targets_of(config, container) if self.prober is not None else ()
+            self.targets = targets
+            if self.prober is not None:
+                self.prober.track(t for ts in targets.values() for t in ts)
+            self._memo, self._dirty = (inputs.configs, inputs.containers), True
+        if self._dirty:
+            self._dirty = False
+            healthy = frozenset(ip for ip in self.targets if self.local(ip) is True)
+            if healthy != self.healthy:
+                self.healthy = healthy
+                self._locks.refresh_presence()
+
+    def plan(self, held: frozenset[str]) -> FloatingPlan:
+        """The planner's answer with every candidate's health; hold-downs start for VIPs we release for it."""
+        inputs, now = self._inputs, self._reactor.seconds()
+        self.hold_down = {ip: until for ip, until in self.hold_down.items() if until > now}
+        mine = {ip: self.local(ip) for ip in self.targets}
+        health = CandidateHealth(inputs.member_health, mine, frozenset(self.hold_down))
+        plan = plan_floating(inputs.configs, inputs.containers, self._hostname, inputs.holders, inputs.members,
+                             held, health)
+        self.notes = {}
+        for ip in plan.release:
+            if plan.reasons.get(ip) == UNHEALTHY:
+                plan.reasons[ip] = f"unhealthy here ({self.why(ip) or 'probe down'}); a healthy candidate takes it"
+                self.hold_down[ip] = now + HOLD_DOWN
+        for ip in plan.keep:
+            if mine.get(ip) is False:
+                self.notes[ip] = f"unhealthy here ({self.why(ip)}), but no candidate is healthy: keeping it"
+        for ip in plan.campaign_later & self.hold_down.keys():
+            self.notes[ip] = "hold-down after ill health: contested only if no other candidate takes it"
+        return plan
 
     def local(self, ip: str) -> bool | None:
         """This node's probe verdict for ``ip`` (True when nothing is probed)."""
@@ -75,6 +122,14 @@ class VipHealth:
             if state is not None and state.up is False:
                 return f"probe {target}: {state.last_error}"
         return None
+
+    def status(self, ip: str) -> dict:
+        """For /v1/vips: our verdict, the probe's last error, why the placement is what it is."""
+        verdict = self.local(ip)
+        until = self.hold_down.get(ip, 0.0) - self._reactor.seconds()
+        return {"here": {True: "healthy", False: "unhealthy", None: "undecided"}[verdict],
+                "probes": [str(t) for t in self.targets.get(ip, ())] if self.prober is not None else "off",
+                "error": self.why(ip), "note": self.notes.get(ip), "hold_down": round(until, 1) if until > 0 else None}
 
     def stop(self) -> None:
         if self.prober is not None:

@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from networkd.serial import ErrorLog
 from networkd.vips.model import Container, InvalidValue, VipConfig, parse_pod_group, parse_vips
-from networkd.vips.planner import ContainerIndex, lock_holders
+from networkd.vips.planner import MEMBERS, ContainerIndex, lock_holders, member_health
 
 log = Logger()
 
@@ -27,6 +27,8 @@ class VipInputs:
         self.holders: dict[str, str] = {}  # ip -> hostname, from the lock snapshot
         self.locks_revision = 0  # that snapshot's etcd revision
         self.members: frozenset[str] = frozenset()  # live daemons (presence keys)
+        self.member_health: dict[str, frozenset[str] | None] = {}  # daemon -> VIPs it is healthy for (None: says not)
+        self._member_values: dict[str, str] = {}
         self.seen = {"configs": False, "pods": False, "locks": False}
         self._config_errors = ErrorLog(log, "VIP config skipped: {error}")
         self._pod_errors = ErrorLog(log, "pod group skipped: {error}")
@@ -67,6 +69,9 @@ class VipInputs:
 
     def locks_snapshot(self, snapshot) -> None:
         self.holders, self.members = lock_holders(snapshot.values)
+        values = {name: snapshot.values.get(MEMBERS + name, "") for name in self.members}
+        if values != self._member_values:  # parsed again only when a members value changed
+            self._member_values, self.member_health = values, {n: member_health(v) for n, v in values.items()}
         self.locks_revision = snapshot.revision
         self.seen["locks"] = True
 

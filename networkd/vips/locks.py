@@ -65,6 +65,8 @@ class LockKeeper:
         self._ours_in_snapshot: set[str] = set()
         self._presence_key = f"{keys.vip_locks}{MEMBERS}{hostname}"
         self._announced: int | None = None
+        self._announced_value: str | None = None
+        self.presence_value: Callable[[], str] | None = None  # our members value (default: the node IP)
         self.stopping = False
 
     # -- views ---------------------------------------------------------------
@@ -139,14 +141,27 @@ class LockKeeper:
         if lease == self._announced:
             return False
         self._announced = lease
+        self._put_presence(lease, self.presence_value() if self.presence_value else node_ip or "")
+        return True
+
+    def refresh_presence(self) -> None:
+        """Write our members value again if it changed (e.g. what we are a healthy candidate for)."""
+        lease = self._session.lease
+        if self.presence_value is None or lease is None or lease != self._announced or self.stopping:
+            return
+        value = self.presence_value()
+        if value != self._announced_value:
+            self._put_presence(lease, value)
+
+    def _put_presence(self, lease: int, value: str) -> None:
+        self._announced_value = value
 
         def failed(failure):
             if self._announced == lease:
-                self._announced = None  # try again on the next ack
+                self._announced = self._announced_value = None  # try again on the next ack
             log.warn("could not announce presence: {e}", e=failure.getErrorMessage())
 
-        self._locks.announce(self._presence_key, node_ip or "", lease).addErrback(failed)
-        return True
+        self._locks.announce(self._presence_key, value, lease).addErrback(failed)
 
     def withdraw_presence(self) -> defer.Deferred:
         lease = self._session.lease

@@ -15,6 +15,7 @@ one at a time and only while no VIP of the proc is waiting for a holder.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -153,11 +154,18 @@ def plan_floating(
     holders: Mapping[str, str],
     members: frozenset[str],
     held: frozenset[str],
+    health: "CandidateHealth | None" = None,
 ) -> FloatingPlan:
     """Which floating VIPs to contest now / later, keep and release.
 
     ``holders``: ip -> hostname from the lock snapshot; ``held``: the IPs
-    this process holds on its current lease.
+    this process holds on its current lease; ``health``: who is a healthy
+    candidate (None: every candidate is).  A VIP is placed on healthy
+    candidates and balanced among them; when none is healthy, among all
+    (serving something beats serving nothing).  A holder that is unhealthy
+    releases it only when a healthy candidate exists.  A VIP this node lost
+    for ill health (``hold_down``) is contested only after the grace period:
+    another healthy candidate takes it first.
     """
     floating = {c.ip: c for c in configs.values() if c.floating}
     wanted = {ip for ip, c in floating.items() if local_container(c, containers, hostname) is not None}
@@ -187,34 +195,90 @@ def plan_floating(
                 counts[holder] += 1
         mine = len(held & group_ips)
 
-        def others(config: VipConfig) -> set[str]:
-            return {n for n in nodes_running(config, containers) if n in members and n != hostname}
+        def split(config: VipConfig) -> tuple[set[str], set[str]]:
+            """(healthy live rivals, all live rivals) running ``config``'s proc."""
+            rivals = {n for n in nodes_running(config, containers) if n in members and n != hostname}
+            return (rivals if health is None else {n for n in rivals if health.ok(n, config.ip)}), rivals
+
+        def others(config: VipConfig, me: bool | None) -> set[str]:
+            """Whom to balance against: the healthy candidates, or everyone when none is healthy."""
+            good, everyone = split(config)
+            return good if me is True or good else everyone
 
         waiting = False
         for config in group:
+            me = True if health is None else health.mine.get(config.ip, True)
             if config.ip in held:
-                keep.add(config.ip)
+                if me is False and split(config)[0]:
+                    release[config.ip] = UNHEALTHY
+                else:
+                    keep.add(config.ip)  # healthy, or nobody is: serving something beats serving nothing
                 continue
             holder = holders.get(config.ip)
             if holder:
                 continue  # someone holds it (maybe our previous process: its lease expires)
             waiting = True
-            rivals = others(config)
-            if not rivals or mine <= min(counts[n] for n in rivals):
+            if me is not True and split(config)[0]:
+                continue  # a healthy candidate takes it
+            rivals = others(config, me)
+            if rivals and health is not None and config.ip in health.hold_down:
+                later.add(config.ip)  # lost for ill health lately: only if no other candidate takes it
+            elif not rivals or mine <= min(counts[n] for n in rivals):
                 now.add(config.ip)
             else:
                 later.add(config.ip)
         if waiting:
             continue
         for config in sorted(group, key=lambda c: c.ip, reverse=True):
-            if config.ip not in held:
+            if config.ip not in held or config.ip in release:
                 continue
-            rivals = others(config)
+            rivals = others(config, True if health is None else health.mine.get(config.ip, True))
             if rivals and min(counts[n] for n in rivals) <= mine - 2:
                 keep.discard(config.ip)
                 release[config.ip] = f"rebalancing: this node holds {mine} VIPs of {config.app}.{config.proc}"
                 break
     return FloatingPlan(frozenset(now), frozenset(later), frozenset(keep), frozenset(release), release)
+
+
+UNHEALTHY = "unhealthy here, a healthy candidate exists"
+
+
+@dataclass(frozen=True)
+class CandidateHealth:
+    """Who is a healthy candidate for which floating VIP (issue 11, item 3).
+
+    ``published``: node -> the VIPs its members value says it is a healthy
+    candidate for (None: an older daemon that says nothing, healthy for all);
+    ``mine``: this node's own verdicts (True, False or None = undecided; absent
+    = True); ``hold_down``: VIPs this node lost for ill health lately.
+    """
+
+    published: Mapping[str, frozenset[str] | None] = field(default_factory=dict)
+    mine: Mapping[str, bool | None] = field(default_factory=dict)
+    hold_down: frozenset[str] = frozenset()
+
+    def ok(self, node: str, ip: str) -> bool:
+        healthy = self.published.get(node)
+        return healthy is None or ip in healthy
+
+
+def member_value(node_ip: str | None, healthy: Iterable[str]) -> str:
+    """Our members value: node IP and the VIPs we are a healthy candidate for (JSON)."""
+    return json.dumps({"node_ip": node_ip or "", "healthy": sorted(healthy)}, separators=(",", ":"))
+
+
+def member_health(value: str) -> frozenset[str] | None:
+    """The healthy VIPs of a members value; None for an older daemon's value (its node IP, or empty)."""
+    value = value.strip()
+    if not value.startswith("{"):
+        return None
+    try:
+        healthy = json.loads(value).get("healthy")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(healthy, list):
+        return None
+    return frozenset(ip for ip in healthy if isinstance(ip, str))
 
 
 def lock_holders(values: Mapping[str, str]) -> tuple[dict[str, str], frozenset[str]]:

@@ -27,7 +27,7 @@ from networkd.vips.host import ADDRESS_CHECK, FIREWALL_CHECK, VipHost
 from networkd.vips.inputs import VipInputs
 from networkd.vips.locks import STOP_TIMEOUT, LockKeeper
 from networkd.vips.netlink import Netlink
-from networkd.vips.planner import DnatRule, app_endpoints, plan_floating
+from networkd.vips.planner import DnatRule, app_endpoints
 from networkd.vips.wants import HostWants
 
 log = Logger()
@@ -61,9 +61,9 @@ class VipManager(service.Service):
         self._etcd = LeaseLocks(client)
         self.inputs = VipInputs(keys)
         self.wants = HostWants(self.inputs, hostname, node_ip)
-        self.health = VipHealth(reactor, self.inputs, self.wants, hostname, probe, self.kick)
         self.locks = LockKeeper(locks=self._etcd, keys=keys, hostname=hostname, session=session, reactor=reactor,
                                 changed=self.kick, clear_host=self._clear_host)
+        self.health = VipHealth(reactor, self.inputs, self.wants, self.locks, hostname, node_ip, probe, self.kick)
         self.app_keys = AppKeys(self._etcd, reactor, hostname)
         self.firewall_choice = firewall_backend  # "auto" | "legacy" | "nft", or a back end object
         self.host = VipHost(reactor=reactor, interface=interface, clock=self._clock, justify=self._justification,
@@ -246,8 +246,7 @@ class VipManager(service.Service):
             self._cleaned = True
             self._check_addresses()  # a crashed predecessor's addresses go before we contest
         if inputs.complete and not self.fenced():
-            self.locks.drive(plan_floating(inputs.configs, inputs.containers, self.hostname, inputs.holders,
-                                           inputs.members, self.locks.held()))
+            self.locks.drive(self.health.plan(self.locks.held()))  # healthy candidates first (vips.health)
         self._sync_host()
         endpoints = app_endpoints(inputs.configs, inputs.containers, self.hostname, self.node_ip)
         self.app_keys.sync(frozenset(self._keys.app_key(e.app, e.proc, e.ip, e.port) for e in endpoints),
