@@ -7,6 +7,7 @@ is one clear line and exit status 2 instead of a half-started daemon.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import sys
 from dataclasses import dataclass
@@ -226,6 +227,8 @@ class Options(usage.Options):
         ["vip-probe-timeout", None, "1", "Seconds a probe may take before it counts as failed."],
         ["vip-probe-rise", None, "2", "Successful probes in a row that make a target healthy."],
         ["vip-probe-fall", None, "3", "Failed probes in a row that make a target unhealthy."],
+        ["notify-script", None, None, "Executable run on every VIP transition here: EVENT VIP REASON."],
+        ["garp-interval", None, "60", "Seconds between gratuitous ARP re-announcements of held VIPs (0: off)."],
     ] + [[alias, None, None, f"Alias of --{name} (Go flag name)."] for alias, name in GO_ALIASES.items()]
 
     def opt_dns_forward_reverse(self, cidr):
@@ -281,6 +284,10 @@ class Options(usage.Options):
             self[name] = value
         self["vip-probe-rise"] = self._integer("vip-probe-rise", 1, 100)
         self["vip-probe-fall"] = self._integer("vip-probe-fall", 1, 100)
+        self["garp-interval"] = self._integer("garp-interval", 0, 86400)
+        script = self["notify-script"]
+        if script is not None and not (os.path.isfile(script) and os.access(script, os.X_OK)):
+            raise usage.UsageError(f"--notify-script: {script!r} is not an executable file")
 
     def _domain(self, text: str) -> str:
         from networkd.dns.names import BadName, check_name

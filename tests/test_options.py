@@ -101,3 +101,18 @@ def test_vip_probe_options_default_and_validate():
                           (["--vip-probe-fall", "x"], "--vip-probe-fall: 'x' is not a whole number")):
         with pytest.raises(usage.UsageError, match=message):
             parse(*args)
+
+
+def test_notify_script_and_garp_interval(tmp_path):
+    options = parse()
+    assert options["notify-script"] is None and options["garp-interval"] == 60
+    script = tmp_path / "notify"
+    script.write_text("#!/bin/sh\n")
+    with pytest.raises(usage.UsageError, match="--notify-script: .* is not an executable file"):
+        parse("--notify-script", str(script))
+    script.chmod(0o755)
+    assert parse("--notify-script", str(script), "--garp-interval", "0")["notify-script"] == str(script)
+    with pytest.raises(usage.UsageError, match="--notify-script: .* is not an executable file"):
+        parse("--notify-script", str(tmp_path))
+    with pytest.raises(usage.UsageError, match="--garp-interval: -1 is out of range"):
+        parse("--garp-interval", "-1")
