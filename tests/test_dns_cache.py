@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import pytest_twisted
+from dnslib import RCODE
 
 from tests.support.dnsstub import LocalDns, StubServer
+from tests.support.waiting import eventually, sleep
 
 
 def ips(reply) -> list:
@@ -35,6 +37,59 @@ async def test_the_cache_size_bounds_every_cached_answer_hot_or_not():
         assert len(stub.queries) == asked + 1, "the oldest name was evicted, hot answers included"
         assert ips(await env.q(names[-1])) == stub.records[names[-1]]
         assert len(stub.queries) == asked + 1, "the newest is still cached"
+    finally:
+        await env.stop()
+        stub.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_expired_answer_is_served_stale_while_no_upstream_answers():
+    """RFC 8767: once the upstream fails (SERVFAIL, then silence past the
+    budget), an answer past its TTL is served with TTL 30 instead of
+    SERVFAIL, over UDP and TCP, and asked again only once meanwhile; a name
+    never cached still gets SERVFAIL; when the upstream answers again, the
+    fresh answer replaces the stale one.  With --dns-stale-max 0: SERVFAIL."""
+    stub = StubServer(ttl=1)
+    stub.records["stale.example.com"] = ["10.0.0.3"]
+    stub.records["quiet.example.com"] = ["10.0.0.6"]
+    env = await LocalDns([stub]).start()
+    env.dns.resolver.forwarding.stale_recheck = 2.0  # not 30 s: the test sees a refresh after it
+    try:
+        for name in ("stale.example.com", "quiet.example.com"):
+            assert ips(await env.q(name)) == stub.records[name]
+        await sleep(1.2)  # both expired
+        stub.mode = "servfail"
+        asked = len(stub.queries)
+        for tcp in (False, False, True, False):
+            reply = await env.q("stale.example.com", tcp=tcp)
+            assert reply.header.rcode == RCODE.NOERROR, f"tcp={tcp}: {RCODE[reply.header.rcode]}"
+            assert ips(reply) == ["10.0.0.3"] and [rr.ttl for rr in reply.rr] == [30]
+        assert len(stub.queries) - asked == 1, "one refresh, then stale at once until the recheck (2 s)"
+        assert (await env.q("never.example.com")).header.rcode == RCODE.SERVFAIL
+        stub.mode = "silent"
+        reply = await env.q("quiet.example.com", timeout=4)  # the budget runs out first
+        assert reply.header.rcode == RCODE.NOERROR and ips(reply) == ["10.0.0.6"] and reply.rr[0].ttl == 30
+
+        stub.mode = "answer"
+        stub.records["stale.example.com"] = ["10.0.0.4"]
+
+        async def fresh():
+            reply = await env.q("stale.example.com")
+            return reply.header.rcode == RCODE.NOERROR and ips(reply) == ["10.0.0.4"] and reply.rr[0].ttl <= 1
+
+        await eventually(fresh, timeout=5, message="the fresh answer replaces the stale one")
+    finally:
+        await env.stop()
+        stub.close()
+
+    stub = StubServer(ttl=1)
+    stub.records["stale.example.com"] = ["10.0.0.3"]
+    env = await LocalDns([stub], stale_max=0).start()
+    try:
+        assert ips(await env.q("stale.example.com")) == ["10.0.0.3"]
+        await sleep(1.2)
+        stub.mode = "servfail"
+        assert (await env.q("stale.example.com")).header.rcode == RCODE.SERVFAIL
     finally:
         await env.stop()
         stub.close()

@@ -9,6 +9,10 @@ NXDOMAIN and NODATA are cached for min(SOA TTL, SOA minimum) (RFC 2308);
 without an SOA they are not cached.  Our own failures (SERVFAIL) are kept a
 few seconds at most and never replace a live good answer.
 
+Serve stale (RFC 8767): an answer past its TTL stays up to ``stale_max``
+seconds more (still counted in the size), for when no upstream answers
+(``stale``); a SERVFAIL never replaces it.
+
 The size bounds every kept upstream answer: an entry that leaves (evicted,
 replaced, expired, flushed) is handed to ``on_evict``, which drops its
 pre-packed hot answers too (``networkd.dns.hot``).
@@ -25,6 +29,8 @@ from networkd.dns import wire
 MAX_TTL = 86400  # cap on positive entries
 MAX_NEGATIVE_TTL = 3600  # cap on NXDOMAIN / NODATA (RFC 2308 suggests 1-3 hours)
 SERVFAIL_TTL = 2
+STALE_MAX = 86400  # seconds past its TTL an answer may still be served stale (--dns-stale-max)
+STALE_TTL = 30  # the TTL of a stale answer (RFC 8767 s4)
 
 
 @dataclass
@@ -35,6 +41,7 @@ class Entry:
     expires_at: float
     key: object = None  # its key in the cache
     hot_keys: list = field(default_factory=list)  # its keys in the hot table
+    stale_until: float = 0.0  # after a failed refresh: served stale without asking upstream until then
 
     @property
     def failure(self) -> bool:
@@ -42,8 +49,9 @@ class Entry:
 
 
 class Cache:
-    def __init__(self, size: int, clock, on_evict=None):
+    def __init__(self, size: int, clock, on_evict=None, stale_max: float = STALE_MAX):
         self.size = size
+        self.stale_max = stale_max
         self._clock = clock
         self._entries: OrderedDict = OrderedDict()
         self.on_evict = on_evict or (lambda entry: None)
@@ -56,11 +64,21 @@ class Cache:
         if entry is None:
             return None
         if entry.expires_at <= self._clock.seconds():
-            del self._entries[key]
-            self.on_evict(entry)
+            if self.stale(key) is None:
+                del self._entries[key]
+                self.on_evict(entry)
             return None
         self._entries.move_to_end(key)
         return entry
+
+    def stale(self, key) -> Entry | None:
+        """An answer past its TTL but within ``stale_max`` of it (never a failure)."""
+        entry = self._entries.get(key)
+        if entry is None or entry.failure:
+            return None
+        if entry.expires_at <= self._clock.seconds() < entry.expires_at + self.stale_max:
+            return entry
+        return None
 
     def touch(self, entry: Entry) -> None:
         """``entry`` was used (a hot hit): it is the most recent again."""
@@ -78,12 +96,13 @@ class Cache:
         return entry
 
     def put_failure(self, key) -> None:
-        """Remember a SERVFAIL briefly, unless a good answer is still live."""
+        """Remember a SERVFAIL briefly, unless a good answer is still live or
+        may still be served stale."""
         if self.size <= 0:
             return
         current = self._entries.get(key)
         now = self._clock.seconds()
-        if current is not None and not current.failure and current.expires_at > now:
+        if current is not None and not current.failure and current.expires_at + self.stale_max > now:
             return
         self._store(key, Entry(None, wire.SERVFAIL, now, now + SERVFAIL_TTL, key))
 
@@ -113,13 +132,14 @@ def cache_ttl(answer: wire.UpstreamAnswer) -> int:
     return 0
 
 
-def render(entry: Entry, query: wire.Query, now: float) -> bytes:
-    """The cached answer for ``query``: its ID, its case, TTLs aged."""
+def render(entry: Entry, query: wire.Query, now: float, stale: bool = False) -> bytes:
+    """The cached answer for ``query``: its ID, its case, TTLs aged (stale:
+    every TTL STALE_TTL)."""
     answer = entry.answer
     body = bytearray(answer.body)
     age = int(now - entry.stored_at)
     for offset, ttl in answer.ttl_offsets:
-        struct.pack_into(">I", body, offset, max(0, ttl - age))
+        struct.pack_into(">I", body, offset, STALE_TTL if stale else max(0, ttl - age))
     flags = wire.response_flags(query.flags, answer.rcode, ad=bool(answer.flags & wire.AD))
     body[0:2] = query.id
     struct.pack_into(">H", body, 2, flags)

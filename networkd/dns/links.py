@@ -21,6 +21,7 @@ from networkd.views import DnsStats
 log = Logger()
 
 MAX_FORWARDS = 1000  # questions in flight to upstreams at once (dnsmasq: --dns-forward-max 150)
+STALE_RECHECK = 30.0  # after a failed refresh, seconds a name is served stale before it is asked again (RFC 8767)
 
 
 @dataclass(slots=True)
@@ -47,17 +48,23 @@ def fit(response: bytes, query: wire.Query, udp: bool) -> bytes:
 
 
 class CachedAnswers:
-    """Upstream answers (and brief failures) the cache still holds."""
+    """Upstream answers (and brief failures) the cache still holds; and an
+    expired answer whose refresh failed, served stale (RFC 8767) at once
+    while one refresh at a time runs in the background (``refresh``)."""
 
-    def __init__(self, reactor, cache: Cache, stats: DnsStats, hot: HotAnswers):
+    def __init__(self, reactor, cache: Cache, stats: DnsStats, hot: HotAnswers, refresh):
         self.reactor = reactor
         self.cache = cache
         self.stats = stats
         self.hot = hot
+        self.refresh = refresh
 
     def answer(self, ask: Ask):
         entry = self.cache.get(ask.key)
         if entry is None:
+            stale = self.cache.stale(ask.key)
+            if stale is not None and stale.stale_until:
+                return self._stale(ask, stale)
             self.stats.cache_misses += 1
             return None
         self.stats.cache_hits += 1
@@ -71,6 +78,13 @@ class CachedAnswers:
         if ask.udp:
             self.hot.remember_cached(ask.data, response, entry, now)
         return fit(response, query, ask.udp)
+
+    def _stale(self, ask: Ask, entry: Entry) -> bytes:
+        now = self.reactor.seconds()
+        if now >= entry.stale_until:
+            self.refresh(ask)
+        count(self.stats, entry.rcode, "stale")
+        return fit(render(entry, ask.query, now, stale=True), ask.query, ask.udp)
 
 
 class Forwarding:
@@ -87,12 +101,10 @@ class Forwarding:
         self.inflight: dict = {}  # cache key -> [(Deferred, query, udp), ...]
         self.max_forwards = MAX_FORWARDS
         self.epoch = 0  # counts cache flushes: a late answer from before one is not kept
+        self.stale_recheck = STALE_RECHECK
 
     def answer(self, ask: Ask):
         query, key = ask.query, ask.key
-        servers = self.zones.servers_for(ask.name)
-        if servers is None:
-            servers = self.upstreams
         result = defer.Deferred()
         waiting = self.inflight.get(key)
         if waiting is not None:
@@ -105,10 +117,27 @@ class Forwarding:
         # The asker waits before the exchange starts: one that fails at once (no upstream
         # at all, every socket refused) must still answer it, with SERVFAIL.
         self.inflight[key] = [(result, query, ask.udp)]
+        self._ask_upstream(ask)
+        return result
+
+    def refresh(self, ask: Ask) -> None:
+        """Ask again in the background for a name served stale: nobody waits,
+        and only if no exchange for it is in flight already."""
+        entry = self.cache.stale(ask.key)
+        if entry is not None:
+            entry.stale_until = self.reactor.seconds() + self.stale_recheck
+        if ask.key not in self.inflight and len(self.inflight) < self.max_forwards:
+            self.inflight[ask.key] = []
+            self._ask_upstream(ask)
+
+    def _ask_upstream(self, ask: Ask) -> None:
+        query, key = ask.query, ask.key
+        servers = self.zones.servers_for(ask.name)
+        if servers is None:
+            servers = self.upstreams
         late = partial(self._late_answer, key, self.epoch)
         cd = bool(query.flags & wire.CD)  # CD=1 data may be what a validating upstream refuses at CD=0
         self.forwarder.query(query.question, query.do, servers, late, cd=cd).addBoth(self._forwarded, key)
-        return result
 
     def _late_answer(self, key, epoch: int, answer) -> None:
         """An answer after the client got SERVFAIL: cached for its retry."""
@@ -122,6 +151,9 @@ class Forwarding:
                 log.failure("forwarding failed unexpectedly", outcome)
             else:
                 log.debug("upstream failure: {why}", why=outcome.getErrorMessage())
+            stale = self.cache.stale(key)
+            if stale is not None:  # RFC 8767: the expired answer, rather than SERVFAIL
+                return self._answer_stale(stale, waiters)
             self.cache.put_failure(key)
             for result, query, udp in waiters:
                 count(self.stats, wire.SERVFAIL, "forward")
@@ -139,3 +171,10 @@ class Forwarding:
                 response = wire.error_response(query, wire.SERVFAIL)
                 count(self.stats, wire.SERVFAIL, "error")
             result.callback(response)
+
+    def _answer_stale(self, entry: Entry, waiters: list) -> None:
+        now = self.reactor.seconds()
+        entry.stale_until = now + self.stale_recheck  # served at once from now on, refreshed later
+        for result, query, udp in waiters:
+            count(self.stats, entry.rcode, "stale")
+            result.callback(fit(render(entry, query, now, stale=True), query, udp))

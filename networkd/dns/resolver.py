@@ -16,7 +16,7 @@ from __future__ import annotations
 from twisted.logger import Logger
 
 from networkd.dns import wire
-from networkd.dns.cache import Cache
+from networkd.dns.cache import STALE_MAX, Cache
 from networkd.dns.clients import ClientFilter
 from networkd.dns.hot import HotAnswers
 from networkd.dns.links import Ask, CachedAnswers, Forwarding, count, fit
@@ -64,17 +64,19 @@ class Resolver:
     """Answers one query message: local zone, then cache, then upstreams."""
 
     def __init__(self, reactor, *, cache_size: int, stats: DnsStats | None = None,
-                 client_filter: ClientFilter | None = None, budget: float = 1.6, forward_reverse=()):
+                 client_filter: ClientFilter | None = None, budget: float = 1.6, forward_reverse=(),
+                 stale_max: float = STALE_MAX):
         self.reactor = reactor
         self.stats = stats or DnsStats()
         self.clients = client_filter or ClientFilter()
         self.hot = HotAnswers(cached_limit=cache_size)
-        self.cache = Cache(cache_size, reactor, on_evict=self.hot.forget)
+        self.cache = Cache(cache_size, reactor, on_evict=self.hot.forget, stale_max=stale_max)
         self.hot.touch = self.cache.touch
         self.local = LocalZone(self.stats, self.hot, ReverseZones(forward_reverse),
                                lambda name: self.forwarding.zones.servers_for(name) is not None)
         self.forwarding = Forwarding(reactor, self.cache, self.stats, budget)
-        self.chain = (self.local, CachedAnswers(reactor, self.cache, self.stats, self.hot), self.forwarding)
+        cached = CachedAnswers(reactor, self.cache, self.stats, self.hot, self.forwarding.refresh)
+        self.chain = (self.local, cached, self.forwarding)
 
     # -- data ------------------------------------------------------------------
 

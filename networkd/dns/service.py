@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from networkd.backoff import every
 from networkd.dns.hostsfile import FileChangeWatcher, parse_hosts
+from networkd.dns.cache import STALE_MAX
 from networkd.dns.clients import ClientFilter
 from networkd.dns.resolver import Resolver
 from networkd.dns.tcp import DnsTcpFactory
@@ -42,13 +43,14 @@ class DnsService(service.Service):
                  node_ip: str | None = None, hosts_file: str | None = None,
                  domains=None, domain_servers=None, vips=None,
                  domains_prefix: str = "", domain_servers_prefix: str = "",
-                 poll_interval: float = 1.0, budget: float = 1.6, forward_reverse=()):
+                 poll_interval: float = 1.0, budget: float = 1.6, forward_reverse=(),
+                 stale_max: float = STALE_MAX):
         self.reactor = reactor
         self.listen = listen
         self.ttl = ttl
         self.node_ip = node_ip
         self.resolver = Resolver(reactor, cache_size=cache_size, client_filter=ClientFilter(allow), budget=budget,
-                                 forward_reverse=forward_reverse)
+                                 forward_reverse=forward_reverse, stale_max=stale_max)
         self.stats = self.resolver.stats
         self.invalid_keys: dict = {}
         self._zone_invalid: dict = {}
