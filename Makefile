@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps venv test demo bench-dns bench-failover bench-hold rpm clean
+.PHONY: deps venv test demo demo-check bench-dns bench-failover bench-hold rpm clean
 
 deps:
 	scripts/install-deps.sh
@@ -22,6 +22,10 @@ test: deps venv
 
 demo: deps venv
 	scripts/demo.sh
+
+# The VIP demo without a person (root): the VIP answers, the kill moves it, nothing is left behind.
+demo-check: deps venv
+	$(PY) scripts/demo_vips.py --check
 
 bench-dns: deps venv
 	$(PY) bench/dns.py

@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
-# make demo: a throw-away etcd on 127.0.0.1 and networkd against it, safe for this host.
+# make demo: as root, the VIP demo in network namespaces (scripts/demo_vips.py); otherwise
+# a throw-away etcd on 127.0.0.1 and networkd against it, safe for this host.
 # It never touches /etc/resolv.conf, /etc/hosts, interfaces or iptables: DNS listens on
 # 127.0.0.1:5353, resolv.conf and hosts are temp files, VIPs are off (they need a namespace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+
+# As root: the whole job (VIPs moving between namespaced nodes, scripts/demo_vips.py).
+# Without root, or without network namespaces, it says so and this DNS-only demo follows.
+if [ "$(id -u)" = 0 ]; then
+  rc=0
+  "$PY" scripts/demo_vips.py || rc=$?
+  [ "$rc" = 3 ] || exit "$rc"
+else
+  echo "networkd demo: not root, so no VIPs (they need network namespaces); the DNS-only demo follows." >&2
+fi
 DEMO=$(mktemp -d /tmp/networkd-demo.XXXXXX)
 ETCD_PORT=${ETCD_PORT:-23790}
 DNS_PORT=${DNS_PORT:-5353}
