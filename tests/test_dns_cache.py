@@ -93,3 +93,35 @@ async def test_an_expired_answer_is_served_stale_while_no_upstream_answers():
     finally:
         await env.stop()
         stub.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_popular_name_is_refreshed_before_it_expires_and_never_misses():
+    """A name asked five times a second (TTL 3 s) for three of its lifetimes:
+    the upstream is asked again before each answer expires, so after the
+    first every answer comes from the cache or the hot table, none waits
+    for an upstream, and a change upstream still shows.  A name asked once
+    is left to expire."""
+    stub = StubServer(ttl=3)
+    stub.records["pop.example.com"] = ["10.0.0.1"]
+    stub.records["once.example.com"] = ["10.0.0.9"]
+    env = await LocalDns([stub]).start()
+    queries = env.dns.resolver.stats.queries
+    try:
+        assert ips(await env.q("once.example.com")) == ["10.0.0.9"]
+        seen = []
+        for i in range(45):
+            if i == 10:
+                stub.records["pop.example.com"] = ["10.0.0.2"]
+            reply = await env.q("pop.example.com")
+            assert reply.header.rcode == RCODE.NOERROR, f"query {i}: {RCODE[reply.header.rcode]}"
+            seen.append(ips(reply)[0])
+            await sleep(0.2)
+        forwarded = queries.get(("NOERROR", "forward"), 0)
+        assert forwarded == 2, f"{forwarded} answers waited for an upstream (the first of each name only)"
+        assert stub.names_asked().count("pop.example.com") >= 3, "refreshed ahead of each expiry"
+        assert seen[0] == "10.0.0.1" and seen[-1] == "10.0.0.2", seen
+        assert stub.names_asked().count("once.example.com") == 1, "an unpopular name is not prefetched"
+    finally:
+        await env.stop()
+        stub.close()

@@ -42,6 +42,8 @@ class Entry:
     key: object = None  # its key in the cache
     hot_keys: list = field(default_factory=list)  # its keys in the hot table
     stale_until: float = 0.0  # after a failed refresh: served stale without asking upstream until then
+    hits: int = 0  # uses while live (hot hits count once a second)
+    prefetched: bool = False  # a refresh ahead of expiry was started
 
     @property
     def failure(self) -> bool:

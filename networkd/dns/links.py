@@ -5,6 +5,7 @@ counters, the fit of an answer to UDP."""
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,6 +22,9 @@ from networkd.views import DnsStats
 log = Logger()
 
 MAX_FORWARDS = 1000  # questions in flight to upstreams at once (dnsmasq: --dns-forward-max 150)
+PREFETCH_HITS = 3  # uses in an answer's lifetime that make it popular: refreshed before it expires
+PREFETCH_WINDOW = 0.1  # ... in the last tenth of its TTL,
+PREFETCH_MIN = 3.0  # ... or its last 3 s (hot answers leave the hot table 2 s before expiry)
 STALE_RECHECK = 30.0  # after a failed refresh, seconds a name is served stale before it is asked again (RFC 8767)
 
 
@@ -50,7 +54,11 @@ def fit(response: bytes, query: wire.Query, udp: bool) -> bytes:
 class CachedAnswers:
     """Upstream answers (and brief failures) the cache still holds; and an
     expired answer whose refresh failed, served stale (RFC 8767) at once
-    while one refresh at a time runs in the background (``refresh``)."""
+    while one refresh at a time runs in the background (``refresh``).
+
+    Prefetch: an answer used PREFETCH_HITS times (cache hits, and hot hits
+    once a second each, when they re-age it) is refreshed in the background
+    once it enters the end of its life, so a popular name never misses."""
 
     def __init__(self, reactor, cache: Cache, stats: DnsStats, hot: HotAnswers, refresh):
         self.reactor = reactor
@@ -73,16 +81,26 @@ class CachedAnswers:
             count(self.stats, wire.SERVFAIL, "cache")
             return wire.error_response(query, wire.SERVFAIL)
         now = self.reactor.seconds()
+        self.used(entry, now)
         response = render(entry, query, now)
         count(self.stats, entry.rcode, "cache")
         if ask.udp:
             self.hot.remember_cached(ask.data, response, entry, now)
         return fit(response, query, ask.udp)
 
+    def used(self, entry: Entry, now: float) -> None:
+        """One more use of a live answer; a popular one near its end is refreshed."""
+        entry.hits += 1
+        if entry.hits >= PREFETCH_HITS and not entry.prefetched:
+            window = max(PREFETCH_MIN, (entry.expires_at - entry.stored_at) * PREFETCH_WINDOW)
+            if entry.expires_at - now <= window:
+                entry.prefetched = True
+                self.refresh(entry.key)
+
     def _stale(self, ask: Ask, entry: Entry) -> bytes:
         now = self.reactor.seconds()
         if now >= entry.stale_until:
-            self.refresh(ask)
+            self.refresh(ask.key)
         count(self.stats, entry.rcode, "stale")
         return fit(render(entry, ask.query, now, stale=True), ask.query, ask.udp)
 
@@ -117,27 +135,30 @@ class Forwarding:
         # The asker waits before the exchange starts: one that fails at once (no upstream
         # at all, every socket refused) must still answer it, with SERVFAIL.
         self.inflight[key] = [(result, query, ask.udp)]
-        self._ask_upstream(ask)
+        self._ask_upstream(key)
         return result
 
-    def refresh(self, ask: Ask) -> None:
-        """Ask again in the background for a name served stale: nobody waits,
-        and only if no exchange for it is in flight already."""
-        entry = self.cache.stale(ask.key)
+    def refresh(self, key) -> None:
+        """Ask again in the background for a cache key (a name served stale,
+        or a popular one about to expire): nobody waits, and only if no
+        exchange for it is in flight already."""
+        entry = self.cache.stale(key)
         if entry is not None:
             entry.stale_until = self.reactor.seconds() + self.stale_recheck
-        if ask.key not in self.inflight and len(self.inflight) < self.max_forwards:
-            self.inflight[ask.key] = []
-            self._ask_upstream(ask)
+        if key not in self.inflight and len(self.inflight) < self.max_forwards:
+            self.inflight[key] = []
+            self._ask_upstream(key)
 
-    def _ask_upstream(self, ask: Ask) -> None:
-        query, key = ask.query, ask.key
-        servers = self.zones.servers_for(ask.name)
+    def _ask_upstream(self, key) -> None:
+        """One exchange for a cache key: (lower-case wire name, type, class, DO, CD)."""
+        qname, qtype, qclass, do, cd = key
+        servers = self.zones.servers_for(wire.wire_to_text(qname))
         if servers is None:
             servers = self.upstreams
         late = partial(self._late_answer, key, self.epoch)
-        cd = bool(query.flags & wire.CD)  # CD=1 data may be what a validating upstream refuses at CD=0
-        self.forwarder.query(query.question, query.do, servers, late, cd=cd).addBoth(self._forwarded, key)
+        question = qname + struct.pack(">HH", qtype, qclass)
+        # CD=1 data may be what a validating upstream refuses at CD=0
+        self.forwarder.query(question, do, servers, late, cd=cd).addBoth(self._forwarded, key)
 
     def _late_answer(self, key, epoch: int, answer) -> None:
         """An answer after the client got SERVFAIL: cached for its retry."""

@@ -71,12 +71,17 @@ class Resolver:
         self.clients = client_filter or ClientFilter()
         self.hot = HotAnswers(cached_limit=cache_size)
         self.cache = Cache(cache_size, reactor, on_evict=self.hot.forget, stale_max=stale_max)
-        self.hot.touch = self.cache.touch
         self.local = LocalZone(self.stats, self.hot, ReverseZones(forward_reverse),
                                lambda name: self.forwarding.zones.servers_for(name) is not None)
         self.forwarding = Forwarding(reactor, self.cache, self.stats, budget)
         cached = CachedAnswers(reactor, self.cache, self.stats, self.hot, self.forwarding.refresh)
         self.chain = (self.local, cached, self.forwarding)
+
+        def hot_hit(entry) -> None:  # a hot answer re-aged (once a second while it is asked)
+            self.cache.touch(entry)
+            cached.used(entry, reactor.seconds())
+
+        self.hot.touch = hot_hit
 
     # -- data ------------------------------------------------------------------
 
