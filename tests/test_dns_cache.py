@@ -125,3 +125,31 @@ async def test_a_popular_name_is_refreshed_before_it_expires_and_never_misses():
     finally:
         await env.stop()
         stub.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_fresh_answer_that_cannot_be_cached_still_ends_serving_stale():
+    """Served stale after the upstream failed; the upstream recovers but now
+    answers with TTL 0 (nothing to cache): clients get that fresh answer,
+    never the stale one again."""
+    stub = StubServer(ttl=1)
+    stub.records["zero.example.com"] = ["10.0.0.3"]
+    env = await LocalDns([stub]).start()
+    env.dns.resolver.forwarding.stale_recheck = 1.0
+    try:
+        assert ips(await env.q("zero.example.com")) == ["10.0.0.3"]
+        await sleep(1.2)
+        stub.mode = "servfail"
+        assert [rr.ttl for rr in (await env.q("zero.example.com")).rr] == [30], "served stale"
+        stub.ttl, stub.mode = 0, "answer"
+        stub.records["zero.example.com"] = ["10.0.0.5"]
+
+        async def fresh():
+            return ips(await env.q("zero.example.com")) == ["10.0.0.5"]
+
+        await eventually(fresh, timeout=5, message="the fresh (uncacheable) answer")
+        for _ in range(3):
+            assert ips(await env.q("zero.example.com")) == ["10.0.0.5"], "never the stale answer again"
+    finally:
+        await env.stop()
+        stub.close()

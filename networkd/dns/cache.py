@@ -82,6 +82,13 @@ class Cache:
             return entry
         return None
 
+    def drop_stale(self, key) -> None:
+        """A fresh answer came that could not be kept: the stale one must not outlive it."""
+        entry = self.stale(key)
+        if entry is not None:
+            del self._entries[key]
+            self.on_evict(entry)
+
     def touch(self, entry: Entry) -> None:
         """``entry`` was used (a hot hit): it is the most recent again."""
         if self._entries.get(entry.key) is entry:

@@ -162,8 +162,8 @@ class Forwarding:
 
     def _late_answer(self, key, epoch: int, answer) -> None:
         """An answer after the client got SERVFAIL: cached for its retry."""
-        if epoch == self.epoch:
-            self.cache.put_answer(key, answer)
+        if epoch == self.epoch and self.cache.put_answer(key, answer) is None:
+            self.cache.drop_stale(key)
 
     def _forwarded(self, outcome, key) -> None:
         waiters = self.inflight.pop(key, [])
@@ -181,6 +181,8 @@ class Forwarding:
                 result.callback(wire.error_response(query, wire.SERVFAIL))
             return
         entry = self.cache.put_answer(key, outcome)
+        if entry is None:
+            self.cache.drop_stale(key)  # never served again over this fresher answer
         now = self.reactor.seconds()
         for result, query, udp in waiters:
             try:
