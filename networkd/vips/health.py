@@ -54,6 +54,8 @@ class VipHealth:
         self.notes: dict[str, str] = {}  # ip -> why the placement is what it is (for the API)
         self._memo: tuple = (None, None)
         self._dirty = True
+        self._verdicts: dict[str, bool] = {}  # the last decided verdict per VIP, for on_verdict
+        self.on_verdict: Callable[[str, bool, str | None], None] = lambda ip, healthy, why: None
         locks.presence_value = self.presence
 
     def _probe_changed(self) -> None:
@@ -79,10 +81,23 @@ class VipHealth:
             self._memo, self._dirty = (inputs.configs, inputs.containers), True
         if self._dirty:
             self._dirty = False
+            self._report()
             healthy = frozenset(ip for ip in self.targets if self.local(ip) is True)
             if healthy != self.healthy:
                 self.healthy = healthy
                 self._locks.refresh_presence()
+
+    def _report(self) -> None:
+        """Each VIP whose decided verdict changed (up <-> down) goes to ``on_verdict``."""
+        verdicts = {}
+        for ip in self.targets:
+            verdict = self.local(ip)
+            verdict = self._verdicts.get(ip) if verdict is None else verdict
+            if verdict is not None:
+                verdicts[ip] = verdict
+                if self._verdicts.get(ip, True) != verdict:
+                    self.on_verdict(ip, verdict, self.why(ip))
+        self._verdicts = verdicts
 
     def plan(self, held: frozenset[str]) -> FloatingPlan:
         """The planner's answer with every candidate's health; hold-downs start for VIPs we release for it."""

@@ -43,8 +43,9 @@ class VipHost:
         self.netlink = netlink or Netlink(interface, reactor, clock)
         self.arp = announcer or Announcer(reactor, interface, lambda: self.netlink.mac)
         self.keeper = AddressKeeper(reactor=reactor, netlink=self.netlink, clock=clock, justify=justify,
-                                    renew_ahead=renew_ahead, on_added=self.arp.announce, on_removed=self.arp.cancel,
+                                    renew_ahead=renew_ahead, on_added=self._added, on_removed=self._removed,
                                     managed=managed)
+        self.on_change: Callable[[str, bool], None] = lambda ip, added: None  # networkd.vips.notify
         if hasattr(self.arp, "allowed"):
             self.arp.allowed = self.may_announce
         self.firewall: fw.Firewall | None = None
@@ -54,6 +55,14 @@ class VipHost:
     def addresses(self) -> set[str]:
         """Addresses we put on the interface (and that are still there, as far as we know)."""
         return set(self.keeper.placed)
+
+    def _added(self, ip: str) -> None:  # on the interface, and still justified
+        self.arp.announce(ip)
+        self.on_change(ip, True)
+
+    def _removed(self, ip: str) -> None:
+        self.arp.cancel(ip)
+        self.on_change(ip, False)
 
     def may_announce(self, ip: str) -> bool:
         just = self._justify()

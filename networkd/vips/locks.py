@@ -43,6 +43,7 @@ class LockRecord:
     confirmed: bool = False  # seen in the lock snapshot, or read back from etcd
     releasing: bool = False
     revision: int = 0  # we know it was ours at this etcd revision: an older snapshot cannot say otherwise
+    reason: str = ""  # why we release it
 
 
 class LockKeeper:
@@ -277,7 +278,7 @@ class LockKeeper:
         record = self.records.get(ip)
         if record is None or record.releasing:
             return
-        record.releasing = True
+        record.releasing, record.reason = True, reason
         log.info("releasing VIP {ip}: {why}", ip=ip, why=reason)
         defer.Deferred.fromCoroutine(self._release(ip, record))
 

@@ -90,6 +90,7 @@ class _Probe(Protocol):
 
 class _ProbeFactory(ClientFactory):
     protocol = _Probe
+    noisy = False  # no "Starting factory" line per probe
 
     def __init__(self, target: Target, done: defer.Deferred):
         self.target, self._done = target, done

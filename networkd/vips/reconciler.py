@@ -27,6 +27,7 @@ from networkd.vips.host import ADDRESS_CHECK, FIREWALL_CHECK, VipHost
 from networkd.vips.inputs import VipInputs
 from networkd.vips.locks import STOP_TIMEOUT, LockKeeper
 from networkd.vips.netlink import Netlink
+from networkd.vips.notify import Notifier, Transitions
 from networkd.vips.planner import DnatRule, app_endpoints
 from networkd.vips.wants import HostWants
 
@@ -47,9 +48,9 @@ class VipManager(service.Service):
 
     name = "vips"
 
-    def __init__(self, *, reactor, client, keys, watch: Callable, session, hostname: str,
-                 interface: str, node_ip: str | None, firewall_backend: str = "auto",
-                 netlink: Netlink | None = None, announcer: Announcer | None = None, to_thread=None, probe=None):
+    def __init__(self, *, reactor, client, keys, watch: Callable, session, hostname: str, interface: str,
+                 node_ip: str | None, firewall_backend: str = "auto", netlink: Netlink | None = None, probe=None,
+                 announcer: Announcer | None = None, to_thread=None, notify_script=None):
         # Deadlines are on the session's clock (monotonic in the daemon): a wall-clock step never stretches one.
         self._clock = getattr(session, "clock", None) or reactor.seconds
         self._reactor, self._keys, self._session = reactor, keys, session
@@ -71,6 +72,7 @@ class VipManager(service.Service):
                             desired_rules=self._desired_rules, to_thread=to_thread or threads.deferToThread,
                             netlink=netlink, announcer=announcer)
         self.keeper, self.netlink = self.host.keeper, self.host.netlink
+        self.transitions = Transitions(self, Notifier(reactor, notify_script, hostname)) if notify_script else None
         self._active_ips: frozenset[str] = frozenset()  # floating VIPs for this host, as of the last pass
         self.fenced_since: float | None = None  # since when we hold nothing for late keep-alives
         self.fencings = 0

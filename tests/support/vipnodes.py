@@ -78,13 +78,14 @@ class Node:
         self.ttl = ttl
         self.daemon: Daemon | None = None
         self.api_port: int | None = None
+        self.extra_args: list[str] = []  # more daemon options, e.g. --notify-script
 
     def args(self) -> list[str]:
         return [
             "--etcd", self.forwarder.endpoint, "--etcd-root", self.etcd_root,
             "--hostname", self.name, "--interface", "eth0", "--node-ip", self.ip,
             "--no-dns", "--no-resolv-conf", "--api-listen", "127.0.0.1:3000",  # inside the namespace: always free
-            "--lock-ttl", str(self.ttl), "--firewall-backend", self.firewall,
+            "--lock-ttl", str(self.ttl), "--firewall-backend", self.firewall, *self.extra_args,
         ]
 
     def start(self, wait: bool = True) -> Daemon:
