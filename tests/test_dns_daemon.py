@@ -17,7 +17,7 @@ from twisted.internet import threads
 from networkd.etcd.client import EtcdClient
 from networkd.options import parse_endpoints
 from tests.support.daemon import Daemon
-from tests.support.dnsstub import dig_answers
+from tests.support.dnsstub import dig, dig_answers
 from tests.support.ports import free_port
 from tests.support.waiting import eventually
 
@@ -57,6 +57,26 @@ def test_daemon_answers_dig(etcd_server, etcd_root, upstream):
     finally:
         assert daemon.stop() in (0, -signal.SIGTERM), daemon.log()  # twistd re-raises SIGTERM
         assert "Traceback" not in daemon.log()
+
+
+def test_daemon_options_reach_the_dns_service(etcd_server, etcd_root, upstream):
+    """--dns-forward-reverse and --dns-stale-max are the daemon's, not only the DNS service's."""
+    port = free_port()
+    upstream.records["3.2.1.10.in-addr.arpa"] = []
+    upstream.ttl = 1
+    daemon = Daemon(daemon_args(etcd_server, etcd_root, port, upstream,
+                                extra=("--dns-forward-reverse", "10.1.0.0/16", "--dns-stale-max", "0"))).start()
+    try:
+        daemon.wait_for_log("DNS listening on")
+        dig(port, "-x", "10.1.2.3")
+        dig(port, "-x", "10.9.9.9")
+        assert upstream.names_asked() == ["3.2.1.10.in-addr.arpa"], "10.1/16 goes upstream, the rest of 10/8 not"
+        assert dig_answers(port, "example.com")[0].endswith("IN A 93.184.216.34")
+        time.sleep(1.2)  # expired; then the upstream fails: with --dns-stale-max 0 nothing is served stale
+        upstream.mode = "servfail"
+        assert "status: SERVFAIL" in dig(port, "example.com")
+    finally:
+        daemon.stop()
 
 
 def test_bind_failure_stops_the_daemon(etcd_server, etcd_root, upstream):
