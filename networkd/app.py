@@ -261,7 +261,7 @@ def add_vips(root: Networkd, options, **host) -> None:
         reactor=root.reactor, client=root.client, keys=root.keys, watch=root.watch,
         session=root.lease_session(), hostname=options["hostname"], interface=options["interface"],
         node_ip=options["node-ip"], firewall_backend=options["firewall-backend"], probe=probe_settings(options),
-        notify_script=options["notify-script"],
+        notify_script=options["notify-script"], garp_interval=options["garp-interval"],
     )
     parts.update(host)
     root.vips = VipManager(**parts)

@@ -7,12 +7,19 @@ differ in which they honour: an ARP request for the VIP from the VIP
 (``arping -U``) and an ARP reply (``arping -A``).  Repeated after 1 s and
 3 s, and again when the link comes up.  A failure is logged, never fatal
 ([BUG 19]).
+
+With ``refresh_every`` (``--garp-interval``) every held VIP is announced
+again periodically, so switches and routers that missed the first frames
+converge without waiting for their ARP cache to expire.  Each VIP keeps a
+phase of its own (a hash of its address) within the interval: a thousand
+VIPs acquired together are not re-announced together.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+import zlib
 
 from twisted.logger import Logger
 
@@ -36,11 +43,12 @@ def gratuitous_frames(mac: bytes, ip: str) -> tuple[bytes, bytes]:
 class Announcer:
     """Sends gratuitous ARP for VIPs on one interface."""
 
-    def __init__(self, reactor, interface: str, mac_of=lambda: None, repeats=REPEATS):
+    def __init__(self, reactor, interface: str, mac_of=lambda: None, repeats=REPEATS, refresh_every: float = 0):
         self._reactor = reactor
         self.interface = interface
         self._mac_of = mac_of
         self._repeats = repeats
+        self.refresh_every = refresh_every  # seconds between periodic announcements (0: none)
         self._pending: dict[str, list] = {}
         self.allowed = lambda ip: True  # checked before every repeat: a fenced node stays quiet
         self.sent = 0
@@ -57,10 +65,22 @@ class Announcer:
         self.cancel(ip)
         self.send(ip)
         self._pending[ip] = [self._reactor.callLater(delay, self._repeat, ip) for delay in self._repeats]
+        if self.refresh_every > 0:
+            phase = (zlib.crc32(ip.encode()) % 1000) / 1000 * self.refresh_every
+            self._pending[ip].append(self._reactor.callLater(self.refresh_every + phase, self._refresh, ip))
 
     def _repeat(self, ip: str) -> None:
         if self.allowed(ip):
             self.send(ip)
+
+    def _refresh(self, ip: str) -> None:
+        """The periodic announcement: again in ``refresh_every`` (while the VIP is ours)."""
+        calls = self._pending.get(ip)
+        if calls is None:
+            return
+        calls[:] = [c for c in calls if c.active()]
+        calls.append(self._reactor.callLater(self.refresh_every, self._refresh, ip))
+        self._repeat(ip)
 
     def cancel(self, ip: str) -> None:
         for call in self._pending.pop(ip, []):

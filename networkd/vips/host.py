@@ -33,7 +33,7 @@ class VipHost:
     def __init__(self, *, reactor, interface: str, clock: Callable[[], float],
                  justify: Callable[[], Justification], renew_ahead: float, managed: Callable[[], Iterable[str]],
                  desired_rules: Callable[[], frozenset[DnatRule]], to_thread,
-                 netlink: Netlink | None = None, announcer: Announcer | None = None):
+                 netlink: Netlink | None = None, announcer: Announcer | None = None, garp_interval: float = 0):
         self._reactor = reactor
         self.interface = interface
         self._clock = clock
@@ -41,7 +41,7 @@ class VipHost:
         self._desired_rules = desired_rules
         self._to_thread = to_thread
         self.netlink = netlink or Netlink(interface, reactor, clock)
-        self.arp = announcer or Announcer(reactor, interface, lambda: self.netlink.mac)
+        self.arp = announcer or Announcer(reactor, interface, lambda: self.netlink.mac, refresh_every=garp_interval)
         self.keeper = AddressKeeper(reactor=reactor, netlink=self.netlink, clock=clock, justify=justify,
                                     renew_ahead=renew_ahead, on_added=self._added, on_removed=self._removed,
                                     managed=managed)

@@ -50,7 +50,7 @@ class VipManager(service.Service):
 
     def __init__(self, *, reactor, client, keys, watch: Callable, session, hostname: str, interface: str,
                  node_ip: str | None, firewall_backend: str = "auto", netlink: Netlink | None = None, probe=None,
-                 announcer: Announcer | None = None, to_thread=None, notify_script=None):
+                 announcer: Announcer | None = None, to_thread=None, notify_script=None, garp_interval: float = 0):
         # Deadlines are on the session's clock (monotonic in the daemon): a wall-clock step never stretches one.
         self._clock = getattr(session, "clock", None) or reactor.seconds
         self._reactor, self._keys, self._session = reactor, keys, session
@@ -70,7 +70,7 @@ class VipManager(service.Service):
         self.host = VipHost(reactor=reactor, interface=interface, clock=self._clock, justify=self._justification,
                             renew_ahead=min(session.interval + 0.5, RENEW_AHEAD), managed=self.inputs.floating_ips,
                             desired_rules=self._desired_rules, to_thread=to_thread or threads.deferToThread,
-                            netlink=netlink, announcer=announcer)
+                            netlink=netlink, announcer=announcer, garp_interval=garp_interval)
         self.keeper, self.netlink = self.host.keeper, self.host.netlink
         self.transitions = Transitions(self, Notifier(reactor, notify_script, hostname)) if notify_script else None
         self._active_ips: frozenset[str] = frozenset()  # floating VIPs for this host, as of the last pass
