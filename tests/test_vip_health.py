@@ -67,6 +67,7 @@ def test_holder_listener_stops_vip_moves_within_fall_times_interval_plus_2s_then
         assert not sampler.overlaps(), "never both at once"
         assert c.holders_of(VIP) == {other} and c.lock_holder(VIP) == other, "no flap back"
         assert "unhealthy here (probe tcp://" in c[holder].daemon.log()
+        visible_in_the_api_and_metrics(c, sick=holder, well=other)
     finally:
         for s in listeners.values():
             s.close()
@@ -93,3 +94,26 @@ def test_all_candidates_unhealthy_the_holder_keeps_it(cluster_factory):
     finally:
         for s in listeners.values():
             s.close()
+
+
+def api(c, node: str, path: str) -> str:
+    return c[node].ns.run("curl", "-sf", f"http://127.0.0.1:3000{path}").stdout
+
+
+def visible_in_the_api_and_metrics(c, sick: str, well: str) -> None:
+    """Item 6: candidates with health and why, the last transitions with reasons; probes, transitions, unheld."""
+    entry = next(e for e in json.loads(api(c, sick, "/v1/vips")) if e.get("key") == VIP)
+    candidates = {n["node"]: n for n in entry["candidates"]}
+    assert set(candidates) == {"n1", "n2"} and all(n["candidate"] and n["live"] for n in candidates.values())
+    assert candidates[sick]["pods"] == [{"instance": CONTAINERS[sick][0], "state": None, "health": None,
+                                         "running": True}]
+    assert candidates[well]["health"] == "healthy"
+    assert [t["event"] for t in entry["transitions"]][:3] == ["acquired", "unhealthy", "released"]
+    assert "connection refused" in entry["transitions"][1]["reason"] and entry["since"]
+    seen_by_well = next(e for e in json.loads(api(c, well, "/v1/vips")) if e.get("key") == VIP)
+    assert seen_by_well["holder"] == well and seen_by_well["transitions"][-1]["event"] == "acquired"
+    metrics = api(c, sick, "/metrics")
+    assert 'networkd_vip_transitions_total{event="released",reason="unhealthy"} 1.0' in metrics
+    assert 'networkd_vip_transitions_total{event="unhealthy",reason="unhealthy"} 1.0' in metrics
+    assert 'networkd_vip_probes_total{result="failure"}' in metrics
+    assert f'networkd_vip_unheld_seconds_total{{vip="{VIP}"}}' in metrics

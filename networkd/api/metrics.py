@@ -58,8 +58,38 @@ class NetworkdCollector:
                                   1.0 if entry.get("active") else 0.0)
         yield active
 
+    def _vip_health(self, vips):
+        """Probe results and verdicts, transitions by event and kind of reason, seconds without a holder."""
+        health, transitions = getattr(vips, "health", None), getattr(vips, "transitions", None)
+        if health is not None and health.prober is not None:
+            results = CounterMetricFamily("networkd_vip_probes", "Probes of local containers, by result.",
+                                          labels=["result"])
+            for result, count in sorted(health.prober.results.items()):
+                results.add_metric([result], count)
+            yield results
+            healthy = GaugeMetricFamily("networkd_vip_healthy", "This node's probe verdict per VIP (1 healthy, "
+                                        "0 unhealthy; absent while undecided).", labels=["vip"])
+            for ip in sorted(health.targets):
+                verdict = health.local(ip)
+                if verdict is not None:
+                    healthy.add_metric([ip], 1.0 if verdict else 0.0)
+            yield healthy
+        if transitions is not None:
+            history = transitions.history
+            counts = CounterMetricFamily("networkd_vip_transitions", "VIP transitions on this node.",
+                                         labels=["event", "reason"])
+            for (event, kind), count in sorted(history.counts.items()):
+                counts.add_metric([event, kind], count)
+            yield counts
+            unheld = CounterMetricFamily("networkd_vip_unheld_seconds", "Seconds each floating VIP had no holder "
+                                         "(as this node saw the locks).", labels=["vip"])
+            for ip, seconds in sorted(history.unheld_seconds().items()):
+                unheld.add_metric([ip], seconds)
+            yield unheld
+
     def _vip_safety(self, vips):
         yield from self._vip_active(vips)
+        yield from self._vip_health(vips)
         counters = vips.safety_counters()
         for name, help_text in (
             ("fencings", "Times this node dropped its VIPs for late keep-alives."),

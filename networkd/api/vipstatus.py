@@ -6,6 +6,8 @@ rules, and changes nothing.
 
 from __future__ import annotations
 
+import time
+
 from networkd.vips.planner import local_container
 
 
@@ -38,10 +40,19 @@ def vip_entries(manager) -> list[dict]:
             "dnat": [f"{r.ip}:{r.port}/{r.proto} -> {r.to_ip}:{r.to_port}" for r in rules],
             "last_error": manager.error_of(config.ip if config.floating else key) or firewall_error,
             "health": manager.health.status(config.ip) if config.floating and container is not None else None,
+            **(_placement(manager, config) if config.floating else {}),
         })
     for key, error in sorted(inputs.invalid_keys.items()):
         out.append({"key": key, "error": error, "last_error": error})
     return out
+
+
+def _placement(manager, config) -> dict:
+    """Candidates with their health and why, our last transitions of this VIP and since when it is as it is."""
+    history = manager.transitions.history
+    since = history.since.get(config.ip)
+    return {"candidates": manager.health.candidates(config), "transitions": history.recent(config.ip),
+            "since": None if since is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))}
 
 
 def add_held_for(entries: list[dict], manager, now: float) -> list[dict]:

@@ -56,6 +56,7 @@ class VipHealth:
         self._dirty = True
         self._verdicts: dict[str, bool] = {}  # the last decided verdict per VIP, for on_verdict
         self.on_verdict: Callable[[str, bool, str | None], None] = lambda ip, healthy, why: None
+        self.on_plan: Callable = lambda floating_ips, holders: None  # networkd.vips.history
         locks.presence_value = self.presence
 
     def _probe_changed(self) -> None:
@@ -107,6 +108,7 @@ class VipHealth:
         health = CandidateHealth(inputs.member_health, mine, frozenset(self.hold_down))
         plan = plan_floating(inputs.configs, inputs.containers, self._hostname, inputs.holders, inputs.members,
                              held, health)
+        self.on_plan(inputs.floating_ips(), inputs.holders)
         self.notes = {}
         for ip in plan.release:
             if plan.reasons.get(ip) == UNHEALTHY:
@@ -145,6 +147,31 @@ class VipHealth:
         return {"here": {True: "healthy", False: "unhealthy", None: "undecided"}[verdict],
                 "probes": [str(t) for t in self.targets.get(ip, ())] if self.prober is not None else "off",
                 "error": self.why(ip), "note": self.notes.get(ip), "hold_down": round(until, 1) if until > 0 else None}
+
+    def candidates(self, config) -> list[dict]:
+        """For /v1/vips: every node with a pod of ``config``'s proc, deployd's word on each pod, whether its
+        daemon is live, and its health (ours from the probes, the others' from their members values)."""
+        inputs, ip = self._inputs, config.ip
+        nodes: dict[str, list] = {}
+        for c in inputs.containers:
+            if c.app == config.app and c.proc == config.proc:
+                nodes.setdefault(c.node_name, []).append(
+                    {"instance": c.instance, "state": c.state, "health": c.health, "running": c.candidate})
+        out = []
+        for node, pods in sorted(nodes.items()):
+            live = node in inputs.members or node == self._hostname
+            if node == self._hostname:
+                health, why = {True: "healthy", False: "unhealthy", None: "undecided"}[self.local(ip)], self.why(ip)
+            elif not live:
+                health, why = None, "no live networkd"
+            else:
+                published = inputs.member_health.get(node)
+                health = "healthy" if published is None or ip in published else "not healthy"
+                why = "an older networkd: says nothing of health" if published is None else None
+            out.append({"node": node, "pods": pods, "excluded": config.excludes(node), "live": live,
+                        "candidate": live and not config.excludes(node) and any(p["running"] for p in pods),
+                        "health": health, "why": why})
+        return out
 
     def stop(self) -> None:
         if self.prober is not None:

@@ -21,6 +21,8 @@ from collections import deque
 from twisted.internet import protocol
 from twisted.logger import Logger
 
+from networkd.vips.history import VipHistory
+
 log = Logger()
 
 NOTIFY_TIMEOUT = 10.0  # seconds a run may take before it is killed
@@ -113,13 +115,21 @@ class Notifier:
 
 
 class Transitions:
-    """Turns what happens to our VIPs into notify events (the VIP manager's host and health report here)."""
+    """Turns what happens to our VIPs into events (the VIP manager's host and health report here): kept
+    in the history (networkd.vips.history) and, with ``--notify-script``, handed to the script."""
 
-    def __init__(self, manager, notify):
-        self._manager, self._notify = manager, notify
-        self.up: set[str] = set()  # VIPs we told the script we acquired
+    def __init__(self, manager, notifier: Notifier | None):
+        self._manager, self._notifier = manager, notifier
+        self.history = VipHistory(manager._clock)
+        self.up: set[str] = set()  # VIPs we reported acquired
         manager.host.on_change = self.address
         manager.health.on_verdict = self.verdict
+        manager.health.on_plan = self.history.observe
+
+    def _notify(self, event: str, ip: str, reason: str) -> None:
+        self.history.record(event, ip, reason)
+        if self._notifier is not None:
+            self._notifier(event, ip, reason)
 
     def address(self, ip: str, added: bool) -> None:
         manager = self._manager

@@ -147,6 +147,7 @@ class Prober:
         self._changed = changed
         self._probe = probe or (lambda target: probe_once(reactor, target, timeout))
         self.states: dict[Target, TargetState] = {}
+        self.results = {"success": 0, "failure": 0}  # probes run, for /metrics
 
     def track(self, targets: Iterable[Target]) -> None:
         """Probe exactly ``targets`` from now on (new ones start undecided, gone ones are forgotten)."""
@@ -192,6 +193,7 @@ class Prober:
             return None  # forgotten (or cancelled) meanwhile
         state.running = None
         state.probes += 1
+        self.results["success" if error is None else "failure"] += 1
         if error is None:
             state.successes, state.failures = state.successes + 1, 0
             turn = state.up is not True and state.successes >= self.rise

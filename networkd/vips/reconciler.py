@@ -72,7 +72,7 @@ class VipManager(service.Service):
                             desired_rules=self._desired_rules, to_thread=to_thread or threads.deferToThread,
                             netlink=netlink, announcer=announcer, garp_interval=garp_interval)
         self.keeper, self.netlink = self.host.keeper, self.host.netlink
-        self.transitions = Transitions(self, Notifier(reactor, notify_script, hostname)) if notify_script else None
+        self.transitions = Transitions(self, Notifier(reactor, notify_script, hostname) if notify_script else None)
         self._active_ips: frozenset[str] = frozenset()  # floating VIPs for this host, as of the last pass
         self.fenced_since: float | None = None  # since when we hold nothing for late keep-alives
         self.fencings = 0
