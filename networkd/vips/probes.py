@@ -7,14 +7,18 @@ state), or what the config's ``"health"`` object says (``tcp``, ``http``,
 ``none``).  A target is up after ``rise`` successes in a row and down after
 ``fall`` failures in a row; until then it is undecided (None).
 
-Everything runs on the reactor: ``connectTCP`` with a timeout, never a
-blocking call.  Each target is probed every ``interval`` at a phase of its
+Everything runs on the reactor, never a blocking call: a TCP check is a
+non-blocking ``connect`` the reactor watches (``_Connect``), an HTTP check
+``connectTCP`` with a timeout.  Each target is probed every ``interval`` at a phase of its
 own (a hash of the target), so a thousand targets do not start together;
 a probe still running when its next turn comes is not doubled.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -113,8 +117,62 @@ def _describe(error: BaseException) -> str:
     return text or (str(error).strip() or type(error).__name__)
 
 
+class _Connect:
+    """A TCP connect probe without a transport: a non-blocking ``connect`` the reactor watches for
+    writability (connected or failed), then ``SO_ERROR`` and close.  About a third of the CPU of
+    ``connectTCP`` per probe, which matters with a thousand targets a second."""
+
+    def __init__(self, reactor, target: Target, done: defer.Deferred):
+        self._reactor, self._done = reactor, done
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        error = self._sock.connect_ex((target.ip, target.port))
+        if error == errno.EINPROGRESS:
+            self._watched = True
+            reactor.addWriter(self)
+        else:
+            self._watched = False
+            self._finish(error)
+
+    def fileno(self) -> int:
+        return self._sock.fileno() if self._sock is not None else -1
+
+    def logPrefix(self) -> str:
+        return "probe"
+
+    def doWrite(self):
+        self._finish(self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+
+    def connectionLost(self, reason):
+        self._finish(errno.ECONNABORTED)
+
+    def cancel(self) -> None:
+        self._finish(errno.ETIMEDOUT)
+
+    def _finish(self, error: int) -> None:
+        if self._sock is None:
+            return
+        if self._watched:
+            self._reactor.removeWriter(self)
+            self._watched = False
+        self._sock.close()
+        self._sock = None
+        if self._done.called:
+            return
+        if error == 0:
+            self._done.callback(None)
+        else:
+            text = {errno.ECONNREFUSED: "connection refused", errno.ETIMEDOUT: "connect timed out",
+                    errno.EHOSTUNREACH: "no route to host", errno.ENETUNREACH: "network unreachable"}
+            self._done.errback(ProbeFailed(text.get(error) or os.strerror(error)))
+
+
 def probe_once(reactor, target: Target, timeout: float) -> defer.Deferred:
     """Fires None when ``target`` answers, fails with ProbeFailed(why) when not; never blocks."""
+    if target.kind == "tcp":
+        probe = None
+        done = defer.Deferred(lambda _: probe is not None and probe.cancel())
+        probe = _Connect(reactor, target, done)
+        return done
     connector = None
 
     def cancel(_):
@@ -134,12 +192,22 @@ class TargetState:
     last_error: str | None = None
     since: float | None = None  # when ``up`` last changed
     probes: int = 0
-    call: object = None
+    slot: int = 0  # its phase: which of the SLOTS of the interval it is probed in
+    started: float = 0.0
     running: defer.Deferred | None = None
 
 
+SLOTS = 20  # phases per interval: one timer for all targets, not one (and one more for a timeout) per probe
+
+
 class Prober:
-    """Keeps the tracked targets probed; ``changed()`` is called when one goes up or down."""
+    """Keeps the tracked targets probed; ``changed()`` is called when one goes up or down.
+
+    One timer walks the interval in SLOTS steps while there is a target; each
+    target is probed in the step of its phase, and a probe still running
+    ``timeout`` after its start is cancelled at the next step (so a timeout is
+    up to interval/SLOTS late).
+    """
 
     def __init__(self, reactor, *, interval: float = 1.0, timeout: float = 1.0, rise: int = 2, fall: int = 3,
                  changed: Callable[[], None] = lambda: None, probe: Callable | None = None):
@@ -148,49 +216,82 @@ class Prober:
         self._probe = probe or (lambda target: probe_once(reactor, target, timeout))
         self.states: dict[Target, TargetState] = {}
         self.results = {"success": 0, "failure": 0}  # probes run, for /metrics
+        self._slots: list[set[Target]] = [set() for _ in range(SLOTS)]
+        self._running: dict[Target, TargetState] = {}
+        self._cursor = 0  # the slot the timer runs next
+        self._call = None
 
     def track(self, targets: Iterable[Target]) -> None:
         """Probe exactly ``targets`` from now on (new ones start undecided, gone ones are forgotten)."""
         wanted = set(targets)
         for target in set(self.states) - wanted:
-            self._forget(self.states.pop(target))
-        for target in wanted - set(self.states):
-            state = self.states[target] = TargetState()
-            phase = (zlib.crc32(str(target).encode()) % 1000) / 1000 * self.interval
-            state.call = self._reactor.callLater(phase, self._turn, target, state)
+            state = self.states.pop(target)
+            self._slots[state.slot].discard(target)
+            self._forget(target, state)
+        added = wanted - set(self.states)
+        for target in added:
+            state = self.states[target] = TargetState(slot=zlib.crc32(str(target).encode()) % SLOTS)
+            self._slots[state.slot].add(target)
+        if self.states and self._call is None:
+            self._call = self._reactor.callLater(self.interval / SLOTS, self._step)
+        elif not self.states:
+            self._cancel_timer()
 
     def up(self, target: Target) -> bool | None:
         state = self.states.get(target)
         return None if state is None else state.up
 
     def stop(self) -> None:
-        states, self.states = list(self.states.values()), {}
-        for state in states:
-            self._forget(state)
+        states, self.states = self.states, {}
+        self._slots = [set() for _ in range(SLOTS)]
+        self._cancel_timer()
+        for target, state in states.items():
+            self._forget(target, state)
 
-    def _forget(self, state: TargetState) -> None:
-        if state.call is not None and state.call.active():
-            state.call.cancel()
+    def _cancel_timer(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+    def _forget(self, target: Target, state: TargetState) -> None:
+        self._running.pop(target, None)
         if state.running is not None:
             running, state.running = state.running, None
             running.cancel()
 
-    def _turn(self, target: Target, state: TargetState) -> None:
-        state.call = self._reactor.callLater(self.interval, self._turn, target, state)
-        if state.running is not None:
-            return  # the previous probe has not finished: no second one beside it
+    def _step(self) -> None:
+        self._call = None
+        now = self._reactor.seconds()
+        expired = []
+        for state in self._running.values():  # in the order they started: stop at the first still in time
+            if now - state.started < self.timeout - 1e-9:
+                break
+            expired.append(state)
+        for state in expired:
+            if state.running is not None:
+                state.running.cancel()  # fails it: a timeout
+        slot, self._cursor = self._slots[self._cursor], (self._cursor + 1) % SLOTS
+        for target in list(slot):
+            state = self.states[target]
+            if state.running is None:  # the previous probe has not finished: no second one beside it
+                self._start(target, state, now)
+        if self.states:
+            self._call = self._reactor.callLater(self.interval / SLOTS, self._step)
+
+    def _start(self, target: Target, state: TargetState, now: float) -> None:
         try:
             running = self._probe(target)
         except Exception as e:  # a probe that cannot even start counts as failed
             running = defer.fail(ProbeFailed(_describe(e)))
-        running.addTimeout(self.timeout, self._reactor)
-        state.running = running
+        state.started, state.running = now, running
+        self._running[target] = state
         running.addCallbacks(lambda _: self._result(target, state, None),
                              lambda f: self._result(target, state, f.value))
 
     def _result(self, target: Target, state: TargetState, error: BaseException | None) -> None:
         if self.states.get(target) is not state:
             return None  # forgotten (or cancelled) meanwhile
+        self._running.pop(target, None)
         state.running = None
         state.probes += 1
         self.results["success" if error is None else "failure"] += 1
@@ -198,7 +299,7 @@ class Prober:
             state.successes, state.failures = state.successes + 1, 0
             turn = state.up is not True and state.successes >= self.rise
         else:
-            if isinstance(error, defer.TimeoutError):
+            if isinstance(error, defer.CancelledError) or str(error) == "connect timed out":
                 error = ProbeFailed(f"no answer within {self.timeout:g}s")
             state.last_error = str(error) or type(error).__name__
             state.successes, state.failures = 0, state.failures + 1
