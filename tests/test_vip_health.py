@@ -58,9 +58,11 @@ def test_holder_listener_stops_vip_moves_within_fall_times_interval_plus_2s_then
             wait_until(lambda: sampler.first(lambda h: h == {other}, after=stopped), 3 * 1 + 2 + 1, interval=0.05,
                        message="moved to the healthy node")
             moved = sampler.first(lambda h: other in h, after=stopped)
-            # started again: healthy after rise (2 s), yet the VIP stays on `other` (hold-down, and it is healthy)
+            # started again: healthy after rise (2 s), yet the VIP stays on `other` (hold-down, and it is healthy):
+            # during the hold-down it does not even say it is healthy for the VIP (nobody rebalances it back)
             listeners[holder] = socket_in_netns(c[holder].ns.name, c[holder].ip, 8080)
-            wait_until(lambda: members(c)[holder]["healthy"] == [VIP], 5, message="healthy again")
+            wait_until(lambda: own_health(c, holder) == "healthy", 5, message="healthy again")
+            assert members(c)[holder]["healthy"] == []
             time.sleep(1.0)
         print(f"listener stopped -> VIP on the healthy node: {moved - stopped:.2f}s")
         assert moved - stopped <= 3 * 1 + 2, f"the move took {moved - stopped:.2f}s"
@@ -117,3 +119,45 @@ def visible_in_the_api_and_metrics(c, sick: str, well: str) -> None:
     assert 'networkd_vip_transitions_total{event="unhealthy",reason="unhealthy"} 1.0' in metrics
     assert 'networkd_vip_probes_total{result="failure"}' in metrics
     assert f'networkd_vip_unheld_seconds_total{{vip="{VIP}"}}' in metrics
+
+
+def test_after_ill_health_the_vip_does_not_come_straight_back_and_balance_is_restored(cluster_factory):
+    """Two VIPs, one per node. X's listener stops: its VIP goes to Y. Started again: that VIP stays on Y for
+    the hold-down (X does not even say it is healthy for it), and balance comes back with the other VIP."""
+    from tests.support.vipnodes import vip_value
+    from tests.test_vip_nodes import WEB
+
+    c = cluster_factory()
+    second = "10.77.0.101"
+    listeners = {n: socket_in_netns(c[n].ns.name, c[n].ip, 8080) for n in ("n1", "n2")}
+    try:
+        pods(c)
+        c.put_vip(VIP, vip_value("hello", "web", WEB))
+        c.put_vip(second, vip_value("hello", "web", WEB))
+        c.start()
+        wait_until(lambda: len(members(c)) == 2 and all(m["healthy"] == [VIP, second] for m in members(c).values())
+                   and {c.lock_holder(VIP), c.lock_holder(second)} == {"n1", "n2"}, 15, message="healthy, 1 and 1")
+        x, y = c.lock_holder(VIP), c.lock_holder(second)
+        with AddressSampler(list(c.nodes.values()), VIP) as first_vip, \
+                AddressSampler(list(c.nodes.values()), second) as second_vip:
+            listeners.pop(x).close()
+            wait_until(lambda: c.lock_holder(VIP) == y, 6, message="moved for ill health")
+            moved = time.monotonic()
+            listeners[x] = socket_in_netns(c[x].ns.name, c[x].ip, 8080)
+            wait_until(lambda: members(c)[x]["healthy"] == [second], 5, message="healthy again, not for VIP yet")
+            wait_until(lambda: c.lock_holder(second) == x, 6, message="balance back with the other VIP")
+            while time.monotonic() - moved < 8.0:  # within the hold-down (10 s from the release)
+                assert c.lock_holder(VIP) == y, "no flap back during the hold-down"
+                time.sleep(0.2)
+            wait_until(lambda: members(c)[x]["healthy"] == [VIP, second], 5, message="hold-down over")
+            time.sleep(1.0)
+        assert c.lock_holder(VIP) == y and c.lock_holder(second) == x, "balanced: no further move"
+        assert not first_vip.overlaps() and not second_vip.overlaps(), "never both at once"
+    finally:
+        for s in listeners.values():
+            s.close()
+
+
+def own_health(c, node: str) -> str | None:
+    entry = next(e for e in json.loads(api(c, node, "/v1/vips")) if e.get("key") == VIP)
+    return (entry.get("health") or {}).get("here")

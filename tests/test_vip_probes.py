@@ -328,12 +328,16 @@ def test_ill_health_hands_over_and_holds_down_for_10s():
     inputs.locks_snapshot(Snapshot({"members/n1": member_value("10.9.0.1", []),
                                     "members/n2": member_value("10.9.0.2", ["10.0.0.5"])}, 2))
     state.up = True  # healthy again, and the VIP is free: n2 (healthy) goes first
+    health._probe_changed()
+    health.sync()
+    assert health.healthy == frozenset(), "in hold-down, n2 healthy: we do not say we are (no rebalancing to us)"
     clock.advance(5)
     plan = health.plan(frozenset())
     assert not plan.campaign_now and plan.campaign_later == {"10.0.0.5"}
     assert "hold-down" in health.notes["10.0.0.5"]
     clock.advance(HOLD_DOWN - 5)
     assert health.plan(frozenset()).campaign_now == {"10.0.0.5"}, "the hold-down is over"
+    assert health.healthy == {"10.0.0.5"}, "and we say we are healthy again"
 
     inputs.locks_snapshot(Snapshot({"10.0.0.5.lock": "n1", "members/n1": member_value("10.9.0.1", []),
                                     "members/n2": member_value("10.9.0.2", [])}, 3))

@@ -9,7 +9,9 @@ True (every target up, or nothing to probe), False (a target is down), None
 Placement (item 3): our members value lists the VIPs we are a healthy
 candidate for (``sync`` rewrites it when that changes); ``plan()`` runs the
 planner with every node's published health and our own, and starts a
-hold-down for a VIP we release for ill health, so it does not flap back.
+hold-down for a VIP we release for ill health, so it does not flap back:
+while another candidate is healthy we neither contest it (but after the
+campaign grace, if nobody did) nor say we are healthy for it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from networkd.vips.planner import UNHEALTHY, CandidateHealth, FloatingPlan, local_container, member_value, plan_floating
+from networkd.vips.planner import (
+    UNHEALTHY, CandidateHealth, FloatingPlan, local_container, member_value, nodes_running, plan_floating,
+)
 from networkd.vips.probes import Prober, Target, targets_of
 
 HOLD_DOWN = 10.0  # seconds a VIP lost for ill health is contested only if no other healthy candidate takes it
@@ -83,10 +87,25 @@ class VipHealth:
         if self._dirty:
             self._dirty = False
             self._report()
-            healthy = frozenset(ip for ip in self.targets if self.local(ip) is True)
-            if healthy != self.healthy:
-                self.healthy = healthy
-                self._locks.refresh_presence()
+            self._publish()
+
+    def _publish(self) -> None:
+        """Our members value: the VIPs we are a healthy candidate for, less those in hold-down while another
+        candidate is healthy (so nobody rebalances one back to us before its hold-down ends)."""
+        healthy = frozenset(ip for ip in self.targets if self.local(ip) is True
+                            and not (ip in self.hold_down and self._other_healthy(ip)))
+        if healthy != self.healthy:
+            self.healthy = healthy
+            self._locks.refresh_presence()
+
+    def _other_healthy(self, ip: str) -> bool:
+        inputs = self._inputs
+        config = inputs.configs.get(ip)
+        if config is None:
+            return False
+        health = CandidateHealth(inputs.member_health)
+        return any(n != self._hostname and n in inputs.members and health.ok(n, ip)
+                   for n in nodes_running(config, inputs.containers))
 
     def _report(self) -> None:
         """Each VIP whose decided verdict changed (up <-> down) goes to ``on_verdict``."""
@@ -103,6 +122,7 @@ class VipHealth:
     def plan(self, held: frozenset[str]) -> FloatingPlan:
         """The planner's answer with every candidate's health; hold-downs start for VIPs we release for it."""
         inputs, now = self._inputs, self._reactor.seconds()
+        held_down = bool(self.hold_down)
         self.hold_down = {ip: until for ip, until in self.hold_down.items() if until > now}
         mine = {ip: self.local(ip) for ip in self.targets}
         health = CandidateHealth(inputs.member_health, mine, frozenset(self.hold_down))
@@ -119,6 +139,8 @@ class VipHealth:
                 self.notes[ip] = f"unhealthy here ({self.why(ip)}), but no candidate is healthy: keeping it"
         for ip in plan.campaign_later & self.hold_down.keys():
             self.notes[ip] = "hold-down after ill health: contested only if no other candidate takes it"
+        if held_down or self.hold_down:
+            self._publish()
         return plan
 
     def local(self, ip: str) -> bool | None:
