@@ -161,3 +161,28 @@ def test_after_ill_health_the_vip_does_not_come_straight_back_and_balance_is_res
 def own_health(c, node: str) -> str | None:
     entry = next(e for e in json.loads(api(c, node, "/v1/vips")) if e.get("key") == VIP)
     return (entry.get("health") or {}).get("here")
+
+
+def test_udp_only_and_health_none_rely_on_deployd_and_a_bad_health_object_is_an_invalid_key(cluster_factory):
+    from tests.support.vipnodes import vip_value
+
+    c = cluster_factory()
+    udp, none, probed, bad = "10.77.0.101", "10.77.0.102", "10.77.0.103", "10.77.0.104"
+    pods(c)
+    c.put_vip(udp, vip_value("hello", "web", [{"src": "53", "proto": "udp"}]))
+    c.put_vip(none, json.dumps({"app": "hello", "proc": "web", "ports": [{"src": "80"}], "health": {"type": "none"}}))
+    c.put_vip(probed, vip_value("hello", "web", [{"src": "80", "dest": "8080"}]))  # nobody listens on 8080
+    c.put_vip(bad, json.dumps({"app": "hello", "proc": "web", "ports": [{"src": "80"}],
+                               "health": {"type": "http", "port": 8080, "expect": "ok"}}))
+    c.start()
+    wait_until(lambda: len(members(c)) == 2 and all(m["healthy"] == [udp, none] for m in members(c).values()), 10,
+               message="no probe for UDP-only and health none: healthy by deployd's word; the probed one is not")
+    wait_until(lambda: all(c.lock_holder(ip) for ip in (udp, none, probed)), 10,
+               message="all placed (nobody is healthy for the probed one: placed anyway)")
+    status = json.loads(api(c, "n1", "/v1/vips"))
+    invalid = next(e for e in status if e["key"].endswith(bad))
+    assert "health.expect 'ok' is not an HTTP status code" in invalid["error"]
+    holder = c.lock_holder(udp)
+    other = "n2" if holder == "n1" else "n1"
+    pods(c, {CONTAINERS[holder][0]: {"State": 4}})  # deployd: the holder's pod failed
+    wait_until(lambda: c.lock_holder(udp) == other and c.holders_of(udp) == {other}, 3, message="UDP VIP moved")
