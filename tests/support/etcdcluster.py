@@ -41,6 +41,7 @@ class EtcdCluster:
         self.base = tempfile.mkdtemp(prefix="networkd-etcd-cluster-")
         self.members = [Member(f"m{i}", self.base) for i in range(size)]
         self.election_timeout_ms, self.heartbeat_ms = election_timeout_ms, heartbeat_ms
+        self._spawned: list[subprocess.Popen] = []  # every process ever started, for destroy()
 
     @property
     def endpoints(self) -> list[str]:
@@ -51,9 +52,13 @@ class EtcdCluster:
         return self.members[0].client_port
 
     def start(self, timeout: float = 30.0) -> "EtcdCluster":
-        for member in self.members:
-            self._spawn(member)
-        self.wait_healthy(timeout)
+        try:
+            for member in self.members:
+                self._spawn(member)
+            self.wait_healthy(timeout)
+        except BaseException:
+            self.destroy()
+            raise
         return self
 
     def _spawn(self, member: Member) -> None:
@@ -69,6 +74,7 @@ class EtcdCluster:
                  "--log-level", "warn"],
                 stdout=log, stderr=subprocess.STDOUT,
             )
+        self._spawned.append(member.process)
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -122,6 +128,7 @@ class EtcdCluster:
                  "--log-level", "warn"],
                 stdout=log, stderr=subprocess.STDOUT,
             )
+        self._spawned.append(member.process)
 
     def put(self, key: str, value: str) -> None:
         self.ctl(None, "put", key, input=value)
@@ -144,13 +151,14 @@ class EtcdCluster:
             return ""
 
     def destroy(self) -> None:
+        """Kill every member process this cluster ever started (no graceful stop needed), then the data."""
+        for process in self._spawned:
+            if process.poll() is None:
+                process.kill()
+            try:
+                process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
         for member in self.members:
-            if member.process is not None and member.process.poll() is None:
-                member.process.send_signal(signal.SIGTERM)
-                try:
-                    member.process.wait(5)
-                except subprocess.TimeoutExpired:
-                    member.process.kill()
-                    member.process.wait(5)
             member.process = None
         shutil.rmtree(self.base, ignore_errors=True)
