@@ -212,6 +212,7 @@ def add_dns(root: Networkd, options) -> None:
     if options["no-dns"]:
         return
     from networkd.dns.service import DnsService
+    from networkd.systemd.activation import passed_sockets
 
     keys = root.keys
     root.dns = DnsService(
@@ -221,6 +222,7 @@ def add_dns(root: Networkd, options) -> None:
         domains=root.watch(keys.domains), domain_servers=root.watch(keys.domain_servers), vips=root.watch(keys.vips),
         domains_prefix=keys.domains, domain_servers_prefix=keys.domain_servers,
         forward_reverse=options["dns-forward-reverse"], stale_max=options["dns-stale-max"],
+        inherited=passed_sockets(),  # networkd.socket's listeners (LISTEN_FDS), unset from the environment
     )
     root.dns.setServiceParent(root)
 
@@ -239,7 +241,9 @@ def add_resolv_conf_guardian(root: Networkd, options) -> None:
     root.resolv_conf = ResolvConfGuardian(
         options["resolv-conf"], root.dns, options["dns-listen"], root.reactor,
         systemd_path=options["systemd-resolv-conf"],
-        keep_on_stop=bool(options["keep-resolv-conf"]),
+        # Socket-activated, the listeners outlive a restart: queries wait for the next daemon.
+        keep_on_stop=bool(options["keep-resolv-conf"]) or getattr(root.dns, "socket_activated", False),
+        keep_reason="--keep-resolv-conf" if options["keep-resolv-conf"] else "socket activation: networkd.socket stays",
         read_only=bool(options["no-resolv-conf"]),
         node_ip=options["node-ip"],
     )

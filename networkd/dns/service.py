@@ -7,10 +7,17 @@ guardian through ``set_upstreams``.
 
 The sockets are bound in privilegedStartService; a bind failure is raised
 (the daemon does not start) so that resolv.conf never points at a dead
-server ([BUG 30]).
+server ([BUG 30]).  Sockets passed by systemd (networkd.socket, ``inherited``)
+bound to the listen address are served instead of binding: they outlive a
+restart, so no query is lost meanwhile; they are read only once every
+watched prefix has its first etcd snapshot (or failed to get one; at most
+HOLD_MAX seconds), so the queries that waited get the node's names, not
+the empty zone of a daemon just started.
 """
 
 from __future__ import annotations
+
+import socket
 
 from twisted.application import service
 from twisted.internet import defer
@@ -27,9 +34,13 @@ from networkd.dns.upstreams import (
     ForwardZones, format_server, parse_forward_zones, without_self,
 )
 from networkd.dns.zone import build_zone, webrouter_ips
+from networkd.systemd import activation
 from networkd.views import DnsConfigView
 
 log = Logger()
+
+
+HOLD_MAX = 10.0  # socket-activated: seconds at most that queries wait for the first etcd snapshots
 
 
 class DnsBindError(Exception):
@@ -44,9 +55,14 @@ class DnsService(service.Service):
                  domains=None, domain_servers=None, vips=None,
                  domains_prefix: str = "", domain_servers_prefix: str = "",
                  poll_interval: float = 1.0, budget: float = 1.6, forward_reverse=(),
-                 stale_max: float = STALE_MAX):
+                 stale_max: float = STALE_MAX, inherited=()):
         self.reactor = reactor
         self.listen = listen
+        self._inherited = list(inherited)
+        self._inherited_udp = activation.take(self._inherited, socket.SOCK_DGRAM, listen.host, listen.port)
+        self._inherited_tcp = activation.take(self._inherited, socket.SOCK_STREAM, listen.host, listen.port)
+        # True when networkd.socket holds our listeners: they stay across a restart.
+        self.socket_activated = self._inherited_udp is not None or self._inherited_tcp is not None
         self.ttl = ttl
         self.node_ip = node_ip
         self.resolver = Resolver(reactor, cache_size=cache_size, client_filter=ClientFilter(allow), budget=budget,
@@ -70,6 +86,8 @@ class DnsService(service.Service):
         self._waiting: list = []
         self._loops: list = []
         self._subscribed = False
+        self._holding = False  # passed sockets not read until the first snapshots are in
+        self._hold_started = None
 
     # -- DnsPart ---------------------------------------------------------------
 
@@ -129,6 +147,9 @@ class DnsService(service.Service):
             if domain_servers is not None:
                 domain_servers.subscribe(self._on_domain_servers)
         self._loops = [every(self.reactor, self._poll_interval, self._poll_files, "DNS hosts-file check")]
+        if self._holding:
+            self._hold_started = self.reactor.seconds()
+            self._loops.append(every(self.reactor, 0.02, self._check_hold, "DNS first-snapshot wait"))
         log.info("DNS listening on {listen} (UDP and TCP), upstreams {ups}",
                  listen=str(self.listen), ups=self.config_view().nameservers or "none")
 
@@ -147,11 +168,24 @@ class DnsService(service.Service):
 
     def _bind(self) -> None:
         host, port = self.listen.host, self.listen.port
+        self._report_inherited()
+        udp, tcp = self._inherited_udp, self._inherited_tcp
+        self._inherited_udp = self._inherited_tcp = None
         try:
-            self._udp_port = DnsUdpListener(self.resolver, self.reactor, host, port)
-            self._tcp_port = self.reactor.listenTCP(
-                port, DnsTcpFactory(self.resolver, self.reactor), interface=host, backlog=128,
-            )
+            self._udp_port = DnsUdpListener(self.resolver, self.reactor, host, port, sock=udp)
+            factory = DnsTcpFactory(self.resolver, self.reactor)
+            if tcp is not None:
+                # systemd passes blocking sockets: a blocking accept would hang the
+                # reactor.  adoptStreamPort serves a dup of the fd: ours is closed at once.
+                tcp.setblocking(False)
+                self._tcp_port = self.reactor.adoptStreamPort(tcp.fileno(), tcp.family, factory)
+                tcp.close()
+            else:
+                self._tcp_port = self.reactor.listenTCP(port, factory, interface=host, backlog=128)
+            if udp is not None or tcp is not None:
+                self._holding = True
+                self._udp_port.stopReading()
+                self._tcp_port.stopReading()
         except Exception as e:
             if self._udp_port is not None:
                 self._udp_port.stopListening()
@@ -166,6 +200,35 @@ class DnsService(service.Service):
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(self.listen)
+
+    def _check_hold(self) -> None:
+        """Read the passed sockets once every watched prefix has its first
+        snapshot or has failed to get one, or after HOLD_MAX seconds."""
+        if not self._holding or not self.listening():
+            return
+        waited = self.reactor.seconds() - self._hold_started
+        pending = [w for w in self._watchers if w is not None and w.snapshot is None and w.status.lost_at is None]
+        if pending and waited < HOLD_MAX:
+            return
+        self._holding = False
+        self._udp_port.startReading()
+        self._tcp_port.startReading()
+        log.info("DNS: reading the passed sockets after {t:.2f}s ({why}); queries sent meanwhile waited in them",
+                 t=waited, why="waited too long for etcd" if pending else "first etcd snapshots in")
+
+    def _report_inherited(self) -> None:
+        for kind, sock in (("UDP", self._inherited_udp), ("TCP", self._inherited_tcp)):
+            if sock is not None:
+                log.info("DNS: serving the {kind} socket passed by systemd on {listen} (socket activation)",
+                         kind=kind, listen=str(self.listen))
+            else:
+                log.info("DNS: binding {kind} {listen} itself (no socket passed for it)",
+                         kind=kind, listen=str(self.listen))
+        for sock in self._inherited:
+            log.warn("DNS: ignoring the passed socket {what}: not --dns-listen {listen}",
+                     what=activation.describe(sock), listen=str(self.listen))
+            sock.close()
+        self._inherited = []
 
     # -- inputs ----------------------------------------------------------------
 

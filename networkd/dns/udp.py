@@ -36,18 +36,23 @@ class DnsUdpListener:
     BATCH = 256
     MAX_QUERY = 8192
 
-    def __init__(self, resolver: Resolver, reactor, host: str, port: int, *, batched: bool | None = None):
+    def __init__(self, resolver: Resolver, reactor, host: str, port: int, *, batched: bool | None = None,
+                 sock: socket.socket | None = None):
         """``batched``: read and answer with recvmmsg/sendmmsg (default: where
-        the platform has them), else one recvfrom and sendto per query."""
+        the platform has them), else one recvfrom and sendto per query.
+        ``sock``: an already bound socket to serve (socket activation)
+        instead of binding ``host:port``."""
         self.resolver = resolver
         self.reactor = reactor
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            self.sock.bind((host, port))
-            self.sock.setblocking(False)
-        except OSError:
-            self.sock.close()
-            raise
+        if sock is None:
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                sock.bind((host, port))
+            except OSError:
+                sock.close()
+                raise
+        self.sock = sock
+        self.sock.setblocking(False)
         for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
             if option is None:
                 continue

@@ -82,6 +82,7 @@ class ResolvConfGuardian(service.Service):
         *,
         systemd_path: str = "/run/systemd/resolve/resolv.conf",
         keep_on_stop: bool = False,
+        keep_reason: str = "--keep-resolv-conf",
         read_only: bool = False,
         node_ip: str | None = None,
         settle: float = 0.01,
@@ -98,6 +99,7 @@ class ResolvConfGuardian(service.Service):
         self._reactor = reactor
         self._systemd_path = systemd_path
         self._keep_on_stop = keep_on_stop
+        self._keep_reason = keep_reason  # why the line stays on stop: the option, or socket activation
         self._read_only = read_only
         self._node_ip = node_ip
         self._settle = settle
@@ -170,8 +172,8 @@ class ResolvConfGuardian(service.Service):
         if not self._wrote:
             return
         if self._keep_on_stop:
-            log.info("resolv.conf: leaving nameserver {ip} in {path} (--keep-resolv-conf)",
-                     ip=self.address, path=self.path)
+            log.info("resolv.conf: leaving nameserver {ip} in {path} ({why})",
+                     ip=self.address, path=self.path, why=self._keep_reason)
             return
         try:
             how = await self._run_blocking(restore_file, self.path, self.address)
