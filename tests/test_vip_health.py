@@ -175,8 +175,16 @@ def test_udp_only_and_health_none_rely_on_deployd_and_a_bad_health_object_is_an_
     c.put_vip(bad, json.dumps({"app": "hello", "proc": "web", "ports": [{"src": "80"}],
                                "health": {"type": "http", "port": 8080, "expect": "ok"}}))
     c.start()
-    wait_until(lambda: len(members(c)) == 2 and all(m["healthy"] == [udp, none] for m in members(c).values()), 10,
-               message="no probe for UDP-only and health none: healthy by deployd's word; the probed one is not")
+    seen = []
+
+    def healthy_by_deployd():
+        seen[:] = [members(c)]
+        return len(seen[0]) == 2 and all(m["healthy"] == [udp, none] for m in seen[0].values())
+
+    try:
+        wait_until(healthy_by_deployd, 10, message="no probe for UDP-only and health none")
+    except AssertionError:
+        raise AssertionError(f"members: {seen}")
     wait_until(lambda: all(c.lock_holder(ip) for ip in (udp, none, probed)), 10,
                message="all placed (nobody is healthy for the probed one: placed anyway)")
     status = json.loads(api(c, "n1", "/v1/vips"))

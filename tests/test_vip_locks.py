@@ -131,3 +131,53 @@ def test_a_release_whose_delete_failed_is_finished_never_undone():
     del etcd.delete_if_lease  # etcd answers again
     clock.advance(0.5)
     assert "10.0.0.5" not in k.records and k.errors == {}, "the release was finished"
+
+
+def test_our_own_release_seen_in_a_snapshot_first_is_no_lost_lock():
+    """The watch may show our delete before its answer arrives: that is the release landing, not a loss."""
+    from tests.support.logcapture import LogCapture
+
+    clock, etcd, k = keeper()
+    k.drive(FloatingPlan(campaign_now=frozenset({"10.0.0.5"})))
+    k.observe({"10.0.0.5": "n1"}, revision=etcd.revision)
+    answer = defer.Deferred()
+    applied = etcd.delete_if_lease
+    etcd.delete_if_lease = lambda key, lease: (applied(key, lease), answer)[1]  # applied, answer still on its way
+    with LogCapture() as logs:
+        k.release("10.0.0.5", "rebalancing")
+        clock.advance(0)
+        assert k.observe({}, revision=etcd.revision) is False, "nothing was lost"
+        answer.callback(True)
+        clock.advance(0)
+    assert not logs.matching("lost the lock"), logs.lines
+    assert logs.matching("VIP 10.0.0.5 released"), logs.lines
+    assert "10.0.0.5" not in k.records and not k.errors
+
+
+def test_members_value_writes_go_one_at_a_time_so_the_newest_wins():
+    """Two writes of our members key in flight at once may be applied in either order by etcd;
+    one at a time, the newest value is the one left (seen: a node stuck at "healthy for nothing")."""
+    clock, etcd, k = keeper()
+    writes = []  # (value, answer) in the order they were sent
+
+    def put(key, value, lease):
+        d = defer.Deferred()
+        writes.append((value, d))
+        return d
+
+    etcd.put = put
+    values = iter(['{"healthy": []}', '{"healthy": ["10.0.0.5"]}', '{"healthy": ["10.0.0.5", "10.0.0.6"]}'])
+    current = [next(values)]
+    k.presence_value = lambda: current[0]
+    k.announce(LEASE, "10.1.1.1")
+    current[0] = next(values)
+    k.refresh_presence()
+    current[0] = next(values)
+    k.refresh_presence()
+    assert [v for v, _ in writes] == [b'{"healthy": []}'], "the next write waits for the one in flight"
+    writes[0][1].callback(7)
+    assert [v for v, _ in writes][-1] == b'{"healthy": ["10.0.0.5", "10.0.0.6"]}', "then only the newest goes"
+    assert len(writes) == 2
+    writes[1][1].callback(8)
+    k.refresh_presence()
+    assert len(writes) == 2, "nothing new to write"

@@ -67,6 +67,8 @@ class LockKeeper:
         self._presence_key = f"{keys.vip_locks}{MEMBERS}{hostname}"
         self._announced: int | None = None
         self._announced_value: str | None = None
+        self._presence_writing = False  # one members write at a time: etcd may apply two in either order
+        self._presence_next: tuple[int, str] | None = None  # the newest value waiting for it
         self.presence_value: Callable[[], str] | None = None  # our members value (default: the node IP)
         self.stopping = False
 
@@ -120,7 +122,11 @@ class LockKeeper:
                 lost = "lock deleted" if holder is None else f"lock now held by {holder}"
             elif not record.confirmed and now - record.acquired_at > VERIFY_AFTER:
                 self._verify(ip)  # not seen in the snapshot yet: ask etcd
-            if lost:
+            if lost and record.releasing and holder is None:
+                # Our own delete, seen in the watch before its answer: the release landed.
+                log.info("VIP {ip} released ({why})", ip=ip, why=record.reason)
+                del self.records[ip]
+            elif lost:
                 log.warn("lost the lock of VIP {ip}: {why}", ip=ip, why=lost)
                 del self.records[ip]
                 lost_any = True
@@ -156,13 +162,23 @@ class LockKeeper:
 
     def _put_presence(self, lease: int, value: str) -> None:
         self._announced_value = value
+        if self._presence_writing:
+            self._presence_next = (lease, value)  # replaces any older waiting value
+            return
+        self._presence_writing = True
 
         def failed(failure):
             if self._announced == lease:
                 self._announced = self._announced_value = None  # try again on the next ack
             log.warn("could not announce presence: {e}", e=failure.getErrorMessage())
 
-        self._locks.announce(self._presence_key, value, lease).addErrback(failed)
+        def done(_):
+            self._presence_writing = False
+            waiting, self._presence_next = self._presence_next, None
+            if waiting is not None and waiting[0] == self._announced and not self.stopping:
+                self._put_presence(*waiting)
+
+        self._locks.announce(self._presence_key, value, lease).addErrback(failed).addBoth(done)
 
     def withdraw_presence(self) -> defer.Deferred:
         lease = self._session.lease
