@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps venv test demo demo-check bench-dns bench-failover bench-hold rpm clean
+.PHONY: deps venv test demo demo-check bench-dns bench-failover bench-hold bench-scale rpm clean
 
 deps:
 	scripts/install-deps.sh
@@ -36,6 +36,10 @@ bench-failover: deps venv
 bench-hold: deps venv
 	$(PY) bench/hold.py --configs 1000 --local 100
 	$(PY) bench/hold.py --configs 1000 --local 1000
+
+bench-scale: deps venv
+	$(PY) bench/scale.py --sizes 1000,10000
+	$(PY) bench/scale.py --sizes 40000 --puts 20 --burst 200 --burst-timeout 240
 
 rpm:
 	packaging/rpm/build.sh

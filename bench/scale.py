@@ -1,0 +1,394 @@
+#!/usr/bin/env python3
+"""Scale benchmark: one daemon, black-box, with many domains in etcd (issue 13).
+
+For each size in ``--sizes`` (default 1,000 / 10,000 / 40,000 domains) a
+private etcd and a fresh daemon are started (``--no-vips``, DNS on
+127.0.0.1:<free port>, ``--resolv-conf`` and ``--hosts-file`` pointing at
+temp files, ``--no-resolv-conf``).  The domains
+``<root>/config/domains/d<i>.scale.lain`` = ``{"ips": ["10.x.y.z"]}`` are
+written before the daemon starts, in etcd transactions of 128 puts through
+etcd's HTTP gateway (one client, one connection).  Then:
+
+1. put → answer: ``--puts`` puts of one name, each a new IP, through one
+   kept-alive HTTP connection; after each put a client queries the name in a
+   tight loop (every ms, like tests/test_dns_daemon.py ``_time_until_answer``)
+   until the new IP is the answer: p50 / p99 / max of put-start → answer;
+2. daemon CPU per put: utime+stime of the daemon (/proc/PID/stat) across
+   those puts, divided by their number;
+3. burst: ``--burst`` puts (new IPs for d0..d<burst-1>) written one by one as
+   fast as the connection allows; the time from the last write until the last
+   name answers with its new IP (and the daemon CPU used from the first write
+   until then), while a client thread asks a fixed local name every ~10 ms
+   and records its latency (p50 / p99 / max; a lost answer counts as 1 s);
+4. at rest for ``--rest-seconds``: the daemon's CPU %, a local name's DNS
+   latency (asked every ~10 ms) p50 / p99 / max, and its RSS at the end.
+
+The machine may be shared: loadavg is recorded before and after each size.
+A bench, not a test: it always exits 0.  Run as root from the repository:
+
+    .venv/bin/python bench/scale.py
+    .venv/bin/python bench/scale.py --sizes 10000 --rest-seconds 30 --puts 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from dnslib import DNSRecord  # noqa: E402
+
+from tests.support.etcd_server import EtcdServer  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
+
+ROOT = "/bench"
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+TICK = os.sysconf("SC_CLK_TCK")
+HOT = "hot.scale.lain"  # the fixed local name asked during the burst and at rest
+HOT_IP = "10.250.0.1"
+PROBE = "probe.scale.lain"  # the name the put → answer loop writes
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def domain_ip(i: int, salt: int = 0) -> str:
+    return f"10.{(i >> 16) + salt * 4 & 255}.{(i >> 8) & 255}.{i & 255}"
+
+
+def domain_key(name: str) -> str:
+    return f"{ROOT}/config/domains/{name}"
+
+
+def domain_value(ip: str) -> str:
+    return json.dumps({"ips": [ip]})
+
+
+# -- /proc --------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+# -- etcd writes through one kept-alive HTTP connection ------------------------------
+
+
+class EtcdWriter:
+    def __init__(self, endpoint: str):
+        host, port = endpoint.split("//", 1)[1].rsplit(":", 1)
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
+
+    def _post(self, path: str, body: dict) -> dict:
+        self.conn.request("POST", path, body=json.dumps(body).encode(),
+                          headers={"Content-Type": "application/json"})
+        answer = self.conn.getresponse()
+        reply = json.loads(answer.read())
+        if answer.status != 200:
+            raise RuntimeError(f"etcd {path}: {answer.status} {reply}")
+        return reply
+
+    def put(self, key: str, value: str) -> None:
+        self._post("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
+
+    def put_all(self, items: list[tuple[str, str]], batch: int = 128) -> None:
+        """Write ``items`` in transactions of ``batch`` puts (etcd's --max-txn-ops defaults to 128)."""
+        for k in range(0, len(items), batch):
+            reply = self._post("/v3/kv/txn", {"success": [
+                {"requestPut": {"key": _b64(key), "value": _b64(value)}} for key, value in items[k:k + batch]]})
+            if not reply.get("succeeded"):
+                raise RuntimeError(f"etcd txn failed: {reply}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _b64(s: str) -> str:
+    return base64.b64encode(s.encode()).decode()
+
+
+# -- DNS clients ------------------------------------------------------------------------
+
+
+def answer_ips(sock: socket.socket, packet: bytes, port: int, timeout: float) -> list[str] | None:
+    sock.settimeout(timeout)
+    sock.sendto(packet, ("127.0.0.1", port))
+    try:
+        while True:
+            data = sock.recv(4096)
+            if data[:2] == packet[:2]:
+                return [str(rr.rdata) for rr in DNSRecord.parse(data).rr]
+    except socket.timeout:
+        return None
+
+
+def wait_until_answer(port: int, name: str, expected: str, start: float, timeout: float) -> float:
+    """Ask every millisecond until ``expected`` is the answer; seconds since ``start`` (inf on timeout)."""
+    packet = DNSRecord.question(name, "A").pack()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        while time.monotonic() - start < timeout:
+            if answer_ips(s, os.urandom(2) + packet[2:], port, 0.2) == [expected]:
+                return time.monotonic() - start
+            time.sleep(0.001)
+    return float("inf")
+
+
+class Prober:
+    """A thread asking ``name`` every ``interval`` s, recording each answer's latency (a loss counts 1 s)."""
+
+    def __init__(self, port: int, name: str, expected: str, interval: float = 0.01):
+        self.port, self.interval, self.expected = port, interval, expected
+        self.packet = DNSRecord.question(name, "A").pack()
+        self.latencies: list[float] = []
+        self.wrong = 0
+        self.lost = 0  # no answer within 1 s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            while not self._stop.is_set():
+                # A new ID each time: a late answer to an earlier question must not count as this one's.
+                packet = os.urandom(2) + self.packet[2:]
+                t0 = time.monotonic()
+                ips = answer_ips(s, packet, self.port, 1.0)
+                took = time.monotonic() - t0
+                self.latencies.append(1.0 if ips is None else took)
+                self.lost += ips is None
+                if ips is not None and ips != [self.expected]:
+                    self.wrong += 1
+                self._stop.wait(max(0.0, self.interval - took))
+
+    def __enter__(self) -> "Prober":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))]
+
+
+def ms(v: float) -> str:
+    if v != v:
+        return "—"
+    if v == float("inf"):
+        return "timeout"
+    return f"{v * 1000:,.0f}" if v >= 0.1 else f"{v * 1000:.1f}"
+
+
+# -- one size -----------------------------------------------------------------------------
+
+
+def run_size(size: int, args, work: str) -> dict:
+    result: dict = {"size": size, "load_before": loadavg()}
+    etcd = EtcdServer().start()
+    proc = None
+    writer = EtcdWriter(etcd.endpoint)
+    try:
+        t0 = time.monotonic()
+        items = [(domain_key(f"d{i}.scale.lain"), domain_value(domain_ip(i))) for i in range(size)]
+        items += [(domain_key(HOT), domain_value(HOT_IP)), (domain_key(PROBE), domain_value("10.251.0.0"))]
+        writer.put_all(items)
+        log(f"{size}: wrote {len(items)} domains in {time.monotonic() - t0:.1f} s")
+
+        hosts = os.path.join(work, "hosts")
+        resolv = os.path.join(work, "resolv.conf")
+        open(hosts, "w").close()
+        with open(resolv, "w") as f:
+            f.write("nameserver 127.0.0.1\n")
+        port = free_port()
+        daemon_log = os.path.join(work, f"networkd-{size}.log")
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            [TWISTD, "--nodaemon", "--pidfile=", "networkd",
+             "--etcd", etcd.endpoint, "--etcd-root", ROOT, "--dns-listen", f"127.0.0.1:{port}",
+             "--api-listen", f"127.0.0.1:{free_port()}", "--no-vips", "--no-resolv-conf",
+             "--node-ip", "10.1.1.1", "--hosts-file", hosts, "--resolv-conf", resolv],
+            stdout=open(daemon_log, "wb"), stderr=subprocess.STDOUT,
+        )
+        last = f"d{size - 1}.scale.lain"
+        up = wait_until_answer(port, last, domain_ip(size - 1), started, 120)
+        result["startup"] = up
+        log(f"{size}: daemon {proc.pid} answers {last} after {up:.2f} s")
+        time.sleep(2)  # let start-up work settle
+
+        # 1 + 2: put → answer, CPU per put
+        delays = []
+        cpu0 = cpu_seconds(proc.pid)
+        for i in range(1, args.puts + 1):
+            ip = f"10.251.{i // 250}.{i % 250 + 1}"
+            start = time.monotonic()
+            writer.put(domain_key(PROBE), domain_value(ip))
+            delays.append(wait_until_answer(port, PROBE, ip, start, args.put_timeout))
+        cpu_used = cpu_seconds(proc.pid) - cpu0
+        result["put_p50"], result["put_p99"], result["put_max"] = pct(delays, 50), pct(delays, 99), max(delays)
+        result["cpu_per_put"] = cpu_used / args.puts
+        log(f"{size}: put → answer p50 {ms(result['put_p50'])} p99 {ms(result['put_p99'])} "
+            f"max {ms(result['put_max'])} ms over {args.puts}; CPU/put {ms(result['cpu_per_put'])} ms")
+        time.sleep(1)
+
+        # 3: burst
+        n = min(args.burst, size)
+        burst = [(domain_key(f"d{i}.scale.lain"), domain_value(domain_ip(i, salt=1))) for i in range(n)]
+        with Prober(port, HOT, HOT_IP) as prober:
+            time.sleep(0.5)
+            cpu0 = cpu_seconds(proc.pid)
+            w0 = time.monotonic()
+            for key, value in burst:
+                writer.put(key, value)
+            w1 = time.monotonic()
+            served = wait_until_answer(port, f"d{n - 1}.scale.lain", domain_ip(n - 1, salt=1), w1,
+                                       args.burst_timeout)
+            burst_cpu = cpu_seconds(proc.pid) - cpu0
+            time.sleep(0.5)
+        lat = prober.latencies
+        result.update(burst_n=n, burst_write=w1 - w0, burst_served=served, burst_cpu=burst_cpu,
+                      burst_hot_p50=pct(lat, 50), burst_hot_p99=pct(lat, 99), burst_hot_max=max(lat),
+                      burst_hot_n=len(lat), burst_wrong=prober.wrong, burst_lost=prober.lost)
+        log(f"{size}: burst of {n} written in {w1 - w0:.2f} s; last served {ms(served)} ms after the last write "
+            f"({burst_cpu:.1f} s CPU); {HOT} p50 {ms(pct(lat, 50))} p99 {ms(pct(lat, 99))} max {ms(max(lat))} ms "
+            f"over {len(lat)} queries, {prober.lost} lost (counted as 1 s), {prober.wrong} wrong")
+        if served == float("inf"):  # do not measure "rest" while the daemon still works through the burst
+            wait_until_answer(port, f"d{n - 1}.scale.lain", domain_ip(n - 1, salt=1), time.monotonic(),
+                              args.burst_timeout)
+        time.sleep(3)
+
+        # 4: rest
+        cpu0, r0 = cpu_seconds(proc.pid), time.monotonic()
+        with Prober(port, HOT, HOT_IP) as prober:
+            time.sleep(args.rest_seconds)
+        rest_cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - r0)
+        lat = prober.latencies
+        result.update(rest_cpu=rest_cpu, rest_p50=pct(lat, 50), rest_p99=pct(lat, 99), rest_max=max(lat),
+                      rest_n=len(lat), rest_lost=prober.lost, rss=rss_mb(proc.pid))
+        log(f"{size}: at rest {args.rest_seconds:g} s: CPU {rest_cpu * 100:.2f} %, {HOT} p50 {ms(result['rest_p50'])} "
+            f"p99 {ms(result['rest_p99'])} max {ms(result['rest_max'])} ms over {len(lat)}, {prober.lost} lost; "
+            f"RSS {result['rss']:.0f} MB")
+        with open(daemon_log, "rb") as f:
+            result["tracebacks"] = f.read().count(b"Traceback")
+    finally:
+        writer.close()
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        etcd.destroy()
+        result["load_after"] = loadavg()
+    return result
+
+
+def print_table(results: list[dict], args) -> None:
+    sizes = [f"{r['size']:,} domains" for r in results]
+    g = lambda key: [r.get(key, float("nan")) for r in results]  # noqa: E731
+    rows = [
+        ("etcd put → DNS answer, p50 / p99 (max) ms", [
+            f"{ms(r.get('put_p50', float('nan')))} / {ms(r.get('put_p99', float('nan')))} "
+            f"({ms(r.get('put_max', float('nan')))})" for r in results]),
+        ("daemon CPU per put", [f"{ms(v)} ms" for v in g("cpu_per_put")]),
+        ("burst of puts: how many, written in / last served after", [
+            f"{r['burst_n']:,}, {r['burst_write']:.2f} s / {ms(r['burst_served'])} ms ({r['burst_cpu']:.1f} s CPU)"
+            if "burst_served" in r else "—" for r in results]),
+        ("local name during the burst, p50 / p99 (max) ms", [
+            f"{ms(r['burst_hot_p50'])} / {ms(r['burst_hot_p99'])} ({ms(r['burst_hot_max'])}), "
+            f"{r['burst_lost']} of {r['burst_hot_n']} lost" if "burst_hot_p99" in r else "—" for r in results]),
+        (f"at rest {args.rest_seconds:g} s: daemon CPU", [f"{v * 100:.2f} %" if v == v else "—"
+                                                          for v in g("rest_cpu")]),
+        ("at rest: local name p50 / p99 (max) ms", [
+            f"{ms(r['rest_p50'])} / {ms(r['rest_p99'])} ({ms(r['rest_max'])})" if "rest_p99" in r else "—"
+            for r in results]),
+        ("at rest: RSS", [f"{r['rss']:.0f} MB" if "rss" in r else "—" for r in results]),
+        ("start-up: first answer for the last domain", [f"{r['startup']:.2f} s" if "startup" in r else "—"
+                                                        for r in results]),
+        ("loadavg before / after", [f"{r['load_before']} / {r.get('load_after', '?')}" for r in results]),
+    ]
+    print()
+    print("| measure | " + " | ".join(sizes) + " |")
+    print("|---" * (len(sizes) + 1) + "|")
+    for label, cells in rows:
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,10000,40000", help="comma-separated domain counts")
+    parser.add_argument("--puts", type=int, default=50, help="puts of one name for put → answer")
+    parser.add_argument("--put-timeout", type=float, default=30)
+    parser.add_argument("--burst", type=int, default=1000)
+    parser.add_argument("--burst-timeout", type=float, default=300)
+    parser.add_argument("--rest-seconds", type=float, default=60)
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args()
+    # SIGTERM (and SIGINT, ignored in a shell's background jobs) stops the bench the way Ctrl-C does:
+    # the daemon and etcd are stopped and their directories removed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    began = time.monotonic()
+    log(f"loadavg {loadavg()}, {os.cpu_count()} CPUs")
+    results = []
+    work = tempfile.mkdtemp(prefix="networkd-scale-")
+    try:
+        for size in (int(s) for s in args.sizes.split(",") if s.strip()):
+            try:
+                results.append(run_size(size, args, work))
+            except KeyboardInterrupt:  # Ctrl-C: the sizes measured so far still get their table
+                log(f"{size}: interrupted")
+                break
+            except Exception:  # a bench: report and go on with the next size
+                traceback.print_exc()
+                results.append({"size": size, "load_before": loadavg(), "error": True})
+        print_table(results, args)
+        print(f"\ntook {time.monotonic() - began:.0f} s; loadavg now {loadavg()}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+    finally:
+        if os.environ.get("KEEP_BENCH"):
+            print("kept", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
