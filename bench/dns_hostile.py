@@ -4,7 +4,7 @@
 networkd and dnsmasq get the same 100 local names (networkd from etcd,
 dnsmasq from --address) and are pinned to CPU 0.  For each server in turn:
 a sender on CPU 1 sends ``--garbage-rate`` packets a second to the
-server's UDP port from 1,000 loopback source addresses, a third each: random bytes
+server's UDP port from ``--sources`` loopback addresses (1,000), a third each: random bytes
 (1-512), a DNS header with junk for a question (FORMERR), and well-formed
 queries for random names nobody has (no upstream: answered at once),
 while a client sends 100 real queries a second for local names and
@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,14 +35,13 @@ from tests.support.etcd_server import EtcdServer  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-SOURCES = 1000
 NAMES = [(f"h{i}.bench.lain", f"10.9.{i // 250}.{i % 250 + 1}") for i in range(100)]
 
 
-def garbage(port: int, rate: int, stop: threading.Event, sent: list) -> None:
+def garbage(port: int, rate: int, sources: int, stop: threading.Event, sent: list) -> None:
     os.sched_setaffinity(0, {1})
     socks = []
-    for i in range(SOURCES):  # many source addresses: per-client state must not cost the real queries
+    for i in range(sources):  # many source addresses: per-client state must not cost the real queries
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind((f"127.{100 + i // 250}.{i % 250 + 1}.9", 0))
         socks.append(s)
@@ -107,6 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--garbage-rate", type=int, default=12000)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--sources", type=int, default=1000, help="loopback source addresses of the hostile packets")
     parser.add_argument("--checkout", default=REPO, help="run networkd from this checkout (e.g. an older commit)")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="networkd-hostile-")
@@ -139,11 +138,11 @@ def main() -> None:
                 if real_queries(port, 0.05)[0]:
                     break
                 time.sleep(0.2)
-        print(f"garbage {args.garbage_rate}/s for {args.seconds:.0f} s per server; 100 real queries/s; "
+        print(f"garbage {args.garbage_rate}/s from {args.sources} addresses for {args.seconds:.0f} s per server; 100 real queries/s; "
               f"loadavg {open('/proc/loadavg').read().split()[:3]}")
         for label, port in servers:
             stop, sent = threading.Event(), []
-            sender = threading.Thread(target=garbage, args=(port, args.garbage_rate, stop, sent), daemon=True)
+            sender = threading.Thread(target=garbage, args=(port, args.garbage_rate, args.sources, stop, sent), daemon=True)
             sender.start()
             time.sleep(1)
             latencies, lost = real_queries(port, args.seconds)
