@@ -86,6 +86,28 @@ async def test_burst_is_coalesced_into_few_snapshots(etcd_server, etcd_root):
 
 
 @pytest_twisted.ensureDeferred
+async def test_separate_puts_while_a_subscriber_is_slow_become_few_snapshots(etcd_server, etcd_root):
+    """A subscriber that takes 50 ms a snapshot (a big zone rebuilt) must not get one snapshot per put
+    of a burst of separate puts: the next one waits as long as the last one took, and gathers them."""
+    import time as clock
+
+    async with Watching(etcd_server.endpoint, f"{etcd_root}/") as (watcher, seen):
+        await eventually(lambda: seen.last)
+        watcher.subscribe(lambda snapshot: clock.sleep(0.05))
+        before = len(seen.snapshots)
+        client = client_for(etcd_server.endpoint)
+        try:
+            for i in range(40):
+                await client.put(f"{etcd_root}/k{i}".encode(), b"v")
+        finally:
+            await client.close()
+        await eventually(lambda: len(seen.values()) == 40, timeout=20)
+        published = len(seen.snapshots) - before
+        assert published <= 20, f"{published} snapshots for 40 separate puts"
+        assert seen.values() == {f"k{i}": "v" for i in range(40)}
+
+
+@pytest_twisted.ensureDeferred
 async def test_survives_etcd_restart_without_losing_writes(private_etcd, etcd_root):
     async with Watching(private_etcd.endpoint, f"{etcd_root}/") as (watcher, seen):
         private_etcd.put(f"{etcd_root}/before", "1")

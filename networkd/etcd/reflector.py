@@ -9,6 +9,7 @@ revision makes the prefix be read again from scratch.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Callable, Mapping
@@ -22,6 +23,9 @@ from networkd.etcd.client import Compacted, EtcdUnavailable, WatchEvent
 from networkd.serial import notify
 
 log = Logger()
+
+CHEAP_PUBLISH = 0.005  # seconds: publishes cheaper than this never hold the next one back
+MAX_PUBLISH_PAUSE = 2.0  # seconds a costly publish may hold the next one back at most
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,7 @@ class PrefixWatcher(service.Service):
         self._quiet_relist = False  # anti-entropy: publish only if something changed
         self._must_relist = True
         self._publish_call = None
+        self._next_publish_at = 0.0  # reactor time before which no snapshot is published (see _schedule_publish)
         self._loop: defer.Deferred | None = None
         self._sleep = Pause(reactor)
         self._watch = None
@@ -89,14 +94,22 @@ class PrefixWatcher(service.Service):
         notify([subscriber], snapshot, what=f"snapshot subscriber of {self.prefix}")
 
     def _schedule_publish(self) -> None:
-        """Coalesce: events of one burst become one snapshot."""
+        """Coalesce: events of one burst become one snapshot.  After a costly publish (subscribers
+        that rebuild a big zone) the next waits as long as that one took, gathering what came
+        meanwhile: a burst of separate puts costs a few rebuilds, not one each, and the reactor
+        keeps at least half its time for answering.  A single change after a quiet spell goes at once."""
         if self._publish_call is None or not self._publish_call.active():
-            self._publish_call = self._reactor.callLater(0, self._publish)
+            delay = max(0.0, self._next_publish_at - self._reactor.seconds())
+            self._publish_call = self._reactor.callLater(delay, self._publish)
 
     def _publish(self) -> None:
         self._publish_call = None
+        started = time.perf_counter()  # the subscribers' real cost (the reactor's clock may be a test's)
         self.snapshot = Snapshot(self.prefix, self._revision, MappingProxyType(dict(self._values)))
         notify(self._subscribers, self.snapshot, what=f"snapshot subscriber of {self.prefix}")
+        cost = time.perf_counter() - started
+        self._next_publish_at = self._reactor.seconds() + (min(cost, MAX_PUBLISH_PAUSE)
+                                                           if cost >= CHEAP_PUBLISH else 0.0)
 
     # -- lifecycle -----------------------------------------------------------
 
