@@ -237,23 +237,26 @@ def test_a_silent_upstream_goes_last_and_gets_another_chance_later():
     assert health.stagger(a) == 0.03 and health.stagger(b) == 0.2
 
 
+class FakeReactor(Clock):
+    """A driven clock that keeps the readers added to it (the forwarder's upstream sockets)."""
+
+    def __init__(self):
+        super().__init__()
+        self.readers = []
+
+    def addReader(self, reader):
+        self.readers.append(reader)
+
+    def removeReader(self, reader):
+        pass
+
+
 def test_forwarder_staggers_then_backs_off_and_gives_up_in_time():
     """Drive one exchange with a fake clock against two silent servers."""
     import socket as socketlib
 
     from networkd.dns.forward import Forwarder, UpstreamFailed
     from networkd.views import DnsStats
-
-    class FakeReactor(Clock):
-        def __init__(self):
-            super().__init__()
-            self.readers = []
-
-        def addReader(self, reader):
-            self.readers.append(reader)
-
-        def removeReader(self, reader):
-            pass
 
     silent = [socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM) for _ in range(2)]
     try:
@@ -285,17 +288,6 @@ def test_past_its_budget_an_exchange_waits_for_a_late_answer_only_so_long():
 
     from networkd.dns.forward import LATE_LIMIT, Forwarder
     from networkd.views import DnsStats
-
-    class FakeReactor(Clock):
-        def __init__(self):
-            super().__init__()
-            self.readers = []
-
-        def addReader(self, reader):
-            self.readers.append(reader)
-
-        def removeReader(self, reader):
-            pass
 
     silent = socketlib.socket(socketlib.AF_INET, socketlib.SOCK_DGRAM)
     try:

@@ -315,3 +315,18 @@ async def test_shared_ip_port_key_stays_published_while_any_node_serves_it(clust
                      message="the remaining node publishes it")
     assert cluster.app_kvs()["hello/web/10.0.0.7:7000"][1] == nodes[other].session.lease
     assert set(cluster.app_keys()) == {"hello/web/10.0.0.7:7000", f"hello/web/10.9.0.{other[1]}:9000"}
+
+
+def test_fencing_happens_at_the_deadline_by_a_timer_not_at_the_next_poll(node):
+    """The rules and the log follow the deadline to the millisecond (the addresses already do)."""
+    import math
+
+    hold_vip(node)
+    now = node.clock.seconds()
+    node.clock.advance(math.ceil(now / 0.5) * 0.5 - now)  # on a 0.5 s tick: the deadline falls between two
+    node.session.ack()
+    node.clock.advance(0)
+    assert node.manager.fenced_since is None
+    node.clock.pump([0.001] * 2255)  # 5 ms past the deadline (the next tick is 0.25 s later)
+    assert node.manager.fenced_since is not None
+    assert node.journal[-1] == ("iptables", 0), "the DNAT rules went with the fencing"

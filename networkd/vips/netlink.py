@@ -124,12 +124,10 @@ class Netlink:
         kernel has handled every one of them, and only failures were answered.
         """
         results: dict[int, int] = {}
-        datagrams = [(packed[start:start + CHUNK], b"".join(message for _, message in packed[start:start + CHUNK]))
-                     for start in range(0, len(packed), CHUNK)]
-        first_sent = None
-        for chunk, datagram in datagrams:
-            if first_sent is None:
-                first_sent = self._clock()
+        chunks = [packed[start:start + CHUNK] for start in range(0, len(packed), CHUNK)]
+        datagrams = [b"".join(message for _, message in chunk) for chunk in chunks]  # packed before the clock starts
+        first_sent = self._clock()
+        for chunk, datagram in zip(chunks, datagrams):
             try:
                 self._requests.send(datagram)
             except OSError as e:
