@@ -330,3 +330,19 @@ def test_fencing_happens_at_the_deadline_by_a_timer_not_at_the_next_poll(node):
     node.clock.pump([0.001] * 2255)  # 5 ms past the deadline (the next tick is 0.25 s later)
     assert node.manager.fenced_since is not None
     assert node.journal[-1] == ("iptables", 0), "the DNAT rules went with the fencing"
+
+
+def test_a_pass_at_rest_does_not_walk_the_vip_configs_again(node, monkeypatch):
+    """What the host carries is derived once per snapshot: passes on unchanged inputs cost set operations."""
+    from networkd.vips import wants
+
+    hold_vip(node)
+    calls = []
+    real = wants.local_container
+    monkeypatch.setattr(wants, "local_container", lambda *a: (calls.append(1), real(*a))[1])
+    for _ in range(3):
+        node.manager._reconcile()
+    assert calls == [], "unchanged snapshots: nothing recomputed"
+    node.publish(pods={"hello/hello.proc.web": pod_group("hello", "web", [(1, "n1", "10.9.0.1", "172.20.0.6")])})
+    assert calls, "a new pods snapshot is derived again"
+    assert node.manager.held_count() == 1
