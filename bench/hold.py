@@ -271,7 +271,7 @@ def pct(cpu_seconds: float, seconds: float) -> float:
 def report(args, samples: list[dict], settle_took: float | None, settle_max: int, settle_fences: int) -> dict:
     m = args.local
     print()
-    print(f"== hold benchmark: {args.configs} VIP configs, {m} local, lock TTL {args.lock_ttl}s, "
+    print(f"== hold benchmark: {args.configs} VIP configs, {m} local, lock TTL {args.lock_ttl}s, probes {args.vip_probe}, "
           f"firewall {args.firewall}, code {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}")
     if settle_took is not None:
         print(f"settle:   all {m} local VIPs on eth0 {settle_took:.2f} s after the write burst")
@@ -362,6 +362,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=600, help="sampling window after settling (default 600)")
     parser.add_argument("--vips-per-app", type=int, default=10, help="VIP configs per app/pod group (default 10)")
     parser.add_argument("--lock-ttl", type=int, default=3)
+    parser.add_argument("--vip-probe", default="on", choices=("on", "off"),
+                        help="the daemon's container probes (on: every local VIP's container is probed and unreachable)")
     parser.add_argument("--firewall", default="nft", choices=("nft", "legacy"))
     parser.add_argument("--settle-timeout", type=float, default=300,
                         help="give up waiting for all local VIPs after this long and sample anyway (default 300)")
@@ -383,6 +385,7 @@ def main() -> int:
         lan = Lan()
         cluster = Cluster(lan, etcd, ROOT, args.firewall, ttl=args.lock_ttl)
         node = cluster.add(NODE, NODE_HOST)
+        node.extra_args = [*node.extra_args, "--vip-probe", args.vip_probe]
         pods, vips, local = build_workload(args.configs, args.local, args.vips_per_app, node.ip)
         cluster.start()
         daemon = node.daemon
