@@ -213,6 +213,10 @@ class EtcdConnection:
                 result = await _bounded(operation(client), timeout or self.call_timeout)
             except BaseException as e:
                 translated = _translate(e, endpoint)
+                if isinstance(e, asyncio.CancelledError) and not asyncio.current_task().cancelling():
+                    # Not our caller's doing: grpc cancels the calls in flight on a channel that is
+                    # closed (another call on it failed).  An etcd outage like any other.
+                    translated = EtcdUnavailable(f"etcd {endpoint}: call cancelled, its connection was closed")
                 if isinstance(translated, EtcdUnavailable):
                     self._failed(client)
                 if translated is e:

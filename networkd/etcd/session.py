@@ -101,8 +101,15 @@ class Session(service.Service):
             except SessionExpired as e:
                 self._expired(str(e))
                 delay = 0.0
-            except EtcdUnavailable as e:
-                self.last_error = str(e)
+            except (EtcdUnavailable, defer.CancelledError, defer.TimeoutError) as e:
+                # etcd did not answer in time, or the call was cut short (its connection dropped, a
+                # deadline, our stop): an outage, logged by the connection; one line here as it starts.
+                if not self.running:
+                    break
+                if self.last_error is None:
+                    log.info("etcd keep-alive of lease {lease:x} not answered ({e}); sending it again",
+                             lease=self.lease or 0, e=str(e) or type(e).__name__)
+                self.last_error = str(e) or type(e).__name__
                 delay = self._backoff.next()
             except Exception as e:
                 log.failure("etcd keep-alive failed")
