@@ -181,3 +181,46 @@ def test_members_value_writes_go_one_at_a_time_so_the_newest_wins():
     writes[1][1].callback(8)
     k.refresh_presence()
     assert len(writes) == 2, "nothing new to write"
+
+
+def test_our_release_seen_with_the_next_holders_lock_first_is_no_lost_lock():
+    """The watch may show our delete and the next node's lock together, before our delete's answer."""
+    from tests.support.logcapture import LogCapture
+
+    clock, etcd, k = keeper()
+    k.drive(FloatingPlan(campaign_now=frozenset({"10.0.0.5"})))
+    k.observe({"10.0.0.5": "n1"}, revision=etcd.revision)
+    answer = defer.Deferred()
+    applied = etcd.delete_if_lease
+    etcd.delete_if_lease = lambda key, lease: (applied(key, lease), answer)[1]
+    with LogCapture() as logs:
+        k.release("10.0.0.5", "rebalancing")
+        etcd.put_if_absent("/lain/networkd/vips/10.0.0.5.lock", b"n2", 0x43)  # n2 takes it at once
+        assert k.observe({"10.0.0.5": "n2"}, revision=etcd.revision) is False, "nothing was lost"
+        answer.callback(False)  # "not ours any more": released all the same
+        clock.advance(0)
+    assert not logs.at_level("warn", "error"), logs.lines
+    assert logs.matching("VIP 10.0.0.5 released (rebalancing)"), logs.lines
+    assert "10.0.0.5" not in k.records and not k.errors
+
+
+def test_a_lock_released_before_its_read_back_answered_is_not_called_lost():
+    """Taken, not yet in the snapshot, read back, released meanwhile: the read-back's "gone" is our release."""
+    from tests.support.logcapture import LogCapture
+
+    clock, etcd, k = keeper()
+    k.drive(FloatingPlan(campaign_now=frozenset({"10.0.0.5"})))
+    answer = defer.Deferred()
+    etcd.get = lambda key: answer
+    clock.advance(VERIFY_AFTER + 0.1)
+    k.observe({}, revision=1)  # the watch lags: read it back
+    clock.advance(0)
+    with LogCapture() as logs:
+        release = defer.Deferred()
+        applied = etcd.delete_if_lease
+        etcd.delete_if_lease = lambda key, lease: (applied(key, lease), release)[1]
+        k.release("10.0.0.5", "rebalancing")
+        answer.callback(None)  # read after our delete: gone
+        release.callback(True)
+    assert not logs.at_level("warn", "error"), logs.lines
+    assert "10.0.0.5" not in k.records

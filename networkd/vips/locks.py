@@ -64,6 +64,8 @@ class LockKeeper:
         self._to_verify: set[str] = set()
         self._verify_call = None
         self._ours_in_snapshot: set[str] = set()
+        self._news = 0  # counts changes to our records: a read-back sent before one of its IP's is stale
+        self._news_of: dict[str, int] = {}  # ip -> the count at its newest change
         self._presence_key = f"{keys.vip_locks}{MEMBERS}{hostname}"
         self._announced: int | None = None
         self._announced_value: str | None = None
@@ -122,18 +124,27 @@ class LockKeeper:
                 lost = "lock deleted" if holder is None else f"lock now held by {holder}"
             elif not record.confirmed and now - record.acquired_at > VERIFY_AFTER:
                 self._verify(ip)  # not seen in the snapshot yet: ask etcd
-            if lost and record.releasing and holder is None:
-                # Our own delete, seen in the watch before its answer: the release landed.
+            if lost and record.releasing and record.lease == lease:
+                # Our own delete, seen in the watch before its answer (maybe with the next holder's
+                # lock after it): the release landed, nothing was lost.
                 log.info("VIP {ip} released ({why})", ip=ip, why=record.reason)
-                del self.records[ip]
+                self._forget(ip)
             elif lost:
                 log.warn("lost the lock of VIP {ip}: {why}", ip=ip, why=lost)
-                del self.records[ip]
+                self._forget(ip)
                 lost_any = True
         if lease is not None:
             for ip in self._ours_in_snapshot - self.records.keys():
                 self._verify(ip)  # ours on this lease (adopt), or a previous process's (wait)
         return lost_any
+
+    def _forget(self, ip: str) -> None:
+        self.records.pop(ip, None)
+        self._changed_record(ip)
+
+    def _changed_record(self, ip: str) -> None:
+        self._news += 1
+        self._news_of[ip] = self._news
 
     def lease_lost(self) -> None:
         if self.records:
@@ -214,6 +225,7 @@ class LockKeeper:
             if not created:
                 return
             self.records[ip] = LockRecord(lease, self._reactor.seconds())
+            self._changed_record(ip)
             self.later.pop(ip, None)
             self.errors.pop(ip, None)
             log.info("took the lock of VIP {ip} on lease {lease:x}", ip=ip, lease=lease)
@@ -243,7 +255,7 @@ class LockKeeper:
         """Is each queued lock on our current lease?  One key read, or one range read for many."""
         self._verify_call = None
         ips, self._to_verify = sorted(self._to_verify), set()
-        lease = self._session.lease
+        lease, asked = self._session.lease, self._news
         if lease is None or not ips:
             return
         if len(ips) == 1:
@@ -256,7 +268,8 @@ class LockKeeper:
             if lease != self._session.lease or self.stopping:
                 return
             for ip in ips:
-                self._read_back(ip, found.get(ip), lease)
+                if self._news_of.get(ip, 0) <= asked:  # else we took or let go of it meanwhile: stale
+                    self._read_back(ip, found.get(ip), lease)
             self._changed()
 
         def failed(failure):
@@ -277,10 +290,10 @@ class LockKeeper:
                 record = self.records[ip] = LockRecord(lease, self._reactor.seconds())
             record.confirmed = True
             record.revision = max(record.revision, kv.mod_revision)
-        elif record is not None and not record.confirmed:
+        elif record is not None and not record.confirmed and not record.releasing:
             log.warn("lost the lock of VIP {ip}: {why}", ip=ip,
                      why="it is gone" if kv is None else "it is on another lease")
-            del self.records[ip]
+            self._forget(ip)
 
     def release(self, ip: str, reason: str) -> None:
         """Host first, then the lock (guarded by our lease).
@@ -295,6 +308,7 @@ class LockKeeper:
         if record is None or record.releasing:
             return
         record.releasing, record.reason = True, reason
+        self._changed_record(ip)
         log.info("releasing VIP {ip}: {why}", ip=ip, why=reason)
         defer.Deferred.fromCoroutine(self._release(ip, record))
 
@@ -309,7 +323,7 @@ class LockKeeper:
                 self._reactor.callLater(RELEASE_RETRY, self._retry_release, ip, record)
             return
         if self.records.get(ip) is record:
-            del self.records[ip]
+            self._forget(ip)
         self.errors.pop(ip, None)
         self._changed()
 
