@@ -115,7 +115,7 @@ def test_events_say_removed_and_filter_our_own_renewals(in_namespace):
     nl.start()
     events = netlink_module._EventReader(nl)
     removed = []
-    nl.on_address_removed = removed.append
+    nl.on_address_removed = lambda ip, lifetime_left: removed.append((ip, lifetime_left))
     try:
         nl.apply([], [("10.66.0.1", 5), ("10.66.0.2", 5)])
         for _ in range(50):
@@ -126,7 +126,7 @@ def test_events_say_removed_and_filter_our_own_renewals(in_namespace):
         original = nl._event
         nl._event = lambda m: (received.append(m.type), original(m))
         events.doRead()
-        assert removed == ["10.66.0.2"]
+        assert removed == [("10.66.0.2", 5)], "removed by hand with its lifetime left"
         assert rtnl.RTM_NEWADDR not in received, "our renewals never reach the daemon"
     finally:
         events.close()

@@ -134,22 +134,47 @@ class AddressKeeper:
     def holds(self, ip: str) -> bool:
         return ip in self.placed
 
-    def vanished(self, ip: str) -> None:
-        """Netlink says ``ip`` left the interface."""
+    def vanished(self, ip: str, lifetime_left: int | None = None) -> None:
+        """Netlink says ``ip`` left the interface; ``lifetime_left``: the kernel's count of its valid
+        lifetime then (0: it ran out; None: a read-back found it missing, so our clock decides)."""
         if self._own_removals.get(ip):
             self._own_removals[ip] -= 1
             if not self._own_removals[ip]:
                 del self._own_removals[ip]
             return
-        expires = self.placed.pop(ip, None)
+        expires = self.placed.get(ip)
         if expires is None:
             return
+        now = self._clock()
+        near_end = now >= expires - SEND_SLACK  # our bound on its expiry; the kernel takes it up to 25 ms early
+        if lifetime_left == 0 and not near_end:
+            # It ran out, yet our newest put gives it longer: that put came after the kernel took it,
+            # and made it again (a keep-alive acknowledged just too late).  It is on the interface.
+            log.info("VIP {ip}: its kernel lifetime ran out just before a late renewal put it back", ip=ip)
+            return
+        del self.placed[ip]
         self._on_removed(ip)
-        if self._clock() >= expires - SEND_SLACK:
-            log.warn("VIP {ip}: its kernel lifetime ran out before it was renewed", ip=ip)
+        if lifetime_left == 0 or (lifetime_left in (None, 1) and near_end):
+            self._ran_out(ip, expires)
         else:
-            log.warn("VIP {ip} was removed from the interface behind our back; putting it back", ip=ip)
+            log.warn("VIP {ip} was removed from {iface} by someone else ({left}); putting it back", ip=ip,
+                     iface=getattr(self._netlink, "interface", "the interface"),
+                     left="seen missing in a read-back" if lifetime_left is None
+                     else f"{lifetime_left}s of its lifetime left")
         self.soon()
+
+    def _ran_out(self, ip: str, expires: float) -> None:
+        """Say whether the kernel's expiry was the dead man's switch doing its job (keep-alives late:
+        the lease deadline allowed no renewal) or a renewal that should have come and did not."""
+        just = self._justify()
+        if just.deadline is None or not just.may_hold(ip):
+            log.info("VIP {ip}: its kernel lifetime ran out while fenced or leaving: expected", ip=ip)
+        elif just.deadline - expires < 1 + SEND_SLACK + TOP_UP_EARLY + ALIGNED:
+            log.info("VIP {ip}: its kernel lifetime ran out {d:.2f}s before the lease deadline: expected, "
+                     "keep-alives are late and the kernel fences first", ip=ip, d=max(0.0, just.deadline - expires))
+        else:
+            log.warn("VIP {ip}: its kernel lifetime ran out though the lease allows {d:.2f}s more: not renewed "
+                     "in time (reactor held up?); putting it back", ip=ip, d=just.deadline - expires)
 
     def pass_now(self) -> None:
         """Run a pass at once (it schedules the next one itself)."""

@@ -82,7 +82,7 @@ class Netlink:
         self._requests: socket.socket | None = None
         self._events: _EventReader | None = None
         self._seq = 0
-        self.on_address_removed: Callable[[str], None] = lambda ip: None
+        self.on_address_removed: Callable[[str, int], None] = lambda ip, lifetime_left: None
         self.on_link_up: Callable[[], None] = lambda: None
         self.on_events_lost: Callable[[], None] = lambda: None
         self.last_exchange = 0.0  # seconds the newest apply() took
@@ -249,7 +249,7 @@ class Netlink:
         if message.type == rtnl.RTM_DELADDR:
             address = rtnl.parse_address(message)
             if address is not None and address.index == self.index and address.prefixlen == 32:
-                self.on_address_removed(address.ip)
+                self.on_address_removed(address.ip, address.valid)  # valid: its lifetime left, 0 if it ran out
         elif message.type in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
             link = rtnl.parse_link(message)
             if link is None or (link.name != self.interface and link.index != self.index):
