@@ -115,3 +115,50 @@ def test_an_address_put_back_by_a_late_renewal_is_known_to_be_there(in_namespace
         assert not logs.at_level("warn", "error"), logs.lines
     finally:
         rig.close()
+
+
+class RecordingArp:
+    """The announcer's interface, recording what would be sent (no frames leave the namespace's host)."""
+
+    def __init__(self):
+        self.sent, self.allowed = [], lambda ip: True
+
+    def announce(self, ip):
+        self.sent.append(ip)
+
+    def cancel(self, ip):
+        pass
+
+    def cancel_all(self):
+        pass
+
+
+def test_no_gratuitous_arp_for_an_address_gone_before_it_went_out(in_namespace):
+    """The lock of A is lost in the same reactor turn as its address went up (the snapshot saying so
+    had already arrived): A lives a few milliseconds, and the LAN is not told it moved here."""
+    from twisted.internet import defer
+
+    from networkd.vips.host import VipHost
+
+    clock, arp, wanted = task.Clock(), RecordingArp(), {A, B}
+    deadline = time.monotonic() + 10
+    host = VipHost(reactor=clock, interface="eth0", clock=time.monotonic,
+                   justify=lambda: Justification(deadline, lambda ip: ip in wanted), renew_ahead=1.5,
+                   managed=lambda: (A, B), desired_rules=frozenset, to_thread=defer.maybeDeferred,
+                   netlink=netlink_module.Netlink("eth0", None, time.monotonic), announcer=arp)
+    host.netlink.start()
+    events = []
+    host.on_change = lambda ip, added: events.append((ip, added))
+    try:
+        host.apply(frozenset({A, B}))
+        up = time.monotonic()
+        assert on_interface(in_namespace) == {A, B}
+        wanted.discard(A)  # the lock of A is lost: what was already queued for this turn runs first
+        host.apply(frozenset({B}))
+        lived = time.monotonic() - up
+        assert on_interface(in_namespace) == {B} and lived < 0.01
+        clock.advance(0)  # the next turn
+        assert arp.sent == [B], "announced only what is still here"
+        assert events == [(B, True)], "A was never acquired as far as anyone is told"
+    finally:
+        host.netlink.stop()

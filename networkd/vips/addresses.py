@@ -78,7 +78,7 @@ class Justification:
 
 class AddressKeeper:
     def __init__(self, *, reactor, netlink, clock: Callable[[], float], justify: Callable[[], Justification],
-                 renew_ahead: float, on_added: Callable[[str], None] = lambda ip: None,
+                 renew_ahead: float, on_added: Callable[[str, int], None] = lambda ip, life: None,
                  on_removed: Callable[[str], None] = lambda ip: None,
                  managed: Callable[[], Iterable[str]] = lambda: ()):
         self._reactor = reactor
@@ -310,15 +310,14 @@ class AddressKeeper:
             waiter.callback(None)
 
     def _announce(self, added) -> None:
-        """Gratuitous ARP for new addresses, only while they are still justified."""
+        """New addresses to ``on_added(ip, lifetime)`` (it announces them), only while still justified."""
         if not added:
             return
         just = self._justify()
         now = self._clock()
         for ip, life in added:
             if just.deadline is not None and now < just.deadline and just.may_hold(ip) and ip in self.placed:
-                log.info("VIP {ip} is on the interface (lifetime {life}s), announced", ip=ip, life=life)
-                self._on_added(ip)
+                self._on_added(ip, life)
 
     def _force_remove(self, ips) -> None:
         ips = list(ips)

@@ -49,6 +49,7 @@ class VipHost:
         if hasattr(self.arp, "allowed"):
             self.arp.allowed = self.may_announce
         self.firewall: fw.Firewall | None = None
+        self._to_announce: dict[str, object] = {}  # ip -> the call that announces it (next reactor turn)
         self._next_audit = self._next_firewall_check = 0.0
 
     @property
@@ -56,12 +57,28 @@ class VipHost:
         """Addresses we put on the interface (and that are still there, as far as we know)."""
         return set(self.keeper.placed)
 
-    def _added(self, ip: str) -> None:  # on the interface, and still justified
+    def _added(self, ip: str, life: int) -> None:
+        """On the interface, and still justified: announced on the next reactor turn, after whatever
+        already arrived (a lost lock, a removal event), and only if it is still here and ours by then."""
+        if ip not in self._to_announce:
+            self._to_announce[ip] = self._reactor.callLater(0, self._announce, ip, life)
+
+    def _announce(self, ip: str, life: int) -> None:
+        del self._to_announce[ip]
+        if not self.may_announce(ip):
+            log.info("VIP {ip} left the interface before it was announced: not announced", ip=ip)
+            return
+        log.info("VIP {ip} is on the interface (lifetime {life}s), announced", ip=ip, life=life)
         self.arp.announce(ip)
         self.on_change(ip, True)
 
     def _removed(self, ip: str) -> None:
         self.arp.cancel(ip)
+        call = self._to_announce.pop(ip, None)
+        if call is not None and call.active():
+            call.cancel()  # never announced nor reported as acquired: nothing to take back
+            log.info("VIP {ip} left the interface before it was announced: not announced", ip=ip)
+            return
         self.on_change(ip, False)
 
     def may_announce(self, ip: str) -> bool:
