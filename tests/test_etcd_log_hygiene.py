@@ -59,3 +59,42 @@ async def test_a_keep_alive_cancelled_by_its_closed_connection_is_one_quiet_line
             private_etcd.process.send_signal(signal.SIGCONT)
         await session.stopService()
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_quorum_lost_for_a_while_is_one_outage_in_the_logs(privileged):
+    """Two of three members down: the third still serves watches but no keep-alive, so calls succeed
+    and fail by turns.  That is one outage: one "failing over" line, one "watch lost", and one line
+    each when etcd is back (it flapped ~5 times in 6 s before)."""
+    from networkd.etcd.reflector import PrefixWatcher
+    from tests.support.etcdcluster import EtcdCluster
+
+    cluster = EtcdCluster(3).start()
+    client = EtcdClient(parse_endpoints(",".join(cluster.endpoints)), call_timeout=1.0)
+    session = Session(client, ttl=3, reactor=reactor)
+    watcher = PrefixWatcher(client, "/quorum/", reactor)
+    session.startService()
+    watcher.startService()
+    try:
+        await eventually(lambda: session.last_ack is not None and watcher.status.connected, message="up")
+        with LogCapture() as logs:
+            for member in cluster.members[1:]:
+                cluster.kill(member)
+            await sleep(6)
+            for member in cluster.members[1:]:
+                cluster.revive(member)
+            acked = session.last_ack
+            await eventually(lambda: session.last_ack != acked, timeout=15, message="acknowledged again")
+            await eventually(lambda: logs.matching("answers;") and logs.matching("is back for"), timeout=8,
+                             message="the end of the outage is said")
+        assert client.failovers > 2, "it did fail over, more than once"
+        assert len(logs.matching("failing over")) == 1, logs.lines
+        assert len(logs.matching("answers;")) == 1, logs.lines
+        assert len(logs.matching("watch of /quorum/ lost")) == 1, logs.lines
+        assert len(logs.matching("is back for /quorum/")) == 1, logs.lines
+        assert watcher.status.reconnects > 1, "the watch status still counts every loss"
+    finally:
+        await watcher.stopService()
+        await session.stopService()
+        await client.close()
+        cluster.destroy()

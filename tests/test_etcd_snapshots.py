@@ -182,6 +182,7 @@ async def test_an_outage_is_logged_once_and_its_end_once_not_per_attempt(etcd_se
     dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
     etcd_server.put(f"{etcd_root}/x", "y")
     client = client_for(*dead, etcd_server.endpoint)
+    client.outage_settle = 0.2  # the end is said once calls were answered this long, none failing
     try:
         with LogCapture() as logs:
             for _ in range(5):
@@ -191,6 +192,8 @@ async def test_an_outage_is_logged_once_and_its_end_once_not_per_attempt(etcd_se
                 except EtcdUnavailable:
                     continue
             assert got is not None and got.value == b"y"
+            assert not logs.matching("answers"), "not yet: etcd may only answer for a moment"
+            await sleep(0.3)
         assert client.failovers == 2
         assert len(logs.matching("failing over")) == 1, logs.matching("failing over")
         assert len(logs.matching("answers; 2 fail-over(s)")) == 1

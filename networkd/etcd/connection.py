@@ -46,6 +46,10 @@ CHANNEL_OPTIONS = {
     "grpc.keepalive_permit_without_calls": 1,
 }
 
+# An outage is over once calls have been answered this long with none failing: a member without quorum
+# answers watches but not keep-alives, and one line per flap would be a line a second per node.
+OUTAGE_SETTLE = 3.0
+
 CONNECTION_ERRORS = (
     aetcd_errors.ConnectionFailedError,
     aetcd_errors.ConnectionTimeoutError,
@@ -161,6 +165,8 @@ class EtcdConnection:
         self._failed_at = [float("-inf")] * len(self.endpoints)  # monotonic time of each endpoint's last failure
         self.failovers = 0
         self._outage: tuple[float, int] | None = None  # (since, fail-overs) while calls keep failing
+        self.outage_settle = OUTAGE_SETTLE
+        self._settling: asyncio.TimerHandle | None = None  # ends the outage unless a call fails first
 
     @property
     def endpoint(self) -> Endpoint:
@@ -192,6 +198,9 @@ class EtcdConnection:
         if len(self.endpoints) > 1:
             self._index = self._healthiest()
             self.failovers += 1
+            if self._settling is not None:  # answered for a moment only: the same outage goes on
+                self._settling.cancel()
+                self._settling = None
             if self._outage is None:  # one line per outage, and one when it ends (not one per attempt)
                 self._outage = (time.monotonic(), 0)
                 log.warn("etcd: failing over to {endpoint}", endpoint=self.endpoint)
@@ -222,16 +231,26 @@ class EtcdConnection:
                 if translated is e:
                     raise
                 raise translated from e
-            if self._outage is not None:
-                since, count = self._outage
-                self._outage = None
-                log.info("etcd: {endpoint} answers; {n} fail-over(s) in {s:.1f}s", endpoint=endpoint, n=count,
-                         s=time.monotonic() - since)
+            if self._outage is not None and self._settling is None:
+                self._settling = asyncio.get_running_loop().call_later(
+                    self.outage_settle, self._settled, endpoint, time.monotonic())
             return result
 
         return Deferred.fromFuture(asyncio.ensure_future(run())).addErrback(_twisted_cancel)
 
+    def _settled(self, endpoint: Endpoint, answered_at: float) -> None:
+        """Calls were answered for ``outage_settle`` seconds, none failed: the outage is over."""
+        self._settling = None
+        if self._outage is not None:
+            since, count = self._outage
+            self._outage = None
+            log.info("etcd: {endpoint} answers; {n} fail-over(s) in {s:.1f}s", endpoint=endpoint, n=count,
+                     s=answered_at - since)
+
     def close(self) -> Deferred:
+        if self._settling is not None:
+            self._settling.cancel()
+            self._settling = None
         client, self._client = self._client, None
         if client is None:
             return succeed(None)

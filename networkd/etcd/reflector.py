@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from networkd.backoff import Backoff, Pause
 from networkd.etcd.client import Compacted, EtcdUnavailable, WatchEvent
+from networkd.etcd.connection import OUTAGE_SETTLE
 from networkd.serial import notify
 
 log = Logger()
@@ -81,6 +82,8 @@ class PrefixWatcher(service.Service):
         # event a watch never delivered cannot leave the snapshot wrong.
         self._relist_every = relist_every
         self._relist_call = None
+        self._down_since: float | None = None  # the outage we logged, until it is over (see _back)
+        self._back_call = None
 
     # -- subscribers ---------------------------------------------------------
 
@@ -122,8 +125,9 @@ class PrefixWatcher(service.Service):
 
     def stopService(self):
         super().stopService()
-        if self._relist_call is not None and self._relist_call.active():
-            self._relist_call.cancel()
+        for call in (self._relist_call, self._back_call):
+            if call is not None and call.active():
+                call.cancel()
         self._interrupt()
         if self._publish_call is not None and self._publish_call.active():
             self._publish_call.cancel()
@@ -217,18 +221,31 @@ class PrefixWatcher(service.Service):
     # -- status --------------------------------------------------------------
 
     def _up(self) -> None:
-        if not self.status.connected and self.status.lost_at is not None:
-            log.info("etcd is back for {prefix} at revision {rev}", prefix=self.prefix, rev=self._revision)
+        if self._down_since is not None and self._back_call is None:
+            self._back_call = self._reactor.callLater(OUTAGE_SETTLE, self._back, self._reactor.seconds())
         self.status.connected = True
         self.status.lost_at = None
         self.status.last_error = None
         self.status.revision = self._revision
         self.status.synced_at = self._reactor.seconds()
 
+    def _back(self, since: float) -> None:
+        """Connected for OUTAGE_SETTLE seconds with no loss: the outage is over (one line, not one per flap)."""
+        self._back_call = None
+        if self.status.connected and self._down_since is not None:
+            log.info("etcd is back for {prefix} at revision {rev} after {s:.1f}s", prefix=self.prefix,
+                     rev=self._revision, s=since - self._down_since)
+            self._down_since = None
+
     def _lost(self, error: str) -> None:
-        if self.status.connected or self.status.lost_at is None:
+        if self._back_call is not None and self._back_call.active():
+            self._back_call.cancel()
+        self._back_call = None
+        if self._down_since is None:
             log.warn("etcd watch of {prefix} lost: {error}; keeping the last snapshot",
                      prefix=self.prefix, error=error)
+            self._down_since = self._reactor.seconds()
+        if self.status.connected or self.status.lost_at is None:
             self.status.lost_at = self._reactor.seconds()
             self.status.reconnects += 1
         self.status.connected = False
