@@ -81,11 +81,30 @@ class NetworkdCollector:
             for (event, kind), count in sorted(history.counts.items()):
                 counts.add_metric([event, kind], count)
             yield counts
-            unheld = CounterMetricFamily("networkd_vip_unheld_seconds", "Seconds each floating VIP had no holder "
-                                         "(as this node saw the locks).", labels=["vip"])
-            for ip, seconds in sorted(history.unheld_seconds().items()):
-                unheld.add_metric([ip], seconds)
-            yield unheld
+            yield from self._vip_holders(history)
+
+    def _vip_holders(self, history):
+        """Per floating VIP, as this node saw the locks (so also for VIPs held elsewhere)."""
+        holder = GaugeMetricFamily("networkd_vip_holder", "1 for the node holding each floating VIP "
+                                   "(holder=\"\" while none does).", labels=["vip", "holder"])
+        since = GaugeMetricFamily("networkd_vip_holder_since_timestamp_seconds", "Since when each floating VIP's "
+                                  "holder (or lack of one) is what it is (at most since this daemon started).",
+                                  labels=["vip"])
+        for ip, (name, wall) in sorted(history.holders.items()):
+            holder.add_metric([ip, name or ""], 1.0)
+            since.add_metric([ip], wall)
+        yield holder
+        yield since
+        changes = CounterMetricFamily("networkd_vip_holder_changes", "Changes of each floating VIP's holder (to "
+                                      "and from none included).", labels=["vip"])
+        for ip in sorted(set(history.holders) | set(history.holder_changes)):
+            changes.add_metric([ip], history.holder_changes.get(ip, 0))
+        yield changes
+        unheld = CounterMetricFamily("networkd_vip_unheld_seconds", "Seconds each floating VIP had no holder "
+                                     "(as this node saw the locks).", labels=["vip"])
+        for ip, seconds in sorted(history.unheld_seconds().items()):
+            unheld.add_metric([ip], seconds)
+        yield unheld
 
     def _vip_safety(self, vips):
         yield from self._vip_active(vips)

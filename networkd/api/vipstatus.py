@@ -48,11 +48,19 @@ def vip_entries(manager) -> list[dict]:
 
 
 def _placement(manager, config) -> dict:
-    """Candidates with their health and why, our last transitions of this VIP and since when it is as it is."""
-    history = manager.transitions.history
-    since = history.since.get(config.ip)
-    return {"candidates": manager.health.candidates(config), "transitions": history.recent(config.ip),
-            "since": None if since is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))}
+    """Candidates with their health and why, our last transitions of this VIP and since when it is as it is;
+    in the cluster (as this node saw the locks): since when its holder is who it is, how often it changed,
+    seconds it had none."""
+    history, ip = manager.transitions.history, config.ip
+    holder = history.holders.get(ip)
+    return {"candidates": manager.health.candidates(config), "transitions": history.recent(ip),
+            "since": _iso(history.since.get(ip)), "holder_since": _iso(holder and holder[1]),
+            "holder_changes": history.holder_changes.get(ip, 0),
+            "unheld_seconds": round(history.unheld_seconds().get(ip, 0.0), 3)}
+
+
+def _iso(wall: float | None) -> str | None:
+    return None if wall is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(wall))
 
 
 def add_held_for(entries: list[dict], manager, now: float) -> list[dict]:

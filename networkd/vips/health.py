@@ -60,7 +60,6 @@ class VipHealth:
         self._dirty = True
         self._verdicts: dict[str, bool] = {}  # the last decided verdict per VIP, for on_verdict
         self.on_verdict: Callable[[str, bool, str | None], None] = lambda ip, healthy, why: None
-        self.on_plan: Callable = lambda floating_ips, holders: None  # networkd.vips.history
         locks.presence_value = self.presence
 
     def _probe_changed(self) -> None:
@@ -128,7 +127,6 @@ class VipHealth:
         health = CandidateHealth(inputs.member_health, mine, frozenset(self.hold_down))
         plan = plan_floating(inputs.configs, inputs.containers, self._hostname, inputs.holders, inputs.members,
                              held, health)
-        self.on_plan(inputs.floating_ips(), inputs.holders)
         self.notes = {}
         for ip in plan.release:
             if plan.reasons.get(ip) == UNHEALTHY:

@@ -10,6 +10,8 @@ containers, so one malformed write from deployd does not take VIPs away
 
 from __future__ import annotations
 
+from typing import Callable
+
 from twisted.logger import Logger
 
 from networkd.serial import ErrorLog
@@ -33,6 +35,7 @@ class VipInputs:
         self._config_errors = ErrorLog(log, "VIP config skipped: {error}")
         self._pod_errors = ErrorLog(log, "pod group skipped: {error}")
         self._pods_good: dict[str, list[Container]] = {}
+        self.on_change: Callable[[], None] = lambda: None  # after a configs or locks snapshot (vips.history)
 
     @property
     def invalid_keys(self) -> dict[str, str]:
@@ -51,6 +54,7 @@ class VipInputs:
         self.configs, invalid = parse_vips(snapshot.values, self._keys.vips)
         self._config_errors.update(invalid)
         self.seen["configs"] = True
+        self.on_change()
 
     def pods_snapshot(self, snapshot) -> None:
         errors, current = {}, {}
@@ -74,6 +78,7 @@ class VipInputs:
             self._member_values, self.member_health = values, {n: member_health(v) for n, v in values.items()}
         self.locks_revision = snapshot.revision
         self.seen["locks"] = True
+        self.on_change()
 
     def floating_ips(self):
         return (c.ip for c in self.configs.values() if c.floating)

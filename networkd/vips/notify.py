@@ -124,7 +124,14 @@ class Transitions:
         self.up: set[str] = set()  # VIPs we reported acquired
         manager.host.on_change = self.address
         manager.health.on_verdict = self.verdict
-        manager.health.on_plan = self.history.observe
+        manager.inputs.on_change = self._snapshot
+
+    def _snapshot(self) -> None:
+        """Holders as the configs and lock snapshots say (both needed: before the lock snapshot
+        came, every VIP would look unheld)."""
+        inputs = self._manager.inputs
+        if inputs.seen["configs"] and inputs.seen["locks"]:
+            self.history.observe(inputs.floating_ips(), inputs.holders)
 
     def _notify(self, event: str, ip: str, reason: str) -> None:
         self.history.record(event, ip, reason)
