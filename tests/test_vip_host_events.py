@@ -152,11 +152,11 @@ def test_no_gratuitous_arp_for_an_address_gone_before_it_went_out(in_namespace):
     try:
         host.apply(frozenset({A, B}))
         up = time.monotonic()
-        assert on_interface(in_namespace) == {A, B}
+        assert {a.ip for a in host.netlink.addresses()} == {A, B}
         wanted.discard(A)  # the lock of A is lost: what was already queued for this turn runs first
         host.apply(frozenset({B}))
         lived = time.monotonic() - up
-        assert on_interface(in_namespace) == {B} and lived < 0.01
+        assert on_interface(in_namespace) == {B} and lived < 0.05, lived
         clock.advance(0)  # the next turn
         assert arp.sent == [B], "announced only what is still here"
         assert events == [(B, True)], "A was never acquired as far as anyone is told"
