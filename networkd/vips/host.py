@@ -66,7 +66,7 @@ class VipHost:
     def _announce(self, ip: str, life: int) -> None:
         del self._to_announce[ip]
         if not self.may_announce(ip):
-            log.info("VIP {ip} left the interface before it was announced: not announced", ip=ip)
+            log.info("VIP {ip} is no longer ours to hold: not announced", ip=ip)
             return
         log.info("VIP {ip} is on the interface (lifetime {life}s), announced", ip=ip, life=life)
         self.arp.announce(ip)
