@@ -1,7 +1,11 @@
-"""Authoritative local data, built whole from the latest snapshots.
+"""Authoritative local data: exact names and wildcards.
 
-A Zone is immutable once built; the service swaps in a new one on every
-change, so a query never sees a half-built table.  Lookup: an exact name
+``build_zone`` makes one whole from the snapshots (the reference, and what
+tests compare with); the daemon keeps one up to date name by name
+(``set_exact``/``set_wildcard``, driven by networkd.dns.zonefeed).  Each call
+changes one name completely, reverse index included, between two queries
+(the reactor runs one thing at a time), so a query never sees a name half
+changed.  Lookup: an exact name
 wins; otherwise the longest wildcard ``*.D`` whose D is the name or one of
 its suffixes (``*.lain`` answers ``lain``, ``a.lain`` and ``a.b.lain``).
 """
@@ -16,6 +20,7 @@ from typing import Mapping
 
 from networkd.dns import wire
 from networkd.dns.names import BadName, split_wildcard
+from networkd.dns.ptrindex import PtrIndex
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,33 @@ class Zone:
         self.wildcards = wildcards
         self.ttl = ttl
         self.serial = serial & 0xFFFFFFFF
+        self._ptr: PtrIndex | None = None  # built on the first reverse query, then kept up to date
+
+    def ptr_index(self) -> PtrIndex:
+        """Reverse names of the exact names' addresses (networkd.dns.reverse)."""
+        if self._ptr is None:
+            self._ptr = PtrIndex(self.exact)
+        return self._ptr
+
+    def set_exact(self, name: str, record: Record | None) -> None:
+        """Give ``name`` this record (None: not local any more), reverse index included."""
+        old = self.exact.get(name)
+        if record is None:
+            self.exact.pop(name, None)
+        else:
+            self.exact[name] = record
+        if self._ptr is not None:
+            if old is not None:
+                self._ptr.remove(name, old)
+            if record is not None:
+                self._ptr.add(name, record)
+
+    def set_wildcard(self, base: str, record: Record | None) -> None:
+        """``*.base`` answers with this record (None: no such wildcard)."""
+        if record is None:
+            self.wildcards.pop(base, None)
+        else:
+            self.wildcards[base] = record
 
     def lookup(self, name: str) -> tuple[str, Record] | None:
         """(apex, record) for a lower-case name, or None if it is not local."""

@@ -2,7 +2,9 @@
 
 Consumers never see single events: they get the complete current content
 of the prefix with its revision, and reconcile to it.  A burst of events is
-delivered as one snapshot.  When etcd goes away the last snapshot stays, the
+delivered as one snapshot.  A snapshot also names the keys that changed since
+the one before it (``changed``; None after a full read), so a consumer with a
+big table can update only those and still fall back to a whole comparison.  When etcd goes away the last snapshot stays, the
 watch resumes from the last revision when etcd is back, and a compacted
 revision makes the prefix be read again from scratch.
 """
@@ -30,11 +32,25 @@ MAX_PUBLISH_PAUSE = 2.0  # seconds a costly publish may hold the next one back a
 
 @dataclass(frozen=True)
 class Snapshot:
-    """All keys under ``prefix`` at ``revision``; keys are relative to the prefix."""
+    """All keys under ``prefix`` at ``revision``; keys are relative to the prefix.
+
+    ``changed``: the keys put or deleted since the snapshot of ``generation - 1``
+    (the previous publish), or None when unknown (a full read of the prefix:
+    compare everything).  A subscriber that did not see that previous snapshot
+    must compare everything too (``changes_since``)."""
 
     prefix: str
     revision: int
     values: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    generation: int = 0
+    changed: frozenset | None = None
+
+    def changes_since(self, generation: int | None) -> frozenset | None:
+        """The keys changed since the snapshot of ``generation`` (the last one a
+        subscriber applied), or None if everything must be compared."""
+        if generation is not None and generation == self.generation - 1:
+            return self.changed
+        return None
 
 
 Subscriber = Callable[[Snapshot], None]
@@ -68,6 +84,8 @@ class PrefixWatcher(service.Service):
         self._subscribers: list[Subscriber] = []
         self._values: dict[str, str] = {}
         self._revision = 0
+        self._changed: set | None = None  # keys changed since the last publish; None: everything
+        self._generation = 0
         self._quiet_relist = False  # anti-entropy: publish only if something changed
         self._must_relist = True
         self._publish_call = None
@@ -105,7 +123,10 @@ class PrefixWatcher(service.Service):
     def _publish(self) -> None:
         self._publish_call = None
         started = time.perf_counter()  # the subscribers' real cost (the reactor's clock may be a test's)
-        self.snapshot = Snapshot(self.prefix, self._revision, MappingProxyType(dict(self._values)))
+        self._generation += 1
+        changed, self._changed = self._changed, set()
+        self.snapshot = Snapshot(self.prefix, self._revision, MappingProxyType(dict(self._values)),
+                                 self._generation, None if changed is None else frozenset(changed))
         notify(self._subscribers, self.snapshot, what=f"snapshot subscriber of {self.prefix}")
         cost = time.perf_counter() - started
         self._next_publish_at = self._reactor.seconds() + (min(cost, MAX_PUBLISH_PAUSE)
@@ -182,6 +203,8 @@ class PrefixWatcher(service.Service):
         publish = changed or not self._quiet_relist
         self._quiet_relist = False
         self._values = values
+        if changed:
+            self._changed = None  # which keys differ is for the subscribers to find out (in chunks)
         self._revision = revision
         self._must_relist = False
         self._up()
@@ -205,6 +228,8 @@ class PrefixWatcher(service.Service):
             self._values.pop(key, None)
         else:
             self._values[key] = _text(event.value)
+        if self._changed is not None:
+            self._changed.add(key)
         self._revision = max(self._revision, event.mod_revision)
         self.status.revision = self._revision
         self.status.synced_at = self._reactor.seconds()
