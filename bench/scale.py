@@ -245,6 +245,7 @@ def run_size(size: int, args, work: str) -> dict:
              "--api-listen", f"127.0.0.1:{free_port()}", "--no-vips", "--no-resolv-conf",
              "--node-ip", "10.1.1.1", "--hosts-file", hosts, "--resolv-conf", resolv],
             stdout=open(daemon_log, "wb"), stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": REPO},  # this checkout's networkd, not the one the venv installed
         )
         last = f"d{size - 1}.scale.lain"
         up = wait_until_answer(port, last, domain_ip(size - 1), started, 120)
