@@ -15,6 +15,9 @@ import ipaddress
 
 
 def _pointer(ip: str) -> str:
+    """The reverse name of an address in normal form (a Record's)."""
+    if ":" not in ip:
+        return ".".join(reversed(ip.split("."))) + ".in-addr.arpa"
     return ipaddress.ip_address(ip).reverse_pointer
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import socket
 import struct
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -34,8 +35,8 @@ class Record:
     def __post_init__(self):
         v4, v6 = [], []
         for ip in self.ips:
-            address = ipaddress.ip_address(ip)
-            (v4 if address.version == 4 else v6).append(address.packed)
+            _, version, packed = parse_ip(ip)
+            (v4 if version == 4 else v6).append(packed)
         object.__setattr__(self, "v4", tuple(v4))
         object.__setattr__(self, "v6", tuple(v6))
 
@@ -127,6 +128,20 @@ class Zone:
 EMPTY_ZONE = Zone({}, {}, 60)
 
 
+def parse_ip(text: str) -> tuple[str, int, bytes]:
+    """(normal text, version, packed bytes) of an IP address; ValueError if it is none.
+    A dotted quad already in normal form (nearly every one) is read by the C
+    library: ``ipaddress`` costs ~20 us an address, most of a zone's build."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET, text)
+        if socket.inet_ntop(socket.AF_INET, packed) == text:
+            return text, 4, packed
+    except (OSError, ValueError):
+        pass
+    address = ipaddress.ip_address(text)
+    return str(address), address.version, address.packed
+
+
 def parse_domain_value(raw: str, node_ip: str | None, webrouter_ips: tuple[str, ...]) -> tuple[str, ...]:
     """The addresses a ``config/domains`` value stands for; ValueError if invalid."""
     try:
@@ -150,7 +165,7 @@ def parse_domain_value(raw: str, node_ip: str | None, webrouter_ips: tuple[str, 
     out = []
     for ip in ips:
         try:
-            text = str(ipaddress.ip_address(str(ip).strip()))
+            text = parse_ip(str(ip).strip())[0]
         except ValueError:
             raise ValueError(f"bad IP {ip!r}") from None
         if text not in out:
