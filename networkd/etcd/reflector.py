@@ -26,6 +26,7 @@ from networkd.serial import notify
 
 log = Logger()
 
+LIST_PAGE = 1000  # keys a request when the prefix is read whole (decoded a page at a time)
 CHEAP_PUBLISH = 0.005  # seconds: publishes cheaper than this never hold the next one back
 MAX_PUBLISH_PAUSE = 2.0  # seconds a costly publish may hold the next one back at most
 
@@ -195,8 +196,8 @@ class PrefixWatcher(service.Service):
                 await self._sleep(self._backoff.next())
 
     async def _list(self) -> None:
-        revision, kvs = await self._client.get_prefix(self._prefix_bytes)
-        values = {self._relative(kv.key): _text(kv.value) for kv in kvs}
+        revision, pairs = await self._client.get_prefix(self._prefix_bytes, page=LIST_PAGE, convert=self._pair)
+        values = dict(pairs)
         changed = self.snapshot is None or values != self._values
         if changed and self._quiet_relist:
             log.warn("{prefix}: the periodic re-read found changes the watch had not delivered", prefix=self.prefix)
@@ -235,6 +236,9 @@ class PrefixWatcher(service.Service):
         self.status.synced_at = self._reactor.seconds()
         self._schedule_publish()
 
+
+    def _pair(self, key: bytes, value: bytes) -> tuple[str, str]:
+        return self._relative(key), _text(value)
 
     def _relative(self, key: bytes) -> str:
         return _text(key[len(self._prefix_bytes):])
