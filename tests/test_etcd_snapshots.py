@@ -98,7 +98,7 @@ async def test_snapshots_name_their_changed_keys_and_a_prefix_is_read_in_pages(e
         assert seen.last.changes_since(seen.last.generation - 2) is None, "only relative to the snapshot just before"
         assert seen.last.changes_since(seen.last.generation - 1) == seen.last.changed
         etcd_server.put(f"{etcd_root}/k03", "lost")  # as if its event never came: a whole read finds it
-        watcher._values["k03"] = "v3"
+        watcher._values.put("k03", "v3")
         count = len(seen.snapshots)
         watcher.resync()
         await eventually(lambda: len(seen.snapshots) > count and seen.values()["k03"] == "lost")

@@ -31,7 +31,7 @@ from networkd.dns.zone import Record, Zone, parse_domain_value
 
 log = Logger()
 
-BUDGET = 0.003  # seconds of work at most per reactor turn
+BUDGET = 0.002  # seconds of work at most per reactor turn
 _STALE = object()  # an applied value that must be evaluated again (webrouter IPs changed)
 
 

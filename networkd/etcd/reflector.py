@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from networkd.backoff import Backoff, Pause
 from networkd.etcd.client import Compacted, EtcdUnavailable, WatchEvent
+from networkd.etcd.layered import LiveValues
 from networkd.serial import notify
 
 log = Logger()
@@ -83,7 +84,7 @@ class PrefixWatcher(service.Service):
         self._reactor = reactor
         self._backoff = backoff or Backoff()
         self._subscribers: list[Subscriber] = []
-        self._values: dict[str, str] = {}
+        self._values = LiveValues()  # published without a whole copy each time (networkd.etcd.layered)
         self._revision = 0
         self._changed: set | None = None  # keys changed since the last publish; None: everything
         self._generation = 0
@@ -126,7 +127,7 @@ class PrefixWatcher(service.Service):
         started = time.perf_counter()  # the subscribers' real cost (the reactor's clock may be a test's)
         self._generation += 1
         changed, self._changed = self._changed, set()
-        self.snapshot = Snapshot(self.prefix, self._revision, MappingProxyType(dict(self._values)),
+        self.snapshot = Snapshot(self.prefix, self._revision, self._values.frozen(),
                                  self._generation, None if changed is None else frozenset(changed))
         notify(self._subscribers, self.snapshot, what=f"snapshot subscriber of {self.prefix}")
         cost = time.perf_counter() - started
@@ -198,12 +199,12 @@ class PrefixWatcher(service.Service):
     async def _list(self) -> None:
         revision, pairs = await self._client.get_prefix(self._prefix_bytes, page=LIST_PAGE, convert=self._pair)
         values = dict(pairs)
-        changed = self.snapshot is None or values != self._values
+        changed = self.snapshot is None or values != self._values.as_dict()
         if changed and self._quiet_relist:
             log.warn("{prefix}: the periodic re-read found changes the watch had not delivered", prefix=self.prefix)
         publish = changed or not self._quiet_relist
         self._quiet_relist = False
-        self._values = values
+        self._values.replace(values)
         if changed:
             self._changed = None  # which keys differ is for the subscribers to find out (in chunks)
         self._revision = revision
@@ -226,9 +227,9 @@ class PrefixWatcher(service.Service):
     def _on_event(self, event: WatchEvent) -> None:
         key = self._relative(event.key)
         if event.deleted:
-            self._values.pop(key, None)
+            self._values.delete(key)
         else:
-            self._values[key] = _text(event.value)
+            self._values.put(key, _text(event.value))
         if self._changed is not None:
             self._changed.add(key)
         self._revision = max(self._revision, event.mod_revision)
