@@ -197,7 +197,10 @@ class PrefixWatcher(service.Service):
                 await self._sleep(self._backoff.next())
 
     async def _list(self) -> None:
-        revision, pairs = await self._client.get_prefix(self._prefix_bytes, page=LIST_PAGE, convert=self._pair)
+        # The first read in one request: nothing is served from it yet, and start-up is faster
+        # so; later ones (anti-entropy, reconnects) in pages, the reactor free between them.
+        page = LIST_PAGE if self.snapshot is not None else 0
+        revision, pairs = await self._client.get_prefix(self._prefix_bytes, page=page, convert=self._pair)
         values = dict(pairs)
         changed = self.snapshot is None or values != self._values.as_dict()
         if changed and self._quiet_relist:
