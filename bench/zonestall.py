@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,7 +158,8 @@ async def main(args) -> None:
             extra = (f"; put → in zone p50 {ms(s['put_p50'])} p99 {ms(s['put_p99'])} ms" if phase == "puts" else
                      f"; {s['n']} puts, last in zone {ms(s['served_after_last_write'])} ms after the last write"
                      if phase == "burst" else
-                     f"; {args.lost} lost changes among {size:,} keys applied {r['relist_took']:.2f} s after the re-read began")
+                     f"; {args.lost} lost changes among {size:,} keys applied {r['relist_took']:.2f} s "
+                     "after the re-read began")
             log(f"  {phase}: longest stall wall {ms(s['wall_max'])} ms (p99 {ms(s['wall_p99'])}), reactor CPU between "
                 f"two ticks max {ms(s['cpu_max'])} ms; ticks over 5 ms: {s['over_5ms_wall']} wall, "
                 f"{s['over_5ms_cpu']} CPU of {s['ticks']}{extra}")

@@ -255,8 +255,8 @@ async def test_puts_deletes_wildcards_reverse_and_forwarded_names_among_thousand
     post_init = zone_module.Record.__post_init__
     monkeypatch.setattr(zone_module.Record, "__post_init__", lambda self: (made.append(1), post_init(self)))
     env = Env(etcd_server, etcd_root, [upstream])
-    bulk_put(etcd_server.endpoint, [(env.keys.domains + f"d{i}.bulk.lain", json.dumps({"ips": [f"10.3.{i >> 8}.{i & 255}"]}))
-                                    for i in range(3000)])
+    bulk_put(etcd_server.endpoint, [(env.keys.domains + f"d{i}.bulk.lain",
+                                     json.dumps({"ips": [f"10.3.{i >> 8}.{i & 255}"]})) for i in range(3000)])
     upstream.records["app.example.com"] = ["93.184.216.34"]
     upstream.records["x.apps.example.com"] = ["93.184.216.35"]
     await env.start()

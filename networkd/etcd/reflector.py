@@ -4,9 +4,10 @@ Consumers never see single events: they get the complete current content
 of the prefix with its revision, and reconcile to it.  A burst of events is
 delivered as one snapshot.  A snapshot also names the keys that changed since
 the one before it (``changed``; None after a full read), so a consumer with a
-big table can update only those and still fall back to a whole comparison.  When etcd goes away the last snapshot stays, the
-watch resumes from the last revision when etcd is back, and a compacted
-revision makes the prefix be read again from scratch.
+big table can update only those and still fall back to a whole comparison.
+When etcd goes away the last snapshot stays, the watch resumes from the last
+revision when etcd is back, and a compacted revision makes the prefix be
+read again from scratch.
 """
 
 from __future__ import annotations
