@@ -4,7 +4,7 @@ A query whose bytes after the ID (when it has no EDNS options) or whose key
 (flags + raw question + EDNS summary, which ignores a cookie;
 ``wire.question_key``) is here gets the stored bytes after its own ID: no
 parsing, no logging, no objects.  The slow path (``networkd.dns.resolver``)
-fills the two tables: ``local`` is emptied with each new zone, ``cached``
+fills the two tables: ``local`` is emptied with each zone change, ``cached``
 when the cache is flushed.
 
 The cached table holds at most ``cached_limit`` keys (the cache's size; the
