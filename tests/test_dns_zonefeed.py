@@ -222,6 +222,38 @@ def test_a_put_touches_one_name_whatever_the_number_of_domains(monkeypatch):
         assert feed.zone.ptr_index().ptr["9.0.200.10.in-addr.arpa"] == ["d9.lain"]
 
 
+def test_hot_upstream_answers_are_found_by_name_and_the_index_follows_evictions():
+    """Names made local drop their hot upstream answers by name (both keys of a query),
+    names under a new wildcard too; the index never outgrows the table."""
+    from dnslib import EDNS0, QTYPE, RR, A
+
+    from networkd.dns.cache import Cache
+    from networkd.dns.hot import HotAnswers
+
+    clock = task.Clock()
+    clock.advance(1000)
+    cache = Cache(100, clock)
+    hot = HotAnswers(cached_limit=8)
+
+    def remember(name):
+        record = DNSRecord.question(name, "A")
+        record.add_ar(EDNS0(udp_len=1232))  # two hot keys: the bytes after the ID and the question key
+        reply = DNSRecord.question(name, "A").reply()
+        reply.add_answer(RR(name, QTYPE.A, ttl=300, rdata=A("1.2.3.4")))
+        entry = cache.put_answer(name, wire.inspect_answer(reply.pack()))
+        hot.remember_cached(bytes(record.pack()), b"\x00\x01" + entry.answer.body[2:], entry, clock.seconds())
+
+    for i in range(20):
+        remember(f"n{i}.example")
+    assert len(hot.cached) == 8 and sorted(hot._names) == [f"n{i}.example" for i in range(16, 20)]
+    remember("A.B.example")
+    remember("b.example")
+    hot.drop_names(["n19.example"], ())
+    assert sorted(hot._names) == ["a.b.example", "b.example", "n18.example"] and len(hot.cached) == 6
+    hot.drop_names([], ("b.example",))
+    assert sorted(hot._names) == ["n18.example"] and len(hot.cached) == 2
+
+
 # -- end to end: real etcd, the DNS service, real dig -------------------------------------------
 
 
