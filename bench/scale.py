@@ -14,7 +14,9 @@ etcd's HTTP gateway (one client, one connection).  Then:
    tight loop (every ms, like tests/test_dns_daemon.py ``_time_until_answer``)
    until the new IP is the answer: p50 / p99 / max of put-start → answer;
 2. daemon CPU per put: utime+stime of the daemon (/proc/PID/stat) across
-   those puts, divided by their number;
+   those puts, divided by their number; meanwhile a client thread asks a
+   fixed local name every ~1 ms: its longest wait is the longest reactor
+   stall a query saw (the reactor answers it as soon as it is free);
 3. burst: ``--burst`` puts (new IPs for d0..d<burst-1>) written one by one as
    fast as the connection allows; the time from the last write until the last
    name answers with its new IP (and the daemon CPU used from the first write
@@ -243,6 +245,7 @@ def run_size(size: int, args, work: str) -> dict:
              "--api-listen", f"127.0.0.1:{free_port()}", "--no-vips", "--no-resolv-conf",
              "--node-ip", "10.1.1.1", "--hosts-file", hosts, "--resolv-conf", resolv],
             stdout=open(daemon_log, "wb"), stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": REPO},  # this checkout's networkd, not the one the venv installed
         )
         last = f"d{size - 1}.scale.lain"
         up = wait_until_answer(port, last, domain_ip(size - 1), started, 120)
@@ -252,17 +255,22 @@ def run_size(size: int, args, work: str) -> dict:
 
         # 1 + 2: put → answer, CPU per put
         delays = []
-        cpu0 = cpu_seconds(proc.pid)
-        for i in range(1, args.puts + 1):
-            ip = f"10.251.{i // 250}.{i % 250 + 1}"
-            start = time.monotonic()
-            writer.put(domain_key(PROBE), domain_value(ip))
-            delays.append(wait_until_answer(port, PROBE, ip, start, args.put_timeout))
-        cpu_used = cpu_seconds(proc.pid) - cpu0
+        with Prober(port, HOT, HOT_IP, interval=0.001) as stall:
+            cpu0 = cpu_seconds(proc.pid)
+            for i in range(1, args.puts + 1):
+                ip = f"10.251.{i // 250}.{i % 250 + 1}"
+                start = time.monotonic()
+                writer.put(domain_key(PROBE), domain_value(ip))
+                delays.append(wait_until_answer(port, PROBE, ip, start, args.put_timeout))
+            cpu_used = cpu_seconds(proc.pid) - cpu0
         result["put_p50"], result["put_p99"], result["put_max"] = pct(delays, 50), pct(delays, 99), max(delays)
         result["cpu_per_put"] = cpu_used / args.puts
+        lat = stall.latencies
+        result.update(put_hot_p99=pct(lat, 99), put_hot_max=max(lat), put_hot_n=len(lat))
         log(f"{size}: put → answer p50 {ms(result['put_p50'])} p99 {ms(result['put_p99'])} "
-            f"max {ms(result['put_max'])} ms over {args.puts}; CPU/put {ms(result['cpu_per_put'])} ms")
+            f"max {ms(result['put_max'])} ms over {args.puts}; CPU/put {ms(result['cpu_per_put'])} ms; "
+            f"{HOT} asked every ms meanwhile: p99 {ms(result['put_hot_p99'])} max {ms(result['put_hot_max'])} ms "
+            f"over {len(lat)}")
         time.sleep(1)
 
         # 3: burst
@@ -326,6 +334,8 @@ def print_table(results: list[dict], args) -> None:
             f"{ms(r.get('put_p50', float('nan')))} / {ms(r.get('put_p99', float('nan')))} "
             f"({ms(r.get('put_max', float('nan')))})" for r in results]),
         ("daemon CPU per put", [f"{ms(v)} ms" for v in g("cpu_per_put")]),
+        ("local name asked every ms during the puts, p99 (max: longest stall seen)", [
+            f"{ms(r['put_hot_p99'])} ({ms(r['put_hot_max'])}) ms" if "put_hot_max" in r else "—" for r in results]),
         ("burst of puts: how many, written in / last served after", [
             f"{r['burst_n']:,}, {r['burst_write']:.2f} s / {ms(r['burst_served'])} ms ({r['burst_cpu']:.1f} s CPU)"
             if "burst_served" in r else "—" for r in results]),

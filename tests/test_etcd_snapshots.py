@@ -74,6 +74,40 @@ async def test_initial_snapshot_then_every_change(etcd_server, etcd_root):
 
 
 @pytest_twisted.ensureDeferred
+async def test_snapshots_name_their_changed_keys_and_a_prefix_is_read_in_pages(etcd_server, etcd_root, monkeypatch):
+    """A snapshot says which keys changed since the one before (None after a whole read),
+    so a subscriber with a big table (the DNS zone) updates only those; a re-read goes
+    a page at a time at one revision (7 keys a page here: 29 keys, 5 pages)."""
+    from networkd.etcd import reflector
+
+    monkeypatch.setattr(reflector, "LIST_PAGE", 7)  # for the re-reads: the first one is one request
+    ops = "\n".join(f"put {etcd_root}/k{i:02} v{i}" for i in range(30)) + "\n\n\n"
+    etcd_server.ctl("txn", input="\n" + ops)
+    etcd_server.put(f"{etcd_root}0", "beside the prefix")
+    async with Watching(etcd_server.endpoint, f"{etcd_root}/") as (watcher, seen):
+        await eventually(lambda: seen.last)
+        first = seen.last
+        assert dict(first.values) == {f"k{i:02}": f"v{i}" for i in range(30)}
+        assert first.revision == etcd_server.revision() and first.changed is None
+        etcd_server.put(f"{etcd_root}/k01", "new")
+        etcd_server.delete(f"{etcd_root}/k02")
+        await eventually(lambda: "k02" not in seen.values())
+        later = seen.snapshots[seen.snapshots.index(first) + 1:]
+        assert set().union(*(s.changed for s in later)) == {"k01", "k02"}
+        assert [s.generation for s in later] == list(range(first.generation + 1, first.generation + 1 + len(later)))
+        assert seen.last.changes_since(seen.last.generation - 2) is None, "only relative to the snapshot just before"
+        assert seen.last.changes_since(seen.last.generation - 1) == seen.last.changed
+        etcd_server.put(f"{etcd_root}/k03", "lost")  # as if its event never came: a whole read finds it
+        watcher._values.put("k03", "v3")
+        count = len(seen.snapshots)
+        watcher.resync()
+        await eventually(lambda: len(seen.snapshots) > count and seen.values()["k03"] == "lost")
+        assert seen.last.changed is None, "after a whole read that differs: compare everything"
+        expected = {f"k{i:02}": f"v{i}" for i in range(30) if i not in (1, 2, 3)} | {"k01": "new", "k03": "lost"}
+        assert seen.values() == expected and seen.last.revision == etcd_server.revision()
+
+
+@pytest_twisted.ensureDeferred
 async def test_burst_is_coalesced_into_few_snapshots(etcd_server, etcd_root):
     async with Watching(etcd_server.endpoint, f"{etcd_root}/") as (watcher, seen):
         await eventually(lambda: seen.last)

@@ -4,7 +4,7 @@ A query whose bytes after the ID (when it has no EDNS options) or whose key
 (flags + raw question + EDNS summary, which ignores a cookie;
 ``wire.question_key``) is here gets the stored bytes after its own ID: no
 parsing, no logging, no objects.  The slow path (``networkd.dns.resolver``)
-fills the two tables: ``local`` is emptied with each new zone, ``cached``
+fills the two tables: ``local`` is emptied with each zone change, ``cached``
 when the cache is flushed.
 
 The cached table holds at most ``cached_limit`` keys (the cache's size; the
@@ -52,6 +52,7 @@ class HotAnswers:
         self.cached_limit = cached_limit
         self.local: dict = {}
         self.cached: OrderedDict = OrderedDict()  # oldest first, popped in O(1)
+        self._names: dict[str, set] = {}  # lower-case name -> its keys in cached (drop_names)
         self.touch = lambda entry: None  # tells the cache an entry is in use (its LRU order)
 
     def lookup(self, key: bytes, now: float) -> HotEntry | None:
@@ -66,7 +67,8 @@ class HotAnswers:
     def _reage(self, key: bytes, hit: HotEntry, now: float) -> HotEntry | None:
         entry = hit.entry
         if entry.expires_at - now <= 2:
-            self.cached.pop(key, None)
+            if self.cached.pop(key, None) is not None:
+                self._unindex(key)
             return None
         body = bytearray(hit.body)
         age = int(now - entry.stored_at)
@@ -105,8 +107,9 @@ class HotAnswers:
             if self.cached_limit < len(keys):
                 return
             while len(table) > self.cached_limit - len(keys):
-                table.popitem(last=False)  # the oldest
+                self._unindex(table.popitem(last=False)[0])  # the oldest
             hit.entry.hot_keys.extend(k for k in keys if k not in hit.entry.hot_keys)
+            self._names.setdefault(_name(key), set()).update(keys)
         for k in keys:
             table[k] = hit
 
@@ -116,17 +119,47 @@ class HotAnswers:
             hit = self.cached.get(key)
             if hit is not None and hit.entry is entry:
                 del self.cached[key]
+                self._unindex(key)
 
     def clear_local(self) -> None:
         self.local.clear()
 
     def clear_cached(self) -> None:
         self.cached.clear()
+        self._names.clear()
+
+    def _unindex(self, key: bytes) -> None:
+        name = _name(key)
+        keys = self._names.get(name)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._names[name]
 
     def drop_cached(self, owned) -> None:
         """Forget the upstream answers to every name ``owned(name)`` claims
         (lower-case text, ``wire.wire_to_text``): a new zone's
         names, which the hot table must not shadow.  A key is the query after
         its ID, so its name starts after the rest of the header."""
-        for key in [key for key in self.cached if owned(wire.wire_to_text(key[10:]))]:
+        for key in [key for key in self.cached if owned(_name(key))]:
             del self.cached[key]
+            self._unindex(key)
+
+    def drop_names(self, names, under=()) -> None:
+        """Forget the upstream answers to ``names`` and to every name at or
+        under one of ``under`` (wildcard bases): names a zone change made
+        local.  Looked up by name, so a put costs the same whatever the
+        size of the table; only a new wildcard walks the names."""
+        doomed = [key for name in names for key in self._names.pop(name, ())]
+        if under:
+            suffixes = tuple("." + base for base in under)
+            for name in [n for n in self._names if n in under or n.endswith(suffixes)]:
+                doomed.extend(self._names.pop(name))
+        for key in doomed:
+            self.cached.pop(key, None)
+
+
+def _name(key: bytes) -> str:
+    """The lower-case name a key asks for: a key is the query after its ID,
+    so the name starts after the rest of the header."""
+    return wire.wire_to_text(key[10:])

@@ -105,6 +105,14 @@ class Resolver:
         if zone.exact.keys() - old.exact.keys() or zone.wildcards.keys() - old.wildcards.keys():
             self.hot.drop_cached(lambda name: zone.lookup(name) is not None)
 
+    def zone_changed(self, added=(), added_wildcards=()) -> None:
+        """The zone in force was changed in place (networkd.dns.zonefeed): the
+        local hot answers go (cheap: a dict clear), and the upstream answers to
+        the names it made local (exact names, names under new wildcards)."""
+        self.hot.clear_local()
+        if added or added_wildcards:
+            self.hot.drop_names(added, tuple(added_wildcards))
+
     def set_forward_zones(self, zones: ForwardZones) -> None:
         if zones != self.forwarding.zones:
             self.forwarding.zones = zones

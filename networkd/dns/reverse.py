@@ -76,22 +76,6 @@ class ReverseZones:
     def __init__(self, forward=()):
         self.forward = tuple(forward)  # --dns-forward-reverse networks
         self.zones = {reverse_name(sub): sub for net in LOCALLY_SERVED for sub in on_label_boundaries(net)}
-        self._zone = None
-        self._ptr: dict = {}  # reverse name of an address -> names that have it
-        self._above: set = set()  # reverse names above a local address (they exist, empty)
-
-    def _index(self, zone) -> None:
-        if zone is self._zone:
-            return
-        ptr: dict = {}
-        for name, record in sorted(zone.exact.items()):
-            for ip in record.ips:
-                ptr.setdefault(ipaddress.ip_address(ip).reverse_pointer, []).append(name)
-        above = set()
-        for rname in ptr:
-            labels = rname.split(".")
-            above.update(".".join(labels[i:]) for i in range(1, len(labels) - 2))
-        self._zone, self._ptr, self._above = zone, ptr, above
 
     def served_zone(self, name: str) -> str | None:
         labels = name.split(".")
@@ -104,8 +88,8 @@ class ReverseZones:
     def answer(self, zone, query: wire.Query, name: str, forwarded: bool) -> tuple[int, bytes] | None:
         """(rcode, response), or None if the name is not answered here.
         ``forwarded``: a domain_servers zone claims the name."""
-        self._index(zone)
-        names = self._ptr.get(name)
+        index = zone.ptr_index()  # kept up to date by the zone, name by name
+        names = index.ptr.get(name)
         if names is not None:
             if query.qtype in (TYPE_PTR, wire.TYPE_ANY):
                 ttl = struct.pack(">I", zone.ttl)
@@ -122,7 +106,7 @@ class ReverseZones:
         soa = zone.soa(apex)
         if name == apex and query.qtype == wire.TYPE_SOA:
             return wire.NOERROR, _response(query, wire.NOERROR, soa, 1, b"")
-        if name == apex or name in self._above:
+        if name == apex or name in index.above:
             return wire.NOERROR, _response(query, wire.NOERROR, b"", 0, soa)
         return wire.NXDOMAIN, _response(query, wire.NXDOMAIN, b"", 0, soa)
 

@@ -1,8 +1,9 @@
 """DnsService: the DNS part of networkd as a Twisted service (views.DnsPart).
 
-It owns the listeners and feeds the resolver whole data: a new Zone on every
-domains snapshot, webrouter VIP change or hosts-file change, new forwarding
-zones on every domain_servers snapshot.  Upstreams come from the resolv.conf
+It owns the listeners and feeds the resolver: the zone is kept up to date
+key by key from the domains snapshots, the webrouter VIPs and the hosts file
+(networkd.dns.zonefeed), new forwarding zones come whole with every
+domain_servers snapshot.  Upstreams come from the resolv.conf
 guardian through ``set_upstreams``.
 
 The sockets are bound in privilegedStartService; a bind failure is raised
@@ -33,7 +34,8 @@ from networkd.dns.udp import DnsUdpListener
 from networkd.dns.upstreams import (
     ForwardZones, format_server, parse_forward_zones, without_self,
 )
-from networkd.dns.zone import build_zone, webrouter_ips
+from networkd.dns.zone import webrouter_ips
+from networkd.dns.zonefeed import ZoneFeed
 from networkd.systemd import activation
 from networkd.views import DnsConfigView
 
@@ -74,9 +76,9 @@ class DnsService(service.Service):
         self._watchers = (domains, domain_servers, vips)
         self._domains_prefix = domains_prefix
         self._servers_prefix = domain_servers_prefix
-        self._domains: dict = {}
-        self._domains_revision = 1
-        self._webrouters: tuple = ()
+        self._feed = ZoneFeed(reactor, ttl=ttl, node_ip=node_ip, key_prefix=domains_prefix,
+                              on_change=self._zone_changed)
+        self.resolver.set_zone(self._feed.zone)
         self._hosts: list = []
         self._hosts_file = FileChangeWatcher(hosts_file) if hosts_file else None
         self._poll_interval = poll_interval
@@ -136,7 +138,7 @@ class DnsService(service.Service):
             self._bind()
         super().startService()
         self._read_hosts()
-        self._rebuild_zone()
+        self._feed.set_hosts(self._hosts)
         domains, domain_servers, vips = self._watchers
         if not self._subscribed:
             self._subscribed = True
@@ -155,6 +157,7 @@ class DnsService(service.Service):
 
     def stopService(self):
         super().stopService()
+        self._feed.stop()
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -233,17 +236,12 @@ class DnsService(service.Service):
     # -- inputs ----------------------------------------------------------------
 
     def _on_domains(self, snapshot) -> None:
-        self._domains = dict(snapshot.values)
-        self._domains_revision = snapshot.revision
-        self._rebuild_zone()
+        self._feed.domains(snapshot)
 
     def _on_vips(self, snapshot) -> None:
         """Only the webrouter IPs matter here: other VIP changes leave the zone
         (and the hot answers built from it) alone."""
-        webrouters = webrouter_ips(snapshot.values, self.node_ip)
-        if webrouters != self._webrouters:
-            self._webrouters = webrouters
-            self._rebuild_zone()
+        self._feed.set_webrouters(webrouter_ips(snapshot.values, self.node_ip))
 
     def _on_domain_servers(self, snapshot) -> None:
         zones, invalid = parse_forward_zones(snapshot.values, self._servers_prefix)
@@ -261,7 +259,7 @@ class DnsService(service.Service):
     def _poll_files(self) -> None:
         if self._hosts_file is not None and self._hosts_file.changed():
             self._read_hosts(checked=True)
-            self._rebuild_zone()
+            self._feed.set_hosts(self._hosts)
 
     def _read_hosts(self, checked: bool = False) -> None:
         if self._hosts_file is None:
@@ -280,16 +278,10 @@ class DnsService(service.Service):
         if self.resolver.set_upstreams(servers):
             log.info("DNS upstreams: {ups}", ups=", ".join(format_server(s) for s in servers) or "none")
 
-    def _rebuild_zone(self) -> None:
-        zone, invalid = build_zone(
-            self._domains, self._hosts, node_ip=self.node_ip,
-            webrouters=self._webrouters, ttl=self.ttl,
-            serial=self._domains_revision, key_prefix=self._domains_prefix,
-        )
-        self._report_invalid(self._zone_invalid, invalid)
-        self._zone_invalid = invalid
+    def _zone_changed(self, added, added_wildcards) -> None:
+        self._zone_invalid = self._feed.invalid
         self._update_invalid()
-        self.resolver.set_zone(zone)
+        self.resolver.zone_changed(added, added_wildcards)
 
     def _update_invalid(self) -> None:
         self.invalid_keys = {**self._zone_invalid, **self._server_invalid}

@@ -12,7 +12,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Callable
 
-from aetcd import rpc, transactions
+from aetcd import exceptions as aetcd_exceptions, rpc, transactions, utils as aetcd_utils
 from twisted.internet.defer import Deferred
 
 from networkd.etcd.connection import (  # noqa: F401  (re-exported: imported from here)
@@ -75,14 +75,39 @@ class EtcdClient(EtcdConnection):
 
     # -- reads ---------------------------------------------------------------
 
-    def get_prefix(self, prefix: bytes) -> Deferred:
-        """(revision, [KeyValue]) for every key under ``prefix``, read at one revision."""
+    def get_prefix(self, prefix: bytes, page: int = 0, convert: Callable | None = None) -> Deferred:
+        """(revision, [KeyValue]) for every key under ``prefix``, read at one revision.
+
+        ``page``: at most that many keys a request, the later ones pinned to the
+        first one's revision, so a big prefix is decoded a page at a time with
+        the reactor free between pages (a 40,000-key answer took ~0.2 s in one
+        go).  ``convert(key, value)``: what to keep of each key instead of a
+        KeyValue, done page by page too."""
 
         async def op(client):
-            result = await client.get_prefix(prefix)
-            return result.header.revision, [
-                KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in result
-            ]
+            if not page:
+                result = await client.get_prefix(prefix)
+                return result.header.revision, [
+                    KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) if convert is None
+                    else convert(kv.key, kv.value) for kv in result.kvs
+                ]
+            await client.connect()
+            start, end, revision, out = prefix, aetcd_utils.prefix_range_end(prefix), 0, []
+            while True:
+                request = rpc.RangeRequest(key=start, range_end=end, limit=page, revision=revision)
+                try:
+                    response = await client.kvstub.Range(request, timeout=client._timeout, metadata=client.metadata)
+                except rpc.AioRpcError as e:
+                    aetcd_exceptions._handle_exception(e)  # the errors aetcd's own calls raise
+                revision = revision or response.header.revision
+                if convert is None:
+                    out.extend(KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in response.kvs)
+                else:
+                    out.extend(convert(kv.key, kv.value) for kv in response.kvs)
+                if not response.more or not response.kvs:
+                    return revision, out
+                start = response.kvs[-1].key + b"\0"
+                await asyncio.sleep(0)  # the reactor's turn, even if the next answer is already in
 
         return self._call(op)
 

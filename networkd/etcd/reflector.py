@@ -2,9 +2,12 @@
 
 Consumers never see single events: they get the complete current content
 of the prefix with its revision, and reconcile to it.  A burst of events is
-delivered as one snapshot.  When etcd goes away the last snapshot stays, the
-watch resumes from the last revision when etcd is back, and a compacted
-revision makes the prefix be read again from scratch.
+delivered as one snapshot.  A snapshot also names the keys that changed since
+the one before it (``changed``; None after a full read), so a consumer with a
+big table can update only those and still fall back to a whole comparison.
+When etcd goes away the last snapshot stays, the watch resumes from the last
+revision when etcd is back, and a compacted revision makes the prefix be
+read again from scratch.
 """
 
 from __future__ import annotations
@@ -21,21 +24,37 @@ from twisted.logger import Logger
 from networkd.backoff import Backoff, Pause
 from networkd.etcd.client import Compacted, EtcdUnavailable, WatchEvent
 from networkd.etcd.connection import OUTAGE_SETTLE
+from networkd.etcd.layered import LiveValues
 from networkd.serial import notify
 
 log = Logger()
 
+LIST_PAGE = 1000  # keys a request when the prefix is read whole (decoded a page at a time)
 CHEAP_PUBLISH = 0.005  # seconds: publishes cheaper than this never hold the next one back
 MAX_PUBLISH_PAUSE = 2.0  # seconds a costly publish may hold the next one back at most
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """All keys under ``prefix`` at ``revision``; keys are relative to the prefix."""
+    """All keys under ``prefix`` at ``revision``; keys are relative to the prefix.
+
+    ``changed``: the keys put or deleted since the snapshot of ``generation - 1``
+    (the previous publish), or None when unknown (a full read of the prefix:
+    compare everything).  A subscriber that did not see that previous snapshot
+    must compare everything too (``changes_since``)."""
 
     prefix: str
     revision: int
     values: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    generation: int = 0
+    changed: frozenset | None = None
+
+    def changes_since(self, generation: int | None) -> frozenset | None:
+        """The keys changed since the snapshot of ``generation`` (the last one a
+        subscriber applied), or None if everything must be compared."""
+        if generation is not None and generation == self.generation - 1:
+            return self.changed
+        return None
 
 
 Subscriber = Callable[[Snapshot], None]
@@ -67,8 +86,10 @@ class PrefixWatcher(service.Service):
         self._reactor = reactor
         self._backoff = backoff or Backoff()
         self._subscribers: list[Subscriber] = []
-        self._values: dict[str, str] = {}
+        self._values = LiveValues()  # published without a whole copy each time (networkd.etcd.layered)
         self._revision = 0
+        self._changed: set | None = None  # keys changed since the last publish; None: everything
+        self._generation = 0
         self._quiet_relist = False  # anti-entropy: publish only if something changed
         self._must_relist = True
         self._publish_call = None
@@ -108,7 +129,10 @@ class PrefixWatcher(service.Service):
     def _publish(self) -> None:
         self._publish_call = None
         started = time.perf_counter()  # the subscribers' real cost (the reactor's clock may be a test's)
-        self.snapshot = Snapshot(self.prefix, self._revision, MappingProxyType(dict(self._values)))
+        self._generation += 1
+        changed, self._changed = self._changed, set()
+        self.snapshot = Snapshot(self.prefix, self._revision, self._values.frozen(),
+                                 self._generation, None if changed is None else frozenset(changed))
         notify(self._subscribers, self.snapshot, what=f"snapshot subscriber of {self.prefix}")
         cost = time.perf_counter() - started
         self._next_publish_at = self._reactor.seconds() + (min(cost, MAX_PUBLISH_PAUSE)
@@ -178,14 +202,19 @@ class PrefixWatcher(service.Service):
                 await self._sleep(self._backoff.next())
 
     async def _list(self) -> None:
-        revision, kvs = await self._client.get_prefix(self._prefix_bytes)
-        values = {self._relative(kv.key): _text(kv.value) for kv in kvs}
-        changed = self.snapshot is None or values != self._values
+        # The first read in one request: nothing is served from it yet, and start-up is faster
+        # so; later ones (anti-entropy, reconnects) in pages, the reactor free between them.
+        page = LIST_PAGE if self.snapshot is not None else 0
+        revision, pairs = await self._client.get_prefix(self._prefix_bytes, page=page, convert=self._pair)
+        values = dict(pairs)
+        changed = self.snapshot is None or values != self._values.as_dict()
         if changed and self._quiet_relist:
             log.warn("{prefix}: the periodic re-read found changes the watch had not delivered", prefix=self.prefix)
         publish = changed or not self._quiet_relist
         self._quiet_relist = False
-        self._values = values
+        self._values.replace(values)
+        if changed:
+            self._changed = None  # which keys differ is for the subscribers to find out (in chunks)
         self._revision = revision
         self._must_relist = False
         self._up()
@@ -206,14 +235,19 @@ class PrefixWatcher(service.Service):
     def _on_event(self, event: WatchEvent) -> None:
         key = self._relative(event.key)
         if event.deleted:
-            self._values.pop(key, None)
+            self._values.delete(key)
         else:
-            self._values[key] = _text(event.value)
+            self._values.put(key, _text(event.value))
+        if self._changed is not None:
+            self._changed.add(key)
         self._revision = max(self._revision, event.mod_revision)
         self.status.revision = self._revision
         self.status.synced_at = self._reactor.seconds()
         self._schedule_publish()
 
+
+    def _pair(self, key: bytes, value: bytes) -> tuple[str, str]:
+        return self._relative(key), _text(value)
 
     def _relative(self, key: bytes) -> str:
         return _text(key[len(self._prefix_bytes):])
