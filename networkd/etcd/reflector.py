@@ -38,6 +38,7 @@ class Snapshot:
 
 
 Subscriber = Callable[[Snapshot], None]
+StatusListener = Callable[[bool], None]
 
 
 @dataclass
@@ -66,6 +67,7 @@ class PrefixWatcher(service.Service):
         self._reactor = reactor
         self._backoff = backoff or Backoff()
         self._subscribers: list[Subscriber] = []
+        self._status_listeners: list[StatusListener] = []
         self._values: dict[str, str] = {}
         self._revision = 0
         self._quiet_relist = False  # anti-entropy: publish only if something changed
@@ -89,6 +91,17 @@ class PrefixWatcher(service.Service):
         self._subscribers.append(subscriber)
         if self.snapshot is not None:
             self._deliver(subscriber, self.snapshot)
+
+    def on_status(self, listener: StatusListener) -> None:
+        """``listener(connected)`` whenever the watch goes live or is lost (VIPs say if they can receive one)."""
+        self._status_listeners.append(listener)
+
+    def retry_now(self) -> None:
+        """etcd answers again (e.g. a keep-alive got through): end a backoff wait now.  After a long
+        outage that wait is up to ``Backoff.maximum`` (5 s), and a node whose lock watch is not back
+        cannot take a VIP handed to it."""
+        if self.running and not self.status.connected:
+            self._sleep.wake()
 
     def _deliver(self, subscriber: Subscriber, snapshot: Snapshot) -> None:
         notify([subscriber], snapshot, what=f"snapshot subscriber of {self.prefix}")
@@ -219,11 +232,13 @@ class PrefixWatcher(service.Service):
     def _up(self) -> None:
         if not self.status.connected and self.status.lost_at is not None:
             log.info("etcd is back for {prefix} at revision {rev}", prefix=self.prefix, rev=self._revision)
-        self.status.connected = True
+        was, self.status.connected = self.status.connected, True
         self.status.lost_at = None
         self.status.last_error = None
         self.status.revision = self._revision
         self.status.synced_at = self._reactor.seconds()
+        if not was:
+            notify(self._status_listeners, True, what=f"status listener of {self.prefix}")
 
     def _lost(self, error: str) -> None:
         if self.status.connected or self.status.lost_at is None:
@@ -231,8 +246,10 @@ class PrefixWatcher(service.Service):
                      prefix=self.prefix, error=error)
             self.status.lost_at = self._reactor.seconds()
             self.status.reconnects += 1
-        self.status.connected = False
+        was, self.status.connected = self.status.connected, False
         self.status.last_error = error
+        if was:
+            notify(self._status_listeners, False, what=f"status listener of {self.prefix}")
 
 
 def _text(raw: bytes) -> str:
