@@ -32,7 +32,7 @@ def test_node_back_after_partition_gets_one_vip_without_gap(lan, etcd_server, et
             nodes.put_vip(vip, vip_value("hello", "web", WEB))
         nodes.start()
         namespaces = {name: node.ns.name for name, node in nodes.nodes.items()}
-        with AddressMonitor(namespaces, set(VIPS)) as monitor:
+        with AddressMonitor(namespaces, set(VIPS), poll=0.005) as monitor:
             def balanced():
                 holders = monitor.holders_now()
                 return (len(holders) == 3 and all(len(h) == 1 for h in holders.values())
