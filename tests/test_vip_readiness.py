@@ -80,3 +80,12 @@ def test_a_member_is_settled_after_saying_ready_without_a_break_for_the_hold():
     clock.advance(READY_HOLD)
     readiness.sync()
     assert readiness.settled() == {"old", "n2"}
+
+
+def test_a_hold_off_says_not_ready():
+    readiness, clock, watcher, inputs, fenced, refreshed, kicks = make()
+    watcher.set(True)
+    readiness.holding_off = lambda: True
+    assert readiness.ready() is False
+    readiness.holding_off = lambda: False
+    assert readiness.ready() is True
