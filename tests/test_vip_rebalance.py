@@ -8,6 +8,7 @@ more than ``MAX_GAP``.
 
 from __future__ import annotations
 
+import json
 import time
 
 from tests.support.addrmonitor import AddressMonitor
@@ -50,6 +51,7 @@ def test_node_back_after_partition_gets_one_vip_without_gap(lan, etcd_server, et
             back = time.monotonic()
             time.sleep(4)  # would a VIP move again (ping-pong)?
             end = time.monotonic()
+            members = nodes.etcd.get_prefix(f"{etcd_root}/networkd/vips/members/")
         monitor.check()
         intervals = monitor.intervals()
         timeline = "\n".join(f"{n} {ip} {s - healed:+.3f} .. {e - healed:+.3f}" for n, ip, s, e in intervals)
@@ -62,6 +64,8 @@ def test_node_back_after_partition_gets_one_vip_without_gap(lan, etcd_server, et
         assert max(gaps.values()) <= MAX_GAP, f"a VIP unheld too long after the heal: {gaps}\n{detail}"
         arrived = moves(intervals, healed, end)
         assert len(arrived) == 1 and arrived[0][0] == "n3", f"moves after the heal: {arrived}\n{detail}"
+        ready = {key.rsplit("/", 1)[1]: json.loads(value).get("ready") for key, value in members.items()}
+        assert ready == {"n1": True, "n2": True, "n3": True}, f"members values say ready: {members}"
         print(f"longest unheld after the heal: {gaps}\n{detail}")
     finally:
         nodes.close()
