@@ -21,7 +21,7 @@ from typing import Callable
 # Seconds a member must have said "ready" without a break before a VIP is released towards it: a node
 # whose watch or lease comes and goes within seconds (a flaky link) is handed nothing, and one back from
 # a partition settles its other watches and passes first; yet short next to the 10 s in which counts
-# must be balanced again (measured: 3.0-3.6 s after a heal).
+# must be balanced again (measured: 3.0-4.0 s after a heal).
 READY_HOLD = 2.0
 
 
