@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps venv test demo demo-check bench-dns bench-failover bench-hold bench-scale rpm clean
+.PHONY: deps venv test demo demo-check bench-dns bench-failover bench-faults bench-hold bench-scale rpm clean
 
 deps:
 	scripts/install-deps.sh
@@ -32,6 +32,10 @@ bench-dns: deps venv
 
 bench-failover: deps venv
 	$(PY) bench/failover.py
+
+# etcd leader kill and partition heal: 3-member etcd, 3 namespaced nodes, 3 VIPs (root; about 3 minutes).
+bench-faults: deps venv
+	$(PY) bench/faults.py --runs 5
 
 bench-hold: deps venv
 	$(PY) bench/hold.py --configs 1000 --local 100

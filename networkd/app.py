@@ -112,6 +112,8 @@ class Networkd(service.MultiService):
         if self.session is None:
             self.session = Session(self.client, self.options["lock-ttl"], self.reactor, clock=time.monotonic)
             self.session.setServiceParent(self)
+            # A keep-alive got through: a watch still waiting out its backoff tries again now.
+            self.session.on_ack(lambda lease: [w.retry_now() for w in list(self.watchers.values())])
         return self.session
 
     def resync(self) -> None:

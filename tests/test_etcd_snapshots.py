@@ -316,3 +316,30 @@ async def test_periodic_reread_repairs_an_event_the_watch_lost(etcd_server, etcd
     finally:
         await watcher.stopService()
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_watch_waiting_out_its_backoff_retries_at_once_when_etcd_answers_again(etcd_server, etcd_root):
+    """After a partition heal the lock watch must not wait out a long backoff (a node back from a partition
+    could not take a VIP handed to it): ``retry_now`` (called on a keep-alive acknowledged) ends the wait."""
+    from networkd.backoff import Backoff
+
+    proxy = TCPProxy(etcd_server.client_port)
+    client = client_for(proxy.endpoint)
+    watcher = PrefixWatcher(client, f"{etcd_root}/", reactor, backoff=Backoff(5.0, 5.0, rng=lambda: 0.5))
+    changes = []
+    watcher.on_status(changes.append)
+    try:
+        watcher.startService()
+        await eventually(lambda: watcher.status.connected, timeout=10)
+        proxy.cut()
+        await eventually(lambda: not watcher.status.connected, timeout=10)
+        await sleep(0.3)  # now in a 5 s wait
+        proxy.heal()
+        watcher.retry_now()
+        await eventually(lambda: watcher.status.connected, timeout=1.0, message="the watch is back within 1 s")
+        assert changes == [True, False, True]
+    finally:
+        await watcher.stopService()
+        await client.close()
+        proxy.close()

@@ -234,3 +234,47 @@ def test_members_value_old_and_new():
     assert member_health(member_value(None, ())) == frozenset()
     for older in ("10.9.0.1", "", "{broken", '{"node_ip": "10.9.0.1"}', '{"healthy": "10.0.0.1"}'):
         assert member_health(older) is None, older
+
+
+THREE = BOTH + running((3, "n3", "172.20.0.3"))
+TWO_HELD = {"10.0.0.1": "n1", "10.0.0.2": "n1", "10.0.0.3": "n2"}  # n1 2, n2 1, n3 0 (it just came back)
+
+
+@pytest.mark.parametrize("case, settled, unready, expect", [
+    ("n3 says ready and has for the hysteresis: one goes to it",
+     {"n2", "n3"}, set(), {"release": {"10.0.0.2"}, "keep": {"10.0.0.1"}}),
+    ("n3 says ready, but not for long enough yet: nothing moves",
+     {"n2"}, set(), {"keep": {"10.0.0.1", "10.0.0.2"}}),
+    ("n3 says it is not ready (its lock watch is down): no rival; n2 holds one less only: nothing moves",
+     {"n2"}, {"n3"}, {"keep": {"10.0.0.1", "10.0.0.2"}}),
+    ("older daemons say nothing (settled None): as before, one goes",
+     None, set(), {"release": {"10.0.0.2"}, "keep": {"10.0.0.1"}}),
+])
+def test_rebalancing_only_towards_a_rival_ready_long_enough(case, settled, unready, expect):
+    vips = configs("10.0.0.1", "10.0.0.2", "10.0.0.3")
+    plan = plan_floating(vips, THREE, "n1", TWO_HELD, frozenset({"n1", "n2", "n3"}),
+                         frozenset({"10.0.0.1", "10.0.0.2"}), None,
+                         None if settled is None else frozenset(settled), frozenset(unready))
+    got = {"now": plan.campaign_now, "later": plan.campaign_later, "keep": plan.keep, "release": plan.release}
+    assert {k: v for k, v in got.items() if v} == expect, case
+
+
+def test_an_unready_least_loaded_rival_does_not_delay_a_free_vip():
+    """n2 holds nothing but says it cannot take a VIP now: n1 contests a free one at once, not after the grace."""
+    vips = configs("10.0.0.1", "10.0.0.2")
+    plan = plan_floating(vips, BOTH, "n1", {"10.0.0.2": "n1"}, frozenset({"n1", "n2"}), frozenset({"10.0.0.2"}))
+    assert plan.campaign_later == {"10.0.0.1"}
+    plan = plan_floating(vips, BOTH, "n1", {"10.0.0.2": "n1"}, frozenset({"n1", "n2"}), frozenset({"10.0.0.2"}),
+                         unready=frozenset({"n2"}))
+    assert plan.campaign_now == {"10.0.0.1"}
+
+
+def test_members_value_says_ready():
+    from networkd.vips.planner import member_health, member_ready, member_value
+
+    value = member_value("10.9.0.1", {"10.0.0.1"}, ready=False)
+    assert value == '{"node_ip":"10.9.0.1","healthy":["10.0.0.1"],"ready":false}'
+    assert member_ready(value) is False and member_health(value) == {"10.0.0.1"}
+    assert member_ready(member_value("10.9.0.1", (), ready=True)) is True
+    for older in (member_value("10.9.0.1", ()), "10.9.0.1", "", "{broken", '{"ready": "yes"}'):
+        assert member_ready(older) is None, older

@@ -58,6 +58,7 @@ class Snapshot:
 
 
 Subscriber = Callable[[Snapshot], None]
+StatusListener = Callable[[bool], None]
 
 
 @dataclass
@@ -86,6 +87,7 @@ class PrefixWatcher(service.Service):
         self._reactor = reactor
         self._backoff = backoff or Backoff()
         self._subscribers: list[Subscriber] = []
+        self._status_listeners: list[StatusListener] = []
         self._values = LiveValues()  # published without a whole copy each time (networkd.etcd.layered)
         self._revision = 0
         self._changed: set | None = None  # keys changed since the last publish; None: everything
@@ -113,6 +115,17 @@ class PrefixWatcher(service.Service):
         self._subscribers.append(subscriber)
         if self.snapshot is not None:
             self._deliver(subscriber, self.snapshot)
+
+    def on_status(self, listener: StatusListener) -> None:
+        """``listener(connected)`` whenever the watch goes live or is lost (VIPs say if they can receive one)."""
+        self._status_listeners.append(listener)
+
+    def retry_now(self) -> None:
+        """etcd answers again (e.g. a keep-alive got through): end a backoff wait now.  After a long
+        outage that wait is up to ``Backoff.maximum`` (5 s), and a node whose lock watch is not back
+        cannot take a VIP handed to it."""
+        if self.running and not self.status.connected:
+            self._sleep.wake()
 
     def _deliver(self, subscriber: Subscriber, snapshot: Snapshot) -> None:
         notify([subscriber], snapshot, what=f"snapshot subscriber of {self.prefix}")
@@ -257,11 +270,13 @@ class PrefixWatcher(service.Service):
     def _up(self) -> None:
         if self._down_since is not None and self._back_call is None:
             self._back_call = self._reactor.callLater(OUTAGE_SETTLE, self._back, self._reactor.seconds())
-        self.status.connected = True
+        was, self.status.connected = self.status.connected, True
         self.status.lost_at = None
         self.status.last_error = None
         self.status.revision = self._revision
         self.status.synced_at = self._reactor.seconds()
+        if not was:
+            notify(self._status_listeners, True, what=f"status listener of {self.prefix}")
 
     def _back(self, since: float) -> None:
         """Connected for OUTAGE_SETTLE seconds with no loss: the outage is over (one line, not one per flap)."""
@@ -282,8 +297,10 @@ class PrefixWatcher(service.Service):
         if self.status.connected or self.status.lost_at is None:
             self.status.lost_at = self._reactor.seconds()
             self.status.reconnects += 1
-        self.status.connected = False
+        was, self.status.connected = self.status.connected, False
         self.status.last_error = error
+        if was:
+            notify(self._status_listeners, False, what=f"status listener of {self.prefix}")
 
 
 def _text(raw: bytes) -> str:

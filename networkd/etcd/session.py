@@ -131,3 +131,7 @@ class Session(service.Service):
         self.last_error = why
         notify(self._lost_listeners, what="lease lost listener")
 
+
+def fencing_margin(ttl: float) -> float:
+    """How long before the lease may expire on etcd a holder drops what it holds on it (VIPs)."""
+    return max(0.5, ttl / 4)

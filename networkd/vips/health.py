@@ -60,6 +60,7 @@ class VipHealth:
         self._dirty = True
         self._verdicts: dict[str, bool] = {}  # the last decided verdict per VIP, for on_verdict
         self.on_verdict: Callable[[str, bool, str | None], None] = lambda ip, healthy, why: None
+        self.ready: Callable[[], bool | None] = lambda: None  # for our members value (networkd.vips.readiness)
         locks.presence_value = self.presence
 
     def _probe_changed(self) -> None:
@@ -67,7 +68,7 @@ class VipHealth:
         self._changed()
 
     def presence(self) -> str:
-        return member_value(self._node_ip, self.healthy)
+        return member_value(self._node_ip, self.healthy, self.ready())
 
     def sync(self) -> None:
         """Probe the targets of the floating VIPs placeable here; publish what we are healthy for."""
@@ -118,15 +119,17 @@ class VipHealth:
                     self.on_verdict(ip, verdict, self.why(ip))
         self._verdicts = verdicts
 
-    def plan(self, held: frozenset[str]) -> FloatingPlan:
-        """The planner's answer with every candidate's health; hold-downs start for VIPs we release for it."""
+    def plan(self, held: frozenset[str], settled: frozenset[str] | None = None,
+             unready: frozenset[str] = frozenset()) -> FloatingPlan:
+        """The planner's answer with every candidate's health and readiness (networkd.vips.readiness);
+        hold-downs start for VIPs we release for ill health."""
         inputs, now = self._inputs, self._reactor.seconds()
         held_down = bool(self.hold_down)
         self.hold_down = {ip: until for ip, until in self.hold_down.items() if until > now}
         mine = {ip: self.local(ip) for ip in self.targets}
         health = CandidateHealth(inputs.member_health, mine, frozenset(self.hold_down))
         plan = plan_floating(inputs.configs, inputs.containers, self._hostname, inputs.holders, inputs.members,
-                             held, health)
+                             held, health, settled, unready)
         self.notes = {}
         for ip in plan.release:
             if plan.reasons.get(ip) == UNHEALTHY:

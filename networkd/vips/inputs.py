@@ -16,7 +16,7 @@ from twisted.logger import Logger
 
 from networkd.serial import ErrorLog
 from networkd.vips.model import Container, InvalidValue, VipConfig, parse_pod_group, parse_vips
-from networkd.vips.planner import MEMBERS, ContainerIndex, lock_holders, member_health
+from networkd.vips.planner import MEMBERS, ContainerIndex, lock_holders, member_health, member_ready
 
 log = Logger()
 
@@ -30,6 +30,7 @@ class VipInputs:
         self.locks_revision = 0  # that snapshot's etcd revision
         self.members: frozenset[str] = frozenset()  # live daemons (presence keys)
         self.member_health: dict[str, frozenset[str] | None] = {}  # daemon -> VIPs it is healthy for (None: says not)
+        self.member_ready: dict[str, bool | None] = {}  # daemon -> ready to receive a VIP (None: says nothing)
         self._member_values: dict[str, str] = {}
         self.seen = {"configs": False, "pods": False, "locks": False}
         self._config_errors = ErrorLog(log, "VIP config skipped: {error}")
@@ -76,6 +77,7 @@ class VipInputs:
         values = {name: snapshot.values.get(MEMBERS + name, "") for name in self.members}
         if values != self._member_values:  # parsed again only when a members value changed
             self._member_values, self.member_health = values, {n: member_health(v) for n, v in values.items()}
+            self.member_ready = {n: member_ready(v) for n, v in values.items()}
         self.locks_revision = snapshot.revision
         self.seen["locks"] = True
         self.on_change()

@@ -11,6 +11,12 @@ others wait (``campaign_later``) so the least loaded node wins, yet still
 take it if nobody did.  A node holding two more than some eligible live
 node releases one VIP cleanly (address and rules first, then the lock),
 one at a time and only while no VIP of the proc is waiting for a holder.
+
+Rebalancing without gaps (issue 10): a node whose members value says it is
+not ready to receive a VIP (its lock watch is down, it is fenced...) is no
+rival at all: it could not take what we hand it.  A VIP is released for
+balance only when every least loaded rival (those that contest it at once)
+has been ready for a while (``settled``): else nothing moves.
 """
 
 from __future__ import annotations
@@ -155,6 +161,8 @@ def plan_floating(
     members: frozenset[str],
     held: frozenset[str],
     health: "CandidateHealth | None" = None,
+    settled: frozenset[str] | None = None,
+    unready: frozenset[str] = frozenset(),
 ) -> FloatingPlan:
     """Which floating VIPs to contest now / later, keep and release.
 
@@ -165,7 +173,9 @@ def plan_floating(
     (serving something beats serving nothing).  A holder that is unhealthy
     releases it only when a healthy candidate exists.  A VIP this node lost
     for ill health (``hold_down``) is contested only after the grace period:
-    another healthy candidate takes it first.
+    another healthy candidate takes it first.  ``unready``: members that say
+    they cannot take a VIP now (ignored as rivals); ``settled``: those ready
+    long enough to be handed one for balance (None: every member).
     """
     floating = {c.ip: c for c in configs.values() if c.floating}
     wanted = {ip for ip, c in floating.items() if local_container(c, containers, hostname) is not None}
@@ -197,7 +207,8 @@ def plan_floating(
 
         def split(config: VipConfig) -> tuple[set[str], set[str]]:
             """(healthy live rivals, all live rivals) running ``config``'s proc."""
-            rivals = {n for n in nodes_running(config, containers) if n in members and n != hostname}
+            rivals = {n for n in nodes_running(config, containers)
+                      if n in members and n != hostname and n not in unready}
             return (rivals if health is None else {n for n in rivals if health.ok(n, config.ip)}), rivals
 
         def others(config: VipConfig, me: bool | None) -> set[str]:
@@ -233,7 +244,11 @@ def plan_floating(
             if config.ip not in held or config.ip in release:
                 continue
             rivals = others(config, True if health is None else health.mine.get(config.ip, True))
-            if rivals and min(counts[n] for n in rivals) <= mine - 2:
+            least = min((counts[n] for n in rivals), default=mine)
+            if least <= mine - 2:
+                takers = {n for n in rivals if counts[n] == least}  # they contest it at once
+                if settled is not None and not takers <= settled:
+                    continue  # one of them just became ready (or flaps): moving nothing beats a gap
                 keep.discard(config.ip)
                 release[config.ip] = f"rebalancing: this node holds {mine} VIPs of {config.app}.{config.proc}"
                 break
@@ -262,9 +277,26 @@ class CandidateHealth:
         return healthy is None or ip in healthy
 
 
-def member_value(node_ip: str | None, healthy: Iterable[str]) -> str:
-    """Our members value: node IP and the VIPs we are a healthy candidate for (JSON)."""
-    return json.dumps({"node_ip": node_ip or "", "healthy": sorted(healthy)}, separators=(",", ":"))
+def member_value(node_ip: str | None, healthy: Iterable[str], ready: bool | None = None) -> str:
+    """Our members value: node IP, the VIPs we are a healthy candidate for and (when known) whether
+    we are ready to receive one now: lock watch live, inputs complete, not fenced (JSON)."""
+    value = {"node_ip": node_ip or "", "healthy": sorted(healthy)}
+    if ready is not None:
+        value["ready"] = ready
+    return json.dumps(value, separators=(",", ":"))
+
+
+def member_ready(value: str) -> bool | None:
+    """Whether a members value says its node is ready to receive a VIP; None: it says nothing (an older
+    daemon: treated as ready, as before)."""
+    value = value.strip()
+    if not value.startswith("{"):
+        return None
+    try:
+        ready = json.loads(value).get("ready")
+    except (ValueError, AttributeError):
+        return None
+    return ready if isinstance(ready, bool) else None
 
 
 def member_health(value: str) -> frozenset[str] | None:

@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from networkd.api.vipstatus import vip_entries
 from networkd.backoff import every
 from networkd.etcd.lock import LeaseLocks
+from networkd.etcd.session import fencing_margin
 from networkd.vips.addresses import Justification
 from networkd.vips.appkeys import AppKeys
 from networkd.vips.arp import Announcer
@@ -29,6 +30,7 @@ from networkd.vips.locks import STOP_TIMEOUT, LockKeeper
 from networkd.vips.netlink import Netlink
 from networkd.vips.notify import Notifier, Transitions
 from networkd.vips.planner import DnatRule, app_endpoints
+from networkd.vips.readiness import Readiness
 from networkd.vips.wants import HostWants
 
 log = Logger()
@@ -37,10 +39,6 @@ TICK = 0.5  # seconds between checks for a level-triggered pass (see _tick); als
 ANTI_ENTROPY = 5.0  # a full pass at least this often even when nothing changed
 MAX_KICK_DELAY = 0.1  # seconds a kicked pass may wait behind costly earlier ones
 RENEW_AHEAD = 1.5  # an address with less life left (at most a keep-alive interval + 0.5 s) is renewed
-
-
-def fencing_margin(ttl: float) -> float:
-    return max(0.5, ttl / 4)
 
 
 class VipManager(service.Service):
@@ -65,6 +63,8 @@ class VipManager(service.Service):
         self.locks = LockKeeper(locks=self._etcd, keys=keys, hostname=hostname, session=session, reactor=reactor,
                                 changed=self.kick, clear_host=self._clear_host)
         self.health = VipHealth(reactor, self.inputs, self.wants, self.locks, hostname, node_ip, probe, self.kick)
+        self.readiness = Readiness(reactor, self._clock, self._watchers["locks"], self.inputs, self.fenced,
+                                   self.locks, self.health, self.kick)  # may we receive a VIP, may they
         self.app_keys = AppKeys(self._etcd, reactor, hostname)
         self.firewall_choice = firewall_backend  # "auto" | "legacy" | "nft", or a back end object
         self.host = VipHost(reactor=reactor, interface=interface, clock=self._clock, justify=self._justification,
@@ -161,7 +161,7 @@ class VipManager(service.Service):
         for loop in self._loops:
             if loop.running:
                 loop.stop()
-        for call in (self._kick_call, self._fence_call):
+        for call in (self._kick_call, self._fence_call, self.readiness.timer):
             if call is not None and call.active():
                 call.cancel()
         if self._started is not None and not self._started.called:
@@ -244,11 +244,12 @@ class VipManager(service.Service):
         inputs = self.inputs
         self.locks.observe(inputs.holders, inputs.locks_revision)
         self.health.sync()
+        self.readiness.sync()
         if inputs.complete and not self._cleaned:
             self._cleaned = True
             self._check_addresses()  # a crashed predecessor's addresses go before we contest
         if inputs.complete and not self.fenced():
-            self.locks.drive(self.health.plan(self.locks.held()))  # healthy candidates first (vips.health)
+            self.locks.drive(self.health.plan(self.locks.held(), *self.readiness.receivers()))  # vips.health
         self._sync_host()
         endpoints = app_endpoints(inputs.configs, inputs.containers, self.hostname, self.node_ip)
         self.app_keys.sync(frozenset(self._keys.app_key(e.app, e.proc, e.ip, e.port) for e in endpoints),

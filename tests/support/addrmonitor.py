@@ -128,10 +128,14 @@ class AddressMonitor:
     """Event-based record of which node had which of ``ips`` (as /32) when.
 
     ``namespaces``: node name -> netns name.  Use as a context manager.
+    ``poll``: the longest wait on the sockets; a removal is dated back to when its socket was last
+    seen empty, so a shorter wait dates it more closely (unheld gaps are an upper bound, long by up
+    to about this much; overlaps are unaffected: still a lower bound).
     """
 
-    def __init__(self, namespaces: dict[str, str], ips: set[str] | frozenset[str]):
+    def __init__(self, namespaces: dict[str, str], ips: set[str] | frozenset[str], poll: float = 0.05):
         self.namespaces = dict(namespaces)
+        self.poll = poll
         self.ips = frozenset(ips)
         self.events: list[tuple[float, str, str, str]] = []  # (monotonic, node, ip, 'add'|'del')
         self.lost: list[tuple[float, str]] = []  # (when, node) of every ENOBUFS
@@ -199,7 +203,7 @@ class AddressMonitor:
                     if not self._wait_dumps(10):
                         self.errors.append("final dump did not complete")
                     break
-                self._poll(0.05)
+                self._poll(self.poll)
         except BaseException as e:  # noqa: BLE001 - reported by check()
             self.errors.append(f"monitor thread failed: {e!r}")
         finally:
@@ -217,7 +221,7 @@ class AddressMonitor:
         while not all(f.done.is_set() for f in self._feeds):
             if time.monotonic() > deadline or self._stop.is_set():
                 return False
-            self._poll(0.05)
+            self._poll(self.poll)
         return True
 
     def _poll(self, timeout: float) -> None:

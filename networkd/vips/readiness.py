@@ -1,0 +1,81 @@
+"""Rebalancing without gaps (issue 10, item 3): may we receive a VIP, and which member may be handed one.
+
+Ours: our members value says ``"ready": true`` only while our lock-prefix
+watch is live (we would see a released lock at once), our inputs are complete
+and we are not fenced (we would contest it at once).  A node back from a
+partition writes its members key as soon as a keep-alive gets through, its
+watch comes back later: until then it says "not ready", and nobody hands it
+a VIP it could not take (the lock went back and forth, unheld for seconds).
+
+Theirs: since when each member has said "ready" without a break, as our lock
+snapshots show it.  Only one ready for ``READY_HOLD`` is handed a VIP for
+balance (networkd.vips.planner), so a node that just came back draws no burst
+of moves and one that flaps draws none.  A value without the field (an older
+daemon) counts as ready all along, as before.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+# Seconds a member must have said "ready" without a break before a VIP is released towards it: a node
+# whose watch or lease comes and goes within seconds (a flaky link) is handed nothing, and one back from
+# a partition settles its other watches and passes first; yet short next to the 10 s in which counts
+# must be balanced again (measured: 3.0-4.0 s after a heal).
+READY_HOLD = 2.0
+
+
+class Readiness:
+    def __init__(self, reactor, clock: Callable[[], float], watcher, inputs, fenced: Callable[[], bool],
+                 locks, health, changed: Callable[[], None]):
+        """``watcher``: the lock prefix's; ``locks``: its members value is rewritten through
+        ``refresh_presence``; ``health`` builds that value (networkd.vips.health.presence)."""
+        self._reactor, self._clock, self._inputs = reactor, clock, inputs
+        self._fenced, self._refresh, self._changed = fenced, locks.refresh_presence, changed
+        health.ready = self.value
+        self._status = getattr(watcher, "status", None)  # a test's fake watcher has none: always live
+        if hasattr(watcher, "on_status"):
+            watcher.on_status(lambda connected: changed())
+        self.published: bool | None = None  # what our members value says
+        self.since: dict[str, float] = {}  # member -> since when it says ready (our clock; -inf: an older daemon)
+        self.timer = None
+        self.holding_off: Callable[[], bool] = lambda: False  # e.g. a start-up hold-off: we would not contest
+
+    def ready(self) -> bool:
+        """Whether we can take a VIP handed to us now."""
+        live = self._status is None or self._status.connected
+        return live and self._inputs.complete and not self._fenced() and not self.holding_off()
+
+    def value(self) -> bool:
+        """For our members value (networkd.vips.health.presence): remembered, so ``sync`` sees a change."""
+        self.published = self.ready()
+        return self.published
+
+    def sync(self) -> None:
+        """Each pass: our members value rewritten if our readiness changed; the members' observed."""
+        if self.ready() != self.published:
+            self._refresh()
+        now = self._clock()
+        since = {}
+        for name, says in self._inputs.member_ready.items():
+            if says is None:
+                since[name] = float("-inf")
+            elif says:
+                since[name] = self.since.get(name, now)
+        self.since = since
+        pending = [s + READY_HOLD for s in since.values() if s + READY_HOLD > now]
+        if pending and (self.timer is None or not self.timer.active()):
+            self.timer = self._reactor.callLater(min(pending) - now + 0.01, self._changed)  # a pass once settled
+
+    def receivers(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(settled, unready): for the planner (networkd.vips.planner.plan_floating)."""
+        return self.settled(), self.unready()
+
+    def settled(self) -> frozenset[str]:
+        """Members ready for at least READY_HOLD: they may be handed a VIP for balance."""
+        now = self._clock()
+        return frozenset(n for n, s in self.since.items() if now - s >= READY_HOLD)
+
+    def unready(self) -> frozenset[str]:
+        """Members that say they cannot take a VIP now: no rival for one."""
+        return frozenset(n for n, says in self._inputs.member_ready.items() if says is False)

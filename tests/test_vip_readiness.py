@@ -1,0 +1,91 @@
+"""Readiness (networkd.vips.readiness): what our members value says, and since when the others say ready."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from twisted.internet.task import Clock
+
+from networkd.vips.readiness import READY_HOLD, Readiness
+
+
+class Watcher:
+    def __init__(self):
+        self.status = SimpleNamespace(connected=False)
+        self.listeners = []
+
+    def on_status(self, listener):
+        self.listeners.append(listener)
+
+    def set(self, connected):
+        self.status.connected = connected
+        for listener in self.listeners:
+            listener(connected)
+
+
+def make():
+    clock, watcher = Clock(), Watcher()
+    inputs = SimpleNamespace(complete=True, member_ready={})
+    fenced = [False]
+    refreshed, kicks = [], []
+    health = SimpleNamespace()
+    readiness = Readiness(clock, clock.seconds, watcher, inputs, lambda: fenced[0],
+                          SimpleNamespace(refresh_presence=lambda: refreshed.append(health.ready())),
+                          health, lambda: kicks.append(clock.seconds()))
+    return readiness, clock, watcher, inputs, fenced, refreshed, kicks
+
+
+def test_we_say_ready_only_with_a_live_lock_watch_complete_inputs_and_no_fencing():
+    readiness, clock, watcher, inputs, fenced, refreshed, kicks = make()
+    readiness.sync()
+    assert refreshed == [False], "written once: not ready while the lock watch is down"
+    watcher.set(True)
+    assert kicks, "the watch coming back asks for a pass"
+    readiness.sync()
+    assert refreshed == [False, True]
+    readiness.sync()
+    assert refreshed == [False, True], "no rewrite while nothing changed"
+    fenced[0] = True
+    readiness.sync()
+    inputs.complete = False
+    fenced[0] = False
+    readiness.sync()
+    assert refreshed == [False, True, False], "fenced, then inputs incomplete: not ready"
+
+
+def test_a_member_is_settled_after_saying_ready_without_a_break_for_the_hold():
+    readiness, clock, watcher, inputs, fenced, refreshed, kicks = make()
+    inputs.member_ready = {"old": None, "n2": True, "n3": False}
+    readiness.sync()
+    assert readiness.receivers() == ({"old"}, {"n3"}), "an older daemon is ready all along; n2 only now"
+    clock.advance(READY_HOLD - 0.1)
+    readiness.sync()
+    assert readiness.settled() == {"old"}
+    clock.advance(0.2)
+    assert kicks, "a pass is asked for once n2 has been ready long enough"
+    readiness.sync()
+    assert readiness.settled() == {"old", "n2"}
+    inputs.member_ready = {"old": None, "n2": False}  # n2 flaps: its clock starts again
+    readiness.sync()
+    inputs.member_ready = {"old": None, "n2": True}
+    clock.advance(1)
+    readiness.sync()
+    clock.advance(1.5)
+    readiness.sync()
+    assert readiness.settled() == {"old"}, "ready again for 1.5 s only"
+    inputs.member_ready = {"old": None}  # gone (lease expired) and back
+    readiness.sync()
+    inputs.member_ready = {"old": None, "n2": True}
+    readiness.sync()
+    clock.advance(READY_HOLD)
+    readiness.sync()
+    assert readiness.settled() == {"old", "n2"}
+
+
+def test_a_hold_off_says_not_ready():
+    readiness, clock, watcher, inputs, fenced, refreshed, kicks = make()
+    watcher.set(True)
+    readiness.holding_off = lambda: True
+    assert readiness.ready() is False
+    readiness.holding_off = lambda: False
+    assert readiness.ready() is True
