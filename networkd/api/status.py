@@ -146,6 +146,8 @@ def full_status(parts: ApiParts, probe: ProbeResult | None) -> dict:
         "dns": dns,
         "resolv_conf": None if guardian is None else guardian.status.as_dict(),
         "vips": vips,
+        "peers": None if parts.vips is None or getattr(parts.vips, "failsafe", None) is None
+        else parts.vips.failsafe.status(),
         "leader": leader_status(parts),
     }
 

@@ -262,9 +262,10 @@ class CandidateHealth:
         return healthy is None or ip in healthy
 
 
-def member_value(node_ip: str | None, healthy: Iterable[str]) -> str:
-    """Our members value: node IP and the VIPs we are a healthy candidate for (JSON)."""
-    return json.dumps({"node_ip": node_ip or "", "healthy": sorted(healthy)}, separators=(",", ":"))
+def member_value(node_ip: str | None, healthy: Iterable[str], peer: str | None = None) -> str:
+    """Our members value: node IP, the VIPs we are a healthy candidate for, our peer channel if on (JSON)."""
+    value = {"node_ip": node_ip or "", "healthy": sorted(healthy), **({"peer": peer} if peer else {})}
+    return json.dumps(value, separators=(",", ":"))
 
 
 def member_health(value: str) -> frozenset[str] | None:
