@@ -95,6 +95,7 @@ class Failsafe:
         self._nonces: dict[str, tuple[int, str]] = {}
         self._round = 0
         self._entered = False
+        self._refusers: set[str] = set()  # logged once per failsafe
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -223,7 +224,7 @@ class Failsafe:
                 return
             self.vips, self._lease = holding, self._session.lease
             self._members = {}
-            log.warn("failsafe: etcd unreachable while holding {ips}; asking the peers for promises",
+            log.info("failsafe: etcd unreachable while holding {ips}; asking the peers for promises",
                      ips=", ".join(sorted(holding)))
         last = self._rounds.get(self._round)
         complete = last is not None and len(last.promised) == len(last.asked)
@@ -266,7 +267,9 @@ class Failsafe:
             if member not in current.refused:
                 current.refused[member] = why
                 self.counters["promises_refused"] += 1
-                log.info("failsafe: {m} refuses to promise: {why}", m=member, why=why)
+                if member not in self._refusers:
+                    self._refusers.add(member)
+                    log.info("failsafe: {m} refuses to promise: {why}", m=member, why=why)
             return
         granted = message.get("seconds")
         if not isinstance(granted, (int, float)) or not set(self.vips) <= set(message.get("vips") or ()):

@@ -76,7 +76,8 @@ class Wire:
             raise Refused("no nonce, timestamp or sender")
         now = self._wall()
         if abs(now - ts) > WINDOW:
-            raise Refused(f"timestamp {now - ts:+.1f}s off our clock (replay window {WINDOW:g}s)")
+            off = f"{now - ts:.1f}s old" if now > ts else f"{ts - now:.1f}s ahead of our clock"
+            raise Refused(f"timestamp {off}, outside the replay window of {WINDOW:g}s")
         self._forget(now)
         if nonce in self._seen:
             raise Refused(f"replayed nonce {nonce[:8]}…")
