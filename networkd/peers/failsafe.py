@@ -97,6 +97,14 @@ class Failsafe:
         self._entered = False
         self._refusers: set[str] = set()  # logged once per failsafe
 
+    def published(self, node_ip: str | None) -> str | None:
+        """Our peer address for the members value (an unspecified listen host: the node IP); None when off."""
+        if not self.enabled:
+            return None
+        host, port = self.listen
+        host = node_ip or host if host in ("0.0.0.0", "::") else host
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
     # -- lifecycle -------------------------------------------------------------
 
     def start(self) -> None:

@@ -71,7 +71,7 @@ class VipManager(Fencing, service.Service):
                                  locks=self.locks, inputs=self.inputs, hostname=hostname, promise=float(self.ttl),
                                  secret=peer_secret, listen=peer_listen, changed=self._failsafe_moved)
         self.failsafe.holding, self.failsafe.lease_deadline = lambda: self._active_ips, self._lease_deadline
-        self.health.peer = "%s:%d" % peer_listen if self.failsafe.enabled else None
+        self.health.peer = self.failsafe.published(node_ip)
         self.app_keys = AppKeys(self._etcd, reactor, hostname)
         self.firewall_choice = firewall_backend  # "auto" | "legacy" | "nft", or a back end object
         self.host = VipHost(reactor=reactor, interface=interface, clock=self._clock, justify=self._justification,
