@@ -15,6 +15,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.python import usage
 
+from networkd.api.peerstatus import peer_status
 from networkd.options import Options
 from networkd.peers.channel import PeerChannel
 from networkd.peers.failsafe import Failsafe
@@ -90,7 +91,7 @@ async def test_only_signed_fresh_unseen_messages_are_answered(logs):
         answer = (await eventually(lambda: good.answers, 5, message="an answer"))[0]
         assert (answer["type"], answer["re"], answer["vips"], answer["seconds"]) == ("promise", nonce, ["10.9.0.1"], 3)
         assert side.blocked() == {"10.9.0.1"}
-        assert [p["to"] for p in side.status()["promises_given"]] == ["holder"]
+        assert [p["to"] for p in peer_status(side)["promises_given"]] == ["holder"]
 
         # The same bytes again: a replay.
         good.raw(data, port)
@@ -107,7 +108,7 @@ async def test_only_signed_fresh_unseen_messages_are_answered(logs):
         for why, src in (("replayed nonce", source), ("unsigned message", source),
                          ("bad MAC", f"127.0.0.1:{wrong.port}"), ("timestamp 60.0s old", f"127.0.0.1:{stale.port}")):
             assert any(why in line and src in line for line in refused), (why, src, refused)
-        assert side.status()["refused_messages"] == 4
+        assert peer_status(side)["refused_messages"] == 4
     finally:
         for client in (good, wrong, stale):
             client.channel.close()
@@ -148,7 +149,7 @@ def test_peer_secret_file_must_exist_and_not_be_empty(tmp_path):
 
 
 def test_members_value_publishes_the_peer_address():
-    from networkd.peers.failsafe import member_peer
+    from networkd.peers.channel import member_peer
     from networkd.vips.planner import member_value
 
     value = member_value("10.1.2.3", ["10.9.0.1"], "10.1.2.3:3010")

@@ -1,4 +1,4 @@
-"""The peer channel: signed UDP datagrams between networkd daemons (networkd.peers.wire).
+"""The peer channel: signed UDP datagrams between networkd daemons (networkd.peers.wire), and peer addresses.
 
 ``handler(message, address)`` gets every verified message; what it returns
 (a ``(kind, fields)`` pair, or None) is signed and sent back to the source.
@@ -8,6 +8,7 @@ seconds, naming the source address and why, and counted.
 
 from __future__ import annotations
 
+import json
 from typing import Callable
 
 from twisted.internet import protocol
@@ -82,3 +83,13 @@ class PeerChannel(protocol.DatagramProtocol):
             if len(self._logged) > 1024:
                 self._logged = {k: t for k, t in self._logged.items() if now - t < LOG_EVERY}
             log.warn("peer message from {source} refused: {why}", source=source, why=why)
+
+
+def member_peer(value: str) -> tuple[str, int] | None:
+    """The peer address a members value publishes (``"peer": "ip:port"``); None: an older daemon's value."""
+    try:
+        peer = json.loads(value).get("peer") if value.strip().startswith("{") else None
+        host, _, port = peer.rpartition(":")
+        return (host.strip("[]"), int(port)) if host else None
+    except (ValueError, AttributeError, TypeError):
+        return None

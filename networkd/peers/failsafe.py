@@ -12,11 +12,9 @@ deadline is later than the lease's, the VIP manager is not fenced and keeps
 exactly the VIPs held when the failsafe began.  No member known: every
 round is complete (vacuously).
 
-Promiser side: we promise only while we cannot reach etcd ourselves and have
-no campaign in flight (nor a lock) for any asked VIP; a promise (holder,
-VIPs, until our now + promise) keeps us from contesting or adding them.
-Promises live in memory only: after a start, nothing is contested for
-``promise`` seconds (the start-up hold-off).
+Promiser side: networkd.peers.promises.  Promises live in memory only:
+after a start, nothing is contested for ``promise`` seconds (the start-up
+hold-off).
 
 etcd back: the same lease acknowledged ends the failsafe; a new lease starts
 the retake (our failsafe VIPs contested at once, nothing else, under the
@@ -32,7 +30,8 @@ from typing import Callable
 from twisted.internet import task
 from twisted.logger import Logger
 
-from networkd.peers.channel import PeerChannel
+from networkd.peers.channel import PeerChannel, member_peer
+from networkd.peers.promises import Promises
 from networkd.peers.wire import Refused, Wire
 
 log = Logger()
@@ -41,18 +40,6 @@ DRIFT = 0.99  # our clock may run up to 1 % slower than a promiser's
 SLACK = 0.1  # seconds taken off every promise (scheduling, the kernel's expiry timer)
 TROUBLE_AFTER = 1.5  # keep-alive intervals without an acknowledgement: etcd is away
 KEEP_ROUNDS = 8
-
-
-def member_peer(value: str) -> tuple[str, int] | None:
-    """The peer address a members value publishes (``"peer": "ip:port"``); None: an older daemon's value."""
-    import json
-
-    try:
-        peer = json.loads(value).get("peer") if value.strip().startswith("{") else None
-        host, _, port = peer.rpartition(":")
-        return (host.strip("[]"), int(port)) if host else None
-    except (ValueError, AttributeError, TypeError):
-        return None
 
 
 @dataclasses.dataclass
@@ -69,6 +56,7 @@ class Failsafe:
     def __init__(self, *, reactor, clock: Callable[[], float], wall: Callable[[], float], session, locks, inputs,
                  hostname: str, promise: float, secret: bytes | None, listen: tuple[str, int] | None,
                  changed: Callable[[], None]):
+        self.clock = clock
         self._reactor, self._clock, self._session, self._locks, self._inputs = reactor, clock, session, locks, inputs
         self.hostname, self.promise, self._changed = hostname, promise, changed
         self.enabled = secret is not None and listen is not None
@@ -78,7 +66,8 @@ class Failsafe:
         self.started_at = clock()
         self.holding: Callable[[], frozenset[str]] = frozenset  # the VIPs we carry now (set by the manager)
         self.lease_deadline: Callable[[], float | None] = lambda: None  # (set by the manager)
-        self.given: dict[tuple[str, str], float] = {}  # (holder, ip) -> until (our clock)
+        self.promises = Promises(clock=clock, hostname=hostname, promise=promise, locks=locks,
+                                 etcd_away=self.etcd_away, keeping=lambda: self.vips)
         self.counters = {"failsafe_entered": 0, "failsafe_ended": 0, "promises_refused": 0}
         self._holdoff_logged = False
         self._loop = None
@@ -91,7 +80,7 @@ class Failsafe:
         self.retaking = False
         self._lease = None
         self._members: dict[str, tuple | None] = {}
-        self._rounds: dict[int, Round] = {}
+        self.rounds: dict[int, Round] = {}
         self._nonces: dict[str, tuple[int, str]] = {}
         self._round = 0
         self._entered = False
@@ -159,8 +148,7 @@ class Failsafe:
 
     def blocked(self) -> frozenset[str]:
         """VIPs we promised not to take (no campaign, no address) for now."""
-        now = self._clock()
-        return frozenset(ip for (_, ip), until in self.given.items() if until > now)
+        return self.promises.blocked()
 
     def filter(self, plan, held: frozenset[str]):
         """The plan we may drive now (None: drive nothing)."""
@@ -221,7 +209,7 @@ class Failsafe:
 
     def _tick(self) -> None:
         now = self._clock()
-        self.given = {k: until for k, until in self.given.items() if until > now}
+        self.promises.prune()
         if self.vips and self.deadline is not None and now >= self.deadline and not self._in_lease():
             self._end("promise deadline passed")
         if self.retaking or not self.etcd_away():
@@ -234,7 +222,7 @@ class Failsafe:
             self._members = {}
             log.info("failsafe: etcd unreachable while holding {ips}; asking the peers for promises",
                      ips=", ".join(sorted(holding)))
-        last = self._rounds.get(self._round)
+        last = self.rounds.get(self._round)
         complete = last is not None and len(last.promised) == len(last.asked)
         if last is None or now - last.sent >= (self.promise / 4 if complete else self._session.interval / 2):
             self._send_round(now)
@@ -249,10 +237,10 @@ class Failsafe:
             if name != self.hostname:
                 self._members[name] = member_peer(values.get(name, "")) or self._members.get(name)
         self._round += 1
-        current = self._rounds[self._round] = Round(now, frozenset(self._members))
-        for old in [r for r in self._rounds if r <= self._round - KEEP_ROUNDS]:
-            del self._rounds[old]
-        self._nonces = {n: v for n, v in self._nonces.items() if v[0] in self._rounds}
+        current = self.rounds[self._round] = Round(now, frozenset(self._members))
+        for old in [r for r in self.rounds if r <= self._round - KEEP_ROUNDS]:
+            del self.rounds[old]
+        self._nonces = {n: v for n, v in self._nonces.items() if v[0] in self.rounds}
         unreachable = sorted(n for n, peer in self._members.items() if peer is None)
         if unreachable and self._round == 1:
             log.warn("failsafe: members {m} publish no peer address: they cannot promise", m=", ".join(unreachable))
@@ -265,7 +253,7 @@ class Failsafe:
 
     def _answer(self, message: dict) -> None:
         number, member = self._nonces.get(message.get("re"), (None, None))
-        current = self._rounds.get(number)
+        current = self.rounds.get(number)
         if current is None:
             return  # from a round we no longer track, or a failsafe that ended
         if message["from"] != member:
@@ -307,61 +295,4 @@ class Failsafe:
             return None
         if kind != "promise?":
             raise Refused(f"unknown message type {kind!r}")
-        holder, vips, seconds = message["from"], message.get("vips"), message.get("seconds")
-        if not isinstance(vips, list) or not all(isinstance(v, str) for v in vips) or \
-                not isinstance(seconds, (int, float)) or seconds <= 0:
-            raise Refused("a promise request without VIPs or seconds")
-        why = self._refusal(holder, vips)
-        if why is not None:
-            return "refuse", {"re": message["nonce"], "why": why}
-        granted = min(float(seconds), self.promise)
-        until = self._clock() + granted
-        for ip in vips:
-            self.given[(holder, ip)] = max(until, self.given.get((holder, ip), 0.0))
-        return "promise", {"re": message["nonce"], "vips": vips, "seconds": granted}
-
-    def _refusal(self, holder: str, vips: list[str]) -> str | None:
-        if holder == self.hostname:
-            return "that is my own name"
-        if not self.etcd_away():
-            return "I can reach etcd"
-        mine = self._locks.held() | self.vips
-        for ip in vips:
-            if self._locks.campaigning(ip):
-                return f"I am contesting {ip}"
-            if ip in mine:
-                return f"I hold {ip}"
-        return None
-
-    # -- views ----------------------------------------------------------------------
-
-    def status(self) -> dict:
-        now = self._clock()
-        covering = self.covering()
-        return {
-            "failsafe": "on" if self.enabled else "off", "why": self.off_reason,
-            "listen": self.channel.address if self.channel is not None else None,
-            "keeping": sorted(self.vips) if covering is not None else [],
-            "deadline_in": None if covering is None else round(covering - now, 2),
-            "retaking": self.retaking,
-            "holdoff_left": max(0.0, round(self.started_at + self.promise - now, 1)) if self.enabled else 0.0,
-            "promises_given": self._given_view(now),
-            "promises_held": self._held_view(now),
-            "refused_messages": self.channel.refused if self.channel is not None else 0,
-        }
-
-    def _given_view(self, now: float) -> list[dict]:
-        by_holder: dict[str, dict] = {}
-        for (holder, ip), until in sorted(self.given.items()):
-            if until > now:
-                entry = by_holder.setdefault(holder, {"to": holder, "vips": [], "seconds_left": 0.0})
-                entry["vips"].append(ip)
-                entry["seconds_left"] = round(max(entry["seconds_left"], until - now), 2)
-        return list(by_holder.values())
-
-    def _held_view(self, now: float) -> list[dict]:
-        latest: dict[str, float] = {}
-        for current in self._rounds.values():
-            for member, granted in current.promised.items():
-                latest[member] = max(latest.get(member, 0.0), current.sent + granted * DRIFT - SLACK)
-        return [{"from": m, "seconds_left": round(t - now, 2)} for m, t in sorted(latest.items()) if t > now]
+        return self.promises.request(message)

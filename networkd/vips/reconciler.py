@@ -21,8 +21,8 @@ from networkd.backoff import every
 from networkd.etcd.lock import LeaseLocks
 from networkd.peers.failsafe import Failsafe
 from networkd.vips.appkeys import AppKeys
-from networkd.vips.fencing import Fencing
 from networkd.vips.arp import Announcer
+from networkd.vips.fencing import Fencing
 from networkd.vips.health import VipHealth
 from networkd.vips.host import ADDRESS_CHECK, FIREWALL_CHECK, VipHost
 from networkd.vips.inputs import VipInputs
@@ -212,7 +212,8 @@ class VipManager(Fencing, service.Service):
     def _tick(self) -> None:
         """A pass when something waits on time, else every ANTI_ENTROPY s (inputs kick their own)."""
         self._fence()
-        if self.locks.unsettled() or self.locks.errors or self.failsafe.retaking or self._clock() - self._last_pass >= ANTI_ENTROPY:
+        if self.locks.unsettled() or self.locks.errors or self.failsafe.retaking \
+                or self._clock() - self._last_pass >= ANTI_ENTROPY:
             self._reconcile()
 
     def _reconcile(self) -> None:
