@@ -219,3 +219,30 @@ def test_start_up_hold_off_contests_nothing_for_one_promise_length():
     assert (held_off.campaign_now, held_off.campaign_later) == (frozenset(), frozenset())
     env.clock.advance(P)
     assert env.fs.filter(plan, frozenset()) == plan
+
+
+def test_a_round_completed_after_the_lease_deadline_revives_nothing():
+    env = Env()
+    env.clock.advance(P)
+    env.session.last_ack = env.clock.seconds()
+    env.etcd_gone()
+    env.fs._tick()
+    nonces = env.round()
+    env.clock.advance(2.25)  # the lease deadline passed with no complete round
+    env.answer(nonces["10.0.0.1"], "a")
+    env.answer(nonces["10.0.0.2"], "b")
+    assert env.fs.covering() is None
+    env.fs._tick()
+    assert not env.fs.vips, "the episode ends at the lease deadline"
+
+
+def test_a_new_lease_without_a_promise_ends_the_episode():
+    env = Env()
+    env.clock.advance(P)
+    env.session.last_ack = env.clock.seconds()
+    env.etcd_gone()
+    env.fs._tick()
+    assert env.fs.vips and env.fs.covering() is None
+    env.session.lease, env.session.last_ack, env.session.last_error = 0xB, env.clock.seconds(), None
+    env.fs.acked(0xB)
+    assert not env.fs.vips and not env.fs.retaking

@@ -180,7 +180,9 @@ class Failsafe:
             return
         if lease == self._lease:
             self._end(f"etcd acknowledges lease {lease:x} again")
-        elif not self.retaking and self.covering() is not None:
+        elif self.covering() is None:
+            self._end("our lease expired on etcd, and no promise covers us")
+        elif not self.retaking:
             self.retaking = True
             log.warn("failsafe: lease {old} expired on etcd; contesting {ips} again on lease {new:x} first",
                      old="-" if self._lease is None else f"{self._lease:x}", ips=", ".join(sorted(self.vips)),
@@ -210,8 +212,8 @@ class Failsafe:
     def _tick(self) -> None:
         now = self._clock()
         self.promises.prune()
-        if self.vips and self.deadline is not None and now >= self.deadline and not self._in_lease():
-            self._end("promise deadline passed")
+        if self.vips and self.covering() is None and not self._in_lease():
+            self._end("no promise before the lease deadline" if self.deadline is None else "promise deadline passed")
         if self.retaking or not self.etcd_away():
             return
         if not self.vips:
@@ -277,7 +279,9 @@ class Failsafe:
     def _complete(self, current: Round) -> None:
         granted = min(current.promised.values(), default=self.promise)
         candidate = current.sent + granted * DRIFT - SLACK
-        if self.vips and (self.deadline is None or candidate > self.deadline) and candidate > self._clock():
+        if not self.vips or (self.covering() is None and not self._in_lease()):
+            return  # too late: fenced already (or about to be), nothing to revive
+        if (self.deadline is None or candidate > self.deadline) and candidate > self._clock():
             self.deadline = candidate
             if not self._entered:
                 self._entered = True
