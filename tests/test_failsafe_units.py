@@ -207,9 +207,9 @@ def test_a_promiser_keeps_its_word_and_refuses_when_it_reaches_etcd_or_contests(
     env.fs._received({**request, "nonce": "r2"}, ("10.0.0.9", 3010))
     filtered = env.fs.filter(plan, frozenset())
     assert (filtered.campaign_now, filtered.campaign_later) == ({Y}, frozenset())
-    assert env.fs.blocked() == {X}
+    assert env.fs.promises.blocked() == {X}
     env.clock.advance(P + 0.01)
-    assert env.fs.blocked() == frozenset()
+    assert env.fs.promises.blocked() == frozenset()
 
 
 def test_start_up_hold_off_contests_nothing_for_one_promise_length():

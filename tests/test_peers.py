@@ -90,7 +90,7 @@ async def test_only_signed_fresh_unseen_messages_are_answered(logs):
         good.raw(data, port)
         answer = (await eventually(lambda: good.answers, 5, message="an answer"))[0]
         assert (answer["type"], answer["re"], answer["vips"], answer["seconds"]) == ("promise", nonce, ["10.9.0.1"], 3)
-        assert side.blocked() == {"10.9.0.1"}
+        assert side.promises.blocked() == {"10.9.0.1"}
         assert [p["to"] for p in peer_status(side)["promises_given"]] == ["holder"]
 
         # The same bytes again: a replay.
@@ -103,7 +103,7 @@ async def test_only_signed_fresh_unseen_messages_are_answered(logs):
         await eventually(lambda: side.channel.refused >= 4, 5, message="four refusals")
         await sleep(0.2)
         assert len(good.answers) == 1 and not wrong.answers and not stale.answers
-        assert side.blocked() == {"10.9.0.1"}, "a refused message must not make a promise"
+        assert side.promises.blocked() == {"10.9.0.1"}, "a refused message must not make a promise"
         refused = logs.matching("refused")
         for why, src in (("replayed nonce", source), ("unsigned message", source),
                          ("bad MAC", f"127.0.0.1:{wrong.port}"), ("timestamp 60.0s old", f"127.0.0.1:{stale.port}")):
@@ -125,7 +125,7 @@ async def test_a_promiser_that_reaches_etcd_refuses_and_says_why():
         nonce = client.channel.send(("127.0.0.1", port), "promise?", vips=["10.9.0.1"], seconds=3)
         answer = (await eventually(lambda: client.answers, 5, message="an answer"))[0]
         assert (answer["type"], answer["re"], answer["why"]) == ("refuse", nonce, "I can reach etcd")
-        assert side.blocked() == frozenset()
+        assert side.promises.blocked() == frozenset()
     finally:
         client.channel.close()
         side.stop()

@@ -146,10 +146,6 @@ class Failsafe:
             return covering
         return min(lease_deadline, covering) if self.retaking else max(lease_deadline, covering)
 
-    def blocked(self) -> frozenset[str]:
-        """VIPs we promised not to take (no campaign, no address) for now."""
-        return self.promises.blocked()
-
     def filter(self, plan, held: frozenset[str]):
         """The plan we may drive now (None: drive nothing)."""
         if not self.enabled:
@@ -157,7 +153,7 @@ class Failsafe:
         if self.outage():
             return None
         now = self._clock()
-        blocked = self.blocked()
+        blocked = self.promises.blocked()
         if now < self.started_at + self.promise:
             if not self._holdoff_logged:
                 self._holdoff_logged = True

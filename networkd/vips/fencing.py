@@ -40,7 +40,7 @@ class Fencing:
             return Justification(None, lambda ip: False)
         active, holders, revision = self._active_ips, self.inputs.holders, self.inputs.locks_revision
         by_lock = lease is not None and not self._lease_fenced()
-        kept, blocked = self.failsafe.kept(holders), self.failsafe.blocked()
+        kept, blocked = self.failsafe.kept(holders), self.failsafe.promises.blocked()
         return Justification(self.deadline(), lambda ip: ip in active and ip not in blocked and (
             ip in kept or by_lock and self.locks.may_hold(ip, lease, holders, revision)))
 
