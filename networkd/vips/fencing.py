@@ -16,6 +16,8 @@ log = Logger()
 
 
 class Fencing:
+    """fenced(), deadline(), the address justification and active(): the lease's rules, moved by the failsafe."""
+
     def _lease_fenced(self) -> bool:
         """True while we may not be sure etcd still keeps our lease alive."""
         age = self._session.ack_age()
