@@ -187,3 +187,31 @@ def test_holder_cut_off_fences_and_another_node_takes_over(lan, etcd_cluster, et
     finally:
         print(nodes.logs())
         nodes.close()
+
+
+def test_short_whole_etcd_freeze_the_lease_survives_and_the_failsafe_ends_without_a_move(
+        lan, etcd_cluster, etcd_root, secret):
+    """Frozen 2.5 s: past the fencing deadline (2.25 s) but, mostly, not past the leases on etcd: the
+    same lease acknowledged again ends the failsafe; nothing drops or moves either way."""
+    nodes = three_nodes(lan, etcd_cluster, etcd_root, secret)
+    try:
+        with AddressMonitor(namespaces(nodes), set(VIPS)) as monitor:
+            before = monitor.holders_now()
+            etcd_cluster.freeze()
+            time.sleep(2.5)
+            etcd_cluster.thaw()
+            expected = {vip: next(iter(before[vip])) for vip in VIPS}
+            wait_until(lambda: lock_holders(nodes) == expected, 20, message=f"locks held by {expected}")
+            time.sleep(2)
+            after = monitor.holders_now()
+        monitor.check()
+        logs = vip_log(nodes)
+        changes = [i for i in monitor.intervals() if i[2] > monitor.started_at + 0.5 or i[3] < monitor.ended_at - 0.5]
+        assert not monitor.overlaps(), f"two holders: {monitor.overlaps()}\n{logs}"
+        assert not changes and after == before, f"VIPs dropped or moved: {changes}\n{logs}"
+        ended = [line for line in logs.splitlines() if "failsafe ended" in line]
+        print("FIGURE short freeze:", [line.split("] ")[-1] for line in ended])
+        assert ended, f"no failsafe ended\n{logs}"
+    finally:
+        print(nodes.logs())
+        nodes.close()
