@@ -268,6 +268,9 @@ def add_vips(root: Networkd, options, **host) -> None:
         session=root.lease_session(), hostname=options["hostname"], interface=options["interface"],
         node_ip=options["node-ip"], firewall_backend=options["firewall-backend"], probe=probe_settings(options),
         notify_script=options["notify-script"], garp_interval=options["garp-interval"],
+        peer_secret=options.get("peer-secret"),
+        peer_listen=None if options.get("peer-listen") is None else (options["peer-listen"].host,
+                                                                     options["peer-listen"].port),
     )
     parts.update(host)
     root.vips = VipManager(**parts)

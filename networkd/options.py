@@ -150,6 +150,8 @@ def first_ipv4_of(interface: str) -> str | None:
 
 
 # The etcd options: the daemon's, and those of `networkd check` (networkd/tools/).
+PEER_PORT = 3010
+
 ETCD_PARAMETERS = [
     ["etcd", None, "http://127.0.0.1:2379", "Comma-separated etcd v3 endpoints (http:// or https://)."],
     ["etcd-root", None, "/lain", "Root of the LAIN keys in etcd."],
@@ -229,6 +231,9 @@ class Options(usage.Options):
         ["vip-probe-fall", None, "3", "Failed probes in a row that make a target unhealthy."],
         ["notify-script", None, None, "Executable run on every VIP transition here: EVENT VIP REASON."],
         ["garp-interval", None, "60", "Seconds between gratuitous ARP re-announcements of held VIPs (0: off)."],
+        ["peer-secret-file", None, None, "Shared secret (a non-empty file, the same on every node) signing the "
+         "peer channel; turns the failsafe on (VIPs kept through an etcd outage while every peer promises)."],
+        ["peer-listen", None, None, f"UDP address of the peer channel (default: the node IP, port {PEER_PORT})."],
     ] + [[alias, None, None, f"Alias of --{name} (Go flag name)."] for alias, name in GO_ALIASES.items()]
 
     def opt_dns_forward_reverse(self, cidr):
@@ -269,6 +274,20 @@ class Options(usage.Options):
             self["domain"] = self._domain(self["domain"])
         self["leader-tasks"] = tuple(t for t in ("deployd", "swarm", "tinydns", "webrouter") if self[t])
         self._vip_probe_options()
+        self._peer_options()
+
+    def _peer_options(self) -> None:
+        """--peer-secret-file (read now: a missing or empty file is a usage error) and --peer-listen."""
+        from networkd.peers.wire import read_secret
+
+        self["peer-secret"] = None
+        if self["peer-secret-file"] is not None:
+            try:
+                self["peer-secret"] = read_secret(self["peer-secret-file"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
+        listen = self["peer-listen"] or (f"{self['node-ip']}:{PEER_PORT}" if self["node-ip"] else None)
+        self["peer-listen"] = None if listen is None else parse_listen(listen, "--peer-listen")
 
     def _vip_probe_options(self) -> None:
         """--vip-probe on|off, its interval and timeout (seconds, fractions allowed), rise and fall."""

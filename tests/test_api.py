@@ -94,6 +94,12 @@ STATUS_SHAPE = {
         "last_writer": OPT_STR, "last_error": OPT_STR, "upstreams": [str],
     }),
     "vips": (type(None), {"held": int}),
+    "peers": (type(None), {
+        "failsafe": str, "why": OPT_STR, "listen": OPT_STR, "keeping": [str], "deadline_in": OPT_NUM,
+        "retaking": bool, "holdoff_left": (int, float), "refused_messages": int,
+        "promises_given": [{"to": str, "vips": [str], "seconds_left": (int, float)}],
+        "promises_held": [{"from": str, "seconds_left": (int, float)}],
+    }),
     "leader": (type(None), {"key": str, "holder": OPT_STR, "is_leader": bool, "tasks": [str], "published": dict}),
 }
 

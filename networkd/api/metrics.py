@@ -115,7 +115,13 @@ class NetworkdCollector:
             ("address_requests", "Address adds, renewals and removals sent to the kernel."),
             ("netlink_overruns", "Netlink exchanges slow enough that lifetimes had to be set again."),
             ("lifetime_violations", "Addresses found living past the lease deadline (removed at once)."),
+            ("failsafe_entered", "Times every peer promised and this node kept its VIPs while etcd was away."),
+            ("failsafe_ended", "Times such a failsafe ended (etcd back, locks retaken, or fenced)."),
+            ("promises_refused", "Promise requests of ours a peer refused (it reaches etcd, or contests the VIP)."),
+            ("peer_messages_refused", "Peer messages refused: unsigned, wrong MAC, stale or replayed."),
         ):
+            if name not in counters:
+                continue
             yield CounterMetricFamily(f"networkd_vip_{name}", help_text, value=counters[name])
 
     def _dns(self, dns):

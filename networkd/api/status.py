@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from networkd.api.parts import ApiParts
+from networkd.api.peerstatus import peer_status
 
 log = Logger()
 
@@ -146,6 +147,8 @@ def full_status(parts: ApiParts, probe: ProbeResult | None) -> dict:
         "dns": dns,
         "resolv_conf": None if guardian is None else guardian.status.as_dict(),
         "vips": vips,
+        "peers": None if parts.vips is None or getattr(parts.vips, "failsafe", None) is None
+        else peer_status(parts.vips.failsafe),
         "leader": leader_status(parts),
     }
 

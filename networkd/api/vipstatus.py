@@ -15,6 +15,8 @@ def vip_entries(manager) -> list[dict]:
     inputs, firewall = manager.inputs, manager.firewall
     held = manager.locks.held()
     active = manager.active()
+    failsafe = getattr(manager, "failsafe", None)
+    kept = failsafe.kept(inputs.holders) if failsafe is not None else frozenset()
     applied = firewall.applied if firewall else frozenset()
     firewall_error = f"firewall: {firewall.last_error}" if firewall and firewall.last_error else None
     out = []
@@ -34,6 +36,7 @@ def vip_entries(manager) -> list[dict]:
             "holder": inputs.holders.get(config.ip) if config.floating else None,
             "held_by_me": config.floating and config.ip in held,
             "active": config.ip in active,
+            "failsafe": config.floating and config.ip in kept and config.ip in active,
             "local_container": None if container is None else {
                 "instance": container.instance, "ip": container.container_ip,
             },

@@ -48,6 +48,7 @@ class VipHealth:
                  settings: ProbeSettings | None, changed: Callable[[], None]):
         self._reactor, self._inputs, self._wants, self._locks = reactor, inputs, wants, locks
         self._hostname, self._node_ip, self._changed = hostname, node_ip, changed
+        self.peer: str | None = None  # our peer channel "ip:port", published when the failsafe is on
         self.settings = settings
         self.prober = None if settings is None else Prober(
             reactor, interval=settings.interval, timeout=settings.timeout, rise=settings.rise, fall=settings.fall,
@@ -68,7 +69,7 @@ class VipHealth:
         self._changed()
 
     def presence(self) -> str:
-        return member_value(self._node_ip, self.healthy, self.ready())
+        return member_value(self._node_ip, self.healthy, self.ready(), self.peer)
 
     def sync(self) -> None:
         """Probe the targets of the floating VIPs placeable here; publish what we are healthy for."""

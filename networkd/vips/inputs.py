@@ -82,5 +82,10 @@ class VipInputs:
         self.seen["locks"] = True
         self.on_change()
 
+    @property
+    def member_values(self) -> dict[str, str]:
+        """Each live member's raw members value (its peer address: networkd.peers.failsafe)."""
+        return self._member_values
+
     def floating_ips(self):
         return (c.ip for c in self.configs.values() if c.floating)

@@ -89,6 +89,10 @@ class LockKeeper:
             return False
         return not record.confirmed or revision < record.revision or holders.get(ip) == self.hostname
 
+    def campaigning(self, ip: str) -> bool:
+        """A lock request for ``ip`` is in flight (its answer may still make us the holder)."""
+        return ip in self._campaigning
+
     def releasing(self, ip: str) -> bool:
         record = self.records.get(ip)
         return record is not None and record.releasing

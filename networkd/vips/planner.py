@@ -277,12 +277,16 @@ class CandidateHealth:
         return healthy is None or ip in healthy
 
 
-def member_value(node_ip: str | None, healthy: Iterable[str], ready: bool | None = None) -> str:
-    """Our members value: node IP, the VIPs we are a healthy candidate for and (when known) whether
-    we are ready to receive one now: lock watch live, inputs complete, not fenced (JSON)."""
+def member_value(node_ip: str | None, healthy: Iterable[str], ready: bool | None = None,
+                 peer: str | None = None) -> str:
+    """Our members value: node IP, the VIPs we are a healthy candidate for, (when known) whether
+    we are ready to receive one now: lock watch live, inputs complete, not fenced, and our peer
+    channel if on (JSON)."""
     value = {"node_ip": node_ip or "", "healthy": sorted(healthy)}
     if ready is not None:
         value["ready"] = ready
+    if peer:
+        value["peer"] = peer
     return json.dumps(value, separators=(",", ":"))
 
 

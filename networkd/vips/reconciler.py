@@ -20,9 +20,10 @@ from networkd.api.vipstatus import vip_entries
 from networkd.backoff import every
 from networkd.etcd.lock import LeaseLocks
 from networkd.etcd.session import fencing_margin
-from networkd.vips.addresses import Justification
+from networkd.peers.failsafe import Failsafe
 from networkd.vips.appkeys import AppKeys
 from networkd.vips.arp import Announcer
+from networkd.vips.fencing import Fencing
 from networkd.vips.health import VipHealth
 from networkd.vips.host import ADDRESS_CHECK, FIREWALL_CHECK, VipHost
 from networkd.vips.inputs import VipInputs
@@ -41,14 +42,15 @@ MAX_KICK_DELAY = 0.1  # seconds a kicked pass may wait behind costly earlier one
 RENEW_AHEAD = 1.5  # an address with less life left (at most a keep-alive interval + 0.5 s) is renewed
 
 
-class VipManager(service.Service):
+class VipManager(Fencing, service.Service):
     """Floating VIPs and port-scoped DNAT for this node (networkd.views.VipPart)."""
 
     name = "vips"
 
     def __init__(self, *, reactor, client, keys, watch: Callable, session, hostname: str, interface: str,
                  node_ip: str | None, firewall_backend: str = "auto", netlink: Netlink | None = None, probe=None,
-                 announcer: Announcer | None = None, to_thread=None, notify_script=None, garp_interval: float = 0):
+                 announcer: Announcer | None = None, to_thread=None, notify_script=None, garp_interval: float = 0,
+                 peer_secret: bytes | None = None, peer_listen: tuple[str, int] | None = None):
         # Deadlines are on the session's clock (monotonic in the daemon): a wall-clock step never stretches one.
         self._clock = getattr(session, "clock", None) or reactor.seconds
         self._reactor, self._keys, self._session = reactor, keys, session
@@ -63,8 +65,14 @@ class VipManager(service.Service):
         self.locks = LockKeeper(locks=self._etcd, keys=keys, hostname=hostname, session=session, reactor=reactor,
                                 changed=self.kick, clear_host=self._clear_host)
         self.health = VipHealth(reactor, self.inputs, self.wants, self.locks, hostname, node_ip, probe, self.kick)
+        self.failsafe = Failsafe(reactor=reactor, clock=self._clock, wall=reactor.seconds, session=session,
+                                 locks=self.locks, inputs=self.inputs, hostname=hostname, promise=float(self.ttl),
+                                 secret=peer_secret, listen=peer_listen, changed=self._failsafe_moved)
+        self.failsafe.holding, self.failsafe.lease_deadline = lambda: self._active_ips, self._lease_deadline
+        self.health.peer = self.failsafe.published(node_ip)
         self.readiness = Readiness(reactor, self._clock, self._watchers["locks"], self.inputs, self.fenced,
                                    self.locks, self.health, self.kick)  # may we receive a VIP, may they
+        self.readiness.holding_off = self.failsafe.holding_off
         self.app_keys = AppKeys(self._etcd, reactor, hostname)
         self.firewall_choice = firewall_backend  # "auto" | "legacy" | "nft", or a back end object
         self.host = VipHost(reactor=reactor, interface=interface, clock=self._clock, justify=self._justification,
@@ -100,31 +108,14 @@ class VipManager(service.Service):
         return self.locks.errors.get(key) or self.keeper.errors.get(key)
 
     def safety_counters(self) -> dict[str, int]:
-        return {"fencings": self.fencings, **self.keeper.counters()}
-
-    def fenced(self) -> bool:
-        """True while we may not be sure etcd still keeps our lease alive."""
-        age = self._session.ack_age()
-        return self._session.lease is None or age is None or age >= self.ttl - self.margin
-
-    def deadline(self) -> float | None:
-        """When our addresses must be gone: the lease may expire on etcd ``margin`` later."""
-        last_ack = self._session.last_ack
-        return None if last_ack is None else last_ack + self.ttl - self.margin
-
-    def _justification(self) -> Justification:
-        """Asked by the address keeper right before it adds or renews anything."""
-        lease = self._session.lease
-        if self.stopping or not self.host_ready or lease is None or self.fenced():
-            return Justification(None, lambda ip: False)
-        active, holders, revision = self._active_ips, self.inputs.holders, self.inputs.locks_revision
-        return Justification(self.deadline(),
-                             lambda ip: ip in active and self.locks.may_hold(ip, lease, holders, revision))
+        return {"fencings": self.fencings, **self.keeper.counters(), **self.failsafe.counters,
+                "peer_messages_refused": self.failsafe.channel.refused if self.failsafe.channel else 0}
 
     # -- lifecycle -----------------------------------------------------------
 
     def startService(self):
         super().startService()
+        self.failsafe.start()  # a peer port that cannot be bound stops the daemon, naming it
         self._started = defer.Deferred.fromCoroutine(self._start())
         self._started.addErrback(lambda f: f.trap(defer.CancelledError))
         self._started.addErrback(lambda f: log.failure("VIP manager failed to start", f))
@@ -158,6 +149,7 @@ class VipManager(service.Service):
         """Release everything: presence and app keys, then rules and addresses, then the locks."""
         self.stopping = True
         self.health.stop()
+        self.failsafe.stop()
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -185,6 +177,7 @@ class VipManager(service.Service):
     def _acked(self, lease: int) -> None:
         if self.stopping:
             return
+        self.failsafe.acked(lease)
         # A full pass only when the ack changes what we may do; renewals need none.
         changed = self.locks.announce(lease, self.node_ip) or self._fenced_in_last_pass
         if self.fenced_since is not None and not self.fenced():
@@ -196,17 +189,6 @@ class VipManager(service.Service):
         self._arm_fence()
         if changed:
             self.kick()
-
-    def _arm_fence(self) -> None:
-        """Fence right at the deadline (no polling: the keeper drops the addresses by then anyway)."""
-        deadline = self.deadline()
-        if deadline is None:
-            return
-        delay = max(0.0, deadline - self._clock()) + 0.001
-        if self._fence_call is not None and self._fence_call.active():
-            self._fence_call.reset(delay)
-        else:
-            self._fence_call = self._reactor.callLater(delay, self._fence)
 
     def _lease_lost(self) -> None:
         self.locks.lease_lost()
@@ -231,7 +213,8 @@ class VipManager(service.Service):
     def _tick(self) -> None:
         """A pass when something waits on time, else every ANTI_ENTROPY s (inputs kick their own)."""
         self._fence()
-        if self.locks.unsettled() or self.locks.errors or self._clock() - self._last_pass >= ANTI_ENTROPY:
+        if self.locks.unsettled() or self.locks.errors or self.failsafe.retaking \
+                or self._clock() - self._last_pass >= ANTI_ENTROPY:
             self._reconcile()
 
     def _reconcile(self) -> None:
@@ -248,8 +231,12 @@ class VipManager(service.Service):
         if inputs.complete and not self._cleaned:
             self._cleaned = True
             self._check_addresses()  # a crashed predecessor's addresses go before we contest
-        if inputs.complete and not self.fenced():
-            self.locks.drive(self.health.plan(self.locks.held(), *self.readiness.receivers()))  # vips.health
+        if inputs.complete and not self.fenced() and not self.failsafe.outage():  # healthy candidates first
+            plan = self.health.plan(self.locks.held(), *self.readiness.receivers())
+            plan = self.failsafe.filter(plan, self.locks.held())
+            if plan is not None:
+                self.locks.drive(plan)
+        self.failsafe.settle(self.locks.held(), inputs.holders)
         self._sync_host()
         endpoints = app_endpoints(inputs.configs, inputs.containers, self.hostname, self.node_ip)
         self.app_keys.sync(frozenset(self._keys.app_key(e.app, e.proc, e.ip, e.port) for e in endpoints),
@@ -257,13 +244,6 @@ class VipManager(service.Service):
         self._pass_cost = self._clock() - started
 
     # -- host ----------------------------------------------------------------
-
-    def active(self) -> frozenset[str]:
-        """Floating VIPs that should be on this host now: held, not fenced, not leaving, container here."""
-        if self.stopping or not self.host_ready or self.fenced():
-            return frozenset()
-        held = self.locks.held()
-        return frozenset(ip for ip in self.wants.placeable() if ip in held and not self.locks.releasing(ip))
 
     def _desired_rules(self) -> frozenset[DnatRule]:
         """Port-scoped DNAT and the active VIPs' (memoized: networkd.vips.wants)."""
@@ -279,21 +259,6 @@ class VipManager(service.Service):
         """Before a lock goes: its address off the interface and its rules out (``ip`` is releasing)."""
         self._sync_host()
         await self.host.cleared(ip)
-
-    def _fence(self) -> None:
-        if not self.fenced():
-            return
-        configs = self.inputs.configs
-        if not self.addresses and not self.host.floating_rules(lambda k: k in configs and not configs[k].floating):
-            return
-        if self.fenced_since is None:
-            self.fenced_since = self._reactor.seconds()
-            self.fencings += 1
-            age = self._session.ack_age()
-            log.warn("fencing: no keep-alive acknowledged for {age}; dropping VIPs {ips}",
-                     age="ever" if age is None else f"{age:.2f}s", ips=", ".join(sorted(self.addresses)) or "-")
-        self._active_ips = frozenset()
-        self.host.fence()
 
     def _check_addresses(self) -> None:
         if self.inputs.seen["configs"] and not self.stopping:

@@ -117,6 +117,18 @@ class EtcdCluster:
         member.process.wait(5)
         member.process = None
 
+    def freeze(self) -> None:
+        """SIGSTOP every live member: the whole cluster stops answering at once (a paused VM, a stuck disk)."""
+        for member in self.members:
+            if member.process is not None and member.process.poll() is None:
+                member.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT every member (destroy() kills frozen members too: SIGKILL needs no SIGCONT)."""
+        for member in self.members:
+            if member.process is not None and member.process.poll() is None:
+                member.process.send_signal(signal.SIGCONT)
+
     def revive(self, member: Member) -> None:
         """Start a killed member again on its data (it rejoins as it was)."""
         with open(member.log_path, "ab") as log:
