@@ -152,7 +152,7 @@ def test_members_value_publishes_the_peer_address():
     from networkd.peers.channel import member_peer
     from networkd.vips.planner import member_value
 
-    value = member_value("10.1.2.3", ["10.9.0.1"], "10.1.2.3:3010")
+    value = member_value("10.1.2.3", ["10.9.0.1"], peer="10.1.2.3:3010")
     assert json.loads(value)["peer"] == "10.1.2.3:3010"
     assert member_peer(value) == ("10.1.2.3", 3010)
     assert member_peer(member_value("10.1.2.3", [])) is None  # failsafe off there: it cannot promise
