@@ -19,6 +19,11 @@ functions in ``SCENARIOS`` (name -> function(bench, run) -> Window):
 * ``partition-heal``: cut one node (in turn) from etcd until its VIP moved
   away (9 s), heal; judged from the heal on: the node gets its share back,
   one move, unheld <= 200 ms.
+* ``etcd-outage``: freeze every etcd member (SIGSTOP) for ``--outage`` s
+  (10), thaw; judged from the freeze until the locks are held again.  With
+  ``--failsafe on`` (the default: a shared ``--peer-secret-file``) expected:
+  nothing unheld, nothing moves; ``--failsafe off``: every VIP drops within
+  the TTL and comes back after the thaw.
 
 A bench, not a test: it always exits 0.  Run as root (timings on a busy
 shared host are worse than on a quiet one):
@@ -35,6 +40,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -69,6 +75,7 @@ class Bench:
     etcd: EtcdCluster
     nodes: ClusterOnEtcdCluster
     monitor: AddressMonitor | None = None
+    outage: float = 10.0  # seconds etcd-outage freezes the whole cluster
 
     def balanced(self) -> bool:
         holders = self.monitor.holders_now()
@@ -116,9 +123,33 @@ def partition_heal(bench: Bench, run: int) -> Window:
     return Window(healed, time.monotonic(), {"balanced after s": balanced})
 
 
+def etcd_outage(bench: Bench, run: int) -> Window:
+    """Freeze the whole etcd cluster for ``bench.outage`` s; judged until every VIP's lock is held again."""
+    start = time.monotonic()
+    bench.etcd.freeze()
+    try:
+        time.sleep(bench.outage)
+    finally:
+        bench.etcd.thaw()
+    thawed = time.monotonic()
+
+    def locks_held() -> bool:
+        try:
+            return all(bench.nodes.lock_holder(vip) for vip in VIPS)
+        except Exception:  # etcd not answering yet
+            return False
+
+    wait_until(locks_held, 20, interval=0.05, message="every lock held again after the thaw")
+    relocked = time.monotonic() - thawed
+    wait_until(bench.balanced, 15, interval=0.05, message="one VIP per node after the thaw")
+    time.sleep(2)  # would anything move again?
+    return Window(start, time.monotonic(), {"locks held again after the thaw, s": relocked})
+
+
 SCENARIOS: dict[str, Callable[[Bench, int], Window]] = {
     "leader-kill": leader_kill,
     "partition-heal": partition_heal,
+    "etcd-outage": etcd_outage,
 }
 
 
@@ -175,6 +206,9 @@ def main() -> int:
     parser.add_argument("--lock-ttl", type=int, default=3)
     parser.add_argument("--firewall", default="nft", choices=("nft", "legacy"))
     parser.add_argument("--timeline", action="store_true", help="print each run's holdings and daemon logs")
+    parser.add_argument("--outage", type=float, default=10.0, help="seconds etcd-outage freezes etcd")
+    parser.add_argument("--failsafe", default="on", choices=("on", "off"),
+                        help="give the nodes a shared --peer-secret-file (the peer-confirmed failsafe)")
     args = parser.parse_args()
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS]
@@ -184,12 +218,17 @@ def main() -> int:
     etcd = EtcdCluster(3).start()
     lan = Lan()
     nodes = ClusterOnEtcdCluster(lan, etcd, ROOT, args.firewall, ttl=args.lock_ttl)
-    bench = Bench(etcd, nodes)
+    bench = Bench(etcd, nodes, outage=args.outage)
     results: dict[str, list[Result]] = {}
+    secret = tempfile.NamedTemporaryFile("w", prefix="networkd-bench-peer-secret-")
+    secret.write("a shared secret for the bench nodes\n")
+    secret.flush()
     try:
         for i, name in enumerate(NODES):
             nodes.add(name, 11 + i)
             nodes[name].extra_args = ["--log-format", "json"]
+            if args.failsafe == "on":
+                nodes[name].extra_args += ["--peer-secret-file", secret.name]
         nodes.put_pods("hello", "web", [(i + 1, n, f"10.77.0.{11 + i}") for i, n in enumerate(NODES)])
         for vip in VIPS:
             nodes.put_vip(vip, vip_value("hello", "web", [{"src": "80", "dest": "8080"}]))
@@ -214,7 +253,7 @@ def main() -> int:
                     print(timeline(bench, monitor, window), flush=True)
 
         print(f"\nVIP faults: 3-member etcd, 3 nodes, 3 VIPs, lock TTL {args.lock_ttl}s, firewall {args.firewall}, "
-              f"{args.runs} runs each; netlink events in every namespace")
+              f"failsafe {args.failsafe}, {args.runs} runs each; netlink events in every namespace")
         for scenario, rs in results.items():
             print(f"{scenario}:")
             print(summary("  longest unheld VIP per run", [r.unheld for r in rs]))
@@ -224,9 +263,11 @@ def main() -> int:
                 print(summary(f"  {key}", [r.notes[key] for r in rs], unit="s", scale=1, digits=2))
         return 0
     finally:
+        etcd.thaw()  # if interrupted mid-freeze
         nodes.close()
         lan.delete()
         etcd.destroy()
+        secret.close()
 
 
 if __name__ == "__main__":
