@@ -91,7 +91,8 @@ def test_expired_or_removed_by_hand_is_said_as_it_was(in_namespace):
         assert len(late.matching("ran out")) == 2 and len(late.matching("expected, keep-alives are late")) == 2, \
             late.lines
         assert not late.at_level("warn", "error"), late.lines
-        assert rig.removed == [A, A, A, B]  # every loss was reported (the API's transitions)
+        # every loss was reported (the API's transitions); A and B expire together, in either order
+        assert rig.removed[:2] == [A, A] and sorted(rig.removed[2:]) == [A, B], rig.removed
     finally:
         rig.close()
 
