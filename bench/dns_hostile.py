@@ -43,7 +43,7 @@ import urllib.request
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dnslib import QTYPE, RR, A, DNSRecord  # noqa: E402
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord  # noqa: E402
 
 from tests.support.etcd_server import EtcdServer  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
@@ -155,11 +155,13 @@ def real_queries(port: int, seconds: float, cpu: int | None = None, out=None):
                 latencies[kind].append(time.monotonic() - started)
             else:  # an answer without the address is no better than none
                 lost[kind] += 1
-                print(f"  {name}: {__import__('dnslib').RCODE.get(reply.header.rcode)} after "
-                      f"{(time.monotonic() - started) * 1000:.0f} ms", flush=True)
+                if sum(lost.values()) <= 5:
+                    print(f"  {name}: {RCODE.get(reply.header.rcode)} after "
+                          f"{(time.monotonic() - started) * 1000:.0f} ms", flush=True)
         except socket.timeout:
             lost[kind] += 1
-            print(f"  {name}: no answer in 2 s", flush=True)
+            if sum(lost.values()) <= 5:
+                print(f"  {name}: no answer in 2 s", flush=True)
         i += 1
         time.sleep(max(0.0, started + 0.01 - time.monotonic()))
     sock.close()
@@ -194,16 +196,30 @@ def networkd_counters(api: int) -> str:
     return "; ".join(keep)
 
 
+def udp_drops(port: int) -> int:
+    """Datagrams the kernel dropped for the socket bound to 127.0.0.1:port (full receive buffer)."""
+    want = f"0100007F:{port:04X}"
+    with open("/proc/net/udp") as f:
+        for line in f:
+            fields = line.split()
+            if fields[1] == want:
+                return int(fields[-1])
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--garbage-rate", type=int, default=12000)
     parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved runs per server; latencies are pooled")
     parser.add_argument("--sources", type=int, default=1000, help="loopback source addresses of the hostile packets")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"garbage kinds, in turn: {','.join(KINDS)}")
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--sender-cpu", type=int, default=1, help="0: the garbage competes with the server for its CPU")
     parser.add_argument("--servers", default="networkd,dnsmasq")
-    parser.add_argument("--checkout", default=REPO, help="run networkd from this checkout (e.g. an older commit)")
+    parser.add_argument("--checkout", default=REPO, help="run networkd from this checkout")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run networkd from this checkout (e.g. `git archive main`) in the same rounds")
     args = parser.parse_args()
     kinds = args.kinds.split(",")
     if not set(kinds) <= set(KINDS):
@@ -231,60 +247,77 @@ def main() -> None:
         open(hosts, "w").close()
         with open(resolv, "w") as f:
             f.write(f"nameserver {host}\n")
-        nd_port, dm_port, api = free_port(), free_port(), free_port()
-        servers = []
-        if "networkd" in wanted:
+        servers = []  # (label, DNS port, process, API port)
+
+        def start_networkd(label: str, checkout: str) -> None:
+            port, api = free_port(), free_port()
             processes.append(subprocess.Popen(
                 ["taskset", "-c", str(args.server_cpu), TWISTD, "--nodaemon", "--pidfile=", "networkd",
-                 "--etcd", etcd.endpoint, "--etcd-root", root, "--dns-listen", f"127.0.0.1:{nd_port}",
+                 "--etcd", etcd.endpoint, "--etcd-root", root, "--dns-listen", f"127.0.0.1:{port}",
                  "--api-listen", f"127.0.0.1:{api}", "--no-vips", "--no-resolv-conf", "--node-ip", "10.1.1.1",
                  "--hosts-file", hosts, "--resolv-conf", resolv],
-                stdout=open(os.path.join(work, "networkd.log"), "wb"), stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": args.checkout}))
-            servers.append(("networkd", nd_port, processes[-1]))
-            print(f"networkd pid {processes[-1].pid}", flush=True)  # for py-spy
+                stdout=open(os.path.join(work, f"{label}.log"), "wb"), stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONPATH": checkout}))
+            servers.append((label, port, processes[-1], api))
+            print(f"{label} pid {processes[-1].pid}", flush=True)  # for py-spy
+
+        if "networkd" in wanted:
+            start_networkd("networkd", args.checkout)
+        if args.baseline:
+            start_networkd("baseline", os.path.abspath(args.baseline))
         if "dnsmasq" in wanted and (shutil.which("dnsmasq") or os.path.exists("/usr/sbin/dnsmasq")):
+            port = free_port()
             processes.append(subprocess.Popen(
                 ["taskset", "-c", str(args.server_cpu), "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null",
-                 "--no-resolv", "--no-hosts", "--port", str(dm_port), "--listen-address", "127.0.0.1",
+                 "--no-resolv", "--no-hosts", "--port", str(port), "--listen-address", "127.0.0.1",
                  "--bind-interfaces", "--pid-file=", "--cache-size=10000", f"--server={host}",
                  *(f"--address=/{n}/{ip}" for n, ip in LOCAL)],
                 stdout=open(os.path.join(work, "dnsmasq.log"), "wb"), stderr=subprocess.STDOUT))
-            servers.append(("dnsmasq", dm_port, processes[-1]))
+            servers.append(("dnsmasq", port, processes[-1], None))
         deadline = time.monotonic() + 30
-        for _, port, _ in servers:  # up, with every forwarded name cached
+        for _, port, _, _ in servers:  # up, with every forwarded name cached
             while time.monotonic() < deadline:
                 latencies, lost = real_queries(port, 2.1)  # every name: 200 queries
                 if not any(lost.values()):
                     break
                 time.sleep(0.2)
-        print(f"garbage {args.garbage_rate}/s ({','.join(kinds)}) from {args.sources} addresses for "
-              f"{args.seconds:.0f} s per server, sender on CPU {args.sender_cpu}, servers on CPU {args.server_cpu}; "
-              f"100 real queries/s (half local, half cached forwarded); loadavg "
+        print(f"garbage {args.garbage_rate}/s ({','.join(kinds)}) from {args.sources} addresses, "
+              f"{args.rounds} x {args.seconds:.0f} s per server, sender on CPU {args.sender_cpu}, servers on CPU "
+              f"{args.server_cpu}; 100 real queries/s (half local, half cached forwarded); loadavg "
               f"{open('/proc/loadavg').read().split()[:3]}", flush=True)
-        print(f"{'server':9s} {'names':9s} {'answered':>8s} {'lost':>5s}   p50 / p99 / max (ms)   garbage sent/s")
-        for label, port, proc in servers:
-            sent, results = multiprocessing.Queue(), multiprocessing.Queue()
-            sender = multiprocessing.Process(target=garbage, args=(
-                port, args.garbage_rate, args.sources, kinds, host, args.sender_cpu, args.seconds + 1, sent))
-            sender.start()
-            time.sleep(1)
-            cpu_before = cpu_seconds(proc.pid)
-            client = multiprocessing.Process(target=real_queries, args=(port, args.seconds, 1, results))
-            client.start()
-            latencies, lost = results.get()
-            client.join()
-            cpu = (cpu_seconds(proc.pid) - cpu_before) / args.seconds * 100
-            rate = sent.get()
-            sender.join()
+        print(f"{'server':9s} {'names':9s} {'answered':>8s} {'lost':>5s}   p50 / p99 / max (ms)   "
+              f"garbage sent/s  server CPU  socket drops")
+        pooled: dict = {}
+        for round_ in range(args.rounds):
+            for label, port, proc, api in servers:
+                sent, results = multiprocessing.Queue(), multiprocessing.Queue()
+                sender = multiprocessing.Process(target=garbage, args=(
+                    port, args.garbage_rate, args.sources, kinds, host, args.sender_cpu, args.seconds + 1, sent))
+                sender.start()
+                time.sleep(1)
+                cpu_before, drops_before = cpu_seconds(proc.pid), udp_drops(port)
+                client = multiprocessing.Process(target=real_queries, args=(port, args.seconds, 1, results))
+                client.start()
+                latencies, lost = results.get()
+                client.join()
+                cpu = (cpu_seconds(proc.pid) - cpu_before) / args.seconds * 100
+                drops = udp_drops(port) - drops_before
+                rate = sent.get()
+                sender.join()
+                both = latencies["local"] + latencies["forwarded"]
+                print(f"{label:9s} {'all':9s} {len(both):8d} {sum(lost.values()):5d}   {percentiles(both)}   "
+                      f"{rate:7.0f}        {cpu:4.0f} %   {drops:8d}   (round {round_ + 1})", flush=True)
+                for kind in ("local", "forwarded"):
+                    into = pooled.setdefault((label, kind), ([], [0]))
+                    into[0].extend(latencies[kind])
+                    into[1][0] += lost[kind]
+                if api is not None and round_ == args.rounds - 1:
+                    print(f"{label} counters:", networkd_counters(api), flush=True)
+        print("pooled:")
+        for label, *_ in servers:
             for kind in ("local", "forwarded"):
-                print(f"{label:9s} {kind:9s} {len(latencies[kind]):8d} {lost[kind]:5d}   "
-                      f"{percentiles(latencies[kind])}   {rate:7.0f}", flush=True)
-            all_latencies = latencies["local"] + latencies["forwarded"]
-            print(f"{label:9s} {'all':9s} {len(all_latencies):8d} {sum(lost.values()):5d}   "
-                  f"{percentiles(all_latencies)}   server CPU {cpu:.0f} %", flush=True)
-            if label == "networkd":
-                print("networkd counters:", networkd_counters(api), flush=True)
+                values, (lost,) = pooled[(label, kind)]
+                print(f"{label:9s} {kind:9s} {len(values):8d} {lost:5d}   {percentiles(values)}", flush=True)
     finally:
         for proc in processes:
             proc.terminate()

@@ -222,6 +222,7 @@ def add_dns(root: Networkd, options) -> None:
         domains=root.watch(keys.domains), domain_servers=root.watch(keys.domain_servers), vips=root.watch(keys.vips),
         domains_prefix=keys.domains, domain_servers_prefix=keys.domain_servers,
         forward_reverse=options["dns-forward-reverse"], stale_max=options["dns-stale-max"],
+        forward_max=options["dns-forward-max"],
         inherited=passed_sockets(),  # networkd.socket's listeners (LISTEN_FDS), unset from the environment
     )
     root.dns.setServiceParent(root)

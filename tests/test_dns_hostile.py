@@ -103,3 +103,50 @@ def test_a_finished_exchange_is_freed_without_the_cycle_collector(silent_servers
         gc.enable()
         for s in silent_servers:
             received(s)
+
+
+def test_a_flood_of_uncached_names_for_a_silent_upstream_holds_bounded_state(silent_servers):
+    """2,000 new names in one go: at most --dns-forward-max (150) questions go
+    upstream, each with one socket and at most two timers; the others get
+    SERVFAIL at once.  Before, 1,000 were held, with a socket per send."""
+    from dnslib import DNSRecord
+
+    from networkd.dns.resolver import Resolver
+
+    reactor = FakeReactor()
+    resolver = Resolver(reactor, cache_size=10_000)
+    resolver.set_upstreams([silent_servers[0].getsockname()])
+    at_once = []
+    for i in range(2000):
+        result = resolver.resolve(DNSRecord.question(f"r{i}.flood.test").pack(), "127.0.0.1", udp=True)
+        if isinstance(result, bytes):
+            at_once.append(DNSRecord.parse(result).header.rcode)
+        reactor.advance(0.0001)
+    assert len(resolver._inflight) == 150
+    assert len(at_once) == 2000 - 150 and set(at_once) == {2}, "SERVFAIL at once past the bound"
+    reactor.advance(1.0)  # re-sends are due
+    assert len(reactor.reading) == 150, "one socket per question"
+    assert len(reactor.getDelayedCalls()) <= 2 * 150
+    reactor.advance(LATE_LIMIT)
+    assert not resolver._inflight and not reactor.reading and not reactor.getDelayedCalls()
+
+
+def test_the_forward_bound_is_an_option():
+    from twisted.python import usage
+
+    from networkd.dns.service import DnsService
+    from networkd.options import Options
+
+    def parse(*args):
+        options = Options()
+        options.parseOptions(["--no-vips", *args])
+        return options
+
+    assert parse()["dns-forward-max"] == 150
+    options = parse("--dns-forward-max", "400")
+    assert options["dns-forward-max"] == 400
+    for bad in ("0", "many"):
+        with pytest.raises(usage.UsageError, match="--dns-forward-max"):
+            parse("--dns-forward-max", bad)
+    dns = DnsService(Clock(), listen=options["dns-listen"], forward_max=options["dns-forward-max"])
+    assert dns.resolver.max_forwards == 400
