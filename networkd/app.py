@@ -179,8 +179,12 @@ def make_client(options) -> EtcdClient:
 def makeService(options) -> Networkd:
     from networkd.systemd.notify import Notifier
 
+    from networkd.gcfreeze import freeze_startup
+
     reactor = install_asyncio_reactor()
-    return build(options, reactor, make_client(options), notifier=Notifier.from_environ())
+    root = build(options, reactor, make_client(options), notifier=Notifier.from_environ())
+    reactor.callWhenRunning(freeze_startup)  # after startService: everything start-up made
+    return root
 
 
 def build(options, reactor, client: EtcdClient, *, watch_client: EtcdClient | None = None,

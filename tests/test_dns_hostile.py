@@ -150,3 +150,33 @@ def test_the_forward_bound_is_an_option():
             parse("--dns-forward-max", bad)
     dns = DnsService(Clock(), listen=options["dns-listen"], forward_max=options["dns-forward-max"])
     assert dns.resolver.max_forwards == 400
+
+
+def test_the_daemon_freezes_what_start_up_built(etcd_server, etcd_root):
+    """Once running, the daemon moves its start-up objects (~50,000) out of the
+    collector's full passes, which walked them every few seconds under a
+    flood (25-100 ms each on a busy host, every query waiting)."""
+    from tests.support.daemon import Daemon
+    from tests.support.ports import free_port
+
+    daemon = Daemon(["--no-vips", "--no-resolv-conf", "--etcd", etcd_server.endpoint, "--etcd-root", etcd_root,
+                     "--dns-listen", f"127.0.0.1:{free_port()}", "--api-listen", f"127.0.0.1:{free_port()}",
+                     "--verbose"]).start()
+    try:
+        daemon.wait_for_log("start-up objects frozen")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    frozen = int(daemon.log().split(" start-up objects frozen")[0].split()[-1])
+    assert frozen > 10_000
+
+
+def test_freeze_startup_moves_every_live_object_out_of_the_collector():
+    from networkd.gcfreeze import freeze_startup
+
+    try:
+        frozen = freeze_startup()
+        assert frozen == gc.get_freeze_count() > 0
+        assert len(gc.get_objects(generation=2)) < 100, "nothing left for a full pass to walk"
+    finally:
+        gc.unfreeze()
