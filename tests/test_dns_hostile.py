@@ -180,3 +180,49 @@ def test_freeze_startup_moves_every_live_object_out_of_the_collector():
         assert len(gc.get_objects(generation=2)) < 100, "nothing left for a full pass to walk"
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "one by one"])
+def test_garbage_is_counted_by_kind_and_never_logged_one_by_one(batched):
+    """Short datagrams, responses (QR=1) and datagrams larger than a read slot
+    get no answer: each is counted in networkd_dns_dropped_total{reason}, and
+    nothing is logged, however many come."""
+    from types import SimpleNamespace
+
+    from dnslib import DNSRecord
+
+    from networkd.api.metrics import NetworkdCollector
+    from networkd.dns import mmsg
+    from networkd.dns.resolver import Resolver
+    from networkd.dns.udp import DnsUdpListener
+    from tests.support.logcapture import LogCapture
+
+    if batched and not mmsg.available():
+        pytest.skip("recvmmsg/sendmmsg need Linux")
+    reactor = FakeReactor()
+    resolver = Resolver(reactor, cache_size=100)
+    udp = DnsUdpListener(resolver, reactor, "127.0.0.1", 0, batched=batched)
+    udp.stopReading()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    response = DNSRecord.question("spoofed.example").reply().pack()
+    try:
+        with LogCapture() as logs:
+            for _ in range(30):
+                client.sendto(b"\x01\x02\x03", ("127.0.0.1", udp.port))
+                client.sendto(response, ("127.0.0.1", udp.port))
+                if batched:
+                    client.sendto(b"\x00" * 5000, ("127.0.0.1", udp.port))
+            for _ in range(10):
+                udp.doRead()
+        client.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            client.recv(4096)
+        expected = {"short": 30, "response": 30, **({"oversize": 30} if batched else {})}
+        assert resolver.stats.dropped == expected
+        assert logs.lines == []
+        families = {f.name: f for f in NetworkdCollector._dns(None, SimpleNamespace(stats=resolver.stats))}
+        samples = {s.labels["reason"]: s.value for s in families["networkd_dns_dropped"].samples}
+        assert samples == expected
+    finally:
+        client.close()
+        udp.stopListening()

@@ -158,6 +158,8 @@ class Resolver:
             query = wire.parse_query(data)
         except wire.QueryError as e:
             if e.rcode is None or not allowed:
+                reason = "refused" if not allowed else "short" if len(data) < 12 else "response"
+                self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
                 return None
             count(self.stats, e.rcode, "error")
             return wire.error_response(data, e.rcode)

@@ -66,6 +66,8 @@ class DnsUdpListener:
         self._admitted = resolver.clients.verdicts  # address -> bool, decided on first sight
         self._lookup = resolver.hot.lookup
         self._queries = resolver.stats.queries
+        self._dropped = resolver.stats.dropped
+        self._family = self.sock.family
         self._open = True
         if batched is None:
             batched = mmsg.available()
@@ -160,8 +162,14 @@ class DnsUdpListener:
                         set_length(i, 2 + len(body))
                         queries[hit.counter] = queries.get(hit.counter, 0) + 1
                         continue
+                if length < 0:  # larger than a slot: garbage (a query fits in 4 KB)
+                    self._dropped["oversize"] = self._dropped.get("oversize", 0) + 1
+                    if start < i:
+                        send(start, i)
+                    start = i + 1
+                    continue
                 addr = self._address(i)
-                result = answer(raw[offset:offset + length], addr) if length >= 0 else None
+                result = answer(raw[offset:offset + length], addr)
                 if type(result) is bytes and len(result) <= size:
                     data[offset:offset + len(result)] = result
                     set_length(i, len(result))
@@ -178,7 +186,7 @@ class DnsUdpListener:
     def _address(self, i: int):
         name = self._batch.names[i * self._batch.namesize:(i + 1) * self._batch.namesize]
         port = int.from_bytes(name[2:4], "big")
-        if self.sock.family == socket.AF_INET:
+        if self._family == socket.AF_INET:
             return socket.inet_ntop(socket.AF_INET, name[4:8]), port
         flowinfo = int.from_bytes(name[4:8], "big")
         return socket.inet_ntop(socket.AF_INET6, name[8:24]), port, flowinfo, int.from_bytes(name[24:28], sys.byteorder)
