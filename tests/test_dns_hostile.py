@@ -226,3 +226,36 @@ def test_garbage_is_counted_by_kind_and_never_logged_one_by_one(batched):
     finally:
         client.close()
         udp.stopListening()
+
+
+def test_the_udp_receive_buffer_is_what_we_asked_for_or_we_say_so():
+    """4 MB of receive buffer absorb a flood while the reactor is busy (the
+    kernel reports twice what it grants).  Where the kernel caps it (no
+    CAP_NET_ADMIN: net.core.rmem_max), one warning says so and names the fix."""
+    from networkd.dns.resolver import Resolver
+    from networkd.dns.udp import UDP_RCVBUF, DnsUdpListener
+    from tests.support.logcapture import LogCapture
+
+    class Capped(socket.socket):
+        """A socket as an unprivileged process gets it: FORCE refused, 64 KB at most."""
+
+        def setsockopt(self, level, option, value):
+            if option == 33:  # SO_RCVBUFFORCE
+                raise PermissionError(1, "Operation not permitted")
+            return super().setsockopt(level, option, min(value, 65536) if option == socket.SO_RCVBUF else value)
+
+    reactor = FakeReactor()
+    resolver = Resolver(reactor, cache_size=100)
+    with LogCapture() as logs:
+        udp = DnsUdpListener(resolver, reactor, "127.0.0.1", 0)
+        try:
+            assert udp.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 2 * UDP_RCVBUF
+        finally:
+            udp.stopListening()
+        assert logs.lines == []
+        capped = Capped(socket.AF_INET, socket.SOCK_DGRAM)
+        capped.bind(("127.0.0.1", 0))
+        udp = DnsUdpListener(resolver, reactor, "127.0.0.1", 0, sock=capped)
+        udp.stopListening()
+    assert len(logs.matching("net.core.rmem_max")) == 1
+    assert udp.receive_buffer == 2 * 65536

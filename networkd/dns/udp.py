@@ -31,6 +31,29 @@ UDP_RCVBUF = 4 << 20
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33 if sys.platform.startswith("linux") else None)
 
 
+def set_receive_buffer(sock: socket.socket, size: int = UDP_RCVBUF) -> int:
+    """Ask for ``size`` bytes of receive buffer: what absorbs a burst, or a
+    flood while the reactor is busy, instead of dropping real queries with
+    the garbage.  Without CAP_NET_ADMIN the kernel caps it at
+    net.core.rmem_max (often 208 KB): said once, with the fix.  The size
+    the kernel reports (twice what it grants, for its bookkeeping) is
+    returned."""
+    for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+            break
+        except OSError:
+            continue
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if granted < size:
+        log.warn("DNS UDP receive buffer is {granted} bytes, not the {size} asked for: floods and bursts will "
+                 "drop queries sooner; raise net.core.rmem_max (sysctl) to at least {size}",
+                 granted=granted, size=size)
+    return granted
+
+
 @implementer(IReadDescriptor)
 class DnsUdpListener:
     BATCH = 256
@@ -53,14 +76,7 @@ class DnsUdpListener:
                 raise
         self.sock = sock
         self.sock.setblocking(False)
-        for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
-            if option is None:
-                continue
-            try:
-                self.sock.setsockopt(socket.SOL_SOCKET, option, UDP_RCVBUF)
-                break
-            except OSError:
-                continue
+        self.receive_buffer = set_receive_buffer(self.sock)
         self.port = self.sock.getsockname()[1]
         self._sendto = self.sock.sendto
         self._admitted = resolver.clients.verdicts  # address -> bool, decided on first sight
