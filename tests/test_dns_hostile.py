@@ -259,3 +259,33 @@ def test_the_udp_receive_buffer_is_what_we_asked_for_or_we_say_so():
         udp.stopListening()
     assert len(logs.matching("net.core.rmem_max")) == 1
     assert udp.receive_buffer == 2 * 65536
+
+
+def test_names_that_fail_upstream_never_push_answers_out_of_the_cache():
+    """A cache of 100 holds 50 answers clients use; then 5,000 other names
+    fail upstream (a flood of random names for a black-holed upstream).  The
+    50 answers are all still there, and the failures kept are bounded.
+    Before, each failure took an LRU slot and the answers were evicted."""
+    from dnslib import QTYPE, RR, A, DNSRecord
+
+    from networkd.dns import wire
+    from networkd.dns.cache import Cache
+
+    def answer(name):
+        reply = DNSRecord.question(name, "A").reply()
+        reply.add_answer(RR(name, QTYPE.A, ttl=3600, rdata=A("10.1.2.3")))
+        return wire.inspect_answer(reply.pack())
+
+    clock = Clock()
+    cache = Cache(100, clock)
+    used = [(f"f{i}.up.test", 1, 1, False, False) for i in range(50)]
+    for key in used:
+        cache.put_answer(key, answer(key[0]))
+    for i in range(5000):
+        cache.put_failure((f"r{i}.flood.test", 1, 1, False, False))
+        clock.advance(0.001)
+    assert cache.get(("r4999.flood.test", 1, 1, False, False)).failure, "a failure is still kept (2 s)"
+    assert [key for key in used if cache.get(key) is None] == []
+    assert len(cache) + len(cache._failures) <= 200
+    clock.advance(3)
+    assert cache.get(("r4999.flood.test", 1, 1, False, False)) is None
