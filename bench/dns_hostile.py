@@ -20,10 +20,14 @@ loopback addresses, cycling through the kinds in ``--kinds``:
 
 while a client process sends 100 real queries a second, alternating a
 local name and a forwarded name cached before the garbage started, and
-records each one's latency (no answer within 2 s: lost).  Prints p50, p99,
-max and lost per server and kind of name, and networkd's counters.  A bench,
-not a test (always exits 0); run as root from the repository:
-``.venv/bin/python bench/dns_hostile.py``.
+records each one's latency (no answer, or one without the address, within
+2 s: lost).  Each round prints, per server, p50/p99/max, lost, the
+server's CPU and the datagrams its socket dropped (/proc/net/udp); at the
+end the rounds are pooled per kind of name.  ``--rounds`` interleaves the
+servers (a noisy neighbour then hurts all alike); ``--baseline DIR`` adds
+networkd from another checkout (``git archive main | tar -x -C DIR``).
+A bench, not a test (always exits 0); run as root from the repository:
+``.venv/bin/python bench/dns_hostile.py --rounds 3``.
 """
 
 from __future__ import annotations
