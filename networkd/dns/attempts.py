@@ -9,9 +9,12 @@ import struct
 
 from twisted.internet import protocol
 from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from networkd.dns.eventloop import ReadRegistration
+
+log = Logger()
 
 
 @implementer(IReadDescriptor)
@@ -23,7 +26,7 @@ class UdpAttempt:
     A plain socket read from the event loop itself (``ReadRegistration``)
     rather than listenUDP, which logs two lines per socket, or addReader,
     which wraps every read in a logging context: a silent upstream under a
-    flood of uncached names keeps a thousand of these open.  ``close``
+    flood of uncached names keeps --dns-forward-max of these open.  ``close``
     drops the link back to the exchange, so a finished exchange is freed by
     reference counting, not left to the cycle collector (whose full passes
     over thousands of such objects stalled every query, issue 12 item 7).
@@ -46,7 +49,7 @@ class UdpAttempt:
         except OSError:
             self.sock.close()
             raise
-        self._reading = ReadRegistration(self.reactor, self, "DNS upstream")
+        self._reading = ReadRegistration(self.reactor, self, "DNS upstream", read=self._read)
         self._reading.start()
 
     def resend(self) -> None:
@@ -59,6 +62,15 @@ class UdpAttempt:
 
     def logPrefix(self) -> str:
         return "dns-upstream"
+
+    def _read(self) -> None:
+        """doRead from the event loop: a read that fails unexpectedly is logged
+        and ends the attempt, as the reactor's addReader would (connectionLost)."""
+        try:
+            self.doRead()
+        except Exception:
+            log.failure("DNS upstream read failed")
+            self.close()
 
     def doRead(self):
         for _ in range(16):

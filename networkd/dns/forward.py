@@ -3,8 +3,9 @@
 Each server asked gets a fresh UDP socket (random source port) connected to
 it, so the kernel only delivers replies from that server, and a fresh
 random ID; a re-send goes out on the same socket with the same ID.  A
-reply counts only if it has our ID and echoes our question (RFC 5452).  The first server gets a head start based on its smoothed RTT;
-a SERVFAIL/REFUSED/refused-port/garbage from one server starts the next at
+reply counts only if it has our ID and echoes our question (RFC 5452).
+The first server gets a head start based on its smoothed RTT; a
+SERVFAIL/REFUSED/refused-port/garbage from one server starts the next at
 once.  The asker has an answer or a failure within ``budget`` seconds; past
 it, the attempts still open wait until LATE_LIMIT for a late answer, which
 goes to the cache.  The sockets themselves are in ``networkd.dns.attempts``.
