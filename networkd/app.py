@@ -181,8 +181,12 @@ def make_client(options) -> EtcdClient:
 def makeService(options) -> Networkd:
     from networkd.systemd.notify import Notifier
 
+    from networkd.gcfreeze import freeze_startup
+
     reactor = install_asyncio_reactor()
-    return build(options, reactor, make_client(options), notifier=Notifier.from_environ())
+    root = build(options, reactor, make_client(options), notifier=Notifier.from_environ())
+    reactor.callWhenRunning(freeze_startup)  # after startService: everything start-up made
+    return root
 
 
 def build(options, reactor, client: EtcdClient, *, watch_client: EtcdClient | None = None,
@@ -224,6 +228,7 @@ def add_dns(root: Networkd, options) -> None:
         domains=root.watch(keys.domains), domain_servers=root.watch(keys.domain_servers), vips=root.watch(keys.vips),
         domains_prefix=keys.domains, domain_servers_prefix=keys.domain_servers,
         forward_reverse=options["dns-forward-reverse"], stale_max=options["dns-stale-max"],
+        forward_max=options["dns-forward-max"],
         inherited=passed_sockets(),  # networkd.socket's listeners (LISTEN_FDS), unset from the environment
     )
     root.dns.setServiceParent(root)

@@ -219,6 +219,8 @@ class Options(usage.Options):
         ["dns-allow", None, "", "Comma-separated CIDRs allowed to query besides loopback."],
         ["dns-forward-reverse", None, (), "A CIDR whose reverse names go to the upstreams instead of being "
          "answered here (RFC 6303 private reverse zones); repeatable."],
+        ["dns-forward-max", None, "150", "Questions in flight to upstreams at once; past it, SERVFAIL at once "
+         "(what a flood of uncached names may hold)."],
         ["dns-stale-max", None, "86400", "Seconds past its TTL an upstream answer may still be served (stale, "
          "TTL 30) while no upstream answers; 0: never (RFC 8767)."],
         ["domain", None, None, "The cluster's own domain, forwarded to tinydns besides lain (with --tinydns)."],
@@ -260,6 +262,7 @@ class Options(usage.Options):
         self["dns-ttl"] = self._integer("dns-ttl", 0, 86400)
         self["dns-cache-size"] = self._integer("dns-cache-size", 0, 10_000_000)
         self["dns-stale-max"] = self._integer("dns-stale-max", 0, 30 * 86400)
+        self["dns-forward-max"] = self._integer("dns-forward-max", 1, 100_000)
         self["dns-allow"] = parse_cidrs(self["dns-allow"], "--dns-allow")
         if self["log-format"] not in LOG_FORMATS:
             raise usage.UsageError(f"--log-format: {self['log-format']!r} is not one of {', '.join(LOG_FORMATS)}")

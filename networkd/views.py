@@ -40,6 +40,10 @@ class DnsStats:
     """
 
     queries: dict = field(default_factory=dict)
+    # reason -> datagrams dropped unanswered: short (no full header), response (QR set),
+    # oversize (larger than a read buffer), refused (malformed, from a client not admitted).
+    # Counted, never logged one by one: a flood would make the log the bottleneck.
+    dropped: dict = field(default_factory=dict)
     cache_hits: int = 0
     cache_misses: int = 0
     upstream_latency_buckets: list = field(default_factory=lambda: [0] * len(UPSTREAM_BUCKETS))

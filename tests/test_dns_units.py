@@ -272,8 +272,9 @@ def test_forwarder_staggers_then_backs_off_and_gives_up_in_time():
         for _ in range(170):
             sends.append(len(reactor.readers))
             reactor.advance(0.01)
-        # t=0 first server, t=0.2 second server, then re-sends at 0.6 and 1.0 (backing off), give up at 1.6
-        assert (sends[1], sends[25], sends[65], sends[105], sends[-1]) == (1, 2, 3, 4, 4), sends
+        # t=0 first server, t=0.2 second server, then re-sends at 0.6 and 1.0 (backing off) on the
+        # same two sockets (test_dns_hostile counts the datagrams), give up at 1.6
+        assert (sends[1], sends[25], sends[65], sends[105], sends[-1]) == (1, 2, 2, 2, 2), sends
         assert isinstance(outcome[0].value, UpstreamFailed)
         assert all(attempt.done for attempt in reactor.readers), "every socket is closed"
     finally:

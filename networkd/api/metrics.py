@@ -129,6 +129,8 @@ class NetworkdCollector:
                                       labels=["rcode", "source"])
         hits = CounterMetricFamily("networkd_dns_cache_hits", "DNS answers served from the cache.")
         misses = CounterMetricFamily("networkd_dns_cache_misses", "DNS cache lookups that missed.")
+        dropped = CounterMetricFamily("networkd_dns_dropped", "DNS datagrams dropped unanswered, by reason "
+                                      "(short, response, oversize, refused).", labels=["reason"])
         latency = HistogramMetricFamily("networkd_dns_upstream_latency_seconds",
                                         "Time for an upstream nameserver to answer a forwarded query.")
         if dns is not None:
@@ -136,12 +138,15 @@ class NetworkdCollector:
             for (rcode, source), count in sorted(dict(stats.queries).items()):
                 queries.add_metric([str(rcode), str(source)], count)
             hits.add_metric([], stats.cache_hits)
+            for reason, count in sorted(dict(stats.dropped).items()):
+                dropped.add_metric([reason], count)
             misses.add_metric([], stats.cache_misses)
             buckets = [(_bound(bound), count) for bound, count in zip(UPSTREAM_BUCKETS, stats.upstream_latency_buckets)]
             latency.add_metric([], buckets, stats.upstream_latency_sum)
         yield queries
         yield hits
         yield misses
+        yield dropped
         if dns is not None:
             yield latency
 

@@ -9,15 +9,27 @@ import struct
 
 from twisted.internet import protocol
 from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import Logger
 from zope.interface import implementer
+
+from networkd.dns.eventloop import ReadRegistration
+
+log = Logger()
 
 
 @implementer(IReadDescriptor)
 class UdpAttempt:
-    """One query over UDP: its own socket, connected to the server.
+    """One query over UDP: its own socket, connected to the server; a
+    re-send to the same server goes out on it again (``resend``), with the
+    same ID, rather than on a new socket.
 
-    A plain socket on the reactor rather than listenUDP, which logs two lines
-    per socket (and we open one per upstream query).
+    A plain socket read from the event loop itself (``ReadRegistration``)
+    rather than listenUDP, which logs two lines per socket, or addReader,
+    which wraps every read in a logging context: a silent upstream under a
+    flood of uncached names keeps --dns-forward-max of these open.  ``close``
+    drops the link back to the exchange, so a finished exchange is freed by
+    reference counting, not left to the cycle collector (whose full passes
+    over thousands of such objects stalled every query, issue 12 item 7).
     """
 
     def __init__(self, exchange, server, qid: int, packet: bytes):
@@ -25,7 +37,8 @@ class UdpAttempt:
         self.reactor = exchange.reactor
         self.server = server
         self.qid = qid
-        self.started = self.reactor.seconds()
+        self.packet = packet
+        self.started = self.sent_at = self.reactor.seconds()
         self.done = False
         family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -36,13 +49,28 @@ class UdpAttempt:
         except OSError:
             self.sock.close()
             raise
-        self.reactor.addReader(self)
+        self._reading = ReadRegistration(self.reactor, self, "DNS upstream", read=self._read)
+        self._reading.start()
+
+    def resend(self) -> None:
+        """Ask again on the same socket (raises OSError as the first send would)."""
+        self.sent_at = self.reactor.seconds()
+        self.sock.send(self.packet)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def logPrefix(self) -> str:
         return "dns-upstream"
+
+    def _read(self) -> None:
+        """doRead from the event loop: a read that fails unexpectedly is logged
+        and ends the attempt, as the reactor's addReader would (connectionLost)."""
+        try:
+            self.doRead()
+        except Exception:
+            log.failure("DNS upstream read failed")
+            self.close()
 
     def doRead(self):
         for _ in range(16):
@@ -66,7 +94,8 @@ class UdpAttempt:
     def close(self):
         if not self.done:
             self.done = True
-            self.reactor.removeReader(self)
+            self._reading.stop()
+            self._reading = self.exchange = None
             self.sock.close()
 
 

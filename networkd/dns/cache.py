@@ -7,7 +7,10 @@ upstream bytes and the offsets of every TTL, so serving a hit only patches
 bytes: the ID, the question's case, the TTLs (decremented by the age).
 NXDOMAIN and NODATA are cached for min(SOA TTL, SOA minimum) (RFC 2308);
 without an SOA they are not cached.  Our own failures (SERVFAIL) are kept a
-few seconds at most and never replace a live good answer.
+few seconds at most and never replace a live good answer; they have a
+table of their own (at most FAILURES_MAX), so a flood of names that fail
+upstream (a black-holed upstream, random names) never pushes the answers
+clients use out of the LRU.
 
 Serve stale (RFC 8767): an answer past its TTL stays up to ``stale_max``
 seconds more (still counted in the size), for when no upstream answers
@@ -29,6 +32,7 @@ from networkd.dns import wire
 MAX_TTL = 86400  # cap on positive entries
 MAX_NEGATIVE_TTL = 3600  # cap on NXDOMAIN / NODATA (RFC 2308 suggests 1-3 hours)
 SERVFAIL_TTL = 2
+FAILURES_MAX = 1000  # failures kept at once, besides the answers (a few seconds each)
 STALE_MAX = 86400  # seconds past its TTL an answer may still be served stale (--dns-stale-max)
 STALE_TTL = 30  # the TTL of a stale answer (RFC 8767 s4)
 
@@ -56,6 +60,7 @@ class Cache:
         self.stale_max = stale_max
         self._clock = clock
         self._entries: OrderedDict = OrderedDict()
+        self._failures: OrderedDict = OrderedDict()  # key -> Entry of a failure, oldest first
         self.on_evict = on_evict or (lambda entry: None)
 
     def __len__(self) -> int:
@@ -64,7 +69,11 @@ class Cache:
     def get(self, key) -> Entry | None:
         entry = self._entries.get(key)
         if entry is None:
-            return None
+            failure = self._failures.get(key)
+            if failure is not None and failure.expires_at <= self._clock.seconds():
+                del self._failures[key]
+                return None
+            return failure
         if entry.expires_at <= self._clock.seconds():
             if self.stale(key) is None:
                 del self._entries[key]
@@ -101,6 +110,7 @@ class Cache:
             return None
         now = self._clock.seconds()
         entry = Entry(answer, answer.rcode, now, now + ttl, key)
+        self._failures.pop(key, None)
         self._store(key, entry)
         return entry
 
@@ -111,9 +121,15 @@ class Cache:
             return
         current = self._entries.get(key)
         now = self._clock.seconds()
-        if current is not None and not current.failure and current.expires_at + self.stale_max > now:
+        if current is not None and current.expires_at + self.stale_max > now:
             return
-        self._store(key, Entry(None, wire.SERVFAIL, now, now + SERVFAIL_TTL, key))
+        if current is not None:  # an answer too old to serve even stale
+            del self._entries[key]
+            self.on_evict(current)
+        self._failures[key] = Entry(None, wire.SERVFAIL, now, now + SERVFAIL_TTL, key)
+        self._failures.move_to_end(key)
+        while len(self._failures) > min(self.size, FAILURES_MAX):
+            self._failures.popitem(last=False)
 
     def _store(self, key, entry: Entry) -> None:
         old = self._entries.get(key)
@@ -128,6 +144,7 @@ class Cache:
         for entry in self._entries.values():
             self.on_evict(entry)
         self._entries.clear()
+        self._failures.clear()
 
 
 def cache_ttl(answer: wire.UpstreamAnswer) -> int:

@@ -28,13 +28,15 @@ class ReadRegistration:
 
     ``reader`` is an IReadDescriptor.  On the asyncio loop an exception from
     ``doRead`` is logged and reading goes on; under ``addReader`` the
-    reactor handles it (it logs it and calls ``connectionLost``).
+    reactor handles it (it logs it and calls ``connectionLost``).  ``read``,
+    if given, is called instead of ``doRead`` on the asyncio loop.
     """
 
-    def __init__(self, reactor, reader, what: str):
+    def __init__(self, reactor, reader, what: str, read=None):
         self.reactor = reactor
         self.reader = reader
         self.what = what
+        self._do_read = read
         self.loop = asyncio_loop(reactor)
         self._fd: int | None = None
 
@@ -63,6 +65,6 @@ class ReadRegistration:
 
     def _read(self) -> None:
         try:
-            self.reader.doRead()
+            (self._do_read or self.reader.doRead)()
         except Exception:
             log.failure("{what} read failed", what=self.what)

@@ -1,10 +1,11 @@
 """Ask upstream servers: staggered racing, failover, TCP retry on truncation.
 
-Each attempt uses a fresh UDP socket (random source port) connected to the
-server, so the kernel only delivers replies from that server, and a fresh
-random ID; a reply counts only if it has our ID and echoes our question
-(RFC 5452).  The first server gets a head start based on its smoothed RTT;
-a SERVFAIL/REFUSED/refused-port/garbage from one server starts the next at
+Each server asked gets a fresh UDP socket (random source port) connected to
+it, so the kernel only delivers replies from that server, and a fresh
+random ID; a re-send goes out on the same socket with the same ID.  A
+reply counts only if it has our ID and echoes our question (RFC 5452).
+The first server gets a head start based on its smoothed RTT; a
+SERVFAIL/REFUSED/refused-port/garbage from one server starts the next at
 once.  The asker has an answer or a failure within ``budget`` seconds; past
 it, the attempts still open wait until LATE_LIMIT for a late answer, which
 goes to the cache.  The sockets themselves are in ``networkd.dns.attempts``.
@@ -51,6 +52,7 @@ class _Exchange:
         self.servers = forwarder.health.order(servers)
         self.result = defer.Deferred()
         self.attempts: list = []
+        self.udp: dict = {}  # server -> its open UdpAttempt, for re-sends
         self.finished = False
         self.next_index = 0
         self.failed_servers: set = set()
@@ -92,14 +94,20 @@ class _Exchange:
         self.next_call = self.reactor.callLater(delay, self._launch_next)
 
     def _send_udp(self, server) -> None:
-        qid = self.forwarder.new_id()
+        """Ask ``server``: again on its open socket if it has one, else on a new one."""
         try:
+            attempt = self.udp.get(server)
+            if attempt is not None and not attempt.done:
+                attempt.resend()
+                return
+            qid = self.forwarder.new_id()
             attempt = UdpAttempt(self, server, qid, wire.make_query(qid, self.question_lower, self.do, self.cd))
         except OSError as e:  # e.g. out of file descriptors, no route
             self.last_failure = f"{format_server(server)}: {e.strerror or e}"
             self.failed_servers.add(server)
             return
         self.attempts.append(attempt)
+        self.udp[server] = attempt
 
     def _send_tcp(self, server) -> None:
         qid = self.forwarder.new_id()
@@ -120,7 +128,8 @@ class _Exchange:
             return self.failed(attempt, f"malformed answer: {e}")
         if wire.fold_question(answer.question) != self.question_lower:
             return  # an answer to another question: ignore it
-        self.forwarder.health.answered(attempt.server, self.reactor.seconds() - attempt.started)
+        # The RTT from the last send: an answer to an earlier one only makes it look faster.
+        self.forwarder.health.answered(attempt.server, self.reactor.seconds() - getattr(attempt, "sent_at", attempt.started))
         self.forwarder.stats.observe_upstream(self.reactor.seconds() - attempt.started)
         if self.finished:
             return self._late_reply(attempt, answer)

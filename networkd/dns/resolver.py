@@ -19,7 +19,7 @@ from networkd.dns import wire
 from networkd.dns.cache import STALE_MAX, Cache
 from networkd.dns.clients import ClientFilter
 from networkd.dns.hot import HotAnswers
-from networkd.dns.links import Ask, CachedAnswers, Forwarding, count, fit
+from networkd.dns.links import MAX_FORWARDS, Ask, CachedAnswers, Forwarding, count, fit
 from networkd.dns.reverse import ReverseZones
 from networkd.dns.upstreams import ForwardZones
 from networkd.dns.zone import EMPTY_ZONE, Zone
@@ -65,7 +65,7 @@ class Resolver:
 
     def __init__(self, reactor, *, cache_size: int, stats: DnsStats | None = None,
                  client_filter: ClientFilter | None = None, budget: float = 1.6, forward_reverse=(),
-                 stale_max: float = STALE_MAX):
+                 stale_max: float = STALE_MAX, forward_max: int = MAX_FORWARDS):
         self.reactor = reactor
         self.stats = stats or DnsStats()
         self.clients = client_filter or ClientFilter()
@@ -74,6 +74,7 @@ class Resolver:
         self.local = LocalZone(self.stats, self.hot, ReverseZones(forward_reverse),
                                lambda name: self.forwarding.zones.servers_for(name) is not None)
         self.forwarding = Forwarding(reactor, self.cache, self.stats, budget)
+        self.forwarding.max_forwards = forward_max
         cached = CachedAnswers(reactor, self.cache, self.stats, self.hot, self.forwarding.refresh)
         self.chain = (self.local, cached, self.forwarding)
 
@@ -165,6 +166,8 @@ class Resolver:
             query = wire.parse_query(data)
         except wire.QueryError as e:
             if e.rcode is None or not allowed:
+                reason = "refused" if not allowed else "short" if len(data) < 12 else "response"
+                self.stats.dropped[reason] = self.stats.dropped.get(reason, 0) + 1
                 return None
             count(self.stats, e.rcode, "error")
             return wire.error_response(data, e.rcode)

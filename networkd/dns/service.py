@@ -28,6 +28,7 @@ from networkd.backoff import every
 from networkd.dns.hostsfile import FileChangeWatcher, parse_hosts
 from networkd.dns.cache import STALE_MAX
 from networkd.dns.clients import ClientFilter
+from networkd.dns.links import MAX_FORWARDS
 from networkd.dns.resolver import Resolver
 from networkd.dns.tcp import DnsTcpFactory
 from networkd.dns.udp import DnsUdpListener
@@ -57,7 +58,7 @@ class DnsService(service.Service):
                  domains=None, domain_servers=None, vips=None,
                  domains_prefix: str = "", domain_servers_prefix: str = "",
                  poll_interval: float = 1.0, budget: float = 1.6, forward_reverse=(),
-                 stale_max: float = STALE_MAX, inherited=()):
+                 stale_max: float = STALE_MAX, inherited=(), forward_max: int = MAX_FORWARDS):
         self.reactor = reactor
         self.listen = listen
         self._inherited = list(inherited)
@@ -68,7 +69,7 @@ class DnsService(service.Service):
         self.ttl = ttl
         self.node_ip = node_ip
         self.resolver = Resolver(reactor, cache_size=cache_size, client_filter=ClientFilter(allow), budget=budget,
-                                 forward_reverse=forward_reverse, stale_max=stale_max)
+                                 forward_reverse=forward_reverse, stale_max=stale_max, forward_max=forward_max)
         self.stats = self.resolver.stats
         self.invalid_keys: dict = {}
         self._zone_invalid: dict = {}
