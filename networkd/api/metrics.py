@@ -12,6 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from networkd.api.parts import ApiParts
+from networkd.api.vipstatus import floating_active
 from networkd.views import UPSTREAM_BUCKETS
 
 __all__ = ["CONTENT_TYPE_LATEST", "NetworkdCollector", "make_registry", "render_metrics"]
@@ -52,10 +53,8 @@ class NetworkdCollector:
         nodes it says how many carry each VIP (packaging/monitoring: unheld, two holders)."""
         active = GaugeMetricFamily("networkd_vip_active", "1 while this node carries the floating VIP.",
                                    labels=["vip", "app", "proc"])
-        for entry in vips.status():
-            if entry.get("floating"):
-                active.add_metric([entry["ip"], str(entry.get("app")), str(entry.get("proc"))],
-                                  1.0 if entry.get("active") else 0.0)
+        for ip, app, proc, on in floating_active(vips):
+            active.add_metric([ip, app, proc], 1.0 if on else 0.0)
         yield active
 
     def _vip_health(self, vips):

@@ -47,6 +47,18 @@ def vip_entries(manager) -> list[dict]:
     return out
 
 
+def floating_active(manager) -> list[tuple[str, str, str, bool]]:
+    """(ip, app, proc, carried here) per floating VIP key, sorted by key: what ``/metrics`` shows,
+    without building every ``/v1/vips`` entry (candidates, history: ~100 ms at 1,000 VIPs)."""
+    inputs = getattr(manager, "inputs", None)
+    if inputs is None:  # a part that only gives whole entries
+        return [(e["ip"], str(e.get("app")), str(e.get("proc")), bool(e.get("active")))
+                for e in manager.status() if e.get("floating")]
+    active = manager.active()
+    return [(config.ip, str(config.app), str(config.proc), config.ip in active)
+            for _, config in sorted(inputs.configs.items()) if config.floating]
+
+
 def _placement(manager, config) -> dict:
     """Candidates with their health and why, our last transitions of this VIP and since when it is as it is;
     in the cluster (as this node saw the locks): since when its holder is who it is, how often it changed,
