@@ -30,7 +30,7 @@ from networkd.serial import notify
 
 log = Logger()
 
-LIST_PAGE = 1000  # keys a request when the prefix is read whole (decoded a page at a time)
+LIST_PAGE = 500  # keys a request when the prefix is read whole (decoded a page at a time)
 CHEAP_PUBLISH = 0.005  # seconds: publishes cheaper than this never hold the next one back
 MAX_PUBLISH_PAUSE = 2.0  # seconds a costly publish may hold the next one back at most
 
