@@ -4,7 +4,6 @@ and, against real etcd, that the snapshots a subscriber keeps stay as they were.
 from __future__ import annotations
 
 import pytest_twisted
-from twisted.internet import reactor
 
 from networkd.etcd import reflector
 from networkd.etcd.reread import DISCARD_LOOKS, DISCARD_PIECE, Discard, ReRead
