@@ -235,13 +235,34 @@ API_PATHS = ("/v1/dns/config", "/v1/dns/config?format=json", "/metrics", "/v1/st
 CHANGED = " (a put before each)"  # the zone changed before each fetch: the body is made again every time
 
 
-def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter") -> dict:
-    """Each endpoint fetched ``fetches`` times in a row (one kept-alive connection), a local name
-    asked every ms meanwhile: per endpoint the fetch time p50 / max, the body size, and the
-    local name's p99 / max during its fetches.  The DNS dump twice more with a put (answered
-    before the fetch starts) before each fetch, so that each one is rendered anew."""
-    out = {}
+def _fetcher(conn_end, api_port: int) -> None:
+    """In a process of its own (forked): GET each path it is sent on one kept-alive connection,
+    answer (status, seconds, bytes).  Reading a 4 MB body in the bench's own process would hold
+    the GIL that the DNS prober thread needs: its latencies would be the bench's, not the daemon's."""
     conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=30)
+    while True:
+        path = conn_end.recv()
+        if path is None:
+            break
+        t0 = time.monotonic()
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        size = len(answer.read())
+        conn_end.send((answer.status, time.monotonic() - t0, size))
+    conn.close()
+
+
+def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter") -> dict:
+    """Each endpoint fetched ``fetches`` times in a row (one kept-alive connection, in a process
+    of its own), a local name asked every ms meanwhile: per endpoint the fetch time p50 / max, the
+    body size, and the local name's p99 / max during its fetches.  The DNS dump twice more with a
+    put (answered before the fetch starts) before each fetch, so that each one is rendered anew."""
+    import multiprocessing
+
+    out = {}
+    ours, theirs = multiprocessing.Pipe()
+    child = multiprocessing.get_context("fork").Process(target=_fetcher, args=(theirs, api_port), daemon=True)
+    child.start()
     try:
         for path in API_PATHS + tuple(p + CHANGED for p in API_PATHS[:2]):
             took, size, lat, lost = [], 0, [], 0
@@ -253,14 +274,12 @@ def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter") -
                     wait_until_answer(dns_port, PROBE, ip, start, 10)
                 with Prober(dns_port, HOT, HOT_IP, interval=0.001) as prober:
                     time.sleep(0.01)
-                    t0 = time.monotonic()
-                    conn.request("GET", path.removesuffix(CHANGED))
-                    answer = conn.getresponse()
-                    size = len(answer.read())
-                    took.append(time.monotonic() - t0)
+                    ours.send(path.removesuffix(CHANGED))
+                    status, seconds, size = ours.recv()
+                    took.append(seconds)
                     time.sleep(0.01)
-                if answer.status != 200:
-                    raise RuntimeError(f"GET {path}: {answer.status}")
+                if status != 200:
+                    raise RuntimeError(f"GET {path}: {status}")
                 lat += prober.latencies
                 lost += prober.lost
             out[path] = {"p50": pct(took, 50), "max": max(took), "bytes": size,
@@ -268,7 +287,10 @@ def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter") -
             log(f"  GET {path} x{fetches}: p50 {ms(pct(took, 50))} max {ms(max(took))} ms, {size:,} bytes; "
                 f"{HOT} meanwhile p99 {ms(pct(lat, 99))} max {ms(max(lat))} ms over {len(lat)}, {lost} lost")
     finally:
-        conn.close()
+        ours.send(None)
+        child.join(5)
+        if child.is_alive():
+            child.kill()
     return out
 
 

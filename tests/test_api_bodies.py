@@ -169,3 +169,38 @@ async def test_dump_is_rendered_once_per_change_and_shows_each_change(etcd_serve
     finally:
         await port.stopListening()
         await env.stop()
+
+
+def test_metrics_in_slices_are_what_generate_latest_printed(monkeypatch):
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+    from networkd.api import metrics
+
+    class Many:
+        def collect(self):
+            big = GaugeMetricFamily("big", 'help with "quotes" \\ and\nnewline', labels=["vip"])
+            for i in range(1234):
+                big.add_metric([f"10.0.{i // 250}.{i % 250}"], float(i))
+            yield big
+            yield CounterMetricFamily("count", "a counter", value=7)
+            yield GaugeMetricFamily("empty", "no samples", labels=["x"])
+            hist = HistogramMetricFamily("lat", "a histogram")
+            hist.add_metric([], [("0.1", 1), ("+Inf", 3)], 0.5)
+            yield hist
+            many = CounterMetricFamily("many", "a big counter", labels=["vip"])
+            for i in range(700):
+                many.add_metric([str(i)], i)
+            yield many
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Many())
+    monkeypatch.setattr(metrics, "PIECE", 100)
+    steps = StepReactor()
+    done = run_sliced(steps, metrics.metrics_renderer(registry), budget=0.0)
+    turns = 1
+    while not done.called:
+        steps.step()
+        turns += 1
+    assert b"".join(done.result) == generate_latest(registry)
+    assert turns >= 13 + 7, f"{turns} turns: a family or {metrics.PIECE} samples a turn"

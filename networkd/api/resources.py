@@ -96,7 +96,9 @@ class ApiResource(resource.Resource):
         return _later(request, self._probe_if_needed(), respond)
 
     def _get_metrics(self, request):
-        return _reply(request, 200, metrics.render_metrics(self._registry), metrics.CONTENT_TYPE_LATEST.encode())
+        """Written in slices, a metric family or part of one at a time (not kept: counters move)."""
+        body = run_sliced(self._parts.reactor, metrics.metrics_renderer(self._registry))
+        return _later(request, body, lambda body: _reply(request, 200, body, metrics.CONTENT_TYPE_LATEST.encode()))
 
     def _probe_if_needed(self) -> defer.Deferred:
         """Ask etcd directly only when no watcher already says how it is."""

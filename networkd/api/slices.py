@@ -33,8 +33,10 @@ def run_sliced(reactor, renderer: Renderer, budget: float = BUDGET) -> defer.Def
     def turn() -> None:
         deadline = clock() + budget
         try:
-            while clock() < deadline:
+            while True:  # at least one piece a turn, however small the budget
                 next(renderer)
+                if clock() >= deadline:
+                    break
         except StopIteration as stop:
             done.callback(stop.value)
             return
