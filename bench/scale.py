@@ -25,11 +25,24 @@ etcd's HTTP gateway (one client, one connection).  Then:
 4. at rest for ``--rest-seconds``: the daemon's CPU %, a local name's DNS
    latency (asked every ~10 ms) p50 / p99 / max, and its RSS at the end.
 
-The machine may be shared: loadavg is recorded before and after each size.
-A bench, not a test: it always exits 0.  Run as root from the repository:
+5. the HTTP API: each of ``/v1/dns/config`` (text and JSON), ``/metrics``,
+   ``/v1/status`` and ``/v1/vips`` fetched ``--api-fetches`` times in a row
+   while a client asks a fixed local name every ms: each endpoint's fetch time
+   p50 / max and the local name's p99 / max meanwhile (from 10 ms before to
+   10 ms after each fetch); the DNS dump also with a put before each fetch (the
+   put answered before the fetch starts), so that each body is made anew.
+
+Each size is measured ``--runs`` times (3 by default), each on a fresh etcd
+and daemon; each run's table is printed, then every figure's min / median /
+max over the runs with the ratio of the median to its target in issue 13.
+The exit status is 1 when a median misses its target (each one is named),
+or a run failed.  The machine may be shared: loadavg is recorded before and
+after each run.  ``--daemon-repo`` runs another checkout's networkd (a
+before/after with the same bench).  Run as root from the repository:
 
     .venv/bin/python bench/scale.py
     .venv/bin/python bench/scale.py --sizes 10000 --rest-seconds 30 --puts 20
+    .venv/bin/python bench/scale.py --sizes 40000 --daemon-repo /path/to/main  # before
 """
 
 from __future__ import annotations
@@ -216,6 +229,71 @@ def ms(v: float) -> str:
     return f"{v * 1000:,.0f}" if v >= 0.1 else f"{v * 1000:.1f}"
 
 
+# -- the HTTP API under scale -------------------------------------------------------------
+
+API_PATHS = ("/v1/dns/config", "/v1/dns/config?format=json", "/metrics", "/v1/status", "/v1/vips")
+CHANGED = " (a put before each)"  # the zone changed before each fetch: the body is made again every time
+
+
+def _fetcher(conn_end, api_port: int) -> None:
+    """In a process of its own (forked): GET each path it is sent on one kept-alive connection,
+    answer (status, seconds, bytes).  Reading a 4 MB body in the bench's own process would hold
+    the GIL that the DNS prober thread needs: its latencies would be the bench's, not the daemon's."""
+    conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=30)
+    while True:
+        path = conn_end.recv()
+        if path is None:
+            break
+        t0 = time.monotonic()
+        conn.request("GET", path)
+        answer = conn.getresponse()
+        size = len(answer.read())
+        conn_end.send((answer.status, time.monotonic() - t0, size))
+    conn.close()
+
+
+def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter") -> dict:
+    """Each endpoint fetched ``fetches`` times in a row (one kept-alive connection, in a process
+    of its own), a local name asked every ms meanwhile: per endpoint the fetch time p50 / max, the
+    body size, and the local name's p99 / max during its fetches.  The DNS dump twice more with a
+    put (answered before the fetch starts) before each fetch, so that each one is rendered anew."""
+    import multiprocessing
+
+    out = {}
+    ours, theirs = multiprocessing.Pipe()
+    child = multiprocessing.get_context("fork").Process(target=_fetcher, args=(theirs, api_port), daemon=True)
+    child.start()
+    try:
+        for path in API_PATHS + tuple(p + CHANGED for p in API_PATHS[:2]):
+            took, size, lat, lost = [], 0, [], 0
+            for i in range(fetches):
+                if path.endswith(CHANGED):
+                    ip = f"10.252.{i // 250}.{i % 250 + 1}"
+                    start = time.monotonic()
+                    writer.put(domain_key(PROBE), domain_value(ip))
+                    wait_until_answer(dns_port, PROBE, ip, start, 10)
+                with Prober(dns_port, HOT, HOT_IP, interval=0.001) as prober:
+                    time.sleep(0.01)
+                    ours.send(path.removesuffix(CHANGED))
+                    status, seconds, size = ours.recv()
+                    took.append(seconds)
+                    time.sleep(0.01)
+                if status != 200:
+                    raise RuntimeError(f"GET {path}: {status}")
+                lat += prober.latencies
+                lost += prober.lost
+            out[path] = {"p50": pct(took, 50), "max": max(took), "bytes": size,
+                         "dns_p99": pct(lat, 99), "dns_max": max(lat), "dns_n": len(lat), "dns_lost": lost}
+            log(f"  GET {path} x{fetches}: p50 {ms(pct(took, 50))} max {ms(max(took))} ms, {size:,} bytes; "
+                f"{HOT} meanwhile p99 {ms(pct(lat, 99))} max {ms(max(lat))} ms over {len(lat)}, {lost} lost")
+    finally:
+        ours.send(None)
+        child.join(5)
+        if child.is_alive():
+            child.kill()
+    return out
+
+
 # -- one size -----------------------------------------------------------------------------
 
 
@@ -236,16 +314,16 @@ def run_size(size: int, args, work: str) -> dict:
         open(hosts, "w").close()
         with open(resolv, "w") as f:
             f.write("nameserver 127.0.0.1\n")
-        port = free_port()
+        port, api_port = free_port(), free_port()
         daemon_log = os.path.join(work, f"networkd-{size}.log")
         started = time.monotonic()
         proc = subprocess.Popen(
             [TWISTD, "--nodaemon", "--pidfile=", "networkd",
              "--etcd", etcd.endpoint, "--etcd-root", ROOT, "--dns-listen", f"127.0.0.1:{port}",
-             "--api-listen", f"127.0.0.1:{free_port()}", "--no-vips", "--no-resolv-conf",
+             "--api-listen", f"127.0.0.1:{api_port}", "--no-vips", "--no-resolv-conf",
              "--node-ip", "10.1.1.1", "--hosts-file", hosts, "--resolv-conf", resolv],
             stdout=open(daemon_log, "wb"), stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": REPO},  # this checkout's networkd, not the one the venv installed
+            env={**os.environ, "PYTHONPATH": args.daemon_repo},  # that checkout's networkd, not the venv's
         )
         last = f"d{size - 1}.scale.lain"
         up = wait_until_answer(port, last, domain_ip(size - 1), started, 120)
@@ -310,6 +388,9 @@ def run_size(size: int, args, work: str) -> dict:
         log(f"{size}: at rest {args.rest_seconds:g} s: CPU {rest_cpu * 100:.2f} %, {HOT} p50 {ms(result['rest_p50'])} "
             f"p99 {ms(result['rest_p99'])} max {ms(result['rest_max'])} ms over {len(lat)}, {prober.lost} lost; "
             f"RSS {result['rss']:.0f} MB")
+        # 5: the API while a local name is asked every ms
+        if args.api_fetches:
+            result["api"] = api_step(api_port, port, args.api_fetches, writer)
         with open(daemon_log, "rb") as f:
             result["tracebacks"] = f.read().count(b"Traceback")
     finally:
@@ -359,6 +440,87 @@ def print_table(results: list[dict], args) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
 
 
+# -- repeated runs: min / median / max, and the targets of issue 13 -----------------------
+
+# (label, figure of one run or None, unit, target: ("<" or "<=", bound) or None)
+def _api(path: str, key: str):
+    return lambda r: r.get("api", {}).get(path, {}).get(key)
+
+
+FIGURES = [
+    ("put → answer p50", lambda r: r.get("put_p50"), "ms", None),
+    ("put → answer p99", lambda r: r.get("put_p99"), "ms", ("<", 0.050)),
+    ("daemon CPU per put", lambda r: r.get("cpu_per_put"), "ms", None),
+    ("local name during the puts, p99", lambda r: r.get("put_hot_p99"), "ms", ("<", 0.005)),
+    ("local name during the puts, max (longest stall)", lambda r: r.get("put_hot_max"), "ms", None),
+    ("burst: last served after the last write", lambda r: r.get("burst_served"), "ms", ("<", 2.0)),
+    ("burst: daemon CPU", lambda r: r.get("burst_cpu"), "s", None),
+    ("local name during the burst, p99", lambda r: r.get("burst_hot_p99"), "ms", ("<", 0.005)),
+    ("at rest: daemon CPU", lambda r: r.get("rest_cpu"), "%", ("<", 0.005)),
+    ("at rest: local name p99", lambda r: r.get("rest_p99"), "ms", ("<", 0.005)),
+    ("at rest: RSS", lambda r: r.get("rss"), "MB", ("<=", 50.0)),
+    ("start-up: the last domain answered after", lambda r: r.get("startup"), "s", ("<", 1.5)),
+] + [
+    (f"GET {path}: {what}", _api(path, key), "ms", target)
+    for path in API_PATHS + tuple(p + CHANGED for p in API_PATHS[:2])
+    for what, key, target in (
+        ("p50", "p50", None),
+        ("max", "max", ("<", 0.100) if path in ("/metrics", "/v1/vips") else None),
+        ("local name meanwhile, p99", "dns_p99", ("<", 0.005)),
+        ("local name meanwhile, max", "dns_max", None),
+    )
+]
+
+
+def fmt(value, unit: str) -> str:
+    if value is None or value != value:
+        return "—"
+    if unit == "ms":
+        return ms(value)
+    if unit == "%":
+        return f"{value * 100:.2f}"
+    if unit == "MB":
+        return f"{value:.0f}"
+    return f"{value:.2f}"
+
+
+def summarize(results: list[dict]) -> list[str]:
+    """Print min / median / max over the runs of each size, with the ratio of the median to the
+    target; return the targets missed (by the median)."""
+    sizes = sorted({r["size"] for r in results})
+    missed = []
+    print()
+    print("| measure | " + " | ".join(f"{size:,} domains: min / median / max" for size in sizes) + " | target |")
+    print("|---" * (len(sizes) + 2) + "|")
+    for label, figure, unit, target in FIGURES:
+        cells = []
+        for size in sizes:
+            values = sorted(v for v in (figure(r) for r in results if r["size"] == size and not r.get("error"))
+                            if v is not None)
+            if not values:
+                cells.append("—")
+                continue
+            median = values[len(values) // 2] if len(values) % 2 else (values[len(values) // 2 - 1]
+                                                                       + values[len(values) // 2]) / 2
+            cell = f"{fmt(values[0], unit)} / {fmt(median, unit)} / {fmt(values[-1], unit)}"
+            if target is not None:
+                op, bound = target
+                ok = median < bound if op == "<" else median <= bound
+                cell += f" ({median / bound:.2f}× target)" if bound else ""
+                if not ok:
+                    cell += " MISSED"
+                    missed.append(f"{label} at {size:,} domains: median {fmt(median, unit)} {unit}, "
+                                  f"target {op} {fmt(bound, unit)} {unit}")
+            cells.append(cell)
+        goal = "—" if target is None else f"{target[0]} {fmt(target[1], unit)} {unit}"
+        print(f"| {label} ({unit}) | " + " | ".join(cells) + f" | {goal} |")
+    runs = {size: sum(r["size"] == size and not r.get("error") for r in results) for size in sizes}
+    print("\nruns per size: " + ", ".join(f"{size:,}: {n}" for size, n in runs.items()))
+    print("loadavg per run: " + "; ".join(f"{r['size']:,}: {r['load_before']} → {r.get('load_after', '?')}"
+                                         for r in results))
+    return missed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1000,10000,40000", help="comma-separated domain counts")
@@ -367,6 +529,10 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--burst-timeout", type=float, default=300)
     parser.add_argument("--rest-seconds", type=float, default=60)
+    parser.add_argument("--runs", type=int, default=3, help="runs of each size (a fresh etcd and daemon each)")
+    parser.add_argument("--api-fetches", type=int, default=20, help="fetches of each API endpoint (0: no API step)")
+    parser.add_argument("--daemon-repo", default=REPO,
+                        help="the checkout whose networkd the daemon runs (to measure a before/after)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
     # SIGTERM (and SIGINT, ignored in a shell's background jobs) stops the bench the way Ctrl-C does:
@@ -375,20 +541,33 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     began = time.monotonic()
     log(f"loadavg {loadavg()}, {os.cpu_count()} CPUs")
-    results = []
+    results: list[dict] = []
+    missed: list[str] = []
+    interrupted = False
     work = tempfile.mkdtemp(prefix="networkd-scale-")
     try:
-        for size in (int(s) for s in args.sizes.split(",") if s.strip()):
-            try:
-                results.append(run_size(size, args, work))
-            except KeyboardInterrupt:  # Ctrl-C: the sizes measured so far still get their table
-                log(f"{size}: interrupted")
+        for run in range(1, args.runs + 1):
+            for size in (int(s) for s in args.sizes.split(",") if s.strip()):
+                log(f"run {run} of {args.runs}, {size:,} domains")
+                try:
+                    results.append(run_size(size, args, work))
+                except KeyboardInterrupt:  # Ctrl-C: the runs measured so far still get their table
+                    log(f"{size}: interrupted")
+                    interrupted = True
+                    break
+                except Exception:  # a bench: report and go on with the next size
+                    traceback.print_exc()
+                    results.append({"size": size, "load_before": loadavg(), "error": True})
+            if interrupted:
                 break
-            except Exception:  # a bench: report and go on with the next size
-                traceback.print_exc()
-                results.append({"size": size, "load_before": loadavg(), "error": True})
-        print_table(results, args)
+        for run in range(0, len(results), len(args.sizes.split(","))):
+            print_table(results[run:run + len(args.sizes.split(","))], args)
+        missed = summarize(results)
         print(f"\ntook {time.monotonic() - began:.0f} s; loadavg now {loadavg()}")
+        for line in missed:
+            print(f"target missed: {line}")
+        if any(r.get("error") for r in results):
+            print("some runs failed (see above)")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=1, default=str)
@@ -397,7 +576,7 @@ def main() -> None:
             print("kept", work)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    sys.exit(0)
+    sys.exit(1 if missed or interrupted or any(r.get("error") for r in results) else 0)
 
 
 if __name__ == "__main__":

@@ -188,6 +188,29 @@ def test_a_lost_event_converges_on_the_next_full_read_in_slices():
     assert_same(feed, inputs, "after the full read")
 
 
+def test_a_big_whole_comparison_starts_in_the_turn_after_the_snapshot(monkeypatch):
+    """Listing the keys of a big zone is a turn's worth of work (~1 ms at 40,000): the turn that
+    takes the snapshot does nothing more, the comparison goes on in later turns (issue 13)."""
+    from networkd.dns import zonefeed
+
+    monkeypatch.setattr(zonefeed, "BIG_SCAN", 30)
+    clock = task.Clock()
+    inputs = Inputs()
+    feed = ZoneFeed(clock, ttl=60, node_ip=NODE, key_prefix=PREFIX)
+    for i in range(20):
+        inputs.values[f"n{i}.lain"] = json.dumps({"ips": [f"10.0.0.{i}"]})
+    feed.domains(inputs.snapshot(None))
+    inputs.values["n1.lain"] = '{"ips": ["10.5.5.5"]}'  # its event was lost
+    feed.domains(inputs.snapshot(None))  # 40 keys to compare: over BIG_SCAN
+    assert feed.pending() == 40 and clock.getDelayedCalls(), "nothing compared in the snapshot's turn"
+    assert feed.zone.exact["n1.lain"].ips == ("10.0.0.1",)
+    clock.advance(0)
+    assert_same(feed, inputs, "after the comparison")
+    inputs.values["n2.lain"] = '{"ips": ["10.6.6.6"]}'
+    feed.domains(inputs.snapshot({"n2.lain"}))
+    assert feed.pending() == 0 and feed.zone.exact["n2.lain"].ips == ("10.6.6.6",), "a put still goes at once"
+
+
 def test_a_subscriber_that_missed_a_snapshot_compares_everything():
     inputs = Inputs()
     feed = ZoneFeed(task.Clock(), ttl=60, node_ip=NODE)

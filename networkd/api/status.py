@@ -127,7 +127,8 @@ def invalid_keys(parts: ApiParts) -> list[dict]:
 def dns_upstreams(parts: ApiParts) -> list[str]:
     if parts.dns is None:
         return []
-    return list(parts.dns.config_view().nameservers)
+    dump = getattr(parts.dns, "config_dump", None)  # the zone unsorted (config_view sorts every name)
+    return list(dump()[1].nameservers if dump is not None else parts.dns.config_view().nameservers)
 
 
 def full_status(parts: ApiParts, probe: ProbeResult | None) -> dict:

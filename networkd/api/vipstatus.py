@@ -11,7 +11,22 @@ import time
 from networkd.vips.planner import local_container
 
 
+PIECE = 100  # entries made between two yields of iter_vip_entries (~1.5 ms)
+
+
 def vip_entries(manager) -> list[dict]:
+    entries = iter_vip_entries(manager)
+    try:
+        while True:
+            next(entries)
+    except StopIteration as stop:
+        return stop.value
+
+
+def iter_vip_entries(manager, piece: int = PIECE):
+    """``vip_entries`` as a renderer (networkd/api/slices.py): yields every ``piece`` entries and
+    returns them all.  The keys, locks held, addresses, rules and history are taken at the start;
+    each entry's container, health and errors when it is made (a few ms later at most)."""
     inputs, firewall = manager.inputs, manager.firewall
     held = manager.locks.held()
     active = manager.active()
@@ -19,10 +34,17 @@ def vip_entries(manager) -> list[dict]:
     kept = failsafe.kept(inputs.holders) if failsafe is not None else frozenset()
     applied = firewall.applied if firewall else frozenset()
     firewall_error = f"firewall: {firewall.last_error}" if firewall and firewall.last_error else None
+    # Grouped once: per entry, a walk of every rule and of every VIP's history was O(n²)
+    # (~0.1 s of one reactor turn with 1,000 VIP configs).
+    rules_of: dict[str, list] = {}
+    for rule in applied:
+        rules_of.setdefault(rule.key, []).append(rule)
+    unheld = manager.transitions.history.unheld_seconds() if inputs.configs else {}
+    holders, invalid = dict(inputs.holders), sorted(inputs.invalid_keys.items())
     out = []
-    for key, config in sorted(inputs.configs.items()):
+    for n, (key, config) in enumerate(sorted(inputs.configs.items()), 1):
         container = local_container(config, inputs.containers, manager.hostname)
-        rules = sorted(r for r in applied if r.key == key)
+        rules = sorted(rules_of.get(key, ()))
         out.append({
             "key": key,
             "ip": config.ip,
@@ -33,7 +55,7 @@ def vip_entries(manager) -> list[dict]:
             "ports": [{"proto": p.proto, "src": p.src, "dest": p.dest} for p in config.ports],
             "excluded_nodes": sorted(config.excluded_nodes),
             "excluded": config.excludes(manager.hostname),
-            "holder": inputs.holders.get(config.ip) if config.floating else None,
+            "holder": holders.get(config.ip) if config.floating else None,
             "held_by_me": config.floating and config.ip in held,
             "active": config.ip in active,
             "failsafe": config.floating and config.ip in kept and config.ip in active,
@@ -43,14 +65,28 @@ def vip_entries(manager) -> list[dict]:
             "dnat": [f"{r.ip}:{r.port}/{r.proto} -> {r.to_ip}:{r.to_port}" for r in rules],
             "last_error": manager.error_of(config.ip if config.floating else key) or firewall_error,
             "health": manager.health.status(config.ip) if config.floating and container is not None else None,
-            **(_placement(manager, config) if config.floating else {}),
+            **(_placement(manager, config, unheld) if config.floating else {}),
         })
-    for key, error in sorted(inputs.invalid_keys.items()):
+        if not n % piece:
+            yield
+    for key, error in invalid:
         out.append({"key": key, "error": error, "last_error": error})
     return out
 
 
-def _placement(manager, config) -> dict:
+def floating_active(manager) -> list[tuple[str, str, str, bool]]:
+    """(ip, app, proc, carried here) per floating VIP key, sorted by key: what ``/metrics`` shows,
+    without building every ``/v1/vips`` entry (candidates, history: ~15 ms at 1,000 VIPs)."""
+    inputs = getattr(manager, "inputs", None)
+    if inputs is None:  # a part that only gives whole entries
+        return [(e["ip"], str(e.get("app")), str(e.get("proc")), bool(e.get("active")))
+                for e in manager.status() if e.get("floating")]
+    active = manager.active()
+    return [(config.ip, str(config.app), str(config.proc), config.ip in active)
+            for _, config in sorted(inputs.configs.items()) if config.floating]
+
+
+def _placement(manager, config, unheld: dict) -> dict:
     """Candidates with their health and why, our last transitions of this VIP and since when it is as it is;
     in the cluster (as this node saw the locks): since when its holder is who it is, how often it changed,
     seconds it had none."""
@@ -59,7 +95,7 @@ def _placement(manager, config) -> dict:
     return {"candidates": manager.health.candidates(config), "transitions": history.recent(ip),
             "since": _iso(history.since.get(ip)), "holder_since": _iso(holder and holder[1]),
             "holder_changes": history.holder_changes.get(ip, 0),
-            "unheld_seconds": round(history.unheld_seconds().get(ip, 0.0), 3)}
+            "unheld_seconds": round(unheld.get(ip, 0.0), 3)}
 
 
 def _iso(wall: float | None) -> str | None:

@@ -123,6 +123,22 @@ class DnsService(service.Service):
             nameservers=tuple(format_server(server) for server in self.resolver.upstreams),
         )
 
+    def config_dump(self) -> tuple:
+        """(generation, view) for ``GET /v1/dns/config``: the view is taken now, unsorted, its
+        exact names a copy of the zone's table (name -> Record; a dict copy is ~0.1 ms at 40,000
+        names); the generation is equal for as long as the view would be."""
+        zone, forward = self.resolver.zone, self.resolver.forward_zones
+        upstreams = tuple(self.resolver.upstreams)
+        view = DnsConfigView(
+            exact=dict(zone.exact),
+            wildcards=tuple((base, ip) for base, record in zone.wildcards.items() for ip in record.ips),
+            servers=tuple((name, format_server(server)) for name, servers in forward.zones.items()
+                          for server in servers),
+            nameservers=tuple(format_server(server) for server in upstreams),
+        )
+        # The objects themselves, not their ids: they stay alive, so an id cannot be reused.
+        return (zone, zone.generation, forward, upstreams), view
+
     # -- lifecycle -------------------------------------------------------------
 
     def privilegedStartService(self):

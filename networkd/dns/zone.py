@@ -50,6 +50,7 @@ class Zone:
         self.ttl = ttl
         self.serial = serial & 0xFFFFFFFF
         self._ptr: PtrIndex | None = None  # built on the first reverse query, then kept up to date
+        self.generation = 0  # counts set_exact/set_wildcard: what the API's cached dump is checked against
 
     def ptr_index(self) -> PtrIndex:
         """Reverse names of the exact names' addresses (networkd.dns.reverse)."""
@@ -60,6 +61,7 @@ class Zone:
     def set_exact(self, name: str, record: Record | None) -> None:
         """Give ``name`` this record (None: not local any more), reverse index included."""
         old = self.exact.get(name)
+        self.generation += 1
         if record is None:
             self.exact.pop(name, None)
         else:
@@ -72,6 +74,7 @@ class Zone:
 
     def set_wildcard(self, base: str, record: Record | None) -> None:
         """``*.base`` answers with this record (None: no such wildcard)."""
+        self.generation += 1
         if record is None:
             self.wildcards.pop(base, None)
         else:

@@ -75,14 +75,17 @@ class EtcdClient(EtcdConnection):
 
     # -- reads ---------------------------------------------------------------
 
-    def get_prefix(self, prefix: bytes, page: int = 0, convert: Callable | None = None) -> Deferred:
+    def get_prefix(self, prefix: bytes, page: int = 0, convert: Callable | None = None,
+                   sink: Callable | None = None) -> Deferred:
         """(revision, [KeyValue]) for every key under ``prefix``, read at one revision.
 
         ``page``: at most that many keys a request, the later ones pinned to the
         first one's revision, so a big prefix is decoded a page at a time with
         the reactor free between pages (a 40,000-key answer took ~0.2 s in one
         go).  ``convert(key, value)``: what to keep of each key instead of a
-        KeyValue, done page by page too."""
+        KeyValue, done page by page too.  ``sink(key, value)`` (with ``page``): each key
+        is handed to it as its page comes, and the list returned is empty; ``sink(None, None)``
+        starts each attempt (a retry after a failure reads again from the first key)."""
 
         async def op(client):
             if not page:
@@ -92,6 +95,8 @@ class EtcdClient(EtcdConnection):
                     else convert(kv.key, kv.value) for kv in result.kvs
                 ]
             await client.connect()
+            if sink is not None:
+                sink(None, None)
             start, end, revision, out = prefix, aetcd_utils.prefix_range_end(prefix), 0, []
             while True:
                 request = rpc.RangeRequest(key=start, range_end=end, limit=page, revision=revision)
@@ -100,7 +105,10 @@ class EtcdClient(EtcdConnection):
                 except rpc.AioRpcError as e:
                     aetcd_exceptions._handle_exception(e)  # the errors aetcd's own calls raise
                 revision = revision or response.header.revision
-                if convert is None:
+                if sink is not None:
+                    for kv in response.kvs:
+                        sink(kv.key, kv.value)
+                elif convert is None:
                     out.extend(KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in response.kvs)
                 else:
                     out.extend(convert(kv.key, kv.value) for kv in response.kvs)

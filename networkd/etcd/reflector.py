@@ -25,11 +25,12 @@ from networkd.backoff import Backoff, Pause
 from networkd.etcd.client import Compacted, EtcdUnavailable, WatchEvent
 from networkd.etcd.connection import OUTAGE_SETTLE
 from networkd.etcd.layered import LiveValues
+from networkd.etcd.reread import Discard, ReRead
 from networkd.serial import notify
 
 log = Logger()
 
-LIST_PAGE = 1000  # keys a request when the prefix is read whole (decoded a page at a time)
+LIST_PAGE = 500  # keys a request when the prefix is read whole (decoded a page at a time)
 CHEAP_PUBLISH = 0.005  # seconds: publishes cheaper than this never hold the next one back
 MAX_PUBLISH_PAUSE = 2.0  # seconds a costly publish may hold the next one back at most
 
@@ -89,6 +90,7 @@ class PrefixWatcher(service.Service):
         self._subscribers: list[Subscriber] = []
         self._status_listeners: list[StatusListener] = []
         self._values = LiveValues()  # published without a whole copy each time (networkd.etcd.layered)
+        self._discard = Discard(reactor)
         self._revision = 0
         self._changed: set | None = None  # keys changed since the last publish; None: everything
         self._generation = 0
@@ -166,6 +168,7 @@ class PrefixWatcher(service.Service):
             if call is not None and call.active():
                 call.cancel()
         self._interrupt()
+        self._discard.stop()
         if self._publish_call is not None and self._publish_call.active():
             self._publish_call.cancel()
         loop, self._loop = self._loop, None
@@ -216,18 +219,26 @@ class PrefixWatcher(service.Service):
 
     async def _list(self) -> None:
         # The first read in one request: nothing is served from it yet, and start-up is faster
-        # so; later ones (anti-entropy, reconnects) in pages, the reactor free between them.
-        page = LIST_PAGE if self.snapshot is not None else 0
-        revision, pairs = await self._client.get_prefix(self._prefix_bytes, page=page, convert=self._pair)
-        values = dict(pairs)
-        changed = self.snapshot is None or values != self._values.as_dict()
+        # so; later ones (anti-entropy, reconnects) in pages, built and compared with what is held
+        # as the pages come, the reactor free between them (networkd/etcd/reread.py).
+        if self.snapshot is None:
+            revision, pairs = await self._client.get_prefix(self._prefix_bytes, convert=self._pair)
+            values, changed = dict(pairs), True
+        else:
+            held = self._values.as_dict()
+            reread = ReRead(held, self._pair)
+            revision, _ = await self._client.get_prefix(self._prefix_bytes, page=LIST_PAGE, sink=reread.add)
+            values, changed = reread.values, reread.changed()
+            self._discard.later(held if changed else values)  # the one not kept, freed in slices
+            del held, reread
         if changed and self._quiet_relist:
             log.warn("{prefix}: the periodic re-read found changes the watch had not delivered", prefix=self.prefix)
         publish = changed or not self._quiet_relist
         self._quiet_relist = False
-        self._values.replace(values)
         if changed:
+            self._values.replace(values)
             self._changed = None  # which keys differ is for the subscribers to find out (in chunks)
+        del values
         self._revision = revision
         self._must_relist = False
         self._up()
@@ -257,7 +268,6 @@ class PrefixWatcher(service.Service):
         self.status.revision = self._revision
         self.status.synced_at = self._reactor.seconds()
         self._schedule_publish()
-
 
     def _pair(self, key: bytes, value: bytes) -> tuple[str, str]:
         return self._relative(key), _text(value)
