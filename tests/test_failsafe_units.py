@@ -246,3 +246,34 @@ def test_a_new_lease_without_a_promise_ends_the_episode():
     env.session.lease, env.session.last_ack, env.session.last_error = 0xB, env.clock.seconds(), None
     env.fs.acked(0xB)
     assert not env.fs.vips and not env.fs.retaking
+
+
+def test_a_member_whose_key_expired_before_the_outage_is_still_asked_and_nothing_is_kept_without_it():
+    # b was cut from etcd longer than the TTL: its members key expired while we could reach etcd.  Then
+    # the partition moves (we lose etcd, b regains it): b must still be asked, else it takes X after our
+    # lease expires while we keep X on a vacuous round.
+    env = Env(peers={"b": "10.0.0.2:3010"})
+    env.clock.advance(P)
+    env.fs._tick()
+    env.fs._inputs.members, env.fs._inputs.member_values = frozenset({"me"}), {}  # b's members key expired
+    env.clock.advance(10 * P)
+    env.fs._tick()  # ticks while etcd is reachable do not forget b
+    env.session.last_ack = env.clock.seconds()
+    env.etcd_gone()
+    for _ in range(100):
+        env.fs._tick()
+        env.clock.advance(P / 4)
+        assert env.fs.covering() is None, "X kept although b never promised"
+    assert env.sent and {address for address, *_ in env.sent} == {("10.0.0.2", 3010)}, "b asked"
+
+
+def test_members_are_remembered_across_episodes():
+    env = promised_env()
+    env.fs.acked(0xA)  # the first episode ends
+    env.fs._inputs.members, env.fs._inputs.member_values = frozenset({"me"}), {}
+    env.session.last_ack = env.clock.seconds()
+    env.etcd_gone()
+    sent = len(env.sent)
+    env.fs._tick()
+    assert {address for address, *_ in env.sent[sent:]} == {("10.0.0.1", 3010), ("10.0.0.2", 3010)}
+    assert env.fs.covering() is None

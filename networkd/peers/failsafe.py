@@ -2,14 +2,14 @@
 
 Holder side: when our keep-alives fail (or the newest acknowledged one is
 older than 1.5 keep-alive intervals) while we carry VIPs, we ask every other
-member of the last members snapshot (``members/<host>``, its ``peer``
-address) to promise not to campaign for those VIPs for ``promise`` seconds,
+member seen in any members snapshot since we started (``members/<host>``,
+its newest ``peer`` address; never forgotten while we run) to promise not to campaign for those VIPs for ``promise`` seconds,
 and ask again every ``promise``/4 while etcd stays away (sooner when a round
 is not complete).  A round in which every member answered "promise" moves
 the failsafe deadline to ``sent + granted * 0.99 - 0.1`` (sent on our
 monotonic clock; the promiser counts from its receipt, later).  While that
 deadline is later than the lease's, the VIP manager is not fenced and keeps
-exactly the VIPs held when the failsafe began.  No member known: every
+exactly the VIPs held when the failsafe began.  No other member ever seen: every
 round is complete (vacuously).
 
 Promiser side: networkd.peers.promises.  Promises live in memory only:
@@ -71,6 +71,10 @@ class Failsafe:
         self.counters = {"failsafe_entered": 0, "failsafe_ended": 0, "promises_refused": 0}
         self._holdoff_logged = False
         self._loop = None
+        # Every other member seen since we started -> its peer address (None: it publishes none).  Never
+        # forgotten: a member whose key expired may still be alive behind a partition (docs/design.md).
+        self._members: dict[str, tuple | None] = {}
+        self._values: dict[str, str] = {}  # the members values already read, not parsed again
         self._reset()
 
     def _reset(self) -> None:
@@ -79,7 +83,6 @@ class Failsafe:
         self.residual: float | None = None  # a deadline still standing after the failsafe ended
         self.retaking = False
         self._lease = None
-        self._members: dict[str, tuple | None] = {}
         self.rounds: dict[int, Round] = {}
         self._nonces: dict[str, tuple[int, str]] = {}
         self._round = 0
@@ -212,6 +215,7 @@ class Failsafe:
     def _tick(self) -> None:
         now = self._clock()
         self.promises.prune()
+        self._learn()
         if self.vips and self.covering() is None and not self._in_lease():
             self._end("no promise before the lease deadline" if self.deadline is None else "promise deadline passed")
         if self.retaking or not self.etcd_away():
@@ -221,7 +225,6 @@ class Failsafe:
             if not holding or not self._in_lease():
                 return
             self.vips, self._lease = holding, self._session.lease
-            self._members = {}
             log.info("failsafe: etcd unreachable while holding {ips}; asking the peers for promises",
                      ips=", ".join(sorted(holding)))
         last = self.rounds.get(self._round)
@@ -233,11 +236,16 @@ class Failsafe:
         deadline = self.lease_deadline()
         return self._session.lease is not None and deadline is not None and self._clock() < deadline
 
-    def _send_round(self, now: float) -> None:
+    def _learn(self) -> None:
+        """Each tick, etcd reachable or not: remember the snapshot's members and their newest peer address."""
         values = self._inputs.member_values
-        for name in self._inputs.members | set(self._members):
-            if name != self.hostname:
-                self._members[name] = member_peer(values.get(name, "")) or self._members.get(name)
+        for name in self._inputs.members:
+            value = values.get(name, "")
+            if name != self.hostname and (name not in self._members or self._values.get(name) != value):
+                self._values[name] = value
+                self._members[name] = member_peer(value) or self._members.get(name)
+
+    def _send_round(self, now: float) -> None:
         self._round += 1
         current = self.rounds[self._round] = Round(now, frozenset(self._members))
         for old in [r for r in self.rounds if r <= self._round - KEEP_ROUNDS]:
