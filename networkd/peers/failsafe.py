@@ -6,7 +6,7 @@ member seen in any members snapshot since we started (``members/<host>``,
 its newest ``peer`` address; never forgotten while we run) to promise not to campaign for those VIPs for ``promise`` seconds,
 and ask again every ``promise``/4 while etcd stays away (sooner when a round
 is not complete).  A round in which every member answered "promise" moves
-the failsafe deadline to ``sent + granted * 0.99 - 0.1`` (sent on our
+the failsafe deadline to ``sent + granted * 0.99 - fencing_margin(P)`` (sent on our
 monotonic clock; the promiser counts from its receipt, later).  While that
 deadline is later than the lease's, the VIP manager is not fenced and keeps
 exactly the VIPs held when the failsafe began.  No other member ever seen: every
@@ -30,6 +30,7 @@ from typing import Callable
 from twisted.internet import task
 from twisted.logger import Logger
 
+from networkd.etcd.session import fencing_margin
 from networkd.peers.channel import PeerChannel, member_peer
 from networkd.peers.promises import Promises
 from networkd.peers.wire import Refused, Wire
@@ -37,7 +38,6 @@ from networkd.peers.wire import Refused, Wire
 log = Logger()
 
 DRIFT = 0.99  # our clock may run up to 1 % slower than a promiser's
-SLACK = 0.1  # seconds taken off every promise (scheduling, the kernel's expiry timer)
 TROUBLE_AFTER = 1.5  # keep-alive intervals without an acknowledgement: etcd is away
 KEEP_ROUNDS = 8
 
@@ -59,6 +59,9 @@ class Failsafe:
         self.clock = clock
         self._reactor, self._clock, self._session, self._locks, self._inputs = reactor, clock, session, locks, inputs
         self.hostname, self.promise, self._changed = hostname, promise, changed
+        # Taken off every promise, as off the lease: the kernel removes an expired address up to 0.25 s
+        # late even with one shared expiry (docs/design.md, "Kernel expiry"), plus scheduling.
+        self.slack = fencing_margin(promise)
         self.enabled = secret is not None and listen is not None
         self.off_reason = None if self.enabled else "no --peer-secret-file"
         self.listen = listen
@@ -286,7 +289,7 @@ class Failsafe:
 
     def _complete(self, current: Round) -> None:
         granted = min(current.promised.values(), default=self.promise)
-        candidate = current.sent + granted * DRIFT - SLACK
+        candidate = current.sent + granted * DRIFT - self.slack
         if not self.vips or (self.covering() is None and not self._in_lease()):
             return  # too late: fenced already (or about to be), nothing to revive
         if (self.deadline is None or candidate > self.deadline) and candidate > self._clock():
