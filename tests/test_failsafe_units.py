@@ -7,6 +7,7 @@ channel would after verifying them.
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 from twisted.internet import task
@@ -14,6 +15,7 @@ from twisted.internet import task
 from networkd.etcd.session import fencing_margin
 from networkd.peers.failsafe import DRIFT, Failsafe
 from networkd.peers.wire import Refused
+from networkd.vips.fencing import Fencing
 from networkd.vips.planner import FloatingPlan
 
 P = 3.0
@@ -85,6 +87,17 @@ class Env:
     def round(self):
         """The requests of the newest round: member IP -> nonce."""
         return {addr[0]: nonce for addr, kind, fields, nonce in self.sent[-2:]}
+
+
+class Manager(Fencing):
+    """The VIP manager's state that its fencing rules (networkd.vips.fencing) read, over an Env's failsafe."""
+
+    def __init__(self, env, active, holders=None):
+        self._session, self.failsafe, self._clock = env.session, env.fs, env.clock.seconds
+        self.ttl, self.margin = env.session.ttl, fencing_margin(env.session.ttl)
+        self.stopping, self.host_ready, self._active_ips = False, True, frozenset(active)
+        self.inputs = types.SimpleNamespace(holders=holders or {ip: "me" for ip in active}, locks_revision=1)
+        self.locks = types.SimpleNamespace(may_hold=lambda ip, lease, holders, revision: lease is not None)
 
 
 def test_off_without_a_secret_changes_nothing():
@@ -293,3 +306,19 @@ def test_every_promise_loses_at_least_the_kernels_late_expiry():
         env.answer(nonce, {"10.0.0.1": "a", "10.0.0.2": "b"}[ip])
     earliest_promise_end = sent_at + P * DRIFT
     assert earliest_promise_end - env.fs.covering() >= fencing_margin(P) >= 0.5
+
+
+def test_a_deadline_left_standing_after_the_episode_covers_only_the_episodes_vips():
+    env = promised_env()  # X kept under promises
+    env.clock.advance(1.0)
+    env.session.last_error, env.session.last_ack = None, env.clock.seconds() - 1.5  # an old keep-alive answered
+    env.fs.acked(0xA)
+    manager = Manager(env, {X, Y})  # Y: its lock held on the same lease, active again now the episode ended
+    just = manager._justification()
+    assert just.deadline > manager._lease_deadline(), "the promises' deadline still stands"
+    assert just.may_hold(X)
+    assert not just.may_hold(Y), "Y's address would live past its lease on promises nobody gave for it"
+    env.clock.advance(just.deadline - env.clock.seconds() + 0.01)
+    env.session.last_ack = env.clock.seconds()
+    just = manager._justification()
+    assert just.deadline == manager._lease_deadline() and just.may_hold(Y)

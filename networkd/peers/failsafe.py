@@ -84,6 +84,7 @@ class Failsafe:
         self.vips: frozenset[str] = frozenset()  # what we keep; empty: not in failsafe
         self.deadline: float | None = None
         self.residual: float | None = None  # a deadline still standing after the failsafe ended
+        self._residual_vips: frozenset[str] = frozenset()  # the VIPs that deadline covers
         self.retaking = False
         self._lease = None
         self.rounds: dict[int, Round] = {}
@@ -152,6 +153,12 @@ class Failsafe:
             return covering
         return min(lease_deadline, covering) if self.retaking else max(lease_deadline, covering)
 
+    def past_lease(self, lease_deadline: float | None) -> frozenset[str] | None:
+        """While a deadline left by an ended failsafe outlives the lease's: the only VIPs it covers (those
+        kept under promises; any other's address must not live past its lease).  None: no such limit."""
+        standing = self.residual is not None and self.residual > max(self._clock(), lease_deadline or 0.0)
+        return self._residual_vips if standing and self.covering() is None else None
+
     def holding_off(self) -> bool:
         """In the start-up hold-off: we contest nothing yet (so we are not ready to receive either)."""
         return self.enabled and self._clock() < self.started_at + self.promise
@@ -205,12 +212,13 @@ class Failsafe:
             self._end("fenced")
 
     def _end(self, why: str) -> None:
-        residual = self.covering()
+        residual, vips = self.covering(), self.vips
         if self._entered:
             self.counters["failsafe_ended"] += 1
             log.info("failsafe ended for {ips}: {why}", ips=", ".join(sorted(self.vips)), why=why)
         self._reset()
         self.residual = None if why == "fenced" else residual
+        self._residual_vips = vips if self.residual is not None else frozenset()
         self._changed()
 
     # -- holder side ------------------------------------------------------------
