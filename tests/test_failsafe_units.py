@@ -16,6 +16,7 @@ from networkd.etcd.session import fencing_margin
 from networkd.peers.failsafe import DRIFT, Failsafe
 from networkd.peers.wire import Refused
 from networkd.vips.fencing import Fencing
+from networkd.vips.readiness import Readiness
 from networkd.vips.planner import FloatingPlan
 
 P = 3.0
@@ -322,3 +323,21 @@ def test_a_deadline_left_standing_after_the_episode_covers_only_the_episodes_vip
     env.session.last_ack = env.clock.seconds()
     just = manager._justification()
     assert just.deadline == manager._lease_deadline() and just.may_hold(Y)
+
+
+def test_a_node_bound_by_a_promise_says_it_is_not_ready_to_receive():
+    env = Env()
+    env.clock.advance(P)  # past the start-up hold-off
+    readiness = Readiness(env.clock, env.clock.seconds, object(),
+                          types.SimpleNamespace(complete=True, member_ready={}), lambda: False,
+                          types.SimpleNamespace(refresh_presence=lambda: None), types.SimpleNamespace(), lambda: None)
+    readiness.holding_off = env.fs.holding_off  # as the VIP manager wires it
+    assert readiness.ready()
+    env.etcd_gone()
+    request = {"type": "promise?", "from": "h", "nonce": "r1", "vips": [X], "seconds": P}
+    assert env.fs._received(request, ("10.0.0.9", 3010))[0] == "promise"
+    env.session.last_error, env.session.last_ack = None, env.clock.seconds()  # etcd back for us first
+    env.clock.advance(P / 2)
+    assert not readiness.ready(), "X released towards us would stay unheld: we promised not to contest it"
+    env.clock.advance(P / 2 + 0.01)
+    assert readiness.ready()

@@ -3,14 +3,15 @@
 Holder side: when our keep-alives fail (or the newest acknowledged one is
 older than 1.5 keep-alive intervals) while we carry VIPs, we ask every other
 member seen in any members snapshot since we started (``members/<host>``,
-its newest ``peer`` address; never forgotten while we run) to promise not to campaign for those VIPs for ``promise`` seconds,
-and ask again every ``promise``/4 while etcd stays away (sooner when a round
-is not complete).  A round in which every member answered "promise" moves
-the failsafe deadline to ``sent + granted * 0.99 - fencing_margin(P)`` (sent on our
-monotonic clock; the promiser counts from its receipt, later).  While that
-deadline is later than the lease's, the VIP manager is not fenced and keeps
-exactly the VIPs held when the failsafe began.  No other member ever seen: every
-round is complete (vacuously).
+its newest ``peer`` address; never forgotten while we run) to promise not
+to campaign for those VIPs for ``promise`` seconds, and ask again every
+``promise``/4 while etcd stays away (sooner when a round is not complete).
+A round in which every member answered "promise" moves the failsafe
+deadline to ``sent + granted * 0.99 - fencing_margin(promise)`` (sent on
+our monotonic clock; the promiser counts from its receipt, later).  While
+that deadline is later than the lease's, the VIP manager is not fenced and
+keeps exactly the VIPs held when the failsafe began.  No other member ever
+seen: every round is complete (vacuously).
 
 Promiser side: networkd.peers.promises.  Promises live in memory only:
 after a start, nothing is contested for ``promise`` seconds (the start-up
@@ -160,8 +161,9 @@ class Failsafe:
         return self._residual_vips if standing and self.covering() is None else None
 
     def holding_off(self) -> bool:
-        """In the start-up hold-off: we contest nothing yet (so we are not ready to receive either)."""
-        return self.enabled and self._clock() < self.started_at + self.promise
+        """In the start-up hold-off, or bound by a promise: we would not contest a VIP released towards us
+        (so we are not ready to receive; networkd.vips.readiness)."""
+        return self.enabled and (self._clock() < self.started_at + self.promise or bool(self.promises.blocked()))
 
     def filter(self, plan, held: frozenset[str]):
         """The plan we may drive now (None: drive nothing)."""
