@@ -16,7 +16,9 @@ from networkd.etcd.session import fencing_margin
 from networkd.peers.failsafe import DRIFT, Failsafe
 from networkd.peers.wire import Refused
 from networkd.vips.fencing import Fencing
+from networkd.vips.addresses import AddressKeeper
 from networkd.vips.readiness import Readiness
+from tests import test_vip_delays as delays
 from networkd.vips.planner import FloatingPlan
 
 P = 3.0
@@ -24,10 +26,9 @@ X, Y = "10.9.0.1", "10.9.0.2"
 
 
 class Session:
-    ttl, interval = 3, 0.5
-
-    def __init__(self, clock):
+    def __init__(self, clock, ttl=3):
         self.clock, self.lease, self.last_ack, self.last_error = clock, 0xA, clock.seconds(), None
+        self.ttl, self.interval = ttl, ttl / 6
 
     def ack_age(self):
         return None if self.last_ack is None else self.clock.seconds() - self.last_ack
@@ -52,18 +53,20 @@ class Inputs:
 
 
 class Env:
-    def __init__(self, peers=None, secret=b"s"):
+    def __init__(self, peers=None, secret=b"s", ttl=3):
+        """The promise P is the TTL, as in the VIP manager (module P: a TTL of 3)."""
         self.clock = task.Clock()
         self.clock.advance(100)
-        self.session, self.locks = Session(self.clock), Locks()
+        self.session, self.locks = Session(self.clock, ttl), Locks()
         self.moved = 0
         self.fs = Failsafe(reactor=self.clock, clock=self.clock.seconds, wall=lambda: 1e9, session=self.session,
                            locks=self.locks, inputs=Inputs({"a": "10.0.0.1:3010", "b": "10.0.0.2:3010"}
                                                            if peers is None else peers),
-                           hostname="me", promise=P, secret=secret, listen=("127.0.0.1", 0),
+                           hostname="me", promise=float(ttl), secret=secret, listen=("127.0.0.1", 0),
                            changed=self.changed)
         self.fs.holding = lambda: frozenset({X})
-        self.fs.lease_deadline = lambda: None if self.session.last_ack is None else self.session.last_ack + 2.25
+        self.fs.lease_deadline = lambda: (None if self.session.last_ack is None
+                                          else self.session.last_ack + ttl - fencing_margin(ttl))
         self.sent: list[tuple] = []
         if self.fs.channel is not None:
             self.fs.channel.send = self.send
@@ -81,8 +84,9 @@ class Env:
         self.clock.advance(after)
 
     def answer(self, nonce, member, kind="promise", **fields):
+        granted = {"vips": [X], "seconds": self.fs.promise}
         return self.fs._received({"type": kind, "from": member, "nonce": "x" + nonce, "re": nonce,
-                                  **({"vips": [X], "seconds": P} if kind == "promise" else {"why": "I can reach etcd"}),
+                                  **(granted if kind == "promise" else {"why": "I can reach etcd"}),
                                   **fields}, ("10.0.0.9", 3010))
 
     def round(self):
@@ -341,3 +345,34 @@ def test_a_node_bound_by_a_promise_says_it_is_not_ready_to_receive():
     assert not readiness.ready(), "X released towards us would stay unheld: we promised not to contest it"
     env.clock.advance(P / 2 + 0.01)
     assert readiness.ready()
+
+
+def test_the_audit_lets_a_retaken_vip_live_on_its_promises():
+    # A TTL of 10: X placed under promises lives to D, past the deadline of the new lease when the
+    # request that got it was sent before the newest round (etcd slow to answer after a thaw).  The
+    # promises still cover X until D: the audit must not call that a violation and remove X.
+    ttl = 10
+    env = Env(ttl=ttl)
+    env.clock.advance(ttl)  # past the start-up hold-off
+    t0 = env.session.last_ack = env.clock.seconds()
+    env.etcd_gone()
+    manager = Manager(env, {X})
+    kernel = delays.KernelModel(delays.Time(env.clock))
+    keeper = AddressKeeper(reactor=env.clock, netlink=kernel, clock=env.clock.seconds,
+                           justify=manager._justification, renew_ahead=2.0)
+    keeper.want({X})
+    for at in (0.6, 3.1, 5.6):  # complete rounds every P/4, X renewed when due
+        env.clock.advance(t0 + at - env.clock.seconds())
+        env.fs._tick()
+        for ip, nonce in env.round().items():
+            env.answer(nonce, {"10.0.0.1": "a", "10.0.0.2": "b"}[ip])
+        keeper.pass_now()
+    covering = env.fs.covering()
+    assert kernel.expiry[X] > t0 + ttl - fencing_margin(ttl), "X placed past the old lease's deadline"
+    env.clock.advance(0.4)
+    env.session.lease, env.session.last_ack, env.session.last_error = 0xB, t0 + 1.0, None
+    env.fs.acked(0xB)
+    assert env.fs.retaking and manager.deadline() < kernel.expiry[X] <= covering
+    keeper.audit()
+    env.clock.advance(0.01)
+    assert keeper.stats["violations"] == 0 and X in kernel.expiry, "X kept while its lock is retaken"

@@ -49,7 +49,8 @@ class Fencing:
             if ip not in active or ip in blocked or (only is not None and ip not in only):
                 return False
             return ip in kept or by_lock and self.locks.may_hold(ip, lease, holders, revision)
-        return Justification(self.deadline(), may_hold)
+        covering = self.failsafe.covering()  # kept VIPs were placed under it: the promises cover them till then
+        return Justification(self.deadline(), may_hold, lambda ip: covering if ip in kept else None)
 
     def _arm_fence(self) -> None:
         """Fence right at the deadline (no polling: the keeper drops the addresses by then anyway)."""
