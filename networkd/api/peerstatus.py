@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from networkd.peers.failsafe import DRIFT, SLACK
+from networkd.peers.failsafe import DRIFT
 
 
 def peer_status(failsafe) -> dict:
@@ -27,5 +27,5 @@ def promises_held(failsafe, now: float) -> list[dict]:
     latest: dict[str, float] = {}
     for current in failsafe.rounds.values():
         for member, granted in current.promised.items():
-            latest[member] = max(latest.get(member, 0.0), current.sent + granted * DRIFT - SLACK)
+            latest[member] = max(latest.get(member, 0.0), current.sent + granted * DRIFT - failsafe.slack)
     return [{"from": m, "seconds_left": round(t - now, 2)} for m, t in sorted(latest.items()) if t > now]

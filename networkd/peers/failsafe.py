@@ -2,15 +2,16 @@
 
 Holder side: when our keep-alives fail (or the newest acknowledged one is
 older than 1.5 keep-alive intervals) while we carry VIPs, we ask every other
-member of the last members snapshot (``members/<host>``, its ``peer``
-address) to promise not to campaign for those VIPs for ``promise`` seconds,
-and ask again every ``promise``/4 while etcd stays away (sooner when a round
-is not complete).  A round in which every member answered "promise" moves
-the failsafe deadline to ``sent + granted * 0.99 - 0.1`` (sent on our
-monotonic clock; the promiser counts from its receipt, later).  While that
-deadline is later than the lease's, the VIP manager is not fenced and keeps
-exactly the VIPs held when the failsafe began.  No member known: every
-round is complete (vacuously).
+member seen in any members snapshot since we started (``members/<host>``,
+its newest ``peer`` address; never forgotten while we run) to promise not
+to campaign for those VIPs for ``promise`` seconds, and ask again every
+``promise``/4 while etcd stays away (sooner when a round is not complete).
+A round in which every member answered "promise" moves the failsafe
+deadline to ``sent + granted * 0.99 - fencing_margin(promise)`` (sent on
+our monotonic clock; the promiser counts from its receipt, later).  While
+that deadline is later than the lease's, the VIP manager is not fenced and
+keeps exactly the VIPs held when the failsafe began.  No other member ever
+seen: every round is complete (vacuously).
 
 Promiser side: networkd.peers.promises.  Promises live in memory only:
 after a start, nothing is contested for ``promise`` seconds (the start-up
@@ -30,6 +31,7 @@ from typing import Callable
 from twisted.internet import task
 from twisted.logger import Logger
 
+from networkd.etcd.session import fencing_margin
 from networkd.peers.channel import PeerChannel, member_peer
 from networkd.peers.promises import Promises
 from networkd.peers.wire import Refused, Wire
@@ -37,7 +39,6 @@ from networkd.peers.wire import Refused, Wire
 log = Logger()
 
 DRIFT = 0.99  # our clock may run up to 1 % slower than a promiser's
-SLACK = 0.1  # seconds taken off every promise (scheduling, the kernel's expiry timer)
 TROUBLE_AFTER = 1.5  # keep-alive intervals without an acknowledgement: etcd is away
 KEEP_ROUNDS = 8
 
@@ -59,6 +60,9 @@ class Failsafe:
         self.clock = clock
         self._reactor, self._clock, self._session, self._locks, self._inputs = reactor, clock, session, locks, inputs
         self.hostname, self.promise, self._changed = hostname, promise, changed
+        # Taken off every promise, as off the lease: the kernel removes an expired address up to 0.25 s
+        # late even with one shared expiry (docs/design.md, "Kernel expiry"), plus scheduling.
+        self.slack = fencing_margin(promise)
         self.enabled = secret is not None and listen is not None
         self.off_reason = None if self.enabled else "no --peer-secret-file"
         self.listen = listen
@@ -71,15 +75,19 @@ class Failsafe:
         self.counters = {"failsafe_entered": 0, "failsafe_ended": 0, "promises_refused": 0}
         self._holdoff_logged = False
         self._loop = None
+        # Every other member seen since we started -> its peer address (None: it publishes none).  Never
+        # forgotten: a member whose key expired may still be alive behind a partition (docs/design.md).
+        self._members: dict[str, tuple | None] = {}
+        self._values: dict[str, str] = {}  # the members values already read, not parsed again
         self._reset()
 
     def _reset(self) -> None:
         self.vips: frozenset[str] = frozenset()  # what we keep; empty: not in failsafe
         self.deadline: float | None = None
         self.residual: float | None = None  # a deadline still standing after the failsafe ended
+        self._residual_vips: frozenset[str] = frozenset()  # the VIPs that deadline covers
         self.retaking = False
         self._lease = None
-        self._members: dict[str, tuple | None] = {}
         self.rounds: dict[int, Round] = {}
         self._nonces: dict[str, tuple[int, str]] = {}
         self._round = 0
@@ -146,9 +154,16 @@ class Failsafe:
             return covering
         return min(lease_deadline, covering) if self.retaking else max(lease_deadline, covering)
 
+    def past_lease(self, lease_deadline: float | None) -> frozenset[str] | None:
+        """While a deadline left by an ended failsafe outlives the lease's: the only VIPs it covers (those
+        kept under promises; any other's address must not live past its lease).  None: no such limit."""
+        standing = self.residual is not None and self.residual > max(self._clock(), lease_deadline or 0.0)
+        return self._residual_vips if standing and self.covering() is None else None
+
     def holding_off(self) -> bool:
-        """In the start-up hold-off: we contest nothing yet (so we are not ready to receive either)."""
-        return self.enabled and self._clock() < self.started_at + self.promise
+        """In the start-up hold-off, or bound by a promise: we would not contest a VIP released towards us
+        (so we are not ready to receive; networkd.vips.readiness)."""
+        return self.enabled and (self._clock() < self.started_at + self.promise or bool(self.promises.blocked()))
 
     def filter(self, plan, held: frozenset[str]):
         """The plan we may drive now (None: drive nothing)."""
@@ -199,12 +214,13 @@ class Failsafe:
             self._end("fenced")
 
     def _end(self, why: str) -> None:
-        residual = self.covering()
+        residual, vips = self.covering(), self.vips
         if self._entered:
             self.counters["failsafe_ended"] += 1
             log.info("failsafe ended for {ips}: {why}", ips=", ".join(sorted(self.vips)), why=why)
         self._reset()
         self.residual = None if why == "fenced" else residual
+        self._residual_vips = vips if self.residual is not None else frozenset()
         self._changed()
 
     # -- holder side ------------------------------------------------------------
@@ -212,6 +228,7 @@ class Failsafe:
     def _tick(self) -> None:
         now = self._clock()
         self.promises.prune()
+        self._learn()
         if self.vips and self.covering() is None and not self._in_lease():
             self._end("no promise before the lease deadline" if self.deadline is None else "promise deadline passed")
         if self.retaking or not self.etcd_away():
@@ -221,7 +238,6 @@ class Failsafe:
             if not holding or not self._in_lease():
                 return
             self.vips, self._lease = holding, self._session.lease
-            self._members = {}
             log.info("failsafe: etcd unreachable while holding {ips}; asking the peers for promises",
                      ips=", ".join(sorted(holding)))
         last = self.rounds.get(self._round)
@@ -233,11 +249,16 @@ class Failsafe:
         deadline = self.lease_deadline()
         return self._session.lease is not None and deadline is not None and self._clock() < deadline
 
-    def _send_round(self, now: float) -> None:
+    def _learn(self) -> None:
+        """Each tick, etcd reachable or not: remember the snapshot's members and their newest peer address."""
         values = self._inputs.member_values
-        for name in self._inputs.members | set(self._members):
-            if name != self.hostname:
-                self._members[name] = member_peer(values.get(name, "")) or self._members.get(name)
+        for name in self._inputs.members:
+            value = values.get(name, "")
+            if name != self.hostname and (name not in self._members or self._values.get(name) != value):
+                self._values[name] = value
+                self._members[name] = member_peer(value) or self._members.get(name)
+
+    def _send_round(self, now: float) -> None:
         self._round += 1
         current = self.rounds[self._round] = Round(now, frozenset(self._members))
         for old in [r for r in self.rounds if r <= self._round - KEEP_ROUNDS]:
@@ -278,7 +299,7 @@ class Failsafe:
 
     def _complete(self, current: Round) -> None:
         granted = min(current.promised.values(), default=self.promise)
-        candidate = current.sent + granted * DRIFT - SLACK
+        candidate = current.sent + granted * DRIFT - self.slack
         if not self.vips or (self.covering() is None and not self._in_lease()):
             return  # too late: fenced already (or about to be), nothing to revive
         if (self.deadline is None or candidate > self.deadline) and candidate > self._clock():

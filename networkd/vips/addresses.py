@@ -41,7 +41,8 @@ can give the lock away.
 * ``audit()`` reads the interface back: addresses that vanished (expired or
   removed by someone else) are put back if still justified, managed VIPs
   nobody holds are removed, and an address whose kernel lifetime reaches
-  past the deadline is an error and is removed at once.
+  past the deadline is an error and is removed at once (past the failsafe's
+  deadline, for a VIP whose promises still cover it during a retake).
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class Justification:
 
     deadline: float | None  # kernel expiries must end by then; None: hold nothing
     may_hold: Callable[[str], bool]
+    # A later end an address already placed may keep (the audit's check): the failsafe's deadline for a VIP
+    # its promises still cover while its lock is retaken (networkd.vips.fencing); None: ``deadline``.
+    covered: Callable[[str], float | None] = lambda ip: None
 
 
 class AddressKeeper:
@@ -359,7 +363,8 @@ class AddressKeeper:
             # The kernel counts whole seconds: its expiry is later than this, by under a second.
             at_least = started + address.valid - 1
             permanent = address.valid == rtnl.FOREVER or bool(address.flags & rtnl.IFA_F_PERMANENT)
-            if permanent or (just.deadline is not None and at_least > just.deadline + SEND_SLACK) \
+            limit = just.deadline if just.deadline is None else max(just.deadline, just.covered(ip) or 0.0)
+            if permanent or (limit is not None and at_least > limit + SEND_SLACK) \
                     or at_least > expires + SEND_SLACK:
                 self.stats["violations"] += 1
                 log.error("VIP {ip}: the kernel keeps it until at least {left}s from now, past the lease "

@@ -43,8 +43,14 @@ class Fencing:
         active, holders, revision = self._active_ips, self.inputs.holders, self.inputs.locks_revision
         by_lock = lease is not None and not self._lease_fenced()
         kept, blocked = self.failsafe.kept(holders), self.failsafe.promises.blocked()
-        return Justification(self.deadline(), lambda ip: ip in active and ip not in blocked and (
-            ip in kept or by_lock and self.locks.may_hold(ip, lease, holders, revision)))
+        only = self.failsafe.past_lease(self._lease_deadline())  # a deadline past the lease covers these alone
+
+        def may_hold(ip: str) -> bool:
+            if ip not in active or ip in blocked or (only is not None and ip not in only):
+                return False
+            return ip in kept or by_lock and self.locks.may_hold(ip, lease, holders, revision)
+        covering = self.failsafe.covering()  # kept VIPs were placed under it: the promises cover them till then
+        return Justification(self.deadline(), may_hold, lambda ip: covering if ip in kept else None)
 
     def _arm_fence(self) -> None:
         """Fence right at the deadline (no polling: the keeper drops the addresses by then anyway)."""

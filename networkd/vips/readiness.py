@@ -39,7 +39,7 @@ class Readiness:
         self.published: bool | None = None  # what our members value says
         self.since: dict[str, float] = {}  # member -> since when it says ready (our clock; -inf: an older daemon)
         self.timer = None
-        self.holding_off: Callable[[], bool] = lambda: False  # e.g. a start-up hold-off: we would not contest
+        self.holding_off: Callable[[], bool] = lambda: False  # a start-up hold-off or a promise: we would not contest
 
     def ready(self) -> bool:
         """Whether we can take a VIP handed to us now."""
