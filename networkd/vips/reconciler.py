@@ -192,7 +192,7 @@ class VipManager(service.Service):
                      s=self._reactor.seconds() - self.fenced_since)
             self.fenced_since = None
             changed = True
-        self.keeper.pass_now()  # the deadline moved: renew what needs it
+        self.keeper.pass_now(self._session.interval / 2)  # the deadline moved: renew what needs it (or soon)
         self._arm_fence()
         if changed:
             self.kick()
