@@ -333,6 +333,9 @@ class MonotonicSession:
     def on_lost(self, cb):
         self.losses.append(cb)
 
+    def on_reconnect(self, cb):
+        pass
+
     def ack(self):
         self.last_ack = self.clock()
         for cb in self.acks:
