@@ -126,12 +126,22 @@ def _describe(error: BaseException) -> str:
 
 _ERRORS = {errno.ECONNREFUSED: "connection refused", errno.ETIMEDOUT: "connect timed out",
            errno.EHOSTUNREACH: "no route to host", errno.ENETUNREACH: "network unreachable"}
-_NO_LINGER = struct.pack("ii", 1, 0)  # close with a reset: no FIN exchange, no TIME_WAIT per probe
+_NO_LINGER = struct.pack("ii", 1, 0)
 _CONNECT_FLAGS = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
 def _error_text(code: int) -> str:
     return _ERRORS.get(code) or os.strerror(code)
+
+
+def _close(sock: socket.socket, code: int) -> None:
+    """Close; a connected socket with a reset (no FIN exchange, no TIME_WAIT per probe)."""
+    if code == 0:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+        except OSError:
+            pass
+    sock.close()
 
 
 class _Connects:
@@ -159,10 +169,9 @@ class _Connects:
         """Connect to ``ip:port`` for ``key``; returns the handle to cancel, None when already reported."""
         sock = socket.socket(socket.AF_INET, _CONNECT_FLAGS)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
             code = sock.connect_ex((ip, port))
             if code != errno.EINPROGRESS:
-                sock.close()
+                _close(sock, code)
                 self._done(key, None if code == 0 else _error_text(code))
                 return None
             if self._epoll is None:
@@ -197,7 +206,7 @@ class _Connects:
                 continue
             sock, key = entry
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            sock.close()
+            _close(sock, code)
             self._done(key, None if code == 0 else _error_text(code))
 
     def connectionLost(self, reason) -> None:
