@@ -395,3 +395,18 @@ def test_ill_health_hands_over_and_holds_down_for_10s():
     plan = health.plan(frozenset({"10.0.0.5"}))
     assert plan.keep == {"10.0.0.5"} and "no candidate is healthy" in health.notes["10.0.0.5"]
     health.stop()
+
+
+def test_a_few_targets_wake_the_reactor_once_per_interval_each_not_every_phase():
+    clock, script, p, _ = prober()
+    steps = []
+    original = p._step
+    p._step = lambda: (steps.append(clock.seconds()), original())
+    p.track([T])
+    clock.pump([0.01] * 1000)  # 10 s
+    assert 9 <= len(script.calls) <= 10 and len(steps) <= 11, f"{len(steps)} timer steps for {len(script.calls)} probes"
+    script.answer = None  # in flight until the timeout (0.5 s): a step at the timeout, not just at the next turn
+    steps.clear()
+    clock.pump([0.01] * 300)
+    assert p.states[T].failures == 3 and p.states[T].last_error == "no answer within 0.5s"
+    assert len(steps) <= 7, f"{len(steps)} timer steps in 3 s"

@@ -22,6 +22,7 @@ port share one probe.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import select
 import socket
@@ -282,10 +283,10 @@ _TIMEOUT = object()
 class Prober:
     """Keeps the tracked targets probed; ``changed()`` is called when one goes up or down.
 
-    One timer walks the interval in SLOTS steps while there is a target; each
-    target is probed in the step of its phase, and a probe still running
-    ``timeout`` after its start is cancelled at the next step (so a timeout is
-    up to interval/SLOTS late).  TCP checks go through ``_Connects`` (unless
+    One timer walks the interval in SLOTS steps while there is a target (over
+    empty slots in one go); each target is probed in the step of its phase, and
+    a probe still running ``timeout`` after its start is cancelled at the next
+    step (so a timeout is up to interval/SLOTS late).  TCP checks go through ``_Connects`` (unless
     ``probe`` replaces every check, as tests do); HTTP checks are Deferreds.
     """
 
@@ -368,7 +369,18 @@ class Prober:
             if state.running is None:  # the previous probe has not finished: no second one beside it
                 self._start(target, state, now)
         if states:
-            self._call = self._reactor.callLater(self.interval / SLOTS, self._step)
+            self._schedule(now)
+
+    def _schedule(self, now: float) -> None:
+        """The next step: skip empty slots (a few targets need not wake the reactor SLOTS times per
+        interval), but not past the step at which the oldest probe in flight times out."""
+        step = self.interval / SLOTS
+        limit = next(iter(self._running.values())).started + self.timeout if self._running else math.inf
+        ahead = 1  # the step ``ahead`` steps from now runs slot ``_cursor``
+        while ahead < SLOTS and not self._slots[self._cursor] and now + ahead * step < limit - 1e-9:
+            self._cursor = (self._cursor + 1) % SLOTS
+            ahead += 1
+        self._call = self._reactor.callLater(ahead * step, self._step)
 
     def _start(self, target: Target, state: TargetState, now: float) -> None:
         state.started = now
