@@ -274,6 +274,7 @@ class TargetState:
     slot: int = 0  # its phase: which of the SLOTS of the interval it is probed in
     started: float = 0.0
     running: defer.Deferred | int | None = None  # a probe in flight: a Deferred, or a connect's handle
+    tracked: bool = True  # False once forgotten: a late answer is ignored
 
 
 SLOTS = 20  # phases per interval: one timer for all targets, not one (and one more for a timeout) per probe
@@ -298,8 +299,8 @@ class Prober:
         self._connects = None if probe is not None else _Connects(reactor, self._connected)
         self.states: dict[Target, TargetState] = {}
         self.results = {"success": 0, "failure": 0}  # probes run, for /metrics
-        self._slots: list[set[Target]] = [set() for _ in range(SLOTS)]
-        self._running: dict[Target, TargetState] = {}
+        self._slots: list[dict[Target, TargetState]] = [{} for _ in range(SLOTS)]
+        self._running: dict[int, TargetState] = {}  # id(state) -> state, in the order the probes started
         self._cursor = 0  # the slot the timer runs next
         self._call = None
 
@@ -308,12 +309,12 @@ class Prober:
         wanted = set(targets)
         for target in set(self.states) - wanted:
             state = self.states.pop(target)
-            self._slots[state.slot].discard(target)
+            self._slots[state.slot].pop(target, None)
             self._forget(target, state)
         added = wanted - set(self.states)
         for target in added:
             state = self.states[target] = TargetState(slot=zlib.crc32(str(target).encode()) % SLOTS)
-            self._slots[state.slot].add(target)
+            self._slots[state.slot][target] = state
         if self.states and self._call is None:
             self._call = self._reactor.callLater(self.interval / SLOTS, self._step)
         elif not self.states:
@@ -327,7 +328,7 @@ class Prober:
 
     def stop(self) -> None:
         states, self.states = self.states, {}
-        self._slots = [set() for _ in range(SLOTS)]
+        self._slots = [{} for _ in range(SLOTS)]
         self._cancel_timer()
         for target, state in states.items():
             self._forget(target, state)
@@ -340,7 +341,8 @@ class Prober:
         self._call = None
 
     def _forget(self, target: Target, state: TargetState) -> None:
-        self._running.pop(target, None)
+        state.tracked = False
+        self._running.pop(id(state), None)
         if state.running is not None:
             running, state.running = state.running, None
             if isinstance(running, defer.Deferred):
@@ -363,12 +365,10 @@ class Prober:
             elif running is not None:
                 self._connects.cancel(running, _TIMEOUT)
         slot, self._cursor = self._slots[self._cursor], (self._cursor + 1) % SLOTS
-        states = self.states
-        for target in list(slot):
-            state = states[target]
+        for target, state in list(slot.items()):
             if state.running is None:  # the previous probe has not finished: no second one beside it
                 self._start(target, state, now)
-        if states:
+        if self.states:
             self._schedule(now)
 
     def _schedule(self, now: float) -> None:
@@ -385,7 +385,7 @@ class Prober:
     def _start(self, target: Target, state: TargetState, now: float) -> None:
         state.started = now
         if self._connects is not None and target.kind == "tcp":
-            self._running[target] = state
+            self._running[id(state)] = state
             try:
                 handle = self._connects.start((target, state), target.ip, target.port)
             except Exception as e:  # a probe that cannot even start (EMFILE...) counts as failed
@@ -399,7 +399,7 @@ class Prober:
         except Exception as e:  # a probe that cannot even start counts as failed
             running = defer.fail(ProbeFailed(_describe(e)))
         state.started, state.running = now, running
-        self._running[target] = state
+        self._running[id(state)] = state
         running.addCallbacks(lambda _: self._result(target, state, None), lambda f: self._failed(target, state, f))
 
     def _connected(self, key, error) -> None:
@@ -415,9 +415,9 @@ class Prober:
         self._result(target, state, text)
 
     def _result(self, target: Target, state: TargetState, error: str | None) -> None:
-        if self.states.get(target) is not state:
+        if not state.tracked:
             return None  # forgotten (or cancelled) meanwhile
-        self._running.pop(target, None)
+        self._running.pop(id(state), None)
         state.running = None
         state.probes += 1
         if error is None:
