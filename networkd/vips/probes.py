@@ -9,8 +9,8 @@ state), or what the config's ``"health"`` object says (``tcp``, ``http``,
 
 Everything runs on the reactor, never a blocking call.  A TCP check is a
 non-blocking ``connect``; the connects still in flight sit in one epoll set
-that the reactor watches as a single descriptor (``_Connects``), and the
-result goes straight to the target's counters: no Deferred, protocol or
+that the reactor watches as a single descriptor (networkd.vips.tcpcheck), and
+the result goes straight to the target's counters: no Deferred, protocol or
 reactor registration per probe, so a thousand checks a second cost little.
 An HTTP check is ``connectTCP`` with a timeout.  Each target is probed every
 ``interval`` at a phase of its own (a hash of the target), so a thousand
@@ -23,10 +23,6 @@ from __future__ import annotations
 
 import errno
 import math
-import os
-import select
-import socket
-import struct
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -36,6 +32,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 
 from networkd.vips.model import Container, VipConfig
+from networkd.vips.tcpcheck import ERRORS, Connects
 
 log = Logger()
 
@@ -125,115 +122,17 @@ def _describe(error: BaseException) -> str:
     return text or (str(error).strip() or type(error).__name__)
 
 
-_ERRORS = {errno.ECONNREFUSED: "connection refused", errno.ETIMEDOUT: "connect timed out",
-           errno.EHOSTUNREACH: "no route to host", errno.ENETUNREACH: "network unreachable"}
-_NO_LINGER = struct.pack("ii", 1, 0)
-_CONNECT_FLAGS = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-
-
-def _error_text(code: int) -> str:
-    return _ERRORS.get(code) or os.strerror(code)
-
-
-def _close(sock: socket.socket, code: int) -> None:
-    """Close; a connected socket with a reset (no FIN exchange, no TIME_WAIT per probe)."""
-    if code == 0:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
-        except OSError:
-            pass
-    sock.close()
-
-
-class _Connects:
-    """TCP connect probes in flight, in one epoll set the reactor watches as a single reader.
-
-    ``start`` opens a non-blocking socket and connects; an answer known at once
-    (refused, unreachable) is reported at once.  The others wait in the epoll
-    set until the socket is writable (connected or failed); ``doRead`` then
-    reads ``SO_ERROR`` of every ready socket in one call and closes it.
-    ``done(key, error)``: error None on success, else why.
-    """
-
-    def __init__(self, reactor, done: Callable[[object, str | None], None]):
-        self._reactor, self._done = reactor, done
-        self._epoll: select.epoll | None = None
-        self._flight: dict[int, tuple[socket.socket, object]] = {}  # fd -> (socket, key)
-
-    def fileno(self) -> int:
-        return self._epoll.fileno() if self._epoll is not None else -1
-
-    def logPrefix(self) -> str:
-        return "probes"
-
-    def start(self, key, ip: str, port: int) -> int | None:
-        """Connect to ``ip:port`` for ``key``; returns the handle to cancel, None when already reported."""
-        sock = socket.socket(socket.AF_INET, _CONNECT_FLAGS)
-        try:
-            code = sock.connect_ex((ip, port))
-            if code != errno.EINPROGRESS:
-                _close(sock, code)
-                self._done(key, None if code == 0 else _error_text(code))
-                return None
-            if self._epoll is None:
-                self._open()
-            fd = sock.fileno()
-            self._epoll.register(fd, select.EPOLLOUT | select.EPOLLONESHOT)
-        except BaseException:
-            sock.close()
-            raise
-        self._flight[fd] = (sock, key)
-        return fd
-
-    def _open(self) -> None:
-        self._epoll = select.epoll()
-        try:
-            self._reactor.addReader(self)
-        except BaseException:
-            self._epoll.close()
-            self._epoll = None
-            raise
-
-    def cancel(self, fd: int, why) -> None:
-        entry = self._flight.pop(fd, None)
-        if entry is not None:
-            entry[0].close()  # also leaves the epoll set
-            self._done(entry[1], why)
-
-    def doRead(self) -> None:
-        for fd, _ in self._epoll.poll(0):
-            entry = self._flight.pop(fd, None)
-            if entry is None:
-                continue
-            sock, key = entry
-            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            _close(sock, code)
-            self._done(key, None if code == 0 else _error_text(code))
-
-    def connectionLost(self, reason) -> None:
-        self.close()
-
-    def close(self) -> None:
-        flight, self._flight = self._flight, {}
-        for sock, _ in flight.values():
-            sock.close()
-        if self._epoll is not None:
-            self._reactor.removeReader(self)
-            self._epoll.close()
-            self._epoll = None
-
-
 class _Connect:
     """One TCP connect probe as a Deferred (``probe_once``): the same check, outside a Prober."""
 
     def __init__(self, reactor, target: Target, done: defer.Deferred):
         self._done = done
-        self._connects = _Connects(reactor, self._finish)
+        self._connects = Connects(reactor, self._finish)
         self._fd = self._connects.start(None, target.ip, target.port)
 
     def cancel(self) -> None:
         if self._fd is not None:
-            self._connects.cancel(self._fd, _ERRORS[errno.ETIMEDOUT])
+            self._connects.cancel(self._fd, ERRORS[errno.ETIMEDOUT])
 
     def _finish(self, _, error: str | None) -> None:
         self._fd = None
@@ -287,8 +186,9 @@ class Prober:
     One timer walks the interval in SLOTS steps while there is a target (over
     empty slots in one go); each target is probed in the step of its phase, and
     a probe still running ``timeout`` after its start is cancelled at the next
-    step (so a timeout is up to interval/SLOTS late).  TCP checks go through ``_Connects`` (unless
-    ``probe`` replaces every check, as tests do); HTTP checks are Deferreds.
+    step (so a timeout is up to interval/SLOTS late).  TCP checks go through
+    ``Connects`` (unless ``probe`` replaces every check, as tests do); HTTP
+    checks are Deferreds.
     """
 
     def __init__(self, reactor, *, interval: float = 1.0, timeout: float = 1.0, rise: int = 2, fall: int = 3,
@@ -296,7 +196,7 @@ class Prober:
         self._reactor, self.interval, self.timeout, self.rise, self.fall = reactor, interval, timeout, rise, fall
         self._changed = changed
         self._probe = probe or (lambda target: probe_once(reactor, target, timeout))
-        self._connects = None if probe is not None else _Connects(reactor, self._connected)
+        self._connects = None if probe is not None else Connects(reactor, self._connected)
         self.states: dict[Target, TargetState] = {}
         self.results = {"success": 0, "failure": 0}  # probes run, for /metrics
         self._slots: list[dict[Target, TargetState]] = [{} for _ in range(SLOTS)]
