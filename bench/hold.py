@@ -19,6 +19,12 @@ dump inside the namespace, pyroute2 in a thread of its own), other /32s on
 eth0, and the "fencing:" lines in its log.  Host load (loadavg, busy CPU of
 all cores, etcd's CPU) is recorded too, since the machine may be shared.
 
+The containers do not exist by default (``--containers absent``: the node has
+no route to them, so every probe fails at once).  ``--containers listening``
+makes every container address local inside the node namespace (a ``local``
+route for 10.79.0.0/16 on lo) with one listener on port 80 accepting and
+closing, so every probe connects.
+
 A bench, not a test: it always exits 0.  Run as root:
 
     python bench/hold.py --configs 1000 --local 100 --seconds 120
@@ -271,7 +277,8 @@ def pct(cpu_seconds: float, seconds: float) -> float:
 def report(args, samples: list[dict], settle_took: float | None, settle_max: int, settle_fences: int) -> dict:
     m = args.local
     print()
-    print(f"== hold benchmark: {args.configs} VIP configs, {m} local, lock TTL {args.lock_ttl}s, probes {args.vip_probe}, "
+    print(f"== hold benchmark: {args.configs} VIP configs, {m} local, lock TTL {args.lock_ttl}s, probes {args.vip_probe} "
+          f"(containers {args.containers}, {args.vips_per_app} VIPs each), "
           f"firewall {args.firewall}, code {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}")
     if settle_took is not None:
         print(f"settle:   all {m} local VIPs on eth0 {settle_took:.2f} s after the write burst")
@@ -325,6 +332,25 @@ def report(args, samples: list[dict], settle_took: float | None, settle_max: int
             "fences": fences, "host_busy_pct": host_busy, "others_pct_of_core": others}
 
 
+LISTENER = """
+import socket
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 80))
+s.listen(4096)
+while True:
+    s.accept()[0].close()
+"""
+
+
+def start_listener(ns) -> subprocess.Popen:
+    """Every container address (10.79.0.0/16) local in the node's namespace, one listener on port 80."""
+    ns.run("ip", "route", "add", "local", "10.79.0.0/16", "dev", "lo")
+    listener = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", LISTENER])
+    time.sleep(0.3)
+    return listener
+
+
 def cleanup(sampler, cluster, lan, etcd, keep_log: bool) -> None:
     """Daemon, namespaces (and whatever runs in them), etcd; each step even if another failed."""
     steps = []
@@ -364,6 +390,8 @@ def main() -> int:
     parser.add_argument("--lock-ttl", type=int, default=3)
     parser.add_argument("--vip-probe", default="on", choices=("on", "off"),
                         help="the daemon's container probes (on: every local VIP's container is probed and unreachable)")
+    parser.add_argument("--containers", default="absent", choices=("absent", "listening"),
+                        help="listening: every container address answers on port 80 inside the node namespace")
     parser.add_argument("--firewall", default="nft", choices=("nft", "legacy"))
     parser.add_argument("--settle-timeout", type=float, default=300,
                         help="give up waiting for all local VIPs after this long and sample anyway (default 300)")
@@ -377,7 +405,7 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
-    etcd = lan = cluster = sampler = None
+    etcd = lan = cluster = sampler = listener = None
     result = {"args": vars(args)}
     try:
         log(f"load before start: loadavg {loadavg()}, {os.cpu_count()} cores")
@@ -387,6 +415,8 @@ def main() -> int:
         node = cluster.add(NODE, NODE_HOST)
         node.extra_args = [*node.extra_args, "--vip-probe", args.vip_probe]
         pods, vips, local = build_workload(args.configs, args.local, args.vips_per_app, node.ip)
+        if args.containers == "listening":
+            listener = start_listener(node.ns)
         cluster.start()
         daemon = node.daemon
         log(f"daemon pid {daemon.pid} up in {node.ns.name}; log {daemon.log_path}")
@@ -450,6 +480,9 @@ def main() -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if listener is not None:
+            listener.kill()
+            listener.wait()
         cleanup(sampler, cluster, lan, etcd, args.keep_log)
         if args.json and "samples" in result:
             with open(args.json, "w") as f:

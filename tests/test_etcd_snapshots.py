@@ -259,6 +259,8 @@ async def test_guarded_create_and_delete(etcd_server, etcd_root):
 async def test_keep_alive_timestamp_stops_while_etcd_is_down(private_etcd):
     client = client_for(private_etcd.endpoint)
     session = Session(client, ttl=3, reactor=reactor)
+    back = []
+    session.on_reconnect(lambda seconds: back.append((seconds, session.last_ack)))
     session.startService()
     try:
         await eventually(lambda: session.last_ack is not None)
@@ -273,8 +275,11 @@ async def test_keep_alive_timestamp_stops_while_etcd_is_down(private_etcd):
         assert session.ack_age() > 2
         assert session.last_error
 
+        assert back == [], "not back while etcd is down"
         private_etcd.start()
         await eventually(lambda: session.last_ack and session.last_ack > frozen, timeout=15)
+        await sleep(1.2)  # more acknowledgements: reported once, at the first
+        assert len(back) == 1 and back[0][0] >= 2.5 and back[0][1] > frozen, back
     finally:
         await session.stopService()
         await client.close()

@@ -213,6 +213,50 @@ def test_no_backlog_renewals_only_when_needed_one_batch_per_keep_alive(rig):
     assert len(puts) <= 31 and sum(puts) <= 1000 * 31, "one renewal per address per keep-alive at most"
 
 
+def test_at_rest_renewals_ride_on_keep_alive_passes_no_timer_pass_of_their_own(rig):
+    """Keep-alives every TTL/6 (0.5 s), acknowledged 1-40 ms after they are sent.  Each pass plans
+    every address, so a renewal falls due in the keep-alive pass (not in a timer pass of its own a
+    few ms later, as when the keep-alive pass found it not quite due); with no acknowledgement the
+    timers still top up and fence by themselves."""
+    import random
+
+    rng = random.Random(11)
+    keeper = AddressKeeper(reactor=rig.clock, netlink=rig.kernel, clock=rig.now, justify=rig.lease.justify,
+                           renew_ahead=1.0)  # as the reconciler sets it for TTL 3: interval + 0.5
+    ips = {f"10.0.0.{i}" for i in range(1, 101)}
+    keeper.want(ips)
+    rig.clock.advance(0)
+    passes = []  # (when, by a keep-alive)
+    original = keeper._pass
+
+    def counted(ahead=0.0):
+        passes.append((rig.now(), ahead > 0))
+        original(ahead)
+
+    keeper._pass = counted
+
+    def ack(sent):
+        rig.lease.ack(sent)
+        keeper.pass_now(ahead=0.25)  # half a keep-alive interval, as the reconciler asks
+        assert set(rig.kernel.expiry) == ips, f"all held at {rig.now():.2f}s"
+
+    for k in range(60):  # 30 s
+        rig.clock.callLater(k * 0.5 + rng.uniform(0.001, 0.04), ack, k * 0.5)
+    rig.clock.pump([0.005] * 6000)
+    at_rest = [(t, by_ack) for t, by_ack in passes if 2.0 <= t <= 29.9]
+    timer_passes = [round(t, 3) for t, by_ack in at_rest if not by_ack]
+    assert timer_passes == [], f"{len(timer_passes)} timer passes beside {len(at_rest) - len(timer_passes)} " \
+                               f"keep-alive passes: {timer_passes[:8]}"
+    renewals = [t for t, _, puts in rig.kernel.exchanges if puts and 2.0 <= t <= 29.9]
+    assert 24 <= len(renewals) <= 29, f"about one renewal a second: {len(renewals)}"
+    assert rig.violations() == []
+    rig.clock.pump([0.01] * 300)  # the keep-alives stop: the timers top up, then fence at the deadline
+    assert not keeper.placed and not rig.kernel.expiry and rig.violations() == []
+    last_ack = 29.5
+    tops = [t for t, _, puts in rig.kernel.exchanges if puts and t > 30.0]
+    assert tops and all(t <= last_ack + TTL - MARGIN for t in tops), "topped up by a timer"
+
+
 def test_long_ttl_renews_every_other_keep_alive(rig):
     """TTL 30: lifetime 22 s, keep-alives every 10 s: a renewal is needed only every 20 s."""
     global TTL, MARGIN
@@ -288,6 +332,9 @@ class MonotonicSession:
 
     def on_lost(self, cb):
         self.losses.append(cb)
+
+    def on_reconnect(self, cb):
+        pass
 
     def ack(self):
         self.last_ack = self.clock()

@@ -73,3 +73,53 @@ def test_periodic_announcements_seen_on_the_wire_at_the_configured_interval(clus
         assert len([op for _, op in watch.frames if op == 2]) == len(requests), "a reply with every request"
     finally:
         watch.close()
+
+
+def test_an_announcement_round_spreads_a_thousand_vips_over_its_window_asking_before_each():
+    clock = task.Clock()
+    arp = Recording(clock)
+    ips = [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(1000)]
+    arp.allowed = lambda ip: ip != ips[7]  # e.g. no longer ours by then
+    arp.announce_round(ips, 1.0)
+    clock.pump([0.01] * 150)
+    per_tenth = [sum(1 for t, _ in arp.log if k / 10 <= t + 1e-9 < (k + 1) / 10) for k in range(10)]
+    assert sum(per_tenth) == 999 and min(per_tenth) >= 99, f"a tenth every 0.1 s: {per_tenth}"
+    assert sorted(ip for _, ip in arp.log) == sorted(set(ips) - {ips[7]}), "each once"
+    arp.announce_round(ips[:20], 1.0)
+    arp.cancel_all()  # e.g. fenced: the rest of the round is not sent
+    assert len(arp.log) == 999 + 2 and not clock.getDelayedCalls()
+
+
+def test_held_vips_are_announced_again_when_etcd_answers_after_an_outage(lan, etcd_server, etcd_root):
+    """etcd unreachable for a second (its forwarder cut), shorter than the fencing deadline: the VIP
+    stays up, and once etcd acknowledges a keep-alive again it is announced again on the wire."""
+    from tests.support.vipnodes import AddressSampler, Cluster
+
+    c = Cluster(lan, etcd_server, etcd_root, "nft", ttl=6)  # fencing 4.5 s after the last ack: the VIP stays
+    c.add("n1", 11)
+    watch = None
+    try:
+        c.put_pods("hello", "web", [(1, "n1", "10.77.0.11")])
+        c.start()
+        watch = ArpWatch(c["n1"].ns.name, VIP)
+        c.put_vip(VIP, vip_value("hello", "web", WEB))
+        wait_until(lambda: watch.added, 5, message="acquired")
+        time.sleep(3.5)  # past the +1 s and +3 s repeats; the periodic ones are 60 s apart
+        before = len(watch.frames)
+        with AddressSampler([c["n1"]], VIP, interval=0.02) as sampler:
+            c["n1"].forwarder.cut()
+            time.sleep(1.0)
+            healed = time.monotonic()
+            c["n1"].forwarder.heal()
+            wait_until(lambda: len(watch.frames) >= before + 2, 5, message="announced again once etcd answers")
+        again = [t - healed for t, _ in watch.frames[before:]]
+        log = c["n1"].daemon.log()
+        print(f"announced again {[round(t, 2) for t in again]} s after the forwarder healed")
+        assert "etcd answers again after" in log
+        assert sorted(op for _, op in watch.frames[before:before + 2]) == [1, 2], "a request and a reply"
+        assert sampler.samples and all(holders == {"n1"} for _, holders in sampler.samples), "up throughout"
+        assert "fencing:" not in log
+    finally:
+        if watch is not None:
+            watch.close()
+        c.close()

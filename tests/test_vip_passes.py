@@ -46,3 +46,13 @@ def test_address_read_back_backs_off_when_it_is_costly(node):  # noqa: F811
         node.session.ack()
     # 20 ms within a 0.2 % budget: one read-back every ~10 s, not every second
     assert 2 <= len(reads) <= 5, reads
+
+
+def test_the_keep_alive_pass_takes_renewals_due_within_half_an_interval(node):  # noqa: F811
+    """So that the address keeper needs no timer pass of its own at rest (tests/test_vip_delays.py)."""
+    hold_vip(node)
+    asked = []
+    original = node.manager.keeper.pass_now
+    node.manager.keeper.pass_now = lambda ahead=0.0: (asked.append(ahead), original(ahead))
+    node.session.ack()
+    assert asked and asked[0] == node.session.interval / 2

@@ -230,6 +230,56 @@ async def test_prober_on_the_reactor_sees_a_listener_stop():
             await port.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_connects_in_flight_are_one_reader_for_the_reactor_and_each_verdict_is_right(monkeypatch):
+    """Listening, closed and silent (accept queue full: the SYN is dropped) targets, probed together:
+    the connects in flight share one epoll descriptor the reactor reads, none is a reactor writer
+    of its own, and each target gets its verdict."""
+    from tests.support.waiting import eventually
+
+    host = "127.0.0.9"
+    sockets = []
+
+    def listener(backlog):
+        s = socket.socket()
+        s.bind((host, 0))
+        s.listen(backlog)
+        sockets.append(s)
+        return s.getsockname()[1]
+
+    listening = [Target("tcp", host, listener(128)) for _ in range(30)]
+    closed = [Target("tcp", host, closed_port(host)) for _ in range(30)]
+    silent = []
+    for _ in range(5):
+        port = listener(0)
+        for _ in range(2):  # fill its accept queue: further SYNs are dropped
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            filler.connect_ex((host, port))
+            sockets.append(filler)
+        silent.append(Target("tcp", host, port))
+    registered = {"reader": set(), "writer": set()}
+    for kind in registered:
+        original = getattr(reactor, f"add{kind.title()}")
+
+        def counting(selectable, original=original, kind=kind):
+            registered[kind].add(id(selectable))
+            return original(selectable)
+
+        monkeypatch.setattr(reactor, f"add{kind.title()}", counting)
+    p = Prober(reactor, interval=0.2, timeout=0.3, rise=2, fall=2)
+    try:
+        p.track(listening + closed + silent)
+        await eventually(lambda: all(p.up(t) is not None for t in p.states), 5, message="every verdict")
+        assert all(p.up(t) is True for t in listening)
+        assert all(p.up(t) is False and p.states[t].last_error == "connection refused" for t in closed)
+        assert all(p.up(t) is False and p.states[t].last_error == "no answer within 0.3s" for t in silent)
+        assert not registered["writer"] and len(registered["reader"]) == 1, registered
+    finally:
+        p.stop()
+        for s in sockets:
+            s.close()
+
+
 def test_only_floating_vips_with_a_container_here_are_probed():
     from networkd.keys import Keys
     from networkd.vips.health import ProbeSettings, VipHealth
@@ -345,3 +395,18 @@ def test_ill_health_hands_over_and_holds_down_for_10s():
     plan = health.plan(frozenset({"10.0.0.5"}))
     assert plan.keep == {"10.0.0.5"} and "no candidate is healthy" in health.notes["10.0.0.5"]
     health.stop()
+
+
+def test_a_few_targets_wake_the_reactor_once_per_interval_each_not_every_phase():
+    clock, script, p, _ = prober()
+    steps = []
+    original = p._step
+    p._step = lambda: (steps.append(clock.seconds()), original())
+    p.track([T])
+    clock.pump([0.01] * 1000)  # 10 s
+    assert 9 <= len(script.calls) <= 10 and len(steps) <= 11, f"{len(steps)} timer steps for {len(script.calls)} probes"
+    script.answer = None  # in flight until the timeout (0.5 s): a step at the timeout, not just at the next turn
+    steps.clear()
+    clock.pump([0.01] * 300)
+    assert p.states[T].failures == 3 and p.states[T].last_error == "no answer within 0.5s"
+    assert len(steps) <= 7, f"{len(steps)} timer steps in 3 s"

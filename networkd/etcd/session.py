@@ -41,6 +41,8 @@ class Session(service.Service):
         self.last_error: str | None = None
         self._ack_listeners: list[Callable[[int], None]] = []
         self._lost_listeners: list[Callable[[], None]] = []
+        self._back_listeners: list[Callable[[float], None]] = []
+        self._failing_since: float | None = None  # the first failed keep-alive since the last acknowledged one
         self._loop: defer.Deferred | None = None
         self._sleep = Pause(reactor)
 
@@ -62,6 +64,11 @@ class Session(service.Service):
     def on_lost(self, listener: Callable[[], None]) -> None:
         """``listener()`` when etcd says the lease expired; a new one follows."""
         self._lost_listeners.append(listener)
+
+    def on_reconnect(self, listener: Callable[[float], None]) -> None:
+        """``listener(seconds)`` after the first acknowledgement that follows failed keep-alives
+        (etcd answers again after an outage of about ``seconds``), right after the ack listeners."""
+        self._back_listeners.append(listener)
 
     def startService(self):
         super().startService()
@@ -110,10 +117,12 @@ class Session(service.Service):
                     log.info("etcd keep-alive of lease {lease:x} not answered ({e}); sending it again",
                              lease=self.lease or 0, e=str(e) or type(e).__name__)
                 self.last_error = str(e) or type(e).__name__
+                self._failing_since = self._failing_since or sent
                 delay = self._backoff.next()
             except Exception as e:
                 log.failure("etcd keep-alive failed")
                 self.last_error = f"{type(e).__name__}: {e}"
+                self._failing_since = self._failing_since or sent
                 delay = self._backoff.next()
             if self.running:
                 await self._sleep(delay)
@@ -123,6 +132,11 @@ class Session(service.Service):
         self.last_error = None
         self._backoff.reset()
         notify(self._ack_listeners, self.lease, what="lease ack listener")
+        failing_since, self._failing_since = self._failing_since, None
+        if failing_since is not None:
+            outage = self.clock() - failing_since
+            log.info("etcd acknowledges keep-alives again after {s:.1f}s of failures", s=outage)
+            notify(self._back_listeners, outage, what="etcd back listener")
 
     def _expired(self, why: str) -> None:
         log.warn("etcd session lost: {why}", why=why)

@@ -180,12 +180,18 @@ class AddressKeeper:
             log.warn("VIP {ip}: its kernel lifetime ran out though the lease allows {d:.2f}s more: not renewed "
                      "in time (reactor held up?); putting it back", ip=ip, d=just.deadline - expires)
 
-    def pass_now(self) -> None:
-        """Run a pass at once (it schedules the next one itself)."""
+    def pass_now(self, ahead: float = 0.0) -> None:
+        """Run a pass at once (it schedules the next one itself).
+
+        ``ahead``: renewals due within that many seconds are done in this pass.  The keep-alive
+        pass gives half a keep-alive interval, so a renewal falls to it rather than to a timer pass
+        of its own a few milliseconds later (each pass plans every address); if no keep-alive is
+        acknowledged, the timers still fire as before.
+        """
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = self._call_at = None
-        self._guarded_pass()
+        self._guarded_pass(ahead)
 
     # -- the pass -----------------------------------------------------------------
 
@@ -193,27 +199,29 @@ class AddressKeeper:
         self._call = self._call_at = None
         self._guarded_pass()
 
-    def _guarded_pass(self) -> None:
+    def _guarded_pass(self, ahead: float = 0.0) -> None:
         try:
-            self._pass()
+            self._pass(ahead)
         except Exception:
             log.failure("VIP address pass failed")
             self.soon(RETRY_AFTER)
 
-    def _pass(self) -> None:
+    def _pass(self, ahead: float = 0.0) -> None:
         force: set[str] = set()
         announce = []
         for _ in range(FIX_ROUNDS + 1):
             now = self._clock()
             just = self._justify()
-            removals, puts, wake = self._plan(now, just, force)
+            allowed = self._allowed(now, just)
+            removals, puts, wake = self._plan(now, just, allowed, force, ahead)
             if not removals and not puts:
                 break
             added, force = self._exchange(removals, puts, just.deadline)
             announce += added
             if not force:
+                # The same justification, asked within the same reactor turn: nothing it reads moved.
                 now = self._clock()
-                removals, puts, wake = self._plan(now, just, force)
+                removals, puts, wake = self._plan(now, just, allowed, force)
                 if removals or puts:
                     wake = now
                 break
@@ -228,23 +236,40 @@ class AddressKeeper:
         if wake is not None:
             self.soon(max(MIN_WAKE, wake - self._clock()))
 
-    def _plan(self, now: float, just: Justification, force: set[str]):
+    def _allowed(self, now: float, just: Justification) -> frozenset[str] | set[str]:
+        """The wanted addresses that may be on the interface at ``now``."""
+        if just.deadline is None or now >= just.deadline:
+            return frozenset()
+        return {ip for ip in self.wanted if just.may_hold(ip)}
+
+    def _plan(self, now: float, just: Justification, allowed, force: set[str], ahead: float = 0.0):
         """(removals, puts, when the next pass is needed) for this instant."""
         deadline = just.deadline if just.deadline is not None and now < just.deadline else None
-        allowed = frozenset() if deadline is None else {ip for ip in self.wanted if just.may_hold(ip)}
-        removals = [ip for ip in self.placed if ip not in allowed and self._retry_at.get(ip, 0.0) <= now]
+        placed, retry_at = self.placed, self._retry_at
+        removals = [ip for ip in placed if ip not in allowed and retry_at.get(ip, 0.0) <= now] \
+            if not placed.keys() <= allowed else []
         puts: list[tuple[str, int]] = []
-        wake = min(self._retry_at.values(), default=None)
+        wake = min(retry_at.values(), default=None)
         if deadline is None:
             return removals, puts, wake
         life = math.floor(deadline - now - SEND_SLACK)
-        wake = min(wake or deadline, deadline) if self.placed else wake  # fence on time by ourselves
+        wake = min(wake or deadline, deadline) if placed else wake  # fence on time by ourselves
         # When no newer keep-alive came, one renewal a second before the deadline, with a lifetime
         # of exactly 1 s, lets the address live until just before it instead of lapsing up to a
         # second early (lifetimes are whole seconds).
         top_up = deadline - SEND_SLACK - 1 - TOP_UP_EARLY
+        expiries = set(placed.values()) if not force and not retry_at and allowed == placed.keys() else ()
+        if len(expiries) == 1:
+            # At rest every held address shares one expiry (see the module's docstring): one decision
+            # for all of them, the same one the loop below would take for each.
+            renew, when = self._decide(next(iter(expiries)), now, life, deadline, top_up, ahead)
+            if renew:
+                puts = [(ip, life) for ip in allowed]
+            elif when is not None:
+                wake = min(wake or math.inf, when)
+            return removals, puts, wake
         for ip in allowed:
-            expires = self.placed.get(ip)
+            expires = placed.get(ip)
             if ip in force:
                 if life >= 1:
                     puts.append((ip, life))
@@ -252,24 +277,31 @@ class AddressKeeper:
                     removals.append(ip)
                 continue
             if expires is None:
-                if life >= 1 and self._retry_at.get(ip, 0.0) <= now:
+                if life >= 1 and retry_at.get(ip, 0.0) <= now:
                     puts.append((ip, life))
                 continue
-            gain = now + life - expires if life >= 1 else 0.0
-            if expires - now <= self.renew_ahead and (
-                    gain >= MIN_GAIN or (gain >= TOP_UP_GAIN and expires - now < 1.0)):
+            renew, when = self._decide(expires, now, life, deadline, top_up, ahead)
+            if renew:
                 puts.append((ip, life))
-                continue
-            due = expires - self.renew_ahead
-            if due > now and due + math.floor(deadline - due - SEND_SLACK) >= expires + MIN_GAIN:
-                wake = min(wake or math.inf, due)
-            elif now < top_up < expires and top_up + 1 - expires >= TOP_UP_GAIN:
-                wake = min(wake or math.inf, top_up)  # keep-alives late: live on until the deadline
-            # else only a newer keep-alive can help
+            elif when is not None:
+                wake = min(wake or math.inf, when)
         if puts:  # one expiry for every held address (see the module's docstring)
             queued = {ip for ip, _ in puts}
-            puts += [(ip, life) for ip in allowed if ip in self.placed and ip not in queued]
+            puts += [(ip, life) for ip in allowed if ip in placed and ip not in queued]
         return removals, puts, wake
+
+    def _decide(self, expires: float, now: float, life: int, deadline: float, top_up: float, ahead: float):
+        """(renew now, else when a renewal may be worth a pass) for an address expiring at ``expires``."""
+        gain = now + life - expires if life >= 1 else 0.0
+        if expires - now <= self.renew_ahead + ahead and (
+                gain >= MIN_GAIN or (gain >= TOP_UP_GAIN and expires - now < 1.0)):
+            return True, None
+        due = expires - self.renew_ahead
+        if due > now and due + math.floor(deadline - due - SEND_SLACK) >= expires + MIN_GAIN:
+            return False, due
+        if now < top_up < expires and top_up + 1 - expires >= TOP_UP_GAIN:
+            return False, top_up  # keep-alives late: live on until the deadline
+        return False, None  # only a newer keep-alive can help
 
     def _exchange(self, removals, puts, deadline: float | None):
         """Send one batch; returns (new addresses, addresses whose expiry may overrun the deadline)."""

@@ -5,8 +5,12 @@ few microseconds, so the first packet leaves within a millisecond of the
 address being added).  Both forms are sent, because switches and hosts
 differ in which they honour: an ARP request for the VIP from the VIP
 (``arping -U``) and an ARP reply (``arping -A``).  Repeated after 1 s and
-3 s, and again when the link comes up.  A failure is logged, never fatal
-([BUG 19]).
+3 s.  A failure is logged, never fatal ([BUG 19]).
+
+``announce_round`` announces many VIPs once more, spread over a short window
+(a tenth of them at a time), when the link comes up or etcd answers again
+after an outage: switches and routers that missed frames meanwhile learn
+where the VIPs are, and a thousand VIPs do not go out in one burst.
 
 With ``refresh_every`` (``--garp-interval``) every held VIP is announced
 again periodically, so switches and routers that missed the first frames
@@ -28,6 +32,7 @@ log = Logger()
 ETH_P_ARP = 0x0806
 BROADCAST = b"\xff" * 6
 REPEATS = (1.0, 3.0)
+ROUND_STEPS = 10  # an announcement round sends its VIPs in this many steps over its window
 
 
 def gratuitous_frames(mac: bytes, ip: str) -> tuple[bytes, bytes]:
@@ -54,6 +59,8 @@ class Announcer:
         self.sent = 0
         self.failures = 0
         self._socket: socket.socket | None = None
+        self._round: list[list[str]] = []  # the steps of the announcement round still to send
+        self._round_call = None
 
     def close(self) -> None:
         if self._socket is not None:
@@ -82,12 +89,35 @@ class Announcer:
         calls.append(self._reactor.callLater(self.refresh_every, self._refresh, ip))
         self._repeat(ip)
 
+    def announce_round(self, ips, window: float = 1.0) -> None:
+        """Announce each of ``ips`` once more within ``window`` (a new round replaces one under way);
+        ``allowed`` is asked right before each frame."""
+        self._cancel_round()
+        ips = sorted(ips)
+        steps = min(ROUND_STEPS, len(ips))
+        self._round = [ips[k::steps] for k in range(steps)]
+        if self._round:
+            self._round_step(window / steps)
+
+    def _round_step(self, every: float) -> None:
+        self._round_call = None
+        for ip in self._round.pop(0):
+            self._repeat(ip)
+        if self._round:
+            self._round_call = self._reactor.callLater(every, self._round_step, every)
+
+    def _cancel_round(self) -> None:
+        if self._round_call is not None and self._round_call.active():
+            self._round_call.cancel()
+        self._round_call, self._round = None, []
+
     def cancel(self, ip: str) -> None:
         for call in self._pending.pop(ip, []):
             if call.active():
                 call.cancel()
 
     def cancel_all(self) -> None:
+        self._cancel_round()
         for ip in list(self._pending):
             self.cancel(ip)
         self.close()

@@ -27,6 +27,7 @@ log = Logger()
 ADDRESS_CHECK = 1.0  # read-back of addresses (less often while one costs more than AUDIT_BUDGET of a CPU)
 AUDIT_BUDGET = 0.002
 FIREWALL_CHECK = 5.0  # read-back of iptables, likewise within AUDIT_BUDGET
+ANNOUNCE_WINDOW = 1.0  # seconds over which every held VIP is announced again (link up, etcd back)
 
 
 class VipHost:
@@ -144,12 +145,11 @@ class VipHost:
     def floating_rules(self, is_port_scoped: Callable[[str], bool]) -> list[DnatRule]:
         return [r for r in (self.firewall.applied if self.firewall else ()) if not is_port_scoped(r.key)]
 
-    def announce_all(self) -> None:
-        """The link came up: tell the LAN again where our VIPs are."""
-        log.info("{iface} is up; announcing held VIPs again", iface=self.interface)
-        for ip in sorted(self.addresses):
-            if self.may_announce(ip):
-                self.arp.announce(ip)
+    def announce_all(self, why: str = "") -> None:
+        """The link came up, or etcd answers again after an outage: tell the LAN again where our VIPs are,
+        spread over ANNOUNCE_WINDOW (each still asked ``may_announce`` right before its frames)."""
+        log.info("{why}; announcing held VIPs again", why=why or f"{self.interface} is up")
+        self.arp.announce_round(self.addresses, ANNOUNCE_WINDOW)
 
     # -- reading back ------------------------------------------------------------
 

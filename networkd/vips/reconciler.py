@@ -129,6 +129,7 @@ class VipManager(Fencing, service.Service):
         self.host_ready = True
         self._session.on_ack(self._acked)
         self._session.on_lost(self._lease_lost)
+        self._session.on_reconnect(lambda s: self.host.announce_all(f"etcd answers again after {s:.1f}s"))
         for name, handler in (("configs", self.inputs.configs_snapshot), ("pods", self.inputs.pods_snapshot),
                               ("locks", self._on_locks), ("apps", self.app_keys.observe)):
             self._watchers[name].subscribe(lambda snapshot, handler=handler: (handler(snapshot), self.kick()))
@@ -185,7 +186,7 @@ class VipManager(Fencing, service.Service):
                      s=self._reactor.seconds() - self.fenced_since)
             self.fenced_since = None
             changed = True
-        self.keeper.pass_now()  # the deadline moved: renew what needs it
+        self.keeper.pass_now(self._session.interval / 2)  # the deadline moved: renew what needs it (or soon)
         self._arm_fence()
         if changed:
             self.kick()

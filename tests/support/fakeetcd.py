@@ -27,7 +27,7 @@ class FakeSession:
         self._clock = clock
         self.lease = LEASE
         self.last_ack = clock.seconds()
-        self.acks, self.losses = [], []
+        self.acks, self.losses, self.reconnects = [], [], []
 
     def ack_age(self):
         return None if self.last_ack is None else self._clock.seconds() - self.last_ack
@@ -37,6 +37,9 @@ class FakeSession:
 
     def on_lost(self, cb):
         self.losses.append(cb)
+
+    def on_reconnect(self, cb):
+        self.reconnects.append(cb)
 
     def ack(self):
         self.last_ack = self._clock.seconds()

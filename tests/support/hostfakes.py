@@ -50,6 +50,9 @@ class FakeArp:
     def announce(self, ip):
         self.journal.append(("arp", ip))
 
+    def announce_round(self, ips, window):
+        self.journal.append(("arp round", sorted(ips)))
+
     def cancel(self, ip):
         pass
 
