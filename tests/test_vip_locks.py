@@ -224,3 +224,61 @@ def test_a_lock_released_before_its_read_back_answered_is_not_called_lost():
         release.callback(True)
     assert not logs.at_level("warn", "error"), logs.lines
     assert "10.0.0.5" not in k.records
+
+
+class Stalled(Etcd):
+    """Lock requests answered only when the test says so, to count those in flight."""
+
+    def __init__(self):
+        super().__init__()
+        self.pending: list[defer.Deferred] = []
+
+    def put_if_absent(self, key, value, lease):
+        d = defer.Deferred()
+        self.pending.append(d)
+        return d
+
+
+def test_a_burst_keeps_few_lock_requests_in_flight_and_a_failure_without_text_is_named_once():
+    """1,000 VIPs to contest: at most MAX_IN_FLIGHT requests out; errors with an empty text (a cancelled
+    call) are named by their type, one summary line for all, each VIP's error kept for the API."""
+    from twisted.internet.defer import CancelledError
+
+    from networkd.vips.contests import MAX_IN_FLIGHT, SUMMARY_EVERY
+    from tests.support.logcapture import LogCapture
+
+    clock, etcd = task.Clock(), Stalled()
+    k = LockKeeper(locks=LeaseLocks(etcd), keys=KEYS, hostname="n1", session=FakeSession(clock), reactor=clock,
+                   changed=lambda: None, clear_host=lambda ip: defer.succeed(None))
+    ips = frozenset(f"10.1.{i // 250}.{i % 250 + 1}" for i in range(1000))
+    with LogCapture() as logs:
+        k.drive(FloatingPlan(campaign_now=ips))
+        assert len(etcd.pending) == MAX_IN_FLIGHT
+        assert all(k.campaigning(ip) for ip in ips), "waiting ones count as contested (no promise given for them)"
+        for _ in range(3):
+            etcd.pending.pop(0).errback(CancelledError())
+        assert len(etcd.pending) == MAX_IN_FLIGHT, "each answer lets one more go"
+        clock.advance(SUMMARY_EVERY)
+    lines = logs.matching("could not contest")
+    assert lines == [lines[0]] and "could not contest 3 VIPs (" in lines[0] and "cancelled" in lines[0], lines
+    assert sorted(k.errors.values()) == ["lock: the call was cancelled"] * 3
+    k.drive(FloatingPlan(campaign_now=frozenset(sorted(ips)[:10])))  # the newest plan wants 10 of them
+    for d in list(etcd.pending):
+        etcd.pending.remove(d)
+        d.callback(True)
+    while etcd.pending:
+        etcd.pending.pop(0).callback(True)
+    assert len(k.held()) <= MAX_IN_FLIGHT + 10, "the ones no longer wanted were not sent"
+    assert not any(k.campaigning(ip) for ip in ips)
+
+
+def test_describe_never_says_nothing():
+    from twisted.internet.defer import CancelledError, TimeoutError as DeferredTimeout
+
+    from networkd.vips.contests import describe
+
+    assert describe(KeyError()) == "KeyError"
+    assert describe(RuntimeError(""), "http://127.0.0.1:2379") == "RuntimeError from etcd http://127.0.0.1:2379"
+    assert describe(CancelledError()) == "the call was cancelled"
+    assert describe(DeferredTimeout(1.0, "Deferred")) == "no answer within 1s"
+    assert describe(ValueError("bad\nmore")) == "bad"

@@ -16,6 +16,11 @@ class LeaseLocks:
     def __init__(self, client):
         self._client = client
 
+    @property
+    def endpoint(self):
+        """The etcd endpoint calls go to now (named in errors that have no text of their own)."""
+        return getattr(self._client, "endpoint", None)
+
     def acquire(self, key: str, owner: str, lease: int) -> Deferred:
         """Fires True if we created the lock on ``lease``, False if it exists."""
         return self._client.put_if_absent(key.encode(), owner.encode(), lease)

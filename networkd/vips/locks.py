@@ -26,6 +26,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from networkd.etcd.lock import LeaseLocks
+from networkd.vips.contests import FailureSummary, Throttle, describe
 from networkd.vips.planner import MEMBERS
 
 log = Logger()
@@ -59,7 +60,9 @@ class LockKeeper:
         self.records: dict[str, LockRecord] = {}
         self.later: dict[str, float] = {}  # ip -> when to contest it anyway
         self.errors: dict[str, str] = {}  # ip -> last error
-        self._campaigning: set[str] = set()
+        self._campaigning: set[str] = set()  # sent or waiting their turn (networkd.vips.contests)
+        self._throttle = Throttle()
+        self._contest_failures = FailureSummary(reactor, "contest")
         self._verified_at: dict[str, float] = {}
         self._to_verify: set[str] = set()
         self._verify_call = None
@@ -90,7 +93,7 @@ class LockKeeper:
         return not record.confirmed or revision < record.revision or holders.get(ip) == self.hostname
 
     def campaigning(self, ip: str) -> bool:
-        """A lock request for ``ip`` is in flight (its answer may still make us the holder)."""
+        """A lock request for ``ip`` is in flight or waiting its turn (it may still make us the holder)."""
         return ip in self._campaigning
 
     def releasing(self, ip: str) -> bool:
@@ -185,7 +188,7 @@ class LockKeeper:
         def failed(failure):
             if self._announced == lease:
                 self._announced = self._announced_value = None  # try again on the next ack
-            log.warn("could not announce presence: {e}", e=failure.getErrorMessage())
+            log.warn("could not announce presence: {e}", e=describe(failure, self._locks.endpoint))
 
         def done(_):
             self._presence_writing = False
@@ -207,21 +210,34 @@ class LockKeeper:
         """Release, contest now, contest after the grace period (networkd.vips.planner.FloatingPlan)."""
         for ip in plan.release:
             self.release(ip, plan.reasons.get(ip, ""))
-        for ip in plan.campaign_now:
-            self._campaign(ip)
         now = self._reactor.seconds()
+        wanted = set(plan.campaign_now)
         for ip in plan.campaign_later:
             if now >= self.later.setdefault(ip, now + CAMPAIGN_GRACE):
-                self._campaign(ip)
+                wanted.add(ip)
         for ip in list(self.later):
             if ip not in plan.campaign_later:
                 del self.later[ip]
+        for ip in self._throttle.drop_waiting(wanted.__contains__):  # not sent yet, no longer wanted
+            self._campaigning.discard(ip)
+        for ip in plan.campaign_now:
+            self._campaign(ip)
+        for ip in plan.campaign_later:
+            if ip in wanted:
+                self._campaign(ip)
 
     def _campaign(self, ip: str) -> None:
-        lease = self._session.lease
-        if ip in self._campaigning or ip in self.records or lease is None:
+        """Ask for ``ip``'s lock, when one of the few request slots is free (networkd.vips.contests)."""
+        if ip in self._campaigning or ip in self.records or self._session.lease is None:
             return
         self._campaigning.add(ip)
+        self._throttle.submit(ip, lambda: self._send_campaign(ip))
+
+    def _send_campaign(self, ip: str):
+        lease = self._session.lease
+        if ip not in self._campaigning or ip in self.records or lease is None or self.stopping:
+            self._campaigning.discard(ip)
+            return None
         key = self._keys.vip_lock(ip)
 
         def done(created):
@@ -235,15 +251,16 @@ class LockKeeper:
             log.info("took the lock of VIP {ip} on lease {lease:x}", ip=ip, lease=lease)
             if self.stopping:
                 self._locks.release(key, lease).addErrback(
-                    lambda f: log.warn("could not release VIP {ip} on the way out: {e}", ip=ip, e=f.getErrorMessage()))
+                    lambda f: log.warn("could not release VIP {ip} on the way out: {e}", ip=ip, e=describe(f)))
             self._changed()
 
         def failed(failure):
             self._campaigning.discard(ip)
-            self.errors[ip] = f"lock: {failure.getErrorMessage()}"
-            log.warn("could not contest VIP {ip}: {e}", ip=ip, e=failure.getErrorMessage())
+            reason = describe(failure, self._locks.endpoint)
+            self.errors[ip] = f"lock: {reason}"
+            self._contest_failures.add(ip, reason)  # one line per reason per second, not one per VIP
 
-        self._locks.acquire(key, self.hostname, lease).addCallbacks(done, failed)
+        return self._locks.acquire(key, self.hostname, lease).addCallbacks(done, failed)
 
     def _verify(self, ip: str) -> None:
         """Queue a read-back of ``ip``'s lock (rate-limited per IP); one read serves all queued."""
@@ -278,7 +295,7 @@ class LockKeeper:
 
         def failed(failure):
             log.warn("could not read the locks of VIPs {ips} back: {e}", ips=", ".join(ips),
-                     e=failure.getErrorMessage())
+                     e=describe(failure, self._locks.endpoint))
 
         read.addCallbacks(got, failed)
 
@@ -292,6 +309,7 @@ class LockKeeper:
             if record is None:
                 log.info("the lock of VIP {ip} is on our lease {lease:x}: holding it", ip=ip, lease=lease)
                 record = self.records[ip] = LockRecord(lease, self._reactor.seconds())
+                self.errors.pop(ip, None)  # e.g. a request cancelled after etcd applied it: ours after all
             record.confirmed = True
             record.revision = max(record.revision, kv.mod_revision)
         elif record is not None and not record.confirmed and not record.releasing:
@@ -321,7 +339,7 @@ class LockKeeper:
             await self._clear_host(ip)
             await self._locks.release(self._keys.vip_lock(ip), record.lease)
         except Exception as e:
-            self.errors[ip] = f"release: {e or type(e).__name__}"
+            self.errors[ip] = f"release: {describe(e, self._locks.endpoint)}"
             log.warn("could not release VIP {ip}: {e}; trying again", ip=ip, e=self.errors[ip])
             if self.records.get(ip) is record and not self.stopping:
                 self._reactor.callLater(RELEASE_RETRY, self._retry_release, ip, record)
@@ -345,6 +363,6 @@ class LockKeeper:
         for ip, (ok, result) in zip(held, await defer.DeferredList(releases, consumeErrors=True)):
             if not ok:
                 log.warn("could not release VIP {ip} on the way out: {e}; it goes with our lease",
-                         ip=ip, e=result.getErrorMessage())
+                         ip=ip, e=describe(result, self._locks.endpoint))
         self.records.clear()
         return held
