@@ -101,3 +101,41 @@ async def test_quorum_lost_for_a_while_is_one_outage_in_the_logs(privileged):
         await session.stopService()
         await client.close()
         cluster.destroy()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_call_always_says_what_happened_and_where(etcd_server):
+    """An error etcd answers with no detail (aetcd passes grpc's empty details on as its text), and a call
+    its caller cancelled: both name what happened and the endpoint, never an empty text."""
+    import asyncio
+
+    import grpc
+    from aetcd import exceptions as aetcd_errors
+    from twisted.internet.defer import CancelledError
+
+    client = EtcdClient(parse_endpoints(etcd_server.endpoint), call_timeout=2)
+
+    async def refused(_):
+        aetcd_errors._handle_exception(grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), details=""))
+
+    async def slow(_):
+        await asyncio.sleep(5)
+
+    try:
+        first = client._current()
+        try:
+            await client._call(refused)
+            raise AssertionError("no error")
+        except EtcdUnavailable as e:
+            assert str(e) == f"etcd {etcd_server.endpoint}: RESOURCE_EXHAUSTED (no detail)"
+        assert client._current() is first, "an answer from etcd is no reason to drop the connection"
+        call = client._call(slow)
+        call.cancel()
+        try:
+            await call
+            raise AssertionError("not cancelled")
+        except CancelledError as e:
+            assert str(e) == f"etcd {etcd_server.endpoint}: call cancelled"
+    finally:
+        await client.close()

@@ -60,6 +60,8 @@ CONNECTION_ERRORS = (
     OSError,
 )
 
+DROPS_CONNECTION = (*CONNECTION_ERRORS, asyncio.CancelledError)  # errors after which a fresh client is opened
+
 
 class EtcdUnavailable(Exception):
     """etcd did not answer; the call may be retried later."""
@@ -134,7 +136,19 @@ def _translate(error: BaseException, endpoint: Endpoint) -> BaseException:
     if isinstance(error, CONNECTION_ERRORS):
         detail = str(error) or type(error).__name__
         return EtcdUnavailable(f"etcd {endpoint}: {detail.splitlines()[0][:200]}")
+    if isinstance(error, aetcd_errors.ClientError) and not str(error).strip():
+        # aetcd passes grpc's details on as the text, and they may be empty (a status it does not map:
+        # CANCELLED, RESOURCE_EXHAUSTED, UNKNOWN...): name the status and the endpoint instead.
+        return EtcdUnavailable(f"etcd {endpoint}: {_status_of(error)} (no detail)")
     return error
+
+
+def _status_of(error: BaseException) -> str:
+    """The grpc status under an aetcd error (e.g. ``RESOURCE_EXHAUSTED``), else the error's type."""
+    cause = error.__cause__
+    if isinstance(cause, rpc.AioRpcError):
+        return getattr(cause.code(), "name", str(cause.code()))
+    return type(error).__name__
 
 
 class EtcdConnection:
@@ -226,8 +240,8 @@ class EtcdConnection:
                     # Not our caller's doing: grpc cancels the calls in flight on a channel that is
                     # closed (another call on it failed).  An etcd outage like any other.
                     translated = EtcdUnavailable(f"etcd {endpoint}: call cancelled, its connection was closed")
-                if isinstance(translated, EtcdUnavailable):
-                    self._failed(client)
+                if isinstance(translated, EtcdUnavailable) and isinstance(e, DROPS_CONNECTION):
+                    self._failed(client)  # (an error etcd answered with, such as RESOURCE_EXHAUSTED, is no reason)
                 if translated is e:
                     raise
                 raise translated from e
@@ -236,7 +250,7 @@ class EtcdConnection:
                     self.outage_settle, self._settled, endpoint, time.monotonic())
             return result
 
-        return Deferred.fromFuture(asyncio.ensure_future(run())).addErrback(_twisted_cancel)
+        return Deferred.fromFuture(asyncio.ensure_future(run())).addErrback(_twisted_cancel, self.endpoint)
 
     def _settled(self, endpoint: Endpoint, answered_at: float) -> None:
         """Calls were answered for ``outage_settle`` seconds, none failed: the outage is over."""
@@ -257,10 +271,11 @@ class EtcdConnection:
         return Deferred.fromFuture(asyncio.ensure_future(_close_quietly(client)))
 
 
-def _twisted_cancel(failure):
-    """An asyncio cancellation, seen from Twisted, is Twisted's CancelledError."""
+def _twisted_cancel(failure, endpoint: Endpoint | None = None):
+    """An asyncio cancellation, seen from Twisted, is Twisted's CancelledError (with a text that
+    says what was cancelled: a log line "could not ...: " with nothing after it helps nobody)."""
     failure.trap(asyncio.CancelledError)
-    raise CancelledError()
+    raise CancelledError(f"etcd {endpoint}: call cancelled" if endpoint else "etcd call cancelled")
 
 
 async def _bounded(awaitable, timeout: float):
