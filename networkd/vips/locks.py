@@ -356,6 +356,7 @@ class LockKeeper:
     async def release_all(self) -> list[str]:
         """On the way out (the host is already clear): delete every lock still on our lease."""
         self.stopping = True
+        self._contest_failures.flush()  # the failures not yet summed up, before the way-out lines
         lease = self._session.lease
         held = sorted(ip for ip, r in self.records.items() if r.lease == lease)
         releases = [self._locks.release(self._keys.vip_lock(ip), lease).addTimeout(STOP_TIMEOUT, self._reactor)
