@@ -347,6 +347,19 @@ def test_a_node_bound_by_a_promise_says_it_is_not_ready_to_receive():
     assert readiness.ready()
 
 
+def test_the_hold_off_says_when_it_ends_start_up_then_a_promise():
+    env = Env()
+    assert env.fs.holding_off_until() == env.clock.seconds() + P, "the start-up hold-off"
+    env.clock.advance(P)
+    assert env.fs.holding_off_until() is None
+    env.etcd_gone()
+    request = {"type": "promise?", "from": "h", "nonce": "r2", "vips": [X], "seconds": P}
+    assert env.fs._received(request, ("10.0.0.9", 3010))[0] == "promise"
+    assert env.fs.holding_off_until() == pytest.approx(env.clock.seconds() + P), "bound by the promise"
+    env.clock.advance(P + 0.01)
+    assert env.fs.holding_off_until() is None and not env.fs.holding_off()
+
+
 def test_the_audit_lets_a_retaken_vip_live_on_its_promises():
     # A TTL of 10: X placed under promises lives to D, past the deadline of the new lease when the
     # request that got it was sent before the newest round (etcd slow to answer after a thaw).  The

@@ -89,3 +89,22 @@ def test_a_hold_off_says_not_ready():
     assert readiness.ready() is False
     readiness.holding_off = lambda: False
     assert readiness.ready() is True
+
+
+def test_a_pass_is_asked_for_when_our_hold_off_ends_so_we_say_ready_then():
+    """A start-up hold-off or a promise makes us say "not ready"; when it ends, a pass at once rewrites our
+    members value (not the next anti-entropy pass, up to 5 s later)."""
+    readiness, clock, watcher, inputs, fenced, refreshed, kicks = make()
+    watcher.set(True)
+    held_until = [3.0]
+    readiness.holding_off = lambda: clock.seconds() < held_until[0]
+    readiness.holding_off_until = lambda: held_until[0] if clock.seconds() < held_until[0] else None
+    readiness.sync()
+    assert refreshed == [False], "holding off: not ready"
+    kicks.clear()
+    clock.advance(2.9)
+    assert not kicks, "nothing to do before the hold-off ends"
+    clock.advance(0.2)
+    assert kicks, "a pass is asked for as the hold-off ends"
+    readiness.sync()
+    assert refreshed == [False, True], "ready again in that pass"

@@ -165,6 +165,15 @@ class Failsafe:
         (so we are not ready to receive; networkd.vips.readiness)."""
         return self.enabled and (self._clock() < self.started_at + self.promise or bool(self.promises.blocked()))
 
+    def holding_off_until(self) -> float | None:
+        """When the start-up hold-off and every promise binding us have ended (our clock; None: none binds us),
+        so that readiness says "ready" again then, not at the next full pass."""
+        if not self.enabled:
+            return None
+        now = self._clock()
+        ends = [t for t in (self.started_at + self.promise, *self.promises.given.values()) if t > now]
+        return max(ends) if ends else None
+
     def filter(self, plan, held: frozenset[str]):
         """The plan we may drive now (None: drive nothing)."""
         if not self.enabled:

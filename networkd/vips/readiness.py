@@ -39,7 +39,9 @@ class Readiness:
         self.published: bool | None = None  # what our members value says
         self.since: dict[str, float] = {}  # member -> since when it says ready (our clock; -inf: an older daemon)
         self.timer = None
+        self._timer_at: float | None = None  # when ``timer`` fires (our clock)
         self.holding_off: Callable[[], bool] = lambda: False  # a start-up hold-off or a promise: we would not contest
+        self.holding_off_until: Callable[[], float | None] = lambda: None  # when that ends (our clock)
 
     def ready(self) -> bool:
         """Whether we can take a VIP handed to us now."""
@@ -63,9 +65,23 @@ class Readiness:
             elif says:
                 since[name] = self.since.get(name, now)
         self.since = since
+        # A pass once a member has settled, and once our own hold-off ends (else we would say "not ready"
+        # until the next full pass, up to its anti-entropy period later).
         pending = [s + READY_HOLD for s in since.values() if s + READY_HOLD > now]
-        if pending and (self.timer is None or not self.timer.active()):
-            self.timer = self._reactor.callLater(min(pending) - now + 0.01, self._changed)  # a pass once settled
+        until = self.holding_off_until() if self.published is False else None
+        if until is not None and until > now:
+            pending.append(until)
+        if pending:
+            self._wake_at(min(pending) + 0.01, now)
+
+    def _wake_at(self, at: float, now: float) -> None:
+        """One timer, at the earliest moment asked for."""
+        if self.timer is not None and self.timer.active():
+            if self._timer_at is not None and self._timer_at <= at:
+                return
+            self.timer.cancel()
+        self._timer_at = at
+        self.timer = self._reactor.callLater(max(0.0, at - now), self._changed)
 
     def receivers(self) -> tuple[frozenset[str], frozenset[str]]:
         """(settled, unready): for the planner (networkd.vips.planner.plan_floating)."""

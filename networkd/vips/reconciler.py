@@ -73,6 +73,7 @@ class VipManager(Fencing, service.Service):
         self.readiness = Readiness(reactor, self._clock, self._watchers["locks"], self.inputs, self.fenced,
                                    self.locks, self.health, self.kick)  # may we receive a VIP, may they
         self.readiness.holding_off = self.failsafe.holding_off
+        self.readiness.holding_off_until = self.failsafe.holding_off_until
         self.app_keys = AppKeys(self._etcd, reactor, hostname)
         self.firewall_choice = firewall_backend  # "auto" | "legacy" | "nft", or a back end object
         self.host = VipHost(reactor=reactor, interface=interface, clock=self._clock, justify=self._justification,
