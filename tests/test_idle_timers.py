@@ -115,6 +115,7 @@ def test_dns_first_snapshot_wait_ends_once_the_passed_sockets_are_read(tmp_path)
                               subscribe=lambda callback: None)
     dns = DnsService(FakeClockReactor(clock), listen=ListenAddress(host, port), hosts_file=str(hosts),
                      domains=pending, inherited=[udp, tcp], poll_interval=1.0)
+    readers = set(real_reactor.getReaders())
     dns.startService()
     try:
         assert dns.socket_activated
@@ -127,5 +128,7 @@ def test_dns_first_snapshot_wait_ends_once_the_passed_sockets_are_read(tmp_path)
         assert clock.wakeups(60) <= 61
     finally:
         dns.stopService()
+        clock.advance(1)  # the listeners' connectionLost runs from a timer: on this clock
         udp.close()
         tcp.close()
+    assert set(real_reactor.getReaders()) == readers, "the listeners left the real reactor"
