@@ -22,8 +22,10 @@ etcd's HTTP gateway (one client, one connection).  Then:
    name answers with its new IP (and the daemon CPU used from the first write
    until then), while a client thread asks a fixed local name every ~10 ms
    and records its latency (p50 / p99 / max; a lost answer counts as 1 s);
-4. at rest for ``--rest-seconds``: the daemon's CPU %, a local name's DNS
-   latency (asked every ~10 ms) p50 / p99 / max, and its RSS at the end.
+4. at rest for ``--rest-seconds`` with nobody asking: the daemon's own CPU %
+   (the idle target); then ``--rest-seconds`` more while a local name is asked
+   every ~10 ms: its latency p50 / p99 / max, the CPU then (mostly answering:
+   ~0.25 ms a query, i.e. ~2.4 %), and the RSS at the end.
 
 5. the HTTP API: each of ``/v1/dns/config`` (text and JSON), ``/metrics``,
    ``/v1/status`` and ``/v1/vips`` fetched ``--api-fetches`` times in a row
@@ -377,15 +379,20 @@ def run_size(size: int, args, work: str) -> dict:
                               args.burst_timeout)
         time.sleep(3)
 
-        # 4: rest
+        # 4: rest: first nobody asks (the daemon's own CPU: the idle target), then HOT is asked
+        # 100 times a second (its latency; the CPU then is mostly answering, ~0.25 ms a query)
+        cpu0, r0 = cpu_seconds(proc.pid), time.monotonic()
+        time.sleep(args.rest_seconds)
+        idle_cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - r0)
         cpu0, r0 = cpu_seconds(proc.pid), time.monotonic()
         with Prober(port, HOT, HOT_IP) as prober:
             time.sleep(args.rest_seconds)
         rest_cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - r0)
         lat = prober.latencies
-        result.update(rest_cpu=rest_cpu, rest_p50=pct(lat, 50), rest_p99=pct(lat, 99), rest_max=max(lat),
-                      rest_n=len(lat), rest_lost=prober.lost, rss=rss_mb(proc.pid))
-        log(f"{size}: at rest {args.rest_seconds:g} s: CPU {rest_cpu * 100:.2f} %, {HOT} p50 {ms(result['rest_p50'])} "
+        result.update(idle_cpu=idle_cpu, rest_cpu=rest_cpu, rest_p50=pct(lat, 50), rest_p99=pct(lat, 99),
+                      rest_max=max(lat), rest_n=len(lat), rest_lost=prober.lost, rss=rss_mb(proc.pid))
+        log(f"{size}: at rest {args.rest_seconds:g} s, nobody asking: CPU {idle_cpu * 100:.2f} %; then asked "
+            f"100/s: CPU {rest_cpu * 100:.2f} %, {HOT} p50 {ms(result['rest_p50'])} "
             f"p99 {ms(result['rest_p99'])} max {ms(result['rest_max'])} ms over {len(lat)}, {prober.lost} lost; "
             f"RSS {result['rss']:.0f} MB")
         # 5: the API while a local name is asked every ms
@@ -423,8 +430,10 @@ def print_table(results: list[dict], args) -> None:
         ("local name during the burst, p50 / p99 (max) ms", [
             f"{ms(r['burst_hot_p50'])} / {ms(r['burst_hot_p99'])} ({ms(r['burst_hot_max'])}), "
             f"{r['burst_lost']} of {r['burst_hot_n']} lost" if "burst_hot_p99" in r else "—" for r in results]),
-        (f"at rest {args.rest_seconds:g} s: daemon CPU", [f"{v * 100:.2f} %" if v == v else "—"
-                                                          for v in g("rest_cpu")]),
+        (f"at rest {args.rest_seconds:g} s, nobody asking: daemon CPU", [f"{v * 100:.2f} %" if v == v else "—"
+                                                                         for v in g("idle_cpu")]),
+        (f"at rest {args.rest_seconds:g} s, a local name asked 100/s: daemon CPU", [
+            f"{v * 100:.2f} %" if v == v else "—" for v in g("rest_cpu")]),
         ("at rest: local name p50 / p99 (max) ms", [
             f"{ms(r['rest_p50'])} / {ms(r['rest_p99'])} ({ms(r['rest_max'])})" if "rest_p99" in r else "—"
             for r in results]),
@@ -456,7 +465,8 @@ FIGURES = [
     ("burst: last served after the last write", lambda r: r.get("burst_served"), "ms", ("<", 2.0)),
     ("burst: daemon CPU", lambda r: r.get("burst_cpu"), "s", None),
     ("local name during the burst, p99", lambda r: r.get("burst_hot_p99"), "ms", ("<", 0.005)),
-    ("at rest: daemon CPU", lambda r: r.get("rest_cpu"), "%", ("<", 0.005)),
+    ("at rest, nobody asking: daemon CPU", lambda r: r.get("idle_cpu"), "%", ("<", 0.005)),
+    ("at rest, asked 100/s: daemon CPU", lambda r: r.get("rest_cpu"), "%", None),
     ("at rest: local name p99", lambda r: r.get("rest_p99"), "ms", ("<", 0.005)),
     ("at rest: RSS", lambda r: r.get("rss"), "MB", ("<=", 50.0)),
     ("start-up: the last domain answered after", lambda r: r.get("startup"), "s", ("<", 1.5)),

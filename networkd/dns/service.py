@@ -88,6 +88,7 @@ class DnsService(service.Service):
         self._bind_error: Exception | None = None
         self._waiting: list = []
         self._loops: list = []
+        self._hold_loop = None
         self._subscribed = False
         self._holding = False  # passed sockets not read until the first snapshots are in
         self._hold_started = None
@@ -168,7 +169,8 @@ class DnsService(service.Service):
         self._loops = [every(self.reactor, self._poll_interval, self._poll_files, "DNS hosts-file check")]
         if self._holding:
             self._hold_started = self.reactor.seconds()
-            self._loops.append(every(self.reactor, 0.02, self._check_hold, "DNS first-snapshot wait"))
+            self._hold_loop = every(self.reactor, 0.02, self._check_hold, "DNS first-snapshot wait")
+            self._loops.append(self._hold_loop)
         log.info("DNS listening on {listen} (UDP and TCP), upstreams {ups}",
                  listen=str(self.listen), ups=self.config_view().nameservers or "none")
 
@@ -231,6 +233,7 @@ class DnsService(service.Service):
         if pending and waited < HOLD_MAX:
             return
         self._holding = False
+        self._hold_loop.stop()  # start-up only: no 50 wake-ups a second for the daemon's whole life
         self._udp_port.startReading()
         self._tcp_port.startReading()
         log.info("DNS: reading the passed sockets after {t:.2f}s ({why}); queries sent meanwhile waited in them",

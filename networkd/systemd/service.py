@@ -4,7 +4,8 @@
   snapshot, or has failed to get one (etcd unreachable: the node serves
   what it has, and says so in ``STATUS=``); at the latest after
   ``ready_timeout`` seconds.
-* ``STATUS=`` a line with what it does: DNS, etcd, VIPs, leader; sent when it changes.
+* ``STATUS=`` a line with what it does: DNS, etcd, VIPs, leader; sent when it changes
+  (looked at every ``status_every`` seconds once ready: no fast poll at rest).
 * ``STOPPING=1`` when the stop begins (this service is the last built, so
   the first stopped).
 * ``WATCHDOG=1`` from a reactor timer, every quarter of ``WatchdogSec=``,
@@ -47,9 +48,9 @@ class SystemdNotify(service.Service):
         self.ready = False
         self.pings = 0
         self.last_status: str | None = None
-        self._last_status_at = 0.0
         self._started_at = None
         self._loops: list = []
+        self._readiness = None
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -57,7 +58,8 @@ class SystemdNotify(service.Service):
         super().startService()
         self._started_at = self.reactor.seconds()
         self._say_status("starting: waiting for DNS and the first etcd snapshots")
-        self._loops.append(every(self.reactor, self.poll, self._check_ready, "systemd readiness"))
+        self._readiness = every(self.reactor, self.poll, self._check_ready, "systemd readiness")
+        self._loops.append(self._readiness)
         if self.notifier.watchdog:
             period = self.notifier.watchdog / 4
             log.info("systemd watchdog: {sec:g}s, pinging every {period:g}s while DNS answers",
@@ -79,8 +81,6 @@ class SystemdNotify(service.Service):
 
     def _check_ready(self) -> None:
         if self.ready:
-            if self.reactor.seconds() - self._last_status_at >= self.status_every:
-                self._say_status(self.status_line())
             return
         waited = self.reactor.seconds() - self._started_at
         if self.dns is not None and not self.dns.listening():
@@ -91,11 +91,17 @@ class SystemdNotify(service.Service):
         self.ready = True
         line = self.status_line()
         self.notifier.send(READY=1, STATUS=line)
-        self.last_status, self._last_status_at = line, self.reactor.seconds()
+        self.last_status = line
         log.info("ready after {t:.2f}s: {line}", t=waited, line=line)
+        # The fast poll only serves start-up: from now on one wake-up per status_every
+        # (a changed STATUS= shows within status_every, as before), not 1/poll a second.
+        self._readiness.stop()
+        self._loops.append(every(self.reactor, self.status_every, self._refresh_status, "systemd status"))
+
+    def _refresh_status(self) -> None:
+        self._say_status(self.status_line())
 
     def _say_status(self, line: str) -> None:
-        self._last_status_at = self.reactor.seconds()
         if line != self.last_status:
             self.last_status = line
             self.notifier.send(STATUS=line)
