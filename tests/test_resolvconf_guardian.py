@@ -392,3 +392,16 @@ async def test_a_failed_look_is_logged_and_retried_without_waiting_for_the_reche
         assert "Input/output error" in guardian.status.last_error
         await eventually(lambda: read(path) == GUARDED, timeout=3)
     await eventually(lambda: guardian.status.last_error is None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstreams_are_known_when_start_returns(tmp_path, guard):
+    """The DNS server must not answer its first forwarded queries with "no upstream" while the first look
+    at resolv.conf is still in a thread (a daemon test saw it: the first reverse query never went upstream)."""
+    from twisted.internet import defer
+
+    path = tmp_path / "resolv.conf"
+    write_in_place(path, ORIGINAL)
+    dns = FakeDns(listening=True)
+    guard(path, dns, run_blocking=lambda f, *args: defer.Deferred())  # the background look never returns
+    assert dns.upstreams == [("10.0.0.2", 53), ("10.0.0.3", 53)]

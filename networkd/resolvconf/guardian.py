@@ -129,6 +129,7 @@ class ResolvConfGuardian(service.Service):
                                 backoff=Backoff(1.0, self._recheck_interval), failed=self._failed)
         self._watcher.start()
         self._recheck = every(self._reactor, self._recheck_interval, self._kick, "resolv.conf re-check")
+        self._prime()
         self._kick()
         if self._read_only:
             self.status.state = "read-only (--no-resolv-conf): feeding upstreams only"
@@ -141,6 +142,16 @@ class ResolvConfGuardian(service.Service):
             self.status.state = "waiting for the DNS server to listen"
             # Not cancelled on stop: the Deferred may be shared; the callbacks check self.running.
             self._dns.when_listening().addCallbacks(self._dns_listening, self._dns_failed)
+
+    def _prime(self) -> None:
+        """Read the file once at start, on the spot (a small local file): the DNS server knows its upstreams
+        before it reads its first query, instead of answering the first forwarded ones with "no upstream"
+        until the first look in a thread comes back.  A failure here is left to that look."""
+        try:
+            self._feed(look_at(self.path, self._systemd_path))
+        except Exception as e:
+            log.debug("resolv.conf: first read of {path} failed ({e}); retried in the background", path=self.path,
+                      e=e)
 
     def _dns_listening(self, _):
         if not self.running:
@@ -228,10 +239,6 @@ class ResolvConfGuardian(service.Service):
         problems = self._watcher.watch(state.watch_list(self._systemd_path))
         for problem in problems:
             log.debug("resolv.conf: {problem}", problem=problem)
-        if state.stub and not self._stub_logged:
-            self._stub_logged = True
-            log.info("resolv.conf: {path} is systemd-resolved's stub ({real}); upstreams come from {sd}",
-                     path=self.path, real=state.realpath, sd=self._systemd_path)
         self._feed(state)
         if not self._writing:
             return
@@ -290,6 +297,10 @@ class ResolvConfGuardian(service.Service):
         """Hand the forwarder the other nameservers (kept as they were while the file is missing).
 
         The DNS server logs the list it takes; no second log line here."""
+        if state.stub and not self._stub_logged:
+            self._stub_logged = True
+            log.info("resolv.conf: {path} is systemd-resolved's stub ({real}); upstreams come from {sd}",
+                     path=self.path, real=state.realpath, sd=self._systemd_path)
         if state.upstream_text is None:
             return
         servers = upstreams(state.upstream_text, self._listen, self._node_ip)
