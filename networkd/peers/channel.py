@@ -8,13 +8,13 @@ seconds, naming the source address and why, and counted.
 
 from __future__ import annotations
 
-import json
 from typing import Callable
 
 from twisted.internet import protocol
 from twisted.logger import Logger
 
 from networkd.peers.wire import Refused, Wire
+from networkd.vips.planner import member_field
 
 log = Logger()
 
@@ -87,8 +87,10 @@ class PeerChannel(protocol.DatagramProtocol):
 
 def member_peer(value: str) -> tuple[str, int] | None:
     """The peer address a members value publishes (``"peer": "ip:port"``); None: an older daemon's value."""
+    peer = member_field(value, "peer")
+    if not isinstance(peer, str):
+        return None
     try:
-        peer = json.loads(value).get("peer") if value.strip().startswith("{") else None
         host, _, port = peer.rpartition(":")
         return (host.strip("[]"), int(port)) if host else None
     except (ValueError, AttributeError, TypeError):

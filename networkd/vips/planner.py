@@ -290,28 +290,29 @@ def member_value(node_ip: str | None, healthy: Iterable[str], ready: bool | None
     return json.dumps(value, separators=(",", ":"))
 
 
-def member_ready(value: str) -> bool | None:
-    """Whether a members value says its node is ready to receive a VIP; None: it says nothing (an older
-    daemon: treated as ready, as before)."""
+def member_field(value: str, name: str):
+    """One field of a members value (JSON); None when absent or for an older daemon's value (its node IP,
+    or empty, or not an object)."""
     value = value.strip()
     if not value.startswith("{"):
         return None
     try:
-        ready = json.loads(value).get("ready")
-    except (ValueError, AttributeError):
+        fields = json.loads(value)
+    except ValueError:
         return None
+    return fields.get(name) if isinstance(fields, dict) else None
+
+
+def member_ready(value: str) -> bool | None:
+    """Whether a members value says its node is ready to receive a VIP; None: it says nothing (an older
+    daemon: treated as ready, as before)."""
+    ready = member_field(value, "ready")
     return ready if isinstance(ready, bool) else None
 
 
 def member_health(value: str) -> frozenset[str] | None:
     """The healthy VIPs of a members value; None for an older daemon's value (its node IP, or empty)."""
-    value = value.strip()
-    if not value.startswith("{"):
-        return None
-    try:
-        healthy = json.loads(value).get("healthy")
-    except (ValueError, AttributeError):
-        return None
+    healthy = member_field(value, "healthy")
     if not isinstance(healthy, list):
         return None
     return frozenset(ip for ip in healthy if isinstance(ip, str))
