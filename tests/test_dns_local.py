@@ -10,9 +10,10 @@ import struct
 
 import pytest_twisted
 from dnslib import RCODE
-from twisted.internet import threads
+from twisted.internet import defer, threads
 
 from tests.support.dnsstub import LocalDns, Snapshots, StubServer
+from tests.support.waiting import sleep
 
 
 def ips(reply) -> list:
@@ -49,6 +50,28 @@ async def test_a_forwarded_name_that_becomes_local_is_answered_locally_at_once()
                 assert ips(reply) == [ip], f"{name} edns={edns}: {ips(reply)} after the zone change"
                 assert reply.header.rcode == RCODE.NOERROR and reply.header.aa == (ip != "10.0.0.1")
         assert len(stub.queries) == asked, "nothing more went upstream"
+    finally:
+        await env.stop()
+        stub.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_query_sent_before_the_first_snapshot_waits_for_it_and_is_not_forwarded():
+    """A daemon just started knows its upstreams (resolv.conf is read at once)
+    but not yet its names: a node name asked then must not go upstream (whose
+    NXDOMAIN the client would cache); it waits in the socket and gets the
+    local answer once the first snapshot is in."""
+    stub = StubServer()
+    domains = Snapshots()  # the etcd watch has not answered yet
+    env = await LocalDns([stub], domains=domains).start()
+    try:
+        asking = defer.ensureDeferred(env.q("x.lain", timeout=5))
+        await sleep(0.3)
+        assert stub.names_asked() == [], "a node name went upstream before the zone was in"
+        domains.publish({"x.lain": domain("10.0.0.9")})
+        reply = await asking
+        assert ips(reply) == ["10.0.0.9"] and reply.header.aa
+        assert stub.names_asked() == []
     finally:
         await env.stop()
         stub.close()

@@ -10,10 +10,11 @@ The sockets are bound in privilegedStartService; a bind failure is raised
 (the daemon does not start) so that resolv.conf never points at a dead
 server ([BUG 30]).  Sockets passed by systemd (networkd.socket, ``inherited``)
 bound to the listen address are served instead of binding: they outlive a
-restart, so no query is lost meanwhile; they are read only once every
-watched prefix has its first etcd snapshot (or failed to get one; at most
-HOLD_MAX seconds), so the queries that waited get the node's names, not
-the empty zone of a daemon just started.
+restart, so no query is lost meanwhile.  Passed or bound here, the
+sockets are read only once every watched prefix has its first etcd
+snapshot (or failed to get one; at most HOLD_MAX seconds), so the queries
+that waited get the node's names, not the empty zone of a daemon just
+started (whose forwarder would send a node name upstream).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from networkd.views import DnsConfigView
 log = Logger()
 
 
-HOLD_MAX = 10.0  # socket-activated: seconds at most that queries wait for the first etcd snapshots
+HOLD_MAX = 10.0  # seconds at most that queries wait for the first etcd snapshots
 
 
 class DnsBindError(Exception):
@@ -171,6 +172,7 @@ class DnsService(service.Service):
             self._hold_started = self.reactor.seconds()
             self._hold_loop = every(self.reactor, 0.02, self._check_hold, "DNS first-snapshot wait")
             self._loops.append(self._hold_loop)
+            self._check_hold()  # nothing watched, or snapshots already in: read at once
         log.info("DNS listening on {listen} (UDP and TCP), upstreams {ups}",
                  listen=str(self.listen), ups=self.config_view().nameservers or "none")
 
@@ -204,10 +206,11 @@ class DnsService(service.Service):
                 tcp.close()
             else:
                 self._tcp_port = self.reactor.listenTCP(port, factory, interface=host, backlog=128)
-            if udp is not None or tcp is not None:
-                self._holding = True
-                self._udp_port.stopReading()
-                self._tcp_port.stopReading()
+            # Not read before the first snapshots: a query for a node name would
+            # otherwise go upstream and come back NXDOMAIN, which clients cache.
+            self._holding = True
+            self._udp_port.stopReading()
+            self._tcp_port.stopReading()
         except Exception as e:
             if self._udp_port is not None:
                 self._udp_port.stopListening()
@@ -224,7 +227,7 @@ class DnsService(service.Service):
             d.callback(self.listen)
 
     def _check_hold(self) -> None:
-        """Read the passed sockets once every watched prefix has its first
+        """Read the sockets once every watched prefix has its first
         snapshot or has failed to get one, or after HOLD_MAX seconds."""
         if not self._holding or not self.listening():
             return
@@ -236,7 +239,7 @@ class DnsService(service.Service):
         self._hold_loop.stop()  # start-up only: no 50 wake-ups a second for the daemon's whole life
         self._udp_port.startReading()
         self._tcp_port.startReading()
-        log.info("DNS: reading the passed sockets after {t:.2f}s ({why}); queries sent meanwhile waited in them",
+        log.info("DNS: reading queries after {t:.2f}s ({why}); those sent meanwhile waited in the sockets",
                  t=waited, why="waited too long for etcd" if pending else "first etcd snapshots in")
 
     def _report_inherited(self) -> None:

@@ -235,10 +235,11 @@ class Snapshots:
     subscriber a new snapshot (``LocalDns(domains=Snapshots())``)."""
 
     def __init__(self, values=None):
-        from networkd.etcd.reflector import Snapshot
+        from networkd.etcd.reflector import PrefixStatus, Snapshot
 
         self._make = Snapshot
         self.snapshot = None
+        self.status = PrefixStatus("")  # never lost: DNS waits for the first publish
         self._subscribers: list = []
         if values is not None:
             self.publish(values)
