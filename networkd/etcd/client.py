@@ -28,6 +28,7 @@ from networkd.etcd.connection import (  # noqa: F401  (re-exported: imported fro
     _translate,
     _twisted_cancel,
 )
+from networkd.etcd.keepalive import KeepAliveStream
 
 __all__ = [
     "AETCD_VERSION", "CHANNEL_OPTIONS", "CONNECTION_ERRORS", "Compacted", "EtcdClient", "EtcdUnavailable",
@@ -72,6 +73,14 @@ class WatchHandle:
 
 class EtcdClient(EtcdConnection):
     """etcd v3 over aetcd, with endpoint fail-over; every method returns a Deferred."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.keepalives = KeepAliveStream()
+
+    def close(self) -> Deferred:
+        self.keepalives.close()
+        return super().close()
 
     # -- reads ---------------------------------------------------------------
 
@@ -243,8 +252,8 @@ class EtcdClient(EtcdConnection):
         """Refresh ``lease``; fires with the TTL etcd granted, 0 if the lease is gone."""
 
         async def op(client):
-            reply = await client.refresh_lease(lease)
-            return 0 if reply is None else max(0, reply.TTL)
+            reply = await self.keepalives.refresh(client, lease)
+            return max(0, reply.TTL)
 
         return self._call(op, timeout)
 

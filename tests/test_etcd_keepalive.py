@@ -1,0 +1,85 @@
+"""Lease keep-alives as etcd sees them: one stream, kept, re-opened when it breaks."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import pytest_twisted
+from twisted.internet import reactor
+
+from networkd.etcd.session import Session
+from tests.test_etcd_snapshots import client_for
+from tests.support.waiting import eventually
+
+
+def keepalive_streams_started(endpoint: str) -> int:
+    """How many LeaseKeepAlive streams etcd has seen opened (its own /metrics)."""
+    with urllib.request.urlopen(f"{endpoint}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    found = re.search(r'^grpc_server_started_total\{[^}]*grpc_method="LeaseKeepAlive"[^}]*\} (\S+)$', text, re.M)
+    return int(float(found.group(1))) if found else 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_keep_alives_ride_one_stream(private_etcd):
+    """Eight keep-alives in a row open one stream on etcd, not eight (aetcd's
+    refresh_lease opened one per request, the largest cost of an idle daemon)."""
+    client = client_for(private_etcd.endpoint)
+    session = Session(client, ttl=3, reactor=reactor)  # a keep-alive every 0.5 s
+    acks = []
+    session.on_ack(acks.append)
+    before = keepalive_streams_started(private_etcd.endpoint)
+    session.startService()
+    try:
+        await eventually(lambda: len(acks) >= 9, timeout=10, message="nine acknowledgements (grant + 8)")
+        assert keepalive_streams_started(private_etcd.endpoint) - before == 1
+    finally:
+        await session.stopService()
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_revoked_lease_is_seen_on_the_stream_and_replaced(private_etcd):
+    client = client_for(private_etcd.endpoint)
+    session = Session(client, ttl=3, reactor=reactor)
+    lost = []
+    session.on_lost(lambda: lost.append(session.lease))
+    session.startService()
+    try:
+        await eventually(lambda: session.last_ack is not None)
+        first = session.lease
+        private_etcd.ctl("lease", "revoke", f"{first:x}")
+        await eventually(lambda: lost and session.lease not in (None, first), timeout=5,
+                         message="lease lost, a new one granted")
+        renewed = session.last_ack
+        await eventually(lambda: session.last_ack > renewed, timeout=3, message="the new lease is kept alive")
+    finally:
+        await session.stopService()
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stream_is_opened_again_after_etcd_restarts(private_etcd):
+    """The stream etcd ended as it stopped is not written to: the first
+    keep-alive after the restart goes out on a new stream and is answered,
+    with no failure in between (writing on the ended one failed it)."""
+    client = client_for(private_etcd.endpoint)
+    session = Session(client, ttl=6, reactor=reactor)
+    failures = []
+    session.on_reconnect(failures.append)  # called after an acknowledgement that follows failures
+    session.startService()
+    try:
+        await eventually(lambda: client.keepalives.opened == 1 and session.last_error is None
+                         and session.last_ack > session.clock() - 0.5, message="a keep-alive on the stream")
+        private_etcd.stop()  # (these block the reactor: nothing is sent meanwhile)
+        private_etcd.start()
+        restarted = session.clock()
+        await eventually(lambda: session.last_ack > restarted, timeout=15,
+                         message="a keep-alive sent after the restart is acknowledged")
+        assert client.keepalives.opened == 2 and failures == [] and session.last_error is None
+        later = session.last_ack
+        await eventually(lambda: session.last_ack > later, timeout=3)
+    finally:
+        await session.stopService()
+        await client.close()
