@@ -397,6 +397,27 @@ def test_ill_health_hands_over_and_holds_down_for_10s():
     health.stop()
 
 
+def test_ten_targets_share_one_wake_up_an_interval():
+    """A node's ten containers are probed together: one timer step a second, not ten
+    (each wake-up, and the read of each answer, cost more than the connect itself)."""
+    clock, script, p, _ = prober()
+    targets = [Target("tcp", f"172.20.0.{i}", 8080) for i in range(10)]
+    steps = []
+    original = p._step
+    p._step = lambda: (steps.append(clock.seconds()), original())
+    p.track(targets)
+    clock.pump([0.01] * 1000)  # 10 s
+    assert 90 <= len(script.calls) <= 100, len(script.calls)
+    assert len(steps) <= 11, f"{len(steps)} timer steps for {len(script.calls)} probes of 10 targets"
+    assert all(p.up(t) for t in targets)
+    p.track(targets + [Target("tcp", f"172.21.{i // 250}.{i % 250}", 80) for i in range(990)])  # 1,000: all phases
+    clock.pump([0.01] * 100)  # the timer set for the ten runs first, then every phase is in use
+    steps.clear()
+    script.calls.clear()
+    clock.pump([0.01] * 125)  # an interval, and the drift of the 0.01 s pumps
+    assert len(steps) >= 19 and len(set(target for _, target in script.calls)) == 1000, "spread again"
+
+
 def test_a_few_targets_wake_the_reactor_once_per_interval_each_not_every_phase():
     clock, script, p, _ = prober()
     steps = []

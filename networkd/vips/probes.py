@@ -176,7 +176,8 @@ class TargetState:
     tracked: bool = True  # False once forgotten: a late answer is ignored
 
 
-SLOTS = 20  # phases per interval: one timer for all targets, not one (and one more for a timeout) per probe
+SLOTS = 20  # phases per interval at most: one timer for all targets, not one (and one more for a timeout) per probe
+PER_SLOT = 32  # targets a phase takes before another phase is used: a few targets share one wake-up (~2 ms at most)
 _TIMEOUT = object()
 
 
@@ -184,8 +185,11 @@ class Prober:
     """Keeps the tracked targets probed; ``changed()`` is called when one goes up or down.
 
     One timer walks the interval in SLOTS steps while there is a target (over
-    empty slots in one go); each target is probed in the step of its phase, and
-    a probe still running ``timeout`` after its start is cancelled at the next
+    empty slots in one go); each target is probed in the step of its phase.
+    Targets use as few phases as PER_SLOT allows (ten targets: one phase, so
+    one wake-up an interval and their answers read together, not ten of
+    each); a thousand spread over all SLOTS, so none bursts.  A
+    probe still running ``timeout`` after its start is cancelled at the next
     step (so a timeout is up to interval/SLOTS late).  TCP checks go through
     ``Connects`` (unless ``probe`` replaces every check, as tests do); HTTP
     checks are Deferreds.
@@ -200,6 +204,7 @@ class Prober:
         self.states: dict[Target, TargetState] = {}
         self.results = {"success": 0, "failure": 0}  # probes run, for /metrics
         self._slots: list[dict[Target, TargetState]] = [{} for _ in range(SLOTS)]
+        self._phases = 0  # how many of the slots are in use (by the number of targets)
         self._running: dict[int, TargetState] = {}  # id(state) -> state, in the order the probes started
         self._cursor = 0  # the slot the timer runs next
         self._call = None
@@ -213,7 +218,15 @@ class Prober:
             self._forget(target, state)
         added = wanted - set(self.states)
         for target in added:
-            state = self.states[target] = TargetState(slot=zlib.crc32(str(target).encode()) % SLOTS)
+            self.states[target] = TargetState()
+        phases = min(SLOTS, max(1, math.ceil(len(self.states) / PER_SLOT)))
+        if phases != self._phases:  # as few phases as the targets need, each one wake-up an interval
+            self._phases = phases
+            self._slots = [{} for _ in range(SLOTS)]
+            added = self.states
+        for target in added:
+            state = self.states[target]
+            state.slot = zlib.crc32(str(target).encode()) % phases
             self._slots[state.slot][target] = state
         if self.states and self._call is None:
             self._call = self._reactor.callLater(self.interval / SLOTS, self._step)
@@ -229,6 +242,7 @@ class Prober:
     def stop(self) -> None:
         states, self.states = self.states, {}
         self._slots = [{} for _ in range(SLOTS)]
+        self._phases = 0
         self._cancel_timer()
         for target, state in states.items():
             self._forget(target, state)
