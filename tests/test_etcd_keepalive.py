@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import urllib.request
+from types import SimpleNamespace
 
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
 
+from networkd.etcd.keepalive import KeepAliveStream
 from networkd.etcd.session import Session
 from tests.test_etcd_snapshots import client_for
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, sleep
 
 
 def keepalive_streams_started(endpoint: str) -> int:
@@ -83,3 +86,59 @@ async def test_the_stream_is_opened_again_after_etcd_restarts(private_etcd):
     finally:
         await session.stopService()
         await client.close()
+
+
+class FakeCall:
+    """A LeaseKeepAlive stream whose replies the test hands over."""
+
+    def __init__(self):
+        self.written, self.replies, self.cancelled = [], asyncio.Queue(), False
+
+    async def write(self, request):
+        self.written.append(request.ID)
+
+    async def read(self):
+        return await self.replies.get()
+
+    def done(self):
+        return self.cancelled
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class FakeClient:
+    metadata = None
+
+    def __init__(self):
+        self.calls = []
+        self.leasestub = self
+
+    async def connect(self):
+        pass
+
+    def LeaseKeepAlive(self, metadata=None):  # noqa: N802 (grpc's name)
+        self.calls.append(FakeCall())
+        return self.calls[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_never_takes_the_reply_meant_for_one_given_up():
+    """The session dates its lease from the send time of the request it thinks
+    was answered: a refresh started while an earlier one is still outstanding
+    (given up by its caller, not yet unwound) must not read that one's reply."""
+    stream, client = KeepAliveStream(), FakeClient()
+    first = asyncio.ensure_future(stream.refresh(client, 7))
+    await sleep(0.01)
+    second = asyncio.ensure_future(stream.refresh(client, 7))  # the first still waits for its reply
+    await sleep(0.01)
+    assert len(client.calls) == 2 and client.calls[0].cancelled, "a new stream; the busy one cancelled"
+    client.calls[0].replies.put_nowait(SimpleNamespace(TTL=3, tag="late reply to the first"))
+    client.calls[1].replies.put_nowait(SimpleNamespace(TTL=3, tag="the second's own"))
+    assert (await defer.Deferred.fromFuture(second)).tag == "the second's own"
+    first.cancel()
+    third = asyncio.ensure_future(stream.refresh(client, 7))
+    await sleep(0.01)
+    assert len(client.calls) == 2, "the second's stream, idle again, is reused"
+    client.calls[1].replies.put_nowait(SimpleNamespace(TTL=3, tag="third"))
+    assert (await defer.Deferred.fromFuture(third)).tag == "third"

@@ -29,34 +29,46 @@ class StreamEnded(ConnectionError):
 
 
 class KeepAliveStream:
-    """``refresh(client, lease)``: the LeaseKeepAliveResponse, on a stream reused across calls."""
+    """``refresh(client, lease)``: the LeaseKeepAliveResponse, on a stream reused across calls.
+
+    A stream answers in order, so a reply is the answer to our request only if
+    no other request is outstanding on it.  A refresh that finds the stream
+    busy (the previous one given up by its caller but not yet unwound: a
+    cancellation is delivered a loop turn later) takes a new stream; the old
+    one is cancelled, and its late reply can answer nobody.  This matters for
+    safety: the session dates the lease from the send time of the request it
+    believes answered."""
 
     def __init__(self):
         self._client = None
         self._call = None
+        self._busy = False  # a request is outstanding on ``_call``
         self.opened = 0  # streams opened so far (tests, diagnostics)
 
     async def refresh(self, client, lease: int):
         await client.connect()  # at once when connected: the stubs exist from then on
         call = self._call
-        if call is None or call.done() or self._client is not client:  # ended since (etcd restarted...)
-            call = self._stream(client)
+        if call is None or call.done() or self._client is not client or self._busy:
+            call = self._stream(client)  # (ended since: etcd restarted, a fail-over, a request given up)
+        self._busy = True
         try:
             await call.write(rpc.LeaseKeepAliveRequest(ID=lease))
             reply = await call.read()
         except rpc.AioRpcError as e:
-            self.close()
+            self._drop(call)
             aetcd_errors._handle_exception(e)  # aetcd's errors, as for every other call
             raise
         except asyncio.InvalidStateError as e:  # it ended between our check and the write
-            self.close()
+            self._drop(call)
             raise StreamEnded(f"etcd ended the lease keep-alive stream ({e})") from e
         except BaseException:
-            self.close()
+            self._drop(call)
             raise
         if reply is grpc.aio.EOF:
-            self.close()
+            self._drop(call)
             raise StreamEnded("etcd ended the lease keep-alive stream")
+        if call is self._call:
+            self._busy = False
         return reply
 
     def _stream(self, client):
@@ -66,7 +78,14 @@ class KeepAliveStream:
         self.opened += 1
         return self._call
 
+    def _drop(self, call) -> None:
+        """Close ``call`` after a failure; the stream in use stays if it is another one."""
+        if call is self._call:
+            self.close()
+        elif not call.done():
+            call.cancel()
+
     def close(self) -> None:
-        call, self._call, self._client = self._call, None, None
+        call, self._call, self._client, self._busy = self._call, None, None, False
         if call is not None and not call.done():
             call.cancel()
