@@ -6,9 +6,10 @@ process holds.  Nothing here does I/O, so every rule is table-tested.
 
 Balance ([BUG 14], [BUG 15]): the floating VIPs of one app/proc spread over
 the live nodes running it.  A free VIP is contested at once by a node that
-holds no more of that proc's VIPs than any other eligible live node; the
-others wait (``campaign_later``) so the least loaded node wins, yet still
-take it if nobody did.  A node holding two more than some eligible live
+holds no more of that proc's VIPs than any other eligible live node (when
+several free VIPs have several such nodes, each contests only its share at
+once: networkd.vips.spread); the others wait (``campaign_later``) so the
+least loaded node wins, yet still take it if nobody did.  A node holding two more than some eligible live
 node releases one VIP cleanly (address and rules first, then the lock),
 one at a time and only while no VIP of the proc is waiting for a holder.
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from networkd.vips.model import Container, VipConfig
+from networkd.vips.spread import dealt
 
 
 @dataclass(frozen=True, order=True)
@@ -217,6 +219,7 @@ def plan_floating(
             return good if me is True or good else everyone
 
         waiting = False
+        tied: list[tuple[str, list[str]]] = []  # free VIPs for which we are among the least loaded
         for config in group:
             me = True if health is None else health.mine.get(config.ip, True)
             if config.ip in held:
@@ -235,10 +238,13 @@ def plan_floating(
             if rivals and health is not None and config.ip in health.hold_down:
                 later.add(config.ip)  # lost for ill health lately: only if no other candidate takes it
             elif not rivals or mine <= min(counts[n] for n in rivals):
-                now.add(config.ip)
+                tied.append((config.ip, [n for n in rivals if counts[n] == mine]))
             else:
                 later.add(config.ip)
         if waiting:
+            first, after = dealt((group[0].app, group[0].proc), tied, hostname)  # our share at once
+            now |= first
+            later |= after
             continue
         for config in sorted(group, key=lambda c: c.ip, reverse=True):
             if config.ip not in held or config.ip in release:
