@@ -66,7 +66,7 @@ from collections import Counter, defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.hold import loadavg, proc_cpu, put_all, start_listener  # noqa: E402
+from bench.hold import host_cpu, loadavg, proc_cpu, put_all, start_listener  # noqa: E402
 from tests.support.addrmonitor import AddressMonitor  # noqa: E402
 from tests.support.etcd_server import EtcdServer  # noqa: E402
 from tests.support.netns import Lan  # noqa: E402
@@ -225,7 +225,8 @@ def holdings_at(events, t: float) -> dict[str, set[str]]:
 # -- the daemons' logs ------------------------------------------------------------------
 
 LOG_MARKS = (("take", "took the lock of VIP"), ("release", "releasing VIP"), ("lost", "lost the lock"),
-             ("error", "could not"), ("fenced", "fencing"))
+             ("error", "could not"), ("fenced", "fencing"), ("keep-alive late", "not answered"),
+             ("lease expired", "etcd session lost"), ("watch lost", "etcd watch of"))
 
 
 def log_timeline(cluster: Cluster, start: float, end: float) -> dict:
@@ -321,6 +322,29 @@ def daemon_cpu(cluster: Cluster, names) -> dict[str, float]:
     return out
 
 
+def cpu_snapshot(cluster: Cluster, names, etcd: EtcdServer) -> dict:
+    """CPU seconds so far: the daemons' own and their children's (iptables-restore...), etcd's, this
+    bench's (it relays every etcd connection: tests/support/vipnodes.py NsForwarder), the host's."""
+    own = children = 0.0
+    for name in names:
+        try:
+            a, b = proc_cpu(cluster[name].daemon.pid)
+        except OSError:
+            continue
+        own, children = own + a, children + b
+    busy, _ = host_cpu()
+    return {"daemons": own, "their children": children, "etcd": sum(proc_cpu(etcd.process.pid)),
+            "this bench": sum(os.times()[:2]), "host (all cores)": busy, "at": time.monotonic()}
+
+
+def cpu_used(before: dict, after: dict, span: float) -> dict:
+    """CPU seconds used between two snapshots, and the wall-clock span."""
+    out = {k: after[k] - before[k] for k in before if k != "at"}
+    out["others"] = out["host (all cores)"] - sum(v for k, v in out.items() if k != "host (all cores)")
+    out["wall"] = span
+    return out
+
+
 def one_run(args, run: int) -> dict:
     etcd = lan = cluster = None
     listeners: list[subprocess.Popen] = []
@@ -346,6 +370,7 @@ def one_run(args, run: int) -> dict:
         result["loadavg_burst"] = loadavg()
         with AddressMonitor(namespaces, set(app_of), poll=0.01) as monitor:
             live = set(names)
+            cpu_before, requests_before = cpu_snapshot(cluster, names, etcd), etcd_requests(etcd)
             written = time.monotonic()
             put_all(etcd, pods)
             put_all(etcd, vips)
@@ -355,6 +380,10 @@ def one_run(args, run: int) -> dict:
                 held = monitor.holders_now()
                 raise RuntimeError(f"not balanced within {args.timeout} s: {sum(len(h) == 1 for h in held.values())}"
                                    f"/{len(app_of)} held by one node, spread {judge.spread(held, live)}")
+            result["burst_cpu"] = cpu_used(cpu_before, cpu_snapshot(cluster, names, etcd), time.monotonic() - written)
+            requests = etcd_requests(etcd)  # our own two Txn writes are in it too
+            result["burst_requests"] = {k: v - requests_before.get(k, 0.0) for k, v in requests.items()
+                                        if v - requests_before.get(k, 0.0) > 0}
             time.sleep(args.observe)
             observed = time.monotonic()
             first_held, first_bal, settled, moves_after = judge.replay(monitor.events, written, observed, live, {})
@@ -513,6 +542,11 @@ def report(args, runs: list[dict]) -> bool:
     figure("daemon CPU at rest, mean per daemon", [r["daemon_cpu_mean"] for r in runs], None, "% of a core")
     figure("   the busiest daemon", [r["daemon_cpu_max"] for r in runs], None, "% of a core")
     figure("etcd CPU at rest", [r["etcd_cpu"] for r in runs], None, "% of a core")
+    for m in sorted({m for r in runs for m in r["burst_requests"]}):
+        figure(f"etcd requests from the write to balanced: {m}", [r["burst_requests"].get(m, 0) for r in runs],
+               None, "", "g")
+    for key in ("daemons", "their children", "etcd", "this bench", "others", "host (all cores)"):
+        figure(f"CPU from the write to balanced: {key}", [r["burst_cpu"][key] for r in runs], None, "s")
     overlaps = [o for r in runs for o in r["overlaps"]]
     print(f"overlaps (two nodes with one VIP): {len(overlaps)} in {len(runs)} runs" +
           (f": {overlaps[:5]}" if overlaps else ""))
