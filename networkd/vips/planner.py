@@ -271,16 +271,19 @@ class CandidateHealth:
     ``published``: node -> the VIPs its members value says it is a healthy
     candidate for (None: an older daemon that says nothing, healthy for all);
     ``mine``: this node's own verdicts (True, False or None = undecided; absent
-    = True); ``hold_down``: VIPs this node lost for ill health lately.
+    = True); ``hold_down``: VIPs this node lost for ill health lately;
+    ``fresh``: VIPs too new here for the others to have said (each counts as
+    healthy for them: networkd.vips.health.FRESH).
     """
 
     published: Mapping[str, frozenset[str] | None] = field(default_factory=dict)
     mine: Mapping[str, bool | None] = field(default_factory=dict)
     hold_down: frozenset[str] = frozenset()
+    fresh: frozenset[str] = frozenset()
 
     def ok(self, node: str, ip: str) -> bool:
         healthy = self.published.get(node)
-        return healthy is None or ip in healthy
+        return healthy is None or ip in healthy or ip in self.fresh
 
 
 def member_value(node_ip: str | None, healthy: Iterable[str], ready: bool | None = None,
