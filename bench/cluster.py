@@ -376,10 +376,19 @@ def one_run(args, run: int) -> dict:
             put_all(etcd, vips)
             log(f"run {run}: wrote {len(pods)} pod groups and {len(vips)} VIP configs in "
                 f"{time.monotonic() - written:.2f} s (loadavg {loadavg()})")
-            if wait_for(lambda: judge.balanced(monitor.holders_now(), live), args.timeout) is None:
+            timeline: list[tuple[float, float]] = []  # (s after the write, lock transactions so far)
+
+            def balanced_yet() -> bool:  # and every half second, etcd's count of transactions
+                if not timeline or time.monotonic() - written - timeline[-1][0] >= 0.5:
+                    count = sum(v for k, v in etcd_requests(etcd).items() if k.startswith("KV.Txn"))
+                    timeline.append((time.monotonic() - written, count - requests_before.get("KV.Txn (unary)", 0)))
+                return judge.balanced(monitor.holders_now(), live)
+
+            if wait_for(balanced_yet, args.timeout) is None:
                 held = monitor.holders_now()
                 raise RuntimeError(f"not balanced within {args.timeout} s: {sum(len(h) == 1 for h in held.values())}"
                                    f"/{len(app_of)} held by one node, spread {judge.spread(held, live)}")
+            result["txn_timeline"] = [(round(t, 2), c) for t, c in timeline]
             result["burst_cpu"] = cpu_used(cpu_before, cpu_snapshot(cluster, names, etcd), time.monotonic() - written)
             requests = etcd_requests(etcd)  # our own two Txn writes are in it too
             result["burst_requests"] = {k: v - requests_before.get(k, 0.0) for k, v in requests.items()
@@ -555,6 +564,9 @@ def report(args, runs: list[dict]) -> bool:
         print(f"   run {r['run']}: held {r['held']:.2f} s, balanced {r['balanced']:.2f} s, for good {r['settled']:.2f} s; "
               f"killed {r['victim']} ({r['victim_vips']} VIPs): elsewhere {r['failover']:.2f} s, "
               f"balanced {r['rebalanced']:.2f} s; etcd {r['etcd_rps']:.1f}/s")
+        if "txn_timeline" in r:
+            print("  lock transactions (etcd's count since the write): " +
+                  ", ".join(f"+{t:.1f}s {c:.0f}" for t, c in r["txn_timeline"]))
         for key in ("timeline_burst", "timeline_kill"):
             if key in r:
                 print_timeline(f"run {r['run']} {key.split('_')[1]}, from the daemons' logs", r[key])

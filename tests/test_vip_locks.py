@@ -129,6 +129,23 @@ def test_a_lost_contest_is_not_sent_again_before_our_snapshot_shows_the_winner()
     assert not k2.beaten("10.0.0.5")
 
 
+def test_a_vip_dealt_to_another_node_waits_a_lock_ttl_not_the_campaign_grace():
+    """Free VIPs dealt out among the least loaded (networkd.vips.spread): one in another node's hand is
+    ours to take only if it is still free after a lock TTL (that node is live; if it dies, its members
+    key goes within a TTL); an ordinary 'later' one after the campaign grace, as before."""
+    from networkd.vips.locks import CAMPAIGN_GRACE
+
+    clock, etcd, k = keeper()
+    plan = FloatingPlan(campaign_later=frozenset({"10.0.0.5", "10.0.0.6"}), dealt=frozenset({"10.0.0.5"}))
+    k.drive(plan)
+    clock.advance(CAMPAIGN_GRACE)
+    k.drive(plan)
+    assert k.held() == {"10.0.0.6"}, "the ordinary one after the grace, the dealt one not yet"
+    clock.advance(k._session.ttl - CAMPAIGN_GRACE)
+    k.drive(plan)
+    assert k.held() == {"10.0.0.5", "10.0.0.6"}, "nobody took it within a TTL: ours"
+
+
 def test_many_locks_are_read_back_with_one_range_read():
     clock, etcd, k = keeper()
     ips = {f"10.0.0.{i}" for i in range(1, 200)}

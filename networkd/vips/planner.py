@@ -51,6 +51,8 @@ class FloatingPlan:
     release: frozenset[str] = frozenset()
     # ip -> why we release it (shown in the log and the API)
     reasons: Mapping[str, str] = field(default_factory=dict)
+    # of campaign_later: dealt to another least loaded node (networkd.vips.spread), which takes it unless it fails
+    dealt: frozenset[str] = frozenset()
 
 
 class ContainerIndex(tuple):
@@ -197,6 +199,7 @@ def plan_floating(
 
     now: set[str] = set()
     later: set[str] = set()
+    others_hand: set[str] = set()
     keep: set[str] = set()
     for group in groups.values():
         group_ips = {c.ip for c in group}
@@ -245,6 +248,7 @@ def plan_floating(
             first, after = dealt((group[0].app, group[0].proc), tied, hostname)  # our share at once
             now |= first
             later |= after
+            others_hand |= after
             continue
         for config in sorted(group, key=lambda c: c.ip, reverse=True):
             if config.ip not in held or config.ip in release:
@@ -258,7 +262,8 @@ def plan_floating(
                 keep.discard(config.ip)
                 release[config.ip] = f"rebalancing: this node holds {mine} VIPs of {config.app}.{config.proc}"
                 break
-    return FloatingPlan(frozenset(now), frozenset(later), frozenset(keep), frozenset(release), release)
+    return FloatingPlan(frozenset(now), frozenset(later), frozenset(keep), frozenset(release), release,
+                        frozenset(others_hand))
 
 
 UNHEALTHY = "unhealthy here, a healthy candidate exists"
