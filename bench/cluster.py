@@ -455,9 +455,10 @@ def one_run(args, run: int) -> dict:
             result["events"] = [(round(t - written, 4), n, ip, what) for t, n, ip, what in monitor.events]
         return result
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
+        handlers = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}  # cleanup ends
         cleanup(cluster, lan, etcd, listeners, args.keep_logs)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
 
 
 def cleanup(cluster, lan, etcd, listeners, keep_logs: bool) -> None:
