@@ -8,8 +8,9 @@ expired and the contest started over (bench/cluster.py: 20 s until every VIP
 was held, 34 s until balanced).  Now the free VIPs (sorted) and the nodes tied
 for least loaded (sorted, rotated by a hash of the app/proc so that the spare
 ones of different apps land on different nodes) are dealt out like cards: a
-node contests at once only the VIPs dealt to it, the others after the
-campaign grace (networkd.vips.locks.CAMPAIGN_GRACE) if nobody took them.  One
+node contests at once only the VIPs dealt to it, one dealt to another node
+only if nobody took it within a lock TTL (networkd.vips.locks.DEALT_GRACE_TTLS:
+that node is live; if it dies its members key goes within a TTL).  One
 free VIP (a holder died) is dealt to every tied node: they race, as before.
 Only who asks first changes; the lock decides, as ever.
 """
