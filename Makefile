@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps venv test demo demo-check bench-dns bench-failover bench-faults bench-hold bench-scale rpm clean
+.PHONY: deps venv test demo demo-check bench-dns bench-failover bench-faults bench-hold bench-scale bench-cluster rpm clean
 
 deps:
 	scripts/install-deps.sh
@@ -44,6 +44,10 @@ bench-hold: deps venv
 bench-scale: deps venv
 	$(PY) bench/scale.py --sizes 1000,10000
 	$(PY) bench/scale.py --sizes 40000 --puts 20 --burst 200 --burst-timeout 240
+
+# 20 namespaced nodes, 10 apps on all of them, 200 VIPs in one burst, SIGKILL of the busiest, etcd at rest (root; ~5 minutes).
+bench-cluster: deps venv
+	$(PY) bench/cluster.py --nodes 20 --runs 3
 
 rpm:
 	packaging/rpm/build.sh

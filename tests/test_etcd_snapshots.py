@@ -245,6 +245,9 @@ async def test_guarded_create_and_delete(etcd_server, etcd_root):
         assert await client.put_if_absent(key, b"me", lease) is True
         assert await client.put_if_absent(key, b"you", other) is False
         assert (await client.get(key)).value == b"me"
+        created, there = await client.create_or_get(key, b"you", other)  # who beat us, and when
+        assert created is False and there.value == b"me" and there.lease == lease
+        assert there.mod_revision == (await client.get(key)).mod_revision
         assert await client.delete_if_lease(key, other) is False
         assert (await client.get(key)).value == b"me"
         assert await client.delete_if_lease(key, lease) is True

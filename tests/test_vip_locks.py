@@ -38,6 +38,13 @@ class Etcd:
         self.kv[key] = KeyValue(key, value, self.revision, lease)
         return defer.succeed(True)
 
+    def create_or_get(self, key, value, lease):
+        if key in self.kv:
+            return defer.succeed((False, self.kv[key]))
+        self.revision += 1
+        self.kv[key] = KeyValue(key, value, self.revision, lease)
+        return defer.succeed((True, None))
+
     def get(self, key):
         return defer.succeed(self.kv.get(key))
 
@@ -86,6 +93,57 @@ def test_a_snapshot_as_new_as_our_knowledge_does_say_it_is_gone():
     assert k.held() == frozenset()
     k.observe({"10.0.0.6": "n2"}, revision=etcd.revision + 2)
     assert "10.0.0.6" not in k.held()
+
+
+def test_a_lost_contest_is_not_sent_again_before_our_snapshot_shows_the_winner():
+    """n2 took the lock at revision R; our watch lags (snapshots older than R say the VIP is free), and
+    every pass in the meantime wants it: one request, not one per pass (20 nodes x 200 VIPs sent ~30,000
+    futile ones, bench/cluster.py).  Once a snapshot as new as R came, we may ask again (it was freed)."""
+    clock, etcd, k = keeper()
+    key = KEYS.vip_lock("10.0.0.5").encode()
+    etcd.put_if_absent(key, b"n2", 0x43)
+    taken = etcd.revision
+    sent = []
+    for name in ("create_or_get", "put_if_absent"):  # either way of asking counts
+        original = getattr(etcd, name)
+        setattr(etcd, name, lambda *a, original=original: (sent.append(a[0]), original(*a))[1])
+    for _ in range(10):  # passes kicked by other locks' events, all older than the winner
+        k.observe({}, revision=taken - 1)
+        k.drive(FloatingPlan(campaign_now=frozenset({"10.0.0.5"})))
+        clock.advance(0.1)
+    assert sent == [key], f"{len(sent)} requests for a lock we lost"
+    k.observe({"10.0.0.5": "n2"}, revision=taken)  # the winner, in our snapshot
+    etcd.delete_if_lease(key, 0x43)
+    k.observe({}, revision=etcd.revision)  # and its release
+    k.drive(FloatingPlan(campaign_now=frozenset({"10.0.0.5"})))
+    assert len(sent) == 2 and k.held() == {"10.0.0.5"}, "free again: contested and taken"
+
+    from networkd.vips.locks import BEATEN_FOR
+
+    clock2, etcd2, k2 = keeper()  # a watch that never catches up: after BEATEN_FOR, asked again
+    etcd2.put_if_absent(key, b"n2", 0x43)
+    k2.observe({}, revision=1)
+    k2.drive(FloatingPlan(campaign_now=frozenset({"10.0.0.5"})))
+    assert k2.beaten("10.0.0.5")
+    clock2.advance(BEATEN_FOR)
+    assert not k2.beaten("10.0.0.5")
+
+
+def test_a_vip_dealt_to_another_node_waits_a_lock_ttl_not_the_campaign_grace():
+    """Free VIPs dealt out among the least loaded (networkd.vips.spread): one in another node's hand is
+    ours to take only if it is still free after a lock TTL (that node is live; if it dies, its members
+    key goes within a TTL); an ordinary 'later' one after the campaign grace, as before."""
+    from networkd.vips.locks import CAMPAIGN_GRACE
+
+    clock, etcd, k = keeper()
+    plan = FloatingPlan(campaign_later=frozenset({"10.0.0.5", "10.0.0.6"}), dealt=frozenset({"10.0.0.5"}))
+    k.drive(plan)
+    clock.advance(CAMPAIGN_GRACE)
+    k.drive(plan)
+    assert k.held() == {"10.0.0.6"}, "the ordinary one after the grace, the dealt one not yet"
+    clock.advance(k._session.ttl - CAMPAIGN_GRACE)
+    k.drive(plan)
+    assert k.held() == {"10.0.0.5", "10.0.0.6"}, "nobody took it within a TTL: ours"
 
 
 def test_many_locks_are_read_back_with_one_range_read():
@@ -233,7 +291,7 @@ class Stalled(Etcd):
         super().__init__()
         self.pending: list[defer.Deferred] = []
 
-    def put_if_absent(self, key, value, lease):
+    def create_or_get(self, key, value, lease):
         d = defer.Deferred()
         self.pending.append(d)
         return d
@@ -265,9 +323,9 @@ def test_a_burst_keeps_few_lock_requests_in_flight_and_a_failure_without_text_is
     k.drive(FloatingPlan(campaign_now=frozenset(sorted(ips)[:10])))  # the newest plan wants 10 of them
     for d in list(etcd.pending):
         etcd.pending.remove(d)
-        d.callback(True)
+        d.callback((True, None))
     while etcd.pending:
-        etcd.pending.pop(0).callback(True)
+        etcd.pending.pop(0).callback((True, None))
     assert len(k.held()) <= MAX_IN_FLIGHT + 10, "the ones no longer wanted were not sent"
     assert not any(k.campaigning(ip) for ip in ips)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 
 from networkd.vips.model import Container, PortMap, VipConfig
@@ -278,3 +280,28 @@ def test_members_value_says_ready():
     assert member_ready(member_value("10.9.0.1", (), ready=True)) is True
     for older in (member_value("10.9.0.1", ()), "10.9.0.1", "", "{broken", '{"ready": "yes"}'):
         assert member_ready(older) is None, older
+
+
+def test_a_burst_of_free_vips_is_dealt_out_among_the_least_loaded():
+    """20 nodes holding nothing, 20 free VIPs of one app: each node contests one at once (was: all 20,
+    4,000 lock requests for 200 VIPs of 10 apps in bench/cluster.py), every VIP is somebody's, and
+    the others wait the campaign grace; one free VIP is still raced for by every tied node."""
+    nodes = [f"n{i:02d}" for i in range(1, 21)]
+    containers = [Container("hello", "web", i + 1, n, "", f"172.20.0.{i + 1}") for i, n in enumerate(nodes)]
+    vips = configs(*(f"10.0.0.{i}" for i in range(1, 21)))
+    plans = {n: plan_floating(vips, containers, n, {}, frozenset(nodes), frozenset()) for n in nodes}
+    assert {n: len(p.campaign_now) for n, p in plans.items()} == {n: 1 for n in nodes}
+    assert set().union(*(p.campaign_now for p in plans.values())) == set(vips)
+    assert all(p.campaign_now | p.campaign_later == set(vips) for p in plans.values())
+
+    owner = dict(zip(sorted(vips), nodes))
+    holders = {ip: n for ip, n in owner.items() if ip != "10.0.0.7"}  # its holder died: its lock expired
+    alive = frozenset(nodes) - {owner["10.0.0.7"]}
+    for n in alive:
+        plan = plan_floating(vips, containers, n, holders, alive, frozenset(ip for ip, h in holders.items() if h == n))
+        assert plan.campaign_now == {"10.0.0.7"}, n
+
+    fewer = configs("10.0.0.1", "10.0.0.2", "10.0.0.3")  # 3 VIPs, 20 tied nodes: each VIP to 6-7 nodes
+    takers = Counter(ip for n in nodes for ip in plan_floating(fewer, containers, n, {}, frozenset(nodes),
+                                                                frozenset()).campaign_now)
+    assert set(takers) == set(fewer) and all(6 <= c <= 7 for c in takers.values()), takers

@@ -431,3 +431,42 @@ def test_a_few_targets_wake_the_reactor_once_per_interval_each_not_every_phase()
     clock.pump([0.01] * 300)
     assert p.states[T].failures == 3 and p.states[T].last_error == "no answer within 0.5s"
     assert len(steps) <= 7, f"{len(steps)} timer steps in 3 s"
+
+
+def test_new_vips_are_dealt_out_before_the_others_could_say_they_are_healthy():
+    """Probes off, 8 new VIPs of an app on 4 nodes whose members values predate them (healthy: []): for
+    FRESH seconds the others count as healthy, so we contest our share (2) at once, not all 8 (the first
+    node through a burst took them all); after that, a rival that still says nothing is not healthy."""
+    from networkd.keys import Keys
+    from networkd.vips.health import VipHealth
+    from networkd.vips.inputs import VipInputs
+    from networkd.vips.planner import member_value
+    from networkd.vips.wants import HostWants
+    from tests.support.vipnodes import pod_group
+
+    class Snapshot:
+        def __init__(self, values, revision=1):
+            self.values, self.revision = values, revision
+
+    class Locks:
+        presence_value = None
+
+        def refresh_presence(self):
+            pass
+
+    nodes = ["n1", "n2", "n3", "n4"]
+    inputs = VipInputs(Keys("/lain"))
+    inputs.locks_snapshot(Snapshot({f"members/{n}": member_value(f"10.9.0.{i}", [], True) for i, n in enumerate(nodes)}))
+    inputs.pods_snapshot(Snapshot({"hello/hello.proc.web": pod_group(
+        "hello", "web", [(i + 1, n, f"10.9.0.{i}", f"172.20.0.{i}") for i, n in enumerate(nodes)])}))
+    inputs.configs_snapshot(Snapshot({f"10.0.0.{k}": vip() for k in range(1, 9)}))
+    clock = task.Clock()
+    health = VipHealth(clock, inputs, HostWants(inputs, "n1", "10.9.0.0"), Locks(), "n1", "10.9.0.0", None,
+                       lambda: None)
+    health.sync()
+    plan = health.plan(frozenset())
+    assert len(plan.campaign_now) == 2 and len(plan.campaign_later) == 6, plan
+    from networkd.vips.health import FRESH
+
+    clock.advance(FRESH)
+    assert len(health.plan(frozenset()).campaign_now) == 8, "the others still say nothing: not healthy"

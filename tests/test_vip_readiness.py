@@ -108,3 +108,21 @@ def test_a_pass_is_asked_for_when_our_hold_off_ends_so_we_say_ready_then():
     assert kicks, "a pass is asked for as the hold-off ends"
     readiness.sync()
     assert refreshed == [False, True], "ready again in that pass"
+
+
+def test_with_the_lock_watch_down_we_contest_nothing_and_release_nothing_for_balance():
+    """Our lock snapshot is stale while the watch is down: its free VIPs were mostly taken since (20 daemons
+    on 2 cores, their connections dropped under a burst, contested ~2,000 of them) and its counts are old.
+    A release for another reason (config deleted) does not come from it and stays."""
+    from networkd.vips.planner import FloatingPlan
+
+    readiness, clock, watcher, inputs, fenced, refreshed, kicks = make()
+    plan = FloatingPlan(campaign_now=frozenset({"10.0.0.1"}), campaign_later=frozenset({"10.0.0.2"}),
+                        keep=frozenset({"10.0.0.3"}), release=frozenset({"10.0.0.4", "10.0.0.5"}),
+                        reasons={"10.0.0.4": "rebalancing: this node holds 3 VIPs of hello.web",
+                                 "10.0.0.5": "config deleted"}, dealt=frozenset({"10.0.0.2"}))
+    blind = readiness.blind(plan)
+    assert (blind.campaign_now, blind.campaign_later, blind.dealt) == (set(), set(), set())
+    assert blind.release == {"10.0.0.5"} and blind.keep == {"10.0.0.3", "10.0.0.4"}
+    watcher.set(True)
+    assert readiness.blind(plan) == plan, "the watch is live: the plan as it is"

@@ -204,6 +204,25 @@ class EtcdClient(EtcdConnection):
 
         return self._call(op)
 
+    def create_or_get(self, key: bytes, value: bytes, lease: int | None = None) -> Deferred:
+        """Like ``put_if_absent``, in one transaction: (True, None) if created, else (False, the KeyValue
+        there, or None if it went meanwhile): a caller that lost learns at which revision it was taken."""
+
+        async def op(client):
+            tx = client.transactions
+            ok, responses = await client.transaction(
+                compare=[tx.create(key) == 0],
+                success=[tx.put(key, value, lease=lease)],
+                failure=[tx.get(key)],
+            )
+            if ok:
+                return True, None
+            found = responses[0] if responses else []
+            kv = found[0][1] if found else None
+            return False, None if kv is None else KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease)
+
+        return self._call(op)
+
     def delete_if_lease(self, key: bytes, lease: int) -> Deferred:
         """Delete ``key`` only if it is attached to ``lease``; True if deleted."""
 

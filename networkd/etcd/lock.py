@@ -25,6 +25,10 @@ class LeaseLocks:
         """Fires True if we created the lock on ``lease``, False if it exists."""
         return self._client.put_if_absent(key.encode(), owner.encode(), lease)
 
+    def contest(self, key: str, owner: str, lease: int) -> Deferred:
+        """Fires (True, None) if we created the lock on ``lease``, else (False, the lock's KeyValue or None)."""
+        return self._client.create_or_get(key.encode(), owner.encode(), lease)
+
     def release(self, key: str, lease: int) -> Deferred:
         """Delete the lock if it is still on ``lease``.
 

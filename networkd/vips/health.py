@@ -25,6 +25,11 @@ from networkd.vips.planner import (
 from networkd.vips.probes import Prober, Target, targets_of
 
 HOLD_DOWN = 10.0  # seconds a VIP lost for ill health is contested only if no other healthy candidate takes it
+# Seconds after a floating VIP appears here during which a rival that does not list it as healthy counts as
+# healthy: it has not had the time to say (its members value is rewritten after its own pass). Without it,
+# the first node through a burst of new configs saw no healthy rival and took all of them at once (20 nodes,
+# 200 VIPs, probes off: one node took 70-150; balance then moved them one by one for 10-20 s).
+FRESH = 2.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class VipHealth:
         self.targets: dict[str, tuple[Target, ...]] = {}  # floating VIP ip -> what is probed for it here
         self.healthy: frozenset[str] = frozenset()  # what our members value says
         self.hold_down: dict[str, float] = {}  # ip -> until when (reactor seconds)
+        self.first_seen: dict[str, float] = {}  # floating VIP placeable here -> when it appeared (reactor seconds)
         self.notes: dict[str, str] = {}  # ip -> why the placement is what it is (for the API)
         self._memo: tuple = (None, None)
         self._dirty = True
@@ -82,6 +88,8 @@ class VipHealth:
                     container = local_container(config, inputs.containers, self._hostname)
                     targets[config.ip] = targets_of(config, container) if self.prober is not None else ()
             self.targets = targets
+            now = self._reactor.seconds()
+            self.first_seen = {ip: self.first_seen.get(ip, now) for ip in targets}
             if self.prober is not None:
                 self.prober.track(t for ts in targets.values() for t in ts)
             self._memo, self._dirty = (inputs.configs, inputs.containers), True
@@ -128,7 +136,8 @@ class VipHealth:
         held_down = bool(self.hold_down)
         self.hold_down = {ip: until for ip, until in self.hold_down.items() if until > now}
         mine = {ip: self.local(ip) for ip in self.targets}
-        health = CandidateHealth(inputs.member_health, mine, frozenset(self.hold_down))
+        fresh = frozenset(ip for ip, seen in self.first_seen.items() if now - seen < FRESH)
+        health = CandidateHealth(inputs.member_health, mine, frozenset(self.hold_down), fresh)
         plan = plan_floating(inputs.configs, inputs.containers, self._hostname, inputs.holders, inputs.members,
                              held, health, settled, unready)
         self.notes = {}

@@ -6,9 +6,10 @@ process holds.  Nothing here does I/O, so every rule is table-tested.
 
 Balance ([BUG 14], [BUG 15]): the floating VIPs of one app/proc spread over
 the live nodes running it.  A free VIP is contested at once by a node that
-holds no more of that proc's VIPs than any other eligible live node; the
-others wait (``campaign_later``) so the least loaded node wins, yet still
-take it if nobody did.  A node holding two more than some eligible live
+holds no more of that proc's VIPs than any other eligible live node (when
+several free VIPs have several such nodes, each contests only its share at
+once: networkd.vips.spread); the others wait (``campaign_later``) so the
+least loaded node wins, yet still take it if nobody did.  A node holding two more than some eligible live
 node releases one VIP cleanly (address and rules first, then the lock),
 one at a time and only while no VIP of the proc is waiting for a holder.
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from networkd.vips.model import Container, VipConfig
+from networkd.vips.spread import dealt
 
 
 @dataclass(frozen=True, order=True)
@@ -49,6 +51,8 @@ class FloatingPlan:
     release: frozenset[str] = frozenset()
     # ip -> why we release it (shown in the log and the API)
     reasons: Mapping[str, str] = field(default_factory=dict)
+    # of campaign_later: dealt to another least loaded node (networkd.vips.spread), which takes it unless it fails
+    dealt: frozenset[str] = frozenset()
 
 
 class ContainerIndex(tuple):
@@ -195,6 +199,7 @@ def plan_floating(
 
     now: set[str] = set()
     later: set[str] = set()
+    others_hand: set[str] = set()
     keep: set[str] = set()
     for group in groups.values():
         group_ips = {c.ip for c in group}
@@ -217,6 +222,7 @@ def plan_floating(
             return good if me is True or good else everyone
 
         waiting = False
+        tied: list[tuple[str, list[str]]] = []  # free VIPs for which we are among the least loaded
         for config in group:
             me = True if health is None else health.mine.get(config.ip, True)
             if config.ip in held:
@@ -235,10 +241,14 @@ def plan_floating(
             if rivals and health is not None and config.ip in health.hold_down:
                 later.add(config.ip)  # lost for ill health lately: only if no other candidate takes it
             elif not rivals or mine <= min(counts[n] for n in rivals):
-                now.add(config.ip)
+                tied.append((config.ip, [n for n in rivals if counts[n] == mine]))
             else:
                 later.add(config.ip)
         if waiting:
+            first, after = dealt((group[0].app, group[0].proc), tied, hostname)  # our share at once
+            now |= first
+            later |= after
+            others_hand |= after
             continue
         for config in sorted(group, key=lambda c: c.ip, reverse=True):
             if config.ip not in held or config.ip in release:
@@ -252,7 +262,8 @@ def plan_floating(
                 keep.discard(config.ip)
                 release[config.ip] = f"rebalancing: this node holds {mine} VIPs of {config.app}.{config.proc}"
                 break
-    return FloatingPlan(frozenset(now), frozenset(later), frozenset(keep), frozenset(release), release)
+    return FloatingPlan(frozenset(now), frozenset(later), frozenset(keep), frozenset(release), release,
+                        frozenset(others_hand))
 
 
 UNHEALTHY = "unhealthy here, a healthy candidate exists"
@@ -265,16 +276,19 @@ class CandidateHealth:
     ``published``: node -> the VIPs its members value says it is a healthy
     candidate for (None: an older daemon that says nothing, healthy for all);
     ``mine``: this node's own verdicts (True, False or None = undecided; absent
-    = True); ``hold_down``: VIPs this node lost for ill health lately.
+    = True); ``hold_down``: VIPs this node lost for ill health lately;
+    ``fresh``: VIPs too new here for the others to have said (each counts as
+    healthy for them: networkd.vips.health.FRESH).
     """
 
     published: Mapping[str, frozenset[str] | None] = field(default_factory=dict)
     mine: Mapping[str, bool | None] = field(default_factory=dict)
     hold_down: frozenset[str] = frozenset()
+    fresh: frozenset[str] = frozenset()
 
     def ok(self, node: str, ip: str) -> bool:
         healthy = self.published.get(node)
-        return healthy is None or ip in healthy
+        return healthy is None or ip in healthy or ip in self.fresh
 
 
 def member_value(node_ip: str | None, healthy: Iterable[str], ready: bool | None = None,

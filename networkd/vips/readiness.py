@@ -16,6 +16,7 @@ daemon) counts as ready all along, as before.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 # Seconds a member must have said "ready" without a break before a VIP is released towards it: a node
@@ -43,10 +44,26 @@ class Readiness:
         self.holding_off: Callable[[], bool] = lambda: False  # a start-up hold-off or a promise: we would not contest
         self.holding_off_until: Callable[[], float | None] = lambda: None  # when that ends (our clock)
 
+    def watching(self) -> bool:
+        """Whether our lock-prefix watch is live (else our lock snapshot is the last one it gave: stale)."""
+        return self._status is None or self._status.connected
+
     def ready(self) -> bool:
         """Whether we can take a VIP handed to us now."""
-        live = self._status is None or self._status.connected
-        return live and self._inputs.complete and not self._fenced() and not self.holding_off()
+        return self.watching() and self._inputs.complete and not self._fenced() and not self.holding_off()
+
+    def blind(self, plan):
+        """The plan, less what a stale lock snapshot cannot justify while our lock watch is down: no contest
+        (the VIPs it shows free were mostly taken since: 20 daemons on 2 cores whose etcd connections
+        dropped under a burst sent ~2,000 such requests, which kept etcd too busy to answer keep-alives)
+        and no release for balance (the counts are old).  Releases for other reasons (config deleted, no
+        local container...) do not come from the lock snapshot: they stay, and so do the failsafe's retakes
+        (applied after this)."""
+        if self.watching():
+            return plan
+        release = frozenset(ip for ip in plan.release if not plan.reasons.get(ip, "").startswith("rebalancing"))
+        return dataclasses.replace(plan, campaign_now=frozenset(), campaign_later=frozenset(), dealt=frozenset(),
+                                   release=release, keep=plan.keep | (plan.release - release))
 
     def value(self) -> bool:
         """For our members value (networkd.vips.health.presence): remembered, so ``sync`` sees a change."""

@@ -234,7 +234,7 @@ class VipManager(Fencing, service.Service):
             self._cleaned = True
             self._check_addresses()  # a crashed predecessor's addresses go before we contest
         if inputs.complete and not self.fenced() and not self.failsafe.outage():  # healthy candidates first
-            plan = self.health.plan(self.locks.held(), *self.readiness.receivers())
+            plan = self.readiness.blind(self.health.plan(self.locks.held(), *self.readiness.receivers()))
             plan = self.failsafe.filter(plan, self.locks.held())
             if plan is not None:
                 self.locks.drive(plan)

@@ -59,6 +59,12 @@ class FakeEtcd:
         self.journal.append(("lock", key.decode().rsplit("/", 1)[-1]))
         return defer.succeed(True)
 
+    def create_or_get(self, key, value, lease):
+        if key in self.kv:
+            held, on = self.kv[key]
+            return defer.succeed((False, KeyValue(key, held, 1, on)))
+        return self.put_if_absent(key, value, lease).addCallback(lambda created: (created, None))
+
     def delete_if_lease(self, key, lease):
         if self.kv.get(key, (None, None))[1] == lease:
             del self.kv[key]
