@@ -44,6 +44,7 @@ bench-hold: deps venv
 bench-scale: deps venv
 	$(PY) bench/scale.py --sizes 1000,10000
 	$(PY) bench/scale.py --sizes 40000 --puts 20 --burst 200 --burst-timeout 240
+	$(PY) bench/scale.py --sizes 10000 --vips 1000 --local 100 --containers listening
 
 rpm:
 	packaging/rpm/build.sh
