@@ -34,73 +34,26 @@ A bench, not a test: it always exits 0.  Run as root:
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
-import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.vipnode import EtcdWriter, VipNode, build_workload  # noqa: E402
 from tests.support.etcd_server import EtcdServer  # noqa: E402
-from tests.support.netns import Lan  # noqa: E402
-from tests.support.vipnodes import Cluster, pod_group, vip_value  # noqa: E402
 
 ROOT = "/bench"
-NODE, NODE_HOST = "n1", 11
-GHOST, GHOST_IP = "ghost", "10.77.0.99"  # a node name with no daemon
 TICK = os.sysconf("SC_CLK_TCK")
 FENCE_MARK = "fencing:"
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-# -- the workload -----------------------------------------------------------------
-
-
-def vip_ip(i: int) -> str:
-    return f"10.78.{i // 250}.{i % 250 + 1}"
-
-
-def build_workload(configs: int, local: int, per_app: int, node_ip: str):
-    """(etcd key -> value for pod groups, same for VIP configs, the set of local VIP IPs)."""
-    local_ips, remote_ips = [], []
-    for i in range(configs):  # spread the local ones evenly over the range
-        (local_ips if (i + 1) * local // configs > i * local // configs else remote_ips).append(vip_ip(i))
-    pods, vips = {}, {}
-    for kind, ips, node, nip in (("l", local_ips, NODE, node_ip), ("r", remote_ips, GHOST, GHOST_IP)):
-        for k in range(0, len(ips), per_app):
-            n = k // per_app
-            app = f"hold-{kind}{n:03d}"
-            container_ip = f"10.79.{n // 250 + (0 if kind == 'l' else 100)}.{n % 250 + 1}"
-            pods[f"{ROOT}/deployd/pod_groups/{app}/{app}.proc.web"] = pod_group(
-                app, "web", [(1, node, nip, container_ip)])
-            for ip in ips[k:k + per_app]:
-                vips[f"{ROOT}/config/vips/{ip}"] = vip_value(app, "web", [{"src": "80", "proto": "tcp", "dest": "80"}])
-    return pods, vips, set(local_ips)
-
-
-def put_all(etcd: EtcdServer, items: dict[str, str], batch: int = 128) -> None:
-    """Write ``items`` with as few requests as etcd allows (--max-txn-ops defaults to 128)."""
-    b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
-    pairs = list(items.items())
-    for k in range(0, len(pairs), batch):
-        body = json.dumps({"success": [{"requestPut": {"key": b64(key), "value": b64(value)}}
-                                       for key, value in pairs[k:k + batch]]}).encode()
-        request = urllib.request.Request(f"{etcd.endpoint}/v3/kv/txn", data=body,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            reply = json.loads(answer.read())
-        if not reply.get("succeeded"):
-            raise RuntimeError(f"etcd txn failed: {reply}")
 
 
 # -- /proc readings ------------------------------------------------------------------
@@ -332,55 +285,6 @@ def report(args, samples: list[dict], settle_took: float | None, settle_max: int
             "fences": fences, "host_busy_pct": host_busy, "others_pct_of_core": others}
 
 
-LISTENER = """
-import socket
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", 80))
-s.listen(4096)
-while True:
-    s.accept()[0].close()
-"""
-
-
-def start_listener(ns) -> subprocess.Popen:
-    """Every container address (10.79.0.0/16) local in the node's namespace, one listener on port 80."""
-    ns.run("ip", "route", "add", "local", "10.79.0.0/16", "dev", "lo")
-    listener = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", LISTENER])
-    time.sleep(0.3)
-    return listener
-
-
-def cleanup(sampler, cluster, lan, etcd, keep_log: bool) -> None:
-    """Daemon, namespaces (and whatever runs in them), etcd; each step even if another failed."""
-    steps = []
-    if sampler is not None:
-        steps.append(("sampler", sampler.stop))
-    if cluster is not None:
-        steps.append(("daemon", cluster.close))
-        if not keep_log:
-            steps += [(f"workdir of {name}", lambda d=node.daemon: d and shutil.rmtree(d.workdir, ignore_errors=True))
-                      for name, node in cluster.nodes.items()]
-    if lan is not None:
-        steps.append(("namespaces", lan.delete))
-
-        def leftovers():  # namespaces made before Lan knew of them (a failure half-way through add_node)
-            out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-            for line in out.splitlines():
-                name = line.split()[0] if line.split() else ""
-                if name.startswith(lan.prefix + "-"):
-                    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-
-        steps.append(("leftover namespaces", leftovers))
-    if etcd is not None:
-        steps.append(("etcd", etcd.destroy))
-    for what, step in steps:
-        try:
-            step()
-        except Exception as e:  # noqa: BLE001
-            log(f"cleanup of {what} failed: {e!r}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", type=int, default=1000, help="VIP configs in etcd (default 1000)")
@@ -398,33 +302,34 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH", help="write the raw samples here")
     parser.add_argument("--keep-log", action="store_true", help="print the daemon log's path and keep it")
     args = parser.parse_args()
-    if not 0 <= args.local <= args.configs or args.configs > 250 * 250:
+    if not 0 <= args.local <= args.configs or args.configs > 250 * 250:  # build_workload's bounds
         parser.error("need 0 <= --local <= --configs <= 62500")
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
-    etcd = lan = cluster = sampler = listener = None
+    etcd = vipnode = sampler = None
     result = {"args": vars(args)}
     try:
         log(f"load before start: loadavg {loadavg()}, {os.cpu_count()} cores")
         etcd = EtcdServer().start()
-        lan = Lan()
-        cluster = Cluster(lan, etcd, ROOT, args.firewall, ttl=args.lock_ttl)
-        node = cluster.add(NODE, NODE_HOST)
+        vipnode = VipNode(etcd, ROOT, args.firewall, args.lock_ttl, log=log)
+        node = vipnode.node
         node.extra_args = [*node.extra_args, "--vip-probe", args.vip_probe]
-        pods, vips, local = build_workload(args.configs, args.local, args.vips_per_app, node.ip)
+        pods, vips, local = build_workload(ROOT, args.configs, args.local, args.vips_per_app, node.ip)
         if args.containers == "listening":
-            listener = start_listener(node.ns)
-        cluster.start()
+            vipnode.start_listener()
+        vipnode.cluster.start()
         daemon = node.daemon
         log(f"daemon pid {daemon.pid} up in {node.ns.name}; log {daemon.log_path}")
         sampler = Sampler(node.ns.name, daemon.pid, etcd.process.pid, daemon.log_path, local).start()
 
         sent = time.monotonic()
-        put_all(etcd, pods)
-        put_all(etcd, vips)
+        writer = EtcdWriter(etcd.endpoint)
+        writer.put_all(pods)
+        writer.put_all(vips)
+        writer.close()
         log(f"wrote {len(pods)} pod groups and {len(vips)} VIP configs in {time.monotonic() - sent:.2f} s")
         settle_took = None
         deadline = sent + args.settle_timeout
@@ -474,16 +379,19 @@ def main() -> int:
         log("interrupted")
     except Exception as e:  # noqa: BLE001 - a bench reports and exits 0
         log(f"bench failed: {e!r}")
-        if cluster is not None:
-            tail = cluster.logs()[-3000:]
+        if vipnode is not None and vipnode.cluster is not None:
+            tail = vipnode.cluster.logs()[-3000:]
             print(tail)
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        if listener is not None:
-            listener.kill()
-            listener.wait()
-        cleanup(sampler, cluster, lan, etcd, args.keep_log)
+        for what, step in (("sampler", sampler and sampler.stop),
+                           ("node", vipnode and (lambda: vipnode.close(args.keep_log))),
+                           ("etcd", etcd and etcd.destroy)):
+            try:
+                step and step()
+            except Exception as e:  # noqa: BLE001 - each step even if another failed
+                log(f"cleanup of {what} failed: {e!r}")
         if args.json and "samples" in result:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)

@@ -2,7 +2,7 @@
 """Scale benchmark: one daemon, black-box, with many domains in etcd (issue 13).
 
 For each size in ``--sizes`` (default 1,000 / 10,000 / 40,000 domains) a
-private etcd and a fresh daemon are started (``--no-vips``, DNS on
+private etcd and a fresh daemon are started (by default ``--no-vips``, DNS on
 127.0.0.1:<free port>, ``--resolv-conf`` and ``--hosts-file`` pointing at
 temp files, ``--no-resolv-conf``).  The domains
 ``<root>/config/domains/d<i>.scale.lain`` = ``{"ips": ["10.x.y.z"]}`` are
@@ -34,6 +34,21 @@ etcd's HTTP gateway (one client, one connection).  Then:
    10 ms after each fetch); the DNS dump also with a put before each fetch (the
    put answered before the fetch starts), so that each body is made anew.
 
+With ``--vips N`` (``--local M``, default 100; ``--containers absent|listening``
+as bench/hold.py) the daemon runs with VIPs on, inside node namespace "n1"
+(bench/vipnode.py: nothing on the host changes; etcd stays on the host's
+127.0.0.1 and the node reaches it through a forwarder), DNS on 127.0.0.1:53
+and the API on 127.0.0.1:3000 of that namespace.  The N VIP configs and their
+pod groups (M local to n1, the others on a node with no daemon, 10 per app)
+are written before the daemon starts, like the domains.  Every client then
+asks from inside the namespace: the put → answer querier from a UDP socket
+made there, the probers from threads that joined it (setns(2) moves only the
+calling thread), the API fetcher from a forked process that joined it.
+Start-up is measured twice: to the first answer for the last domain, and to
+all M local VIPs on eth0 (netlink address events, from the daemon's start).
+The idle CPU is also broken down per daemon thread (/proc/PID/task/*/stat)
+and its children's (iptables-restore, nft).
+
 Each size is measured ``--runs`` times (3 by default), each on a fresh etcd
 and daemon; each run's table is printed, then every figure's min / median /
 max over the runs with the ratio of the median to its target in issue 13.
@@ -45,12 +60,12 @@ before/after with the same bench).  Run as root from the repository:
     .venv/bin/python bench/scale.py
     .venv/bin/python bench/scale.py --sizes 10000 --rest-seconds 30 --puts 20
     .venv/bin/python bench/scale.py --sizes 40000 --daemon-repo /path/to/main  # before
+    .venv/bin/python bench/scale.py --sizes 10000 --vips 1000 --local 100 --containers listening
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import http.client
 import json
 import os
@@ -69,6 +84,7 @@ sys.path.insert(0, REPO)
 
 from dnslib import DNSRecord  # noqa: E402
 
+from bench.vipnode import AddressWatch, EtcdWriter, VipNode, build_workload, in_netns, join_netns  # noqa: E402
 from tests.support.etcd_server import EtcdServer  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
@@ -78,6 +94,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 HOT = "hot.scale.lain"  # the fixed local name asked during the burst and at rest
 HOT_IP = "10.250.0.1"
 PROBE = "probe.scale.lain"  # the name the put → answer loop writes
+NS_DNS_PORT, NS_API_PORT = 53, 3000  # with --vips: inside the node's namespace, where they are free
+VIPS_PER_APP = 10  # with --vips: VIP configs per app (pod group), as bench/hold.py
 
 
 def log(msg: str) -> None:
@@ -118,42 +136,6 @@ def loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
-# -- etcd writes through one kept-alive HTTP connection ------------------------------
-
-
-class EtcdWriter:
-    def __init__(self, endpoint: str):
-        host, port = endpoint.split("//", 1)[1].rsplit(":", 1)
-        self.conn = http.client.HTTPConnection(host, int(port), timeout=30)
-
-    def _post(self, path: str, body: dict) -> dict:
-        self.conn.request("POST", path, body=json.dumps(body).encode(),
-                          headers={"Content-Type": "application/json"})
-        answer = self.conn.getresponse()
-        reply = json.loads(answer.read())
-        if answer.status != 200:
-            raise RuntimeError(f"etcd {path}: {answer.status} {reply}")
-        return reply
-
-    def put(self, key: str, value: str) -> None:
-        self._post("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
-
-    def put_all(self, items: list[tuple[str, str]], batch: int = 128) -> None:
-        """Write ``items`` in transactions of ``batch`` puts (etcd's --max-txn-ops defaults to 128)."""
-        for k in range(0, len(items), batch):
-            reply = self._post("/v3/kv/txn", {"success": [
-                {"requestPut": {"key": _b64(key), "value": _b64(value)}} for key, value in items[k:k + batch]]})
-            if not reply.get("succeeded"):
-                raise RuntimeError(f"etcd txn failed: {reply}")
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-def _b64(s: str) -> str:
-    return base64.b64encode(s.encode()).decode()
-
-
 # -- DNS clients ------------------------------------------------------------------------
 
 
@@ -169,10 +151,17 @@ def answer_ips(sock: socket.socket, packet: bytes, port: int, timeout: float) ->
         return None
 
 
-def wait_until_answer(port: int, name: str, expected: str, start: float, timeout: float) -> float:
-    """Ask every millisecond until ``expected`` is the answer; seconds since ``start`` (inf on timeout)."""
+def dns_socket(netns: str | None = None) -> socket.socket:
+    """A UDP socket in ``netns`` (here when None): it asks the daemon listening on that namespace's 127.0.0.1."""
+    return in_netns(netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+
+
+def wait_until_answer(port: int, name: str, expected: str, start: float, timeout: float,
+                      sock: socket.socket | None = None) -> float:
+    """Ask every millisecond until ``expected`` is the answer; seconds since ``start`` (inf on timeout).
+    ``sock``: the socket to ask from (one made in the daemon's namespace); by default a new one here."""
     packet = DNSRecord.question(name, "A").pack()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) if sock is None else _borrowed(sock)) as s:
         while time.monotonic() - start < timeout:
             if answer_ips(s, os.urandom(2) + packet[2:], port, 0.2) == [expected]:
                 return time.monotonic() - start
@@ -180,11 +169,25 @@ def wait_until_answer(port: int, name: str, expected: str, start: float, timeout
     return float("inf")
 
 
-class Prober:
-    """A thread asking ``name`` every ``interval`` s, recording each answer's latency (a loss counts 1 s)."""
+class _borrowed:
+    """``with`` on a socket that the caller keeps open."""
 
-    def __init__(self, port: int, name: str, expected: str, interval: float = 0.01):
-        self.port, self.interval, self.expected = port, interval, expected
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def __enter__(self) -> socket.socket:
+        return self.sock
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class Prober:
+    """A thread asking ``name`` every ``interval`` s, recording each answer's latency (a loss counts 1 s).
+    ``netns``: the thread joins that network namespace first (where the daemon listens)."""
+
+    def __init__(self, port: int, name: str, expected: str, interval: float = 0.01, netns: str | None = None):
+        self.port, self.interval, self.expected, self.netns = port, interval, expected, netns
         self.packet = DNSRecord.question(name, "A").pack()
         self.latencies: list[float] = []
         self.wrong = 0
@@ -193,6 +196,8 @@ class Prober:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
+        if self.netns is not None:
+            join_netns(self.netns)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             while not self._stop.is_set():
                 # A new ID each time: a late answer to an earlier question must not count as this one's.
@@ -237,10 +242,13 @@ API_PATHS = ("/v1/dns/config", "/v1/dns/config?format=json", "/metrics", "/v1/st
 CHANGED = " (a put before each)"  # the zone changed before each fetch: the body is made again every time
 
 
-def _fetcher(conn_end, api_port: int) -> None:
+def _fetcher(conn_end, api_port: int, netns: str | None) -> None:
     """In a process of its own (forked): GET each path it is sent on one kept-alive connection,
     answer (status, seconds, bytes).  Reading a 4 MB body in the bench's own process would hold
-    the GIL that the DNS prober thread needs: its latencies would be the bench's, not the daemon's."""
+    the GIL that the DNS prober thread needs: its latencies would be the bench's, not the daemon's.
+    ``netns``: the process (its only thread) joins the daemon's namespace first."""
+    if netns is not None:
+        join_netns(netns)
     conn = http.client.HTTPConnection("127.0.0.1", api_port, timeout=30)
     while True:
         path = conn_end.recv()
@@ -254,7 +262,7 @@ def _fetcher(conn_end, api_port: int) -> None:
     conn.close()
 
 
-def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter") -> dict:
+def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter", netns: str | None = None) -> dict:
     """Each endpoint fetched ``fetches`` times in a row (one kept-alive connection, in a process
     of its own), a local name asked every ms meanwhile: per endpoint the fetch time p50 / max, the
     body size, and the local name's p99 / max during its fetches.  The DNS dump twice more with a
@@ -263,8 +271,9 @@ def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter") -
 
     out = {}
     ours, theirs = multiprocessing.Pipe()
-    child = multiprocessing.get_context("fork").Process(target=_fetcher, args=(theirs, api_port), daemon=True)
+    child = multiprocessing.get_context("fork").Process(target=_fetcher, args=(theirs, api_port, netns), daemon=True)
     child.start()
+    querier = dns_socket(netns) if netns else None
     try:
         for path in API_PATHS + tuple(p + CHANGED for p in API_PATHS[:2]):
             took, size, lat, lost = [], 0, [], 0
@@ -273,8 +282,8 @@ def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter") -
                     ip = f"10.252.{i // 250}.{i % 250 + 1}"
                     start = time.monotonic()
                     writer.put(domain_key(PROBE), domain_value(ip))
-                    wait_until_answer(dns_port, PROBE, ip, start, 10)
-                with Prober(dns_port, HOT, HOT_IP, interval=0.001) as prober:
+                    wait_until_answer(dns_port, PROBE, ip, start, 10, sock=querier if netns else None)
+                with Prober(dns_port, HOT, HOT_IP, interval=0.001, netns=netns) as prober:
                     time.sleep(0.01)
                     ours.send(path.removesuffix(CHANGED))
                     status, seconds, size = ours.recv()
@@ -289,6 +298,8 @@ def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter") -
             log(f"  GET {path} x{fetches}: p50 {ms(pct(took, 50))} max {ms(max(took))} ms, {size:,} bytes; "
                 f"{HOT} meanwhile p99 {ms(pct(lat, 99))} max {ms(max(lat))} ms over {len(lat)}, {lost} lost")
     finally:
+        if querier is not None:
+            querier.close()
         ours.send(None)
         child.join(5)
         if child.is_alive():
@@ -299,10 +310,89 @@ def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter") -
 # -- one size -----------------------------------------------------------------------------
 
 
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of ``pid``: tid -> (name, utime+stime seconds), from /proc/PID/task/*/stat."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                head, tail = f.read().rsplit(")", 1)
+        except OSError:  # the thread ended meanwhile
+            continue
+        fields = tail.split()
+        out[int(tid)] = (head.split("(", 1)[1], (int(fields[11]) + int(fields[12])) / TICK)
+    return out
+
+
+def thread_shares(before: dict, after: dict, seconds: float) -> list[tuple[str, float]]:
+    """CPU share of each thread over ``seconds`` (threads of one name summed), largest first."""
+    shares: dict[str, float] = {}
+    for tid, (name, cpu) in after.items():
+        shares[name] = shares.get(name, 0.0) + (cpu - before.get(tid, (name, 0.0))[1]) / seconds
+    return sorted(shares.items(), key=lambda kv: -kv[1])
+
+
+def children_cpu(pid: int) -> float:
+    """CPU of the waited-for children of ``pid`` (iptables-restore, nft ...)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / TICK
+
+
+def case(r: dict) -> str:
+    """The case a run measured, as a column heading."""
+    label = f"{r['size']:,} domains"
+    if r.get("vips"):
+        label += f" + {r['vips']:,} VIP configs ({r['local']:,} local)"
+    return label
+
+
+def start_daemon(size: int, args, work: str, etcd, writer: EtcdWriter, result: dict):
+    """Start the daemon as the case asks: (pid, DNS port, API port, netns or None, its log, the VipNode
+    or None, the Popen to stop or None, the AddressWatch or None); ``result["started"]``: when."""
+    hosts = os.path.join(work, "hosts")
+    resolv = os.path.join(work, "resolv.conf")
+    open(hosts, "w").close()
+    with open(resolv, "w") as f:
+        f.write("nameserver 127.0.0.1\n")
+    env = {**os.environ, "PYTHONPATH": args.daemon_repo}  # that checkout's networkd, not the venv's
+    if not args.vips:
+        port, api_port = free_port(), free_port()
+        daemon_log = os.path.join(work, f"networkd-{size}.log")
+        result["started"] = time.monotonic()
+        proc = subprocess.Popen(
+            [TWISTD, "--nodaemon", "--pidfile=", "networkd",
+             "--etcd", etcd.endpoint, "--etcd-root", ROOT, "--dns-listen", f"127.0.0.1:{port}",
+             "--api-listen", f"127.0.0.1:{api_port}", "--no-vips", "--no-resolv-conf",
+             "--node-ip", "10.1.1.1", "--hosts-file", hosts, "--resolv-conf", resolv],
+            stdout=open(daemon_log, "wb"), stderr=subprocess.STDOUT, env=env,
+        )
+        return proc.pid, port, api_port, None, daemon_log, None, proc, None
+    node = VipNode(etcd, ROOT, log=log)
+    try:
+        t0 = time.monotonic()
+        pods, vips, local = build_workload(ROOT, args.vips, args.local, VIPS_PER_APP, node.ip)
+        writer.put_all(pods)
+        writer.put_all(vips)
+        result["local_ips"] = sorted(local)
+        log(f"{size}: wrote {len(pods)} pod groups and {len(vips)} VIP configs ({len(local)} local) "
+            f"in {time.monotonic() - t0:.1f} s; node namespace {node.netns}")
+        if args.containers == "listening":
+            node.start_listener()
+        watch = AddressWatch(node.netns, local)
+        result["started"] = time.monotonic()
+        daemon = node.start_dns_daemon(NS_DNS_PORT, ["--hosts-file", hosts, "--resolv-conf", resolv], env=env)
+    except BaseException:
+        node.close()
+        raise
+    return daemon.pid, NS_DNS_PORT, NS_API_PORT, node.netns, daemon.log_path, node, None, watch
+
+
 def run_size(size: int, args, work: str) -> dict:
-    result: dict = {"size": size, "load_before": loadavg()}
+    result: dict = {"size": size, "vips": args.vips, "local": args.local if args.vips else 0,
+                    "load_before": loadavg()}
     etcd = EtcdServer().start()
-    proc = None
+    proc = node = watch = querier = None
     writer = EtcdWriter(etcd.endpoint)
     try:
         t0 = time.monotonic()
@@ -311,38 +401,36 @@ def run_size(size: int, args, work: str) -> dict:
         writer.put_all(items)
         log(f"{size}: wrote {len(items)} domains in {time.monotonic() - t0:.1f} s")
 
-        hosts = os.path.join(work, "hosts")
-        resolv = os.path.join(work, "resolv.conf")
-        open(hosts, "w").close()
-        with open(resolv, "w") as f:
-            f.write("nameserver 127.0.0.1\n")
-        port, api_port = free_port(), free_port()
-        daemon_log = os.path.join(work, f"networkd-{size}.log")
-        started = time.monotonic()
-        proc = subprocess.Popen(
-            [TWISTD, "--nodaemon", "--pidfile=", "networkd",
-             "--etcd", etcd.endpoint, "--etcd-root", ROOT, "--dns-listen", f"127.0.0.1:{port}",
-             "--api-listen", f"127.0.0.1:{api_port}", "--no-vips", "--no-resolv-conf",
-             "--node-ip", "10.1.1.1", "--hosts-file", hosts, "--resolv-conf", resolv],
-            stdout=open(daemon_log, "wb"), stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": args.daemon_repo},  # that checkout's networkd, not the venv's
-        )
+        pid, port, api_port, ns, daemon_log, node, proc, watch = start_daemon(size, args, work, etcd, writer, result)
+        started = result.pop("started")
+        # With --vips every DNS client asks from inside the node's namespace: the put → answer querier
+        # from a socket made there, the probers from threads that joined it, the API fetcher a process
+        # that joined it.  Without, they ask here as they always did (a socket of their own per wait).
+        querier = dns_socket(ns) if ns else None
         last = f"d{size - 1}.scale.lain"
-        up = wait_until_answer(port, last, domain_ip(size - 1), started, 120)
+        up = wait_until_answer(port, last, domain_ip(size - 1), started, 120, sock=querier)
         result["startup"] = up
-        log(f"{size}: daemon {proc.pid} answers {last} after {up:.2f} s")
+        log(f"{size}: daemon {pid} answers {last} after {up:.2f} s")
+        if watch is not None:
+            watch.done.wait(max(0.0, started + 120 - time.monotonic()))
+            held = watch.all_at - started if watch.all_at is not None else float("inf")
+            result["startup_vips"] = held
+            on_eth0 = node.node.addresses()
+            missing = set(result["local_ips"]) - on_eth0
+            log(f"{size}: all {args.local} local VIPs on eth0 {ms(held)} ms after the daemon's start "
+                f"(netlink events; now {len(on_eth0)} /32s on eth0, {len(missing)} local ones missing)")
         time.sleep(2)  # let start-up work settle
 
         # 1 + 2: put → answer, CPU per put
         delays = []
-        with Prober(port, HOT, HOT_IP, interval=0.001) as stall:
-            cpu0 = cpu_seconds(proc.pid)
+        with Prober(port, HOT, HOT_IP, interval=0.001, netns=ns) as stall:
+            cpu0 = cpu_seconds(pid)
             for i in range(1, args.puts + 1):
                 ip = f"10.251.{i // 250}.{i % 250 + 1}"
                 start = time.monotonic()
                 writer.put(domain_key(PROBE), domain_value(ip))
-                delays.append(wait_until_answer(port, PROBE, ip, start, args.put_timeout))
-            cpu_used = cpu_seconds(proc.pid) - cpu0
+                delays.append(wait_until_answer(port, PROBE, ip, start, args.put_timeout, sock=querier))
+            cpu_used = cpu_seconds(pid) - cpu0
         result["put_p50"], result["put_p99"], result["put_max"] = pct(delays, 50), pct(delays, 99), max(delays)
         result["cpu_per_put"] = cpu_used / args.puts
         lat = stall.latencies
@@ -356,16 +444,16 @@ def run_size(size: int, args, work: str) -> dict:
         # 3: burst
         n = min(args.burst, size)
         burst = [(domain_key(f"d{i}.scale.lain"), domain_value(domain_ip(i, salt=1))) for i in range(n)]
-        with Prober(port, HOT, HOT_IP) as prober:
+        with Prober(port, HOT, HOT_IP, netns=ns) as prober:
             time.sleep(0.5)
-            cpu0 = cpu_seconds(proc.pid)
+            cpu0 = cpu_seconds(pid)
             w0 = time.monotonic()
             for key, value in burst:
                 writer.put(key, value)
             w1 = time.monotonic()
             served = wait_until_answer(port, f"d{n - 1}.scale.lain", domain_ip(n - 1, salt=1), w1,
-                                       args.burst_timeout)
-            burst_cpu = cpu_seconds(proc.pid) - cpu0
+                                       args.burst_timeout, sock=querier)
+            burst_cpu = cpu_seconds(pid) - cpu0
             time.sleep(0.5)
         lat = prober.latencies
         result.update(burst_n=n, burst_write=w1 - w0, burst_served=served, burst_cpu=burst_cpu,
@@ -376,32 +464,48 @@ def run_size(size: int, args, work: str) -> dict:
             f"over {len(lat)} queries, {prober.lost} lost (counted as 1 s), {prober.wrong} wrong")
         if served == float("inf"):  # do not measure "rest" while the daemon still works through the burst
             wait_until_answer(port, f"d{n - 1}.scale.lain", domain_ip(n - 1, salt=1), time.monotonic(),
-                              args.burst_timeout)
+                              args.burst_timeout, sock=querier)
         time.sleep(3)
 
         # 4: rest: first nobody asks (the daemon's own CPU: the idle target), then HOT is asked
         # 100 times a second (its latency; the CPU then is mostly answering, ~0.25 ms a query)
-        cpu0, r0 = cpu_seconds(proc.pid), time.monotonic()
+        cpu0, r0 = cpu_seconds(pid), time.monotonic()
+        if ns:  # where the idle CPU goes: per thread, and the daemon's children (iptables-restore, nft)
+            threads0, children0 = thread_cpu(pid), children_cpu(pid)
         time.sleep(args.rest_seconds)
-        idle_cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - r0)
-        cpu0, r0 = cpu_seconds(proc.pid), time.monotonic()
-        with Prober(port, HOT, HOT_IP) as prober:
+        idle_cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - r0)
+        if ns:
+            took = time.monotonic() - r0
+            result["idle_threads"] = thread_shares(threads0, thread_cpu(pid), took)
+            result["idle_children_cpu"] = (children_cpu(pid) - children0) / took
+            log(f"{size}: at rest, nobody asking, per thread: " + ", ".join(
+                f"{name} {share * 100:.2f} %" for name, share in result["idle_threads"] if share > 0)
+                + f"; children {result['idle_children_cpu'] * 100:.2f} %")
+        cpu0, r0 = cpu_seconds(pid), time.monotonic()
+        with Prober(port, HOT, HOT_IP, netns=ns) as prober:
             time.sleep(args.rest_seconds)
-        rest_cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - r0)
+        rest_cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - r0)
         lat = prober.latencies
         result.update(idle_cpu=idle_cpu, rest_cpu=rest_cpu, rest_p50=pct(lat, 50), rest_p99=pct(lat, 99),
-                      rest_max=max(lat), rest_n=len(lat), rest_lost=prober.lost, rss=rss_mb(proc.pid))
+                      rest_max=max(lat), rest_n=len(lat), rest_lost=prober.lost, rss=rss_mb(pid))
         log(f"{size}: at rest {args.rest_seconds:g} s, nobody asking: CPU {idle_cpu * 100:.2f} %; then asked "
             f"100/s: CPU {rest_cpu * 100:.2f} %, {HOT} p50 {ms(result['rest_p50'])} "
             f"p99 {ms(result['rest_p99'])} max {ms(result['rest_max'])} ms over {len(lat)}, {prober.lost} lost; "
             f"RSS {result['rss']:.0f} MB")
         # 5: the API while a local name is asked every ms
         if args.api_fetches:
-            result["api"] = api_step(api_port, port, args.api_fetches, writer)
+            result["api"] = api_step(api_port, port, args.api_fetches, writer, ns)
+        if node is not None:
+            missing = set(result["local_ips"]) - node.node.addresses()
+            result["vips_missing_end"] = len(missing)
+            log(f"{size}: at the end {args.local - len(missing)} of {args.local} local VIPs on eth0")
         with open(daemon_log, "rb") as f:
             result["tracebacks"] = f.read().count(b"Traceback")
     finally:
         writer.close()
+        for closing in (querier, watch):
+            if closing is not None:
+                closing.close()
         if proc is not None:
             proc.terminate()
             try:
@@ -409,13 +513,16 @@ def run_size(size: int, args, work: str) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        if node is not None:
+            node.close()
         etcd.destroy()
         result["load_after"] = loadavg()
+        result.pop("local_ips", None)
     return result
 
 
 def print_table(results: list[dict], args) -> None:
-    sizes = [f"{r['size']:,} domains" for r in results]
+    sizes = [case(r) for r in results]
     g = lambda key: [r.get(key, float("nan")) for r in results]  # noqa: E731
     rows = [
         ("etcd put → DNS answer, p50 / p99 (max) ms", [
@@ -440,6 +547,13 @@ def print_table(results: list[dict], args) -> None:
         ("at rest: RSS", [f"{r['rss']:.0f} MB" if "rss" in r else "—" for r in results]),
         ("start-up: first answer for the last domain", [f"{r['startup']:.2f} s" if "startup" in r else "—"
                                                         for r in results]),
+    ] + ([
+        ("start-up: all local VIPs on eth0", [f"{r['startup_vips']:.2f} s" if "startup_vips" in r else "—"
+                                              for r in results]),
+        ("at rest, nobody asking: the busiest threads", [", ".join(
+            f"{name} {share * 100:.2f} %" for name, share in r.get("idle_threads", [])[:3])
+            + f"; children {r.get('idle_children_cpu', 0) * 100:.2f} %" for r in results]),
+    ] if any(r.get("vips") for r in results) else []) + [
         ("loadavg before / after", [f"{r['load_before']} / {r.get('load_after', '?')}" for r in results]),
     ]
     print()
@@ -482,6 +596,11 @@ FIGURES = [
 ]
 
 
+VIP_FIGURES = [  # only with --vips
+    ("start-up: all local VIPs on eth0 after", lambda r: r.get("startup_vips"), "s", ("<", 2.5)),
+]
+
+
 def fmt(value, unit: str) -> str:
     if value is None or value != value:
         return "—"
@@ -497,15 +616,15 @@ def fmt(value, unit: str) -> str:
 def summarize(results: list[dict]) -> list[str]:
     """Print min / median / max over the runs of each size, with the ratio of the median to the
     target; return the targets missed (by the median)."""
-    sizes = sorted({r["size"] for r in results})
+    sizes = sorted({(r["size"], case(r)) for r in results})
     missed = []
     print()
-    print("| measure | " + " | ".join(f"{size:,} domains: min / median / max" for size in sizes) + " | target |")
+    print("| measure | " + " | ".join(f"{label}: min / median / max" for _, label in sizes) + " | target |")
     print("|---" * (len(sizes) + 2) + "|")
-    for label, figure, unit, target in FIGURES:
+    for label, figure, unit, target in FIGURES + (VIP_FIGURES if any(r.get("vips") for r in results) else []):
         cells = []
-        for size in sizes:
-            values = sorted(v for v in (figure(r) for r in results if r["size"] == size and not r.get("error"))
+        for size, heading in sizes:
+            values = sorted(v for v in (figure(r) for r in results if case(r) == heading and not r.get("error"))
                             if v is not None)
             if not values:
                 cells.append("—")
@@ -519,14 +638,14 @@ def summarize(results: list[dict]) -> list[str]:
                 cell += f" ({median / bound:.2f}× target)" if bound else ""
                 if not ok:
                     cell += " MISSED"
-                    missed.append(f"{label} at {size:,} domains: median {fmt(median, unit)} {unit}, "
+                    missed.append(f"{label} at {heading}: median {fmt(median, unit)} {unit}, "
                                   f"target {op} {fmt(bound, unit)} {unit}")
             cells.append(cell)
         goal = "—" if target is None else f"{target[0]} {fmt(target[1], unit)} {unit}"
         print(f"| {label} ({unit}) | " + " | ".join(cells) + f" | {goal} |")
-    runs = {size: sum(r["size"] == size and not r.get("error") for r in results) for size in sizes}
-    print("\nruns per size: " + ", ".join(f"{size:,}: {n}" for size, n in runs.items()))
-    print("loadavg per run: " + "; ".join(f"{r['size']:,}: {r['load_before']} → {r.get('load_after', '?')}"
+    runs = {heading: sum(case(r) == heading and not r.get("error") for r in results) for _, heading in sizes}
+    print("\nruns per size: " + ", ".join(f"{heading}: {n}" for heading, n in runs.items()))
+    print("loadavg per run: " + "; ".join(f"{case(r)}: {r['load_before']} → {r.get('load_after', '?')}"
                                          for r in results))
     return missed
 
@@ -543,8 +662,16 @@ def main() -> None:
     parser.add_argument("--api-fetches", type=int, default=20, help="fetches of each API endpoint (0: no API step)")
     parser.add_argument("--daemon-repo", default=REPO,
                         help="the checkout whose networkd the daemon runs (to measure a before/after)")
+    parser.add_argument("--vips", type=int, default=0, metavar="N",
+                        help="N VIP configs: the daemon runs with VIPs in a node namespace (default 0: --no-vips, here)")
+    parser.add_argument("--local", type=int, default=100, metavar="M",
+                        help="with --vips: how many of them are local to the node (default 100)")
+    parser.add_argument("--containers", default="absent", choices=("absent", "listening"),
+                        help="with --vips: listening makes every container address answer on port 80 in the node")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
+    if args.vips and not (0 <= args.local <= args.vips <= 250 * 250):
+        parser.error("need 0 <= --local <= --vips <= 62500")
     # SIGTERM (and SIGINT, ignored in a shell's background jobs) stops the bench the way Ctrl-C does:
     # the daemon and etcd are stopped and their directories removed.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -567,7 +694,8 @@ def main() -> None:
                     break
                 except Exception:  # a bench: report and go on with the next size
                     traceback.print_exc()
-                    results.append({"size": size, "load_before": loadavg(), "error": True})
+                    results.append({"size": size, "vips": args.vips, "local": args.local if args.vips else 0,
+                                    "load_before": loadavg(), "error": True})
             if interrupted:
                 break
         for run in range(0, len(results), len(args.sizes.split(","))):

@@ -43,6 +43,10 @@ class TCPProxy:
             try:
                 upstream = socket.create_connection(self.target, timeout=2)
                 upstream.settimeout(None)
+                # A relay passes on what it got at once: with Nagle, a reply that reached it in two
+                # reads waits for the peer's delayed ACK (up to 40 ms) before its second part goes on.
+                for s in (client, upstream):
+                    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 client.close()
                 continue
