@@ -66,7 +66,8 @@ from collections import Counter, defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.hold import host_cpu, loadavg, proc_cpu, put_all, start_listener  # noqa: E402
+from bench.hold import host_cpu, loadavg, proc_cpu  # noqa: E402
+from bench.vipnode import EtcdWriter, start_listener  # noqa: E402
 from tests.support.addrmonitor import AddressMonitor  # noqa: E402
 from tests.support.etcd_server import EtcdServer  # noqa: E402
 from tests.support.netns import Lan  # noqa: E402
@@ -372,8 +373,12 @@ def one_run(args, run: int) -> dict:
             live = set(names)
             cpu_before, requests_before = cpu_snapshot(cluster, names, etcd), etcd_requests(etcd)
             written = time.monotonic()
-            put_all(etcd, pods)
-            put_all(etcd, vips)
+            writer = EtcdWriter(etcd.endpoint)
+            try:
+                writer.put_all(pods)
+                writer.put_all(vips)
+            finally:
+                writer.close()
             log(f"run {run}: wrote {len(pods)} pod groups and {len(vips)} VIP configs in "
                 f"{time.monotonic() - written:.2f} s (loadavg {loadavg()})")
             timeline: list[tuple[float, float]] = []  # (s after the write, lock transactions so far)

@@ -166,6 +166,14 @@ while True:
 """
 
 
+def start_listener(ns) -> subprocess.Popen:
+    """Every container address (CONTAINERS) local in namespace ``ns``, one listener on port 80 there."""
+    ns.run("ip", "route", "add", "local", CONTAINERS, "dev", "lo")
+    listener = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, "-c", LISTENER])
+    time.sleep(0.3)
+    return listener
+
+
 class VipNode:
     """Node n1 in a namespace of its own on a bridge, reaching ``etcd``; ``close()`` undoes all."""
 
@@ -190,9 +198,7 @@ class VipNode:
 
     def start_listener(self) -> None:
         """Every container address local in the node's namespace, one listener on port 80."""
-        self.node.ns.run("ip", "route", "add", "local", CONTAINERS, "dev", "lo")
-        self.listener = subprocess.Popen(["ip", "netns", "exec", self.netns, sys.executable, "-c", LISTENER])
-        time.sleep(0.3)
+        self.listener = start_listener(self.node.ns)
 
     def start_dns_daemon(self, dns_port: int, extra: list[str], env: dict | None = None) -> Daemon:
         """The daemon with VIPs and DNS on 127.0.0.1:``dns_port`` inside the namespace, API on its
