@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import urllib.request
 from types import SimpleNamespace
 
@@ -11,6 +12,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 
 from networkd.etcd.keepalive import KeepAliveStream
+from networkd.etcd.reflector import PrefixWatcher
 from networkd.etcd.session import Session
 from tests.test_etcd_snapshots import client_for
 from tests.support.waiting import eventually, sleep
@@ -142,3 +144,70 @@ async def test_a_request_never_takes_the_reply_meant_for_one_given_up():
     assert len(client.calls) == 2, "the second's stream, idle again, is reused"
     client.calls[1].replies.put_nowait(SimpleNamespace(TTL=3, tag="third"))
     assert (await defer.Deferred.fromFuture(third)).tag == "third"
+
+
+async def one_keep_alive_stalled(private_etcd, client, session, stall: float) -> tuple[list, int]:
+    """SIGSTOP etcd for ``stall`` s right after a keep-alive was answered: (the watch's connected
+    state sampled every 10 ms meanwhile and for a second after, how many keep-alives timed out)."""
+    answered, late = [], []
+    keep_alive = client.keep_alive
+
+    def watched(lease, timeout=None):
+        def failed(failure):
+            if isinstance(failure.value.__cause__, TimeoutError):
+                late.append(session.clock())
+            return failure
+        return keep_alive(lease, timeout).addCallbacks(lambda r: (answered.append(r), r)[1], failed)
+
+    client.keep_alive = watched
+    count = len(answered)
+    await eventually(lambda: len(answered) > count, timeout=3, message="a keep-alive is answered")
+    private_etcd.process.send_signal(signal.SIGSTOP)
+    try:
+        connected = []
+        for _ in range(int(stall / 0.01)):
+            await sleep(0.01)
+            connected.append(watcher_connected(client))
+    finally:
+        private_etcd.process.send_signal(signal.SIGCONT)
+    for _ in range(100):
+        await sleep(0.01)
+        connected.append(watcher_connected(client))
+    client.keep_alive = keep_alive
+    return connected, len(late)
+
+
+def watcher_connected(client) -> bool:
+    return client.watcher.status.connected
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_late_keep_alive_keeps_the_connection_and_its_watches(private_etcd, etcd_root):
+    """One endpoint, etcd stalled: one keep-alive times out (its bound is 0.5 s) and is sent
+    again on the same connection, which is kept with its watches (it used to be dropped: every
+    watch lost and read again, under load the start of a cascade).  Stalled longer (two in a
+    row time out), the connection is dropped, as a dead one must be, and comes back."""
+    client = client_for(private_etcd.endpoint)
+    session = Session(client, ttl=3, reactor=reactor)
+    client.watcher = PrefixWatcher(client, f"{etcd_root}/", reactor)
+    session.startService()
+    client.watcher.startService()
+    try:
+        await eventually(lambda: session.last_ack is not None and client.watcher.status.connected)
+        reconnects = client.watcher.status.reconnects
+        # The next keep-alive goes 0.5 s after the answered one and times out 0.5 s later; the
+        # one sent again after it finds etcd back.
+        connected, late = await one_keep_alive_stalled(private_etcd, client, session, 1.1)
+        assert late == 1, f"{late} keep-alives timed out"
+        assert all(connected), "the watch stayed connected through one late keep-alive"
+        assert client.watcher.status.reconnects == reconnects
+        acked = session.last_ack
+        await eventually(lambda: session.last_ack > acked, timeout=3, message="acknowledged again")
+
+        connected, late = await one_keep_alive_stalled(private_etcd, client, session, 2.5)
+        assert late >= 2 and not all(connected), "keep-alives late in a row: the connection (and its watch) dropped"
+        await eventually(lambda: client.watcher.status.connected, timeout=10, message="the watch is back")
+    finally:
+        await client.watcher.stopService()
+        await session.stopService()
+        await client.close()

@@ -77,6 +77,7 @@ class EtcdClient(EtcdConnection):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.keepalives = KeepAliveStream()
+        self._keepalive_late = False  # the last keep-alive timed out
 
     def close(self) -> Deferred:
         self.keepalives.close()
@@ -268,13 +269,29 @@ class EtcdClient(EtcdConnection):
         return self._call(op)
 
     def keep_alive(self, lease: int, timeout: float | None = None) -> Deferred:
-        """Refresh ``lease``; fires with the TTL etcd granted, 0 if the lease is gone."""
+        """Refresh ``lease``; fires with the TTL etcd granted, 0 if the lease is gone.
+
+        With one endpoint, a keep-alive that only timed out keeps the connection: it was dropped,
+        and every watch on it with it, each to be read again, when a busy etcd or a starved daemon
+        answered one keep-alive late (20 daemons on 2 cores: 64 watches lost in a burst, which made
+        the load worse).  A second one in a row drops it, as any other error does at once; with
+        several endpoints a timeout moves to the next at once (a dead etcd leader)."""
 
         async def op(client):
             reply = await self.keepalives.refresh(client, lease)
             return max(0, reply.TTL)
 
-        return self._call(op, timeout)
+        spare = len(self.endpoints) == 1 and not self._keepalive_late
+
+        def answered(result):
+            self._keepalive_late = False
+            return result
+
+        def failed(failure):
+            self._keepalive_late = isinstance(failure.value.__cause__, TimeoutError)
+            return failure
+
+        return self._call(op, timeout, spare_on_timeout=spare).addCallbacks(answered, failed)
 
     def revoke_lease(self, lease: int, timeout: float | None = None) -> Deferred:
         return self._call(lambda client: client.revoke_lease(lease), timeout)

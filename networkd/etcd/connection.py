@@ -228,7 +228,11 @@ class EtcdConnection:
         order = [(self._index + step) % count for step in range(1, count + 1)]
         return min(order, key=lambda i: self._failed_at[i])
 
-    def _call(self, operation: Callable[[_Client], Awaitable], timeout: float | None = None) -> Deferred:
+    def _call(self, operation: Callable[[_Client], Awaitable], timeout: float | None = None, *,
+              spare_on_timeout: bool = False) -> Deferred:
+        """``operation(client)`` as a Deferred, bounded by ``timeout``; a connection error drops the
+        client, and so does a timeout unless ``spare_on_timeout`` (the caller retries on it first)."""
+
         async def run():
             client = self._current()
             endpoint = self.endpoint
@@ -240,7 +244,8 @@ class EtcdConnection:
                     # Not our caller's doing: grpc cancels the calls in flight on a channel that is
                     # closed (another call on it failed).  An etcd outage like any other.
                     translated = EtcdUnavailable(f"etcd {endpoint}: call cancelled, its connection was closed")
-                if isinstance(translated, EtcdUnavailable) and isinstance(e, DROPS_CONNECTION):
+                spared = spare_on_timeout and isinstance(e, TimeoutError)
+                if isinstance(translated, EtcdUnavailable) and isinstance(e, DROPS_CONNECTION) and not spared:
                     self._failed(client)  # (an error etcd answered with, such as RESOURCE_EXHAUSTED, is no reason)
                 if translated is e:
                     raise
