@@ -204,3 +204,25 @@ def test_metrics_in_slices_are_what_generate_latest_printed(monkeypatch):
         turns += 1
     assert b"".join(done.result) == generate_latest(registry)
     assert turns >= 13 + 7, f"{turns} turns: a family or {metrics.PIECE} samples a turn"
+
+
+def test_the_api_site_keeps_no_timer_and_still_dates_its_access_lines():
+    """twisted.web's log-date cache was a timer waking the reactor every second for the daemon's life."""
+    from twisted.internet import task
+    from twisted.web.resource import Resource
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from networkd.api import QuietSite
+
+    clock = task.Clock()
+    clock.advance(1_800_000_000)  # 2027-01-15
+    site = QuietSite(Resource(), reactor=clock)
+    site.startFactory()
+    try:
+        assert clock.getDelayedCalls() == []
+        lines = []
+        site._logFormatter = lambda date, request: lines.append(date) or "line"
+        site.log(DummyRequest([b"v1", b"status"]))
+        assert lines == ["[15/Jan/2027:08:00:00 +0000]"]
+    finally:
+        site.stopFactory()

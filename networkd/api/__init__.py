@@ -13,7 +13,7 @@ from __future__ import annotations
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.logger import Logger
-from twisted.web import server
+from twisted.web import http, server
 
 from networkd.api.parts import ApiParts
 from networkd.backoff import Backoff
@@ -23,10 +23,16 @@ log = Logger()
 
 
 class QuietSite(server.Site):
-    """Access lines at debug level: health checks must not flood the log."""
+    """Access lines at debug level: health checks must not flood the log.
+
+    Each line's date is made with the line: twisted.web keeps it cached by a
+    timer that woke the reactor every second for the daemon's whole life."""
+
+    def _updateLogDateTime(self) -> None:
+        self._logDateTime = None  # (twisted.web's would re-arm itself every second)
 
     def log(self, request):
-        line = self._logFormatter(self._logDateTime, request)
+        line = self._logFormatter(http.datetimeToLogString(self.reactor.seconds()), request)
         log.debug("api: {line}", line=line)
 
 
