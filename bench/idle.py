@@ -31,7 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench.scale import (HOT, HOT_IP, ROOT, TWISTD, EtcdWriter, cpu_seconds, domain_ip,  # noqa: E402
-                         domain_key, domain_value, loadavg, rss_mb, wait_until_answer)
+                         domain_key, domain_value, loadavg, rss_mb, stop_process, wait_until_answer)
 from tests.support.etcd_server import EtcdServer  # noqa: E402
 from tests.support.notifysocket import FakeNotifySocket  # noqa: E402
 from tests.test_dns_activation import WRAPPER  # noqa: E402
@@ -90,12 +90,7 @@ def run(domains: int, args, work: str) -> tuple[float, float]:
         if notify is not None:
             notify.close()
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_process(proc)
         etcd.destroy()
 
 

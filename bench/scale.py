@@ -84,7 +84,8 @@ sys.path.insert(0, REPO)
 
 from dnslib import DNSRecord  # noqa: E402
 
-from bench.vipnode import AddressWatch, EtcdWriter, VipNode, build_workload, in_netns, join_netns  # noqa: E402
+from bench.vipnode import AddressWatch, EtcdWriter, VipNode, build_workload  # noqa: E402
+from tests.support.vipnodes import in_netns, join_netns  # noqa: E402
 from tests.support.etcd_server import EtcdServer  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
@@ -115,6 +116,16 @@ def domain_value(ip: str) -> str:
 
 
 # -- /proc --------------------------------------------------------------------------
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -507,12 +518,7 @@ def run_size(size: int, args, work: str) -> dict:
             if closing is not None:
                 closing.close()
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+            stop_process(proc)
         if node is not None:
             node.close()
         etcd.destroy()

@@ -11,7 +11,7 @@ no daemon); ``EtcdWriter`` writes them in transactions of 128 puts through
 etcd's HTTP gateway over one kept-alive connection.
 
 Clients that must talk to the daemon inside the namespace (DNS on its
-127.0.0.1, the API) either make their sockets there (``in_netns``: a
+127.0.0.1, the API) either make their sockets there (tests/support/vipnodes.py ``in_netns``: a
 short-lived thread joins the namespace, and a socket stays in the namespace
 it was made in) or join it for their whole thread (``join_netns``: setns(2)
 with CLONE_NEWNET changes only the calling thread, ctypes because os.setns
@@ -22,7 +22,6 @@ eth0 from netlink events, without polling.
 from __future__ import annotations
 
 import base64
-import ctypes
 import http.client
 import json
 import os
@@ -41,13 +40,11 @@ if REPO not in sys.path:
 
 from tests.support.daemon import Daemon  # noqa: E402
 from tests.support.netns import Lan  # noqa: E402
-from tests.support.vipnodes import Cluster, pod_group, vip_value  # noqa: E402
+from tests.support.vipnodes import Cluster, in_netns, pod_group, vip_value  # noqa: E402
 
 NODE, NODE_HOST = "n1", 11
 GHOST, GHOST_IP = "ghost", "10.77.0.99"  # a node name with no daemon
 CONTAINERS = "10.79.0.0/16"
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 # -- the workload -----------------------------------------------------------------
@@ -115,41 +112,6 @@ class EtcdWriter:
 
 def _b64(s: str) -> str:
     return base64.b64encode(s.encode()).decode()
-
-
-# -- namespaces for clients -------------------------------------------------------------
-
-
-def join_netns(netns: str) -> None:
-    """Move the calling thread (only it) into network namespace ``netns``."""
-    fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"setns({netns}): {os.strerror(errno)}")
-    finally:
-        os.close(fd)
-
-
-def in_netns(netns: str | None, make):
-    """``make()`` run in a thread that joined ``netns`` (here when None): its sockets stay there."""
-    if netns is None:
-        return make()
-    result: dict = {}
-
-    def run():
-        try:
-            join_netns(netns)
-            result["value"] = make()
-        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
-            result["error"] = e
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 # -- the node -----------------------------------------------------------------------

@@ -172,12 +172,18 @@ def test_no_other_member_known_keeps_the_vips_vacuously():
     assert env.sent == [] and env.fs.covering() == pytest.approx(env.clock.seconds() + P * DRIFT - fencing_margin(P))
 
 
-def promised_env():
+def outage_env():
+    """Past the start-up hold-off, a keep-alive acknowledged just now, then etcd gone: the first round asks."""
     env = Env()
     env.clock.advance(P)
     env.session.last_ack = env.clock.seconds()
     env.etcd_gone()
     env.fs._tick()
+    return env
+
+
+def promised_env():
+    env = outage_env()
     for ip, nonce in env.round().items():
         env.answer(nonce, {"10.0.0.1": "a", "10.0.0.2": "b"}[ip])
     assert env.fs.covering() is not None
@@ -241,11 +247,7 @@ def test_start_up_hold_off_contests_nothing_for_one_promise_length():
 
 
 def test_a_round_completed_after_the_lease_deadline_revives_nothing():
-    env = Env()
-    env.clock.advance(P)
-    env.session.last_ack = env.clock.seconds()
-    env.etcd_gone()
-    env.fs._tick()
+    env = outage_env()
     nonces = env.round()
     env.clock.advance(2.25)  # the lease deadline passed with no complete round
     env.answer(nonces["10.0.0.1"], "a")
@@ -256,11 +258,7 @@ def test_a_round_completed_after_the_lease_deadline_revives_nothing():
 
 
 def test_a_new_lease_without_a_promise_ends_the_episode():
-    env = Env()
-    env.clock.advance(P)
-    env.session.last_ack = env.clock.seconds()
-    env.etcd_gone()
-    env.fs._tick()
+    env = outage_env()
     assert env.fs.vips and env.fs.covering() is None
     env.session.lease, env.session.last_ack, env.session.last_error = 0xB, env.clock.seconds(), None
     env.fs.acked(0xB)
@@ -301,11 +299,7 @@ def test_members_are_remembered_across_episodes():
 def test_every_promise_loses_at_least_the_kernels_late_expiry():
     # The kernel removes an expired address up to 0.25 s late even with one shared expiry (design.md,
     # "Kernel expiry"): the failsafe deadline must leave the whole fencing margin for that, like the lease's.
-    env = Env()
-    env.clock.advance(P)
-    env.session.last_ack = env.clock.seconds()
-    env.etcd_gone()
-    env.fs._tick()
+    env = outage_env()
     sent_at = env.clock.seconds()
     for ip, nonce in env.round().items():
         env.answer(nonce, {"10.0.0.1": "a", "10.0.0.2": "b"}[ip])

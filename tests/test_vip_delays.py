@@ -350,10 +350,10 @@ class Removals:
         import socket
         import threading
 
-        from tests.support.vipnodes import _in_netns
+        from tests.support.vipnodes import in_netns
 
         self.ip, self.times, self.first = ip, [], {}
-        self._sock = _in_netns(netns, lambda: self._open(socket))
+        self._sock = in_netns(netns, lambda: self._open(socket))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()

@@ -36,7 +36,7 @@ import struct
 import threading
 import time
 
-from tests.support.vipnodes import _in_netns
+from tests.support.vipnodes import in_netns
 
 RTMGRP_IPV4_IFADDR = 0x10
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
@@ -101,7 +101,7 @@ class _Feed:
             s.setblocking(False)
             return s
 
-        self.sock = _in_netns(netns, make)
+        self.sock = in_netns(netns, make)
         self.portid = self.sock.getsockname()[0]
         self.dump_seq: int | None = None  # dump in flight
         self.dumped: set[str] = set()  # addresses of interest the dump listed so far

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 
 from networkd.vips import netlink as netlink_module
 from tests.support.netns import Namespace
-from tests.support.vipnodes import _in_netns
+from tests.support.vipnodes import in_netns
 
 
 @contextmanager
@@ -20,7 +20,7 @@ def netlink_namespace(monkeypatch, prefix: str = "ndnl"):
         ns.run("ip", "link", "set", "eth0", "up")
         ns.run("ip", "link", "set", "eth1", "up")
         make = netlink_module._socket
-        monkeypatch.setattr(netlink_module, "_socket", lambda groups=0: _in_netns(ns.name, lambda: make(groups)))
+        monkeypatch.setattr(netlink_module, "_socket", lambda groups=0: in_netns(ns.name, lambda: make(groups)))
         yield ns
     finally:
         ns.delete()

@@ -24,7 +24,7 @@ CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def socket_in_netns(netns: str, host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+def socketin_netns(netns: str, host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A listening TCP socket that belongs to network namespace ``netns``."""
 
     def make():
@@ -34,14 +34,14 @@ def socket_in_netns(netns: str, host: str = "127.0.0.1", port: int = 0) -> socke
         s.listen(64)
         return s
 
-    return _in_netns(netns, make)
+    return in_netns(netns, make)
 
 
 class NsForwarder(TCPProxy):
     """127.0.0.1:port inside ``netns`` -> 127.0.0.1:target_port on the host; can be cut."""
 
     def __init__(self, netns: str, target_port: int):
-        super().__init__(target_port, listener=socket_in_netns(netns))
+        super().__init__(target_port, listener=socketin_netns(netns))
 
 
 def pod_group(app: str, proc: str, placements: list[tuple[int, str, str, str]], proctype: str = "proc",
@@ -249,20 +249,28 @@ class Cluster:
         return "\n".join(f"==== {n}\n{node.daemon.log() if node.daemon else ''}" for n, node in self.nodes.items())
 
 
-def _in_netns(netns: str, make):
-    """Run ``make()`` in a thread that joined ``netns``; the sockets it makes stay there."""
+def join_netns(netns: str) -> None:
+    """Move the calling thread (only it) into network namespace ``netns``."""
+    fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+    try:
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, f"setns({netns}): {os.strerror(errno)}")
+    finally:
+        os.close(fd)
+
+
+def in_netns(netns: str | None, make):
+    """``make()`` run in a thread that joined ``netns`` (here when None): the sockets it makes stay there."""
+    if netns is None:
+        return make()
     result: dict = {}
 
     def run():
         try:
-            fd = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns failed")
-            finally:
-                os.close(fd)
+            join_netns(netns)
             result["value"] = make()
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread
             result["error"] = e
 
     thread = threading.Thread(target=run)
@@ -296,7 +304,7 @@ class ArpWatch:
             raw.bind((interface, 0x0003))
             return nl, raw
 
-        self._nl, self._raw = _in_netns(netns, make)
+        self._nl, self._raw = in_netns(netns, make)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
