@@ -24,7 +24,7 @@ CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def socketin_netns(netns: str, host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+def socket_in_netns(netns: str, host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A listening TCP socket that belongs to network namespace ``netns``."""
 
     def make():
@@ -41,7 +41,7 @@ class NsForwarder(TCPProxy):
     """127.0.0.1:port inside ``netns`` -> 127.0.0.1:target_port on the host; can be cut."""
 
     def __init__(self, netns: str, target_port: int):
-        super().__init__(target_port, listener=socketin_netns(netns))
+        super().__init__(target_port, listener=socket_in_netns(netns))
 
 
 def pod_group(app: str, proc: str, placements: list[tuple[int, str, str, str]], proctype: str = "proc",
