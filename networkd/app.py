@@ -23,6 +23,7 @@ from networkd.etcd.reflector import PrefixWatcher
 from networkd.etcd.session import Session
 from networkd.keys import Keys
 from networkd.logsetup import filter_debug_logs
+from networkd.timers import sleep_until_due
 
 if TYPE_CHECKING:
     from networkd.api.parts import ApiParts
@@ -47,6 +48,7 @@ def install_asyncio_reactor():
             f"networkd needs Twisted's asyncio reactor (aetcd and pyroute2 are asyncio), "
             f"but {type(reactor).__name__} is installed: drop --reactor or use --reactor=asyncio"
         )
+    sleep_until_due(reactor)
     return reactor
 
 

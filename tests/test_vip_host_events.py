@@ -38,7 +38,7 @@ class Rig:
         self.ns = ns
         self.netlink = netlink_module.Netlink("eth0")
         self.netlink.start()
-        self.events = netlink_module._EventReader(self.netlink)
+        self.events = netlink_module._EventReader(self.netlink, self.netlink.port)
         self.netlink.on_address_removed = lambda ip, left: self.keeper.vanished(ip, left)
         self.deadline = time.monotonic()
         self.removed: list[str] = []

@@ -110,25 +110,32 @@ def test_batch_of_adds_renewals_and_removals_in_one_exchange(in_namespace):
         nl.stop()
 
 
-def test_events_say_removed_and_filter_our_own_renewals(in_namespace):
+def test_events_say_removed_and_added_by_others_and_filter_our_own_renewals(in_namespace):
     nl = netlink_module.Netlink("eth0")
     nl.start()
-    events = netlink_module._EventReader(nl)
-    removed = []
+    events = netlink_module._EventReader(nl, nl.port)
+    nl._events = events  # as start() with a reactor would have it
+    removed, added = [], []
     nl.on_address_removed = lambda ip, lifetime_left: removed.append((ip, lifetime_left))
+    nl.on_address_added = added.append
     try:
         nl.apply([], [("10.66.0.1", 5), ("10.66.0.2", 5)])
         for _ in range(50):
             nl.apply([], [("10.66.0.1", 5)])  # renewals: RTM_NEWADDR, dropped by the filter
         in_namespace.run("ip", "addr", "del", "10.66.0.2/32", "dev", "eth0")
+        in_namespace.run("ip", "addr", "add", "10.66.0.3/32", "dev", "eth0")
+        in_namespace.run("ip", "addr", "replace", "10.66.0.1/32", "dev", "eth0")
         time.sleep(0.05)
         received = []
         original = nl._event
         nl._event = lambda m: (received.append(m.type), original(m))
         events.doRead()
         assert removed == [("10.66.0.2", 5)], "removed by hand with its lifetime left"
-        assert rtnl.RTM_NEWADDR not in received, "our renewals never reach the daemon"
+        assert nl.sees_others_adds
+        assert added == ["10.66.0.3", "10.66.0.1"], "others' adds and changes arrive; our own 52 never do"
+        assert received.count(rtnl.RTM_NEWADDR) == 2
     finally:
+        nl._events = None
         events.close()
         nl.stop()
 

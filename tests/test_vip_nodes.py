@@ -252,6 +252,61 @@ def test_address_removed_by_hand_is_restored_within_a_second(cluster_factory):
     wait_until(lambda: c["n1"].daemon.log().count("announced") >= 2, 1, message="announced again")
 
 
+def valid_lifetime(node, ip: str) -> str | None:
+    """``valid_lft`` of ``ip``/32 on the node's eth0 as ``ip`` prints it ("forever", "2sec"), None if absent."""
+    words = node.ns.run("ip", "-o", "-4", "addr", "show", "dev", "eth0").stdout.split()
+    for i, word in enumerate(words):
+        if word == f"{ip}/32":
+            return words[words.index("valid_lft", i) + 1]
+    return None
+
+
+def test_an_address_someone_else_adds_or_makes_permanent_is_undone_at_once(cluster_factory):
+    """The periodic read-back of the interface is a slow anti-entropy pass (every 10 s): what someone
+    else adds on it arrives as a netlink event, so the VIP nobody gave us and the held VIP made permanent
+    (both would outlive our lease) are undone within a fraction of a second, not at the next read-back."""
+    c = cluster_factory(nodes=1)
+    n1 = c["n1"]
+    c.put_pods("hello", "web", [(1, "n1", "10.77.0.11")])
+    c.put_pods("other", "web", [(1, "ghost", "10.77.0.99")])
+    c.put_vip(VIP, vip_value("hello", "web", WEB))
+    c.put_vip("10.77.0.101", vip_value("other", "web", WEB))  # configured, never ours to hold
+    c.start()
+    wait_until(lambda: VIP in n1.addresses(), 10)
+    time.sleep(1.5)  # past start-up's own read-backs
+    n1.ns.run("ip", "addr", "add", "10.77.0.101/32", "dev", "eth0")
+    added = time.monotonic()
+    wait_until(lambda: "10.77.0.101" not in n1.addresses(), 2, interval=0.01, message="foreign VIP removed")
+    assert time.monotonic() - added < 0.5
+    assert "is on the interface but not held here; removing it" in n1.daemon.log()
+
+    n1.ns.run("ip", "addr", "replace", f"{VIP}/32", "dev", "eth0")  # valid_lft forever
+    made_permanent = time.monotonic()
+    wait_until(lambda: valid_lifetime(n1, VIP) not in ("forever", None), 2, interval=0.01,
+               message="a lease-bound lifetime again")
+    assert time.monotonic() - made_permanent < 0.5
+    assert "past the lease deadline" in n1.daemon.log()
+
+
+def test_our_chains_flushed_by_someone_else_are_restored_at_once_on_nftables(cluster_factory):
+    """With iptables-nft the periodic read-back of our chains is a slow anti-entropy pass (every 60 s):
+    nf_tables announces every change to the nat table, so a flush is undone within a fraction of a
+    second, not at the next read-back."""
+    c = cluster_factory("nft", nodes=1)
+    n1 = c["n1"]
+    c.put_pods("hello", "web", [(1, "n1", "10.77.0.11")])
+    c.put_vip(VIP, vip_value("hello", "web", WEB))
+    c.start()
+    wait_until(lambda: VIP in n1.addresses() and len(n1.dnat()) == 2, 10)
+    wanted = n1.dnat()
+    time.sleep(1.0)  # past start-up's own read-backs
+    for chain in ("lain-PREROUTING", "lain-OUTPUT"):
+        n1.ns.run("iptables-nft", "-t", "nat", "-F", chain)
+    flushed = time.monotonic()
+    wait_until(lambda: n1.dnat() == wanted, 3, interval=0.02, message="our DNAT rules restored")
+    assert time.monotonic() - flushed < 1.0
+
+
 @pytest.mark.parametrize("firewall", BACKENDS)
 def test_restart_after_sigkill_leaves_no_stale_address_or_rule(cluster_factory, firewall):
     c = cluster_factory(firewall, nodes=1)

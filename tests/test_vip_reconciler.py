@@ -388,3 +388,22 @@ def test_with_the_lock_watch_down_the_last_lock_snapshot_starts_no_contest():
     assert ("lock", f"{VIP}.lock") in journal
     manager.stopService()
     clock.advance(5)
+
+
+def test_at_rest_the_level_triggered_tick_comes_every_anti_entropy_pass_not_twice_a_second(node, monkeypatch):
+    """Issue 13, "timers only where something can change": holding a VIP with nothing unsettled, the
+    node ticks once per anti-entropy pass (5 s), not every 0.5 s; it still keeps and renews the VIP."""
+    from networkd.vips import reconciler
+
+    hold_vip(node)
+    ticks = []
+    real = node.manager._tick
+    monkeypatch.setattr(node.manager, "_tick", lambda: (ticks.append(node.clock.seconds()), real())[1])
+    node.manager._tick_call.cancel()
+    node.manager._tick_call = None
+    node.manager._arm_tick()
+    for _ in range(120):  # a minute of keep-alives every 0.5 s
+        node.session.ack()
+        node.clock.advance(0.5)
+    assert node.manager.held_count() == 1 and node.manager.fenced_since is None
+    assert 60 / reconciler.ANTI_ENTROPY - 1 <= len(ticks) <= 60 / reconciler.ANTI_ENTROPY + 1, ticks

@@ -17,6 +17,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from networkd.vips import firewall as fw
+from networkd.vips.firewall.nfevents import NatChanges
 from networkd.vips.addresses import AddressKeeper, Justification
 from networkd.vips.arp import Announcer
 from networkd.vips.netlink import InterfaceMissing, Netlink
@@ -25,8 +26,12 @@ from networkd.vips.planner import DnatRule
 log = Logger()
 
 ADDRESS_CHECK = 1.0  # read-back of addresses (less often while one costs more than AUDIT_BUDGET of a CPU)
+ADDRESS_RECHECK = 10.0  # the same when addresses added by others arrive as events: only anti-entropy
+EVENT_AUDIT_DELAY = 0.05  # an address someone else added is read back this soon (coalescing a burst)
 AUDIT_BUDGET = 0.002
 FIREWALL_CHECK = 5.0  # read-back of iptables, likewise within AUDIT_BUDGET
+FIREWALL_RECHECK = 60.0  # the same where nf_tables announces every change to the nat table
+FIREWALL_EVENT_DELAY = 0.1  # a nat table change is read back this soon (coalescing a burst)
 ANNOUNCE_WINDOW = 1.0  # seconds over which every held VIP is announced again (link up, etcd back)
 
 
@@ -52,6 +57,9 @@ class VipHost:
         self.firewall: fw.Firewall | None = None
         self._to_announce: dict[str, object] = {}  # ip -> the call that announces it (next reactor turn)
         self._next_audit = self._next_firewall_check = 0.0
+        self._event_audit = None  # the read-back an address added by someone else asked for
+        self._nat_changes: NatChanges | None = None  # nf_tables hosts: changes to the nat table, as they happen
+        self._event_verify = None  # the read-back a nat table change asked for
 
     @property
     def addresses(self) -> set[str]:
@@ -92,9 +100,12 @@ class VipHost:
         """Our chains from scratch and the netlink sockets open; returns the firewall back end's name."""
         backend = await self._make_backend(choice)
         self.firewall = fw.Firewall(self._reactor, backend, self._desired_rules, to_thread=self._to_thread)
+        if backend.name == "nft":
+            self._listen_to_nat_changes()
         self.netlink.on_address_removed = on_removed
         self.netlink.on_link_up = on_link_up
         self.netlink.on_events_lost = self.audit
+        self.netlink.on_address_added = self._added_by_others
         await self.netlink.start()
         self.firewall.reset()  # before contesting anything
         await self.firewall.sync()
@@ -119,6 +130,12 @@ class VipHost:
             await defer.DeferredList([self.firewall.sync()], consumeErrors=True)
 
     async def close(self) -> None:
+        for call in (self._event_audit, self._event_verify):
+            if call is not None and call.active():
+                call.cancel()
+        if self._nat_changes is not None:
+            self._nat_changes.close()
+            self._nat_changes = None
         if self.firewall is not None:
             self.firewall.stop()
         await defer.DeferredList([self.netlink.stop()], consumeErrors=True)
@@ -153,6 +170,18 @@ class VipHost:
 
     # -- reading back ------------------------------------------------------------
 
+    def audit_every(self) -> float:
+        """Seconds between periodic read-backs: a slow anti-entropy pass when the addresses others
+        add wake us (networkd.vips.netlink), else the read-back is how we find them."""
+        return ADDRESS_RECHECK if self.netlink.sees_others_adds else ADDRESS_CHECK
+
+    def _added_by_others(self, ip: str) -> None:
+        """Someone else added or changed a /32 on our interface: read it back soon (it may be a VIP
+        we do not hold, or one of ours given a longer lifetime than the lease allows)."""
+        if self._event_audit is None or not self._event_audit.active():
+            delay = max(EVENT_AUDIT_DELAY, self._next_audit - self._clock())
+            self._event_audit = self._reactor.callLater(delay, self.audit)
+
     def audit(self) -> None:
         """Addresses read back (networkd.vips.addresses), within a small CPU budget."""
         now = self._clock()
@@ -167,10 +196,33 @@ class VipHost:
             return
         self._next_audit = now + max(0.0, (self._clock() - now) / AUDIT_BUDGET - ADDRESS_CHECK)
 
-    def verify_firewall(self) -> None:
-        """Read our chains back and rewrite them if they drifted, within the same CPU budget."""
+    def _listen_to_nat_changes(self) -> None:
+        changes = NatChanges(self._reactor, self._nat_changed)
+        try:
+            changes.open()
+        except OSError as e:
+            log.info("nf_tables changes cannot be listened to ({e}); our chains are read back every {s:.0f}s",
+                     e=e, s=FIREWALL_CHECK)
+            return
+        self._nat_changes = changes
+
+    def firewall_every(self) -> float:
+        """Seconds between periodic read-backs of our chains: a slow anti-entropy pass where nf_tables
+        tells us of every change to the nat table, else the read-back is how we find a flush."""
+        return FIREWALL_RECHECK if self._nat_changes is not None else FIREWALL_CHECK
+
+    def _nat_changed(self) -> None:
+        """Someone (maybe us) changed the nat table: read our chains back soon, within the budget."""
+        if self._event_verify is None or not self._event_verify.active():
+            due = self._next_firewall_check if self._next_firewall_check != math.inf else 0.0
+            delay = max(FIREWALL_EVENT_DELAY, due - self._clock())
+            self._event_verify = self._reactor.callLater(delay, self.verify_firewall, True)
+
+    def verify_firewall(self, changed: bool = False) -> None:
+        """Read our chains back and rewrite them if they drifted, within the same CPU budget
+        (``changed``: the nat table changed; a read-back under way folds this one in)."""
         now = self._clock()
-        if self.firewall is None or now < self._next_firewall_check:
+        if self.firewall is None or (now < self._next_firewall_check and not changed):
             return
         self._next_firewall_check = math.inf  # until this one finished
 

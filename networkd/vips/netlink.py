@@ -12,9 +12,10 @@ lifetime computed by the caller right before ``apply`` is the lifetime the
 kernel starts, not one that waited behind other work (see
 networkd.vips.addresses).  The caller is told how long the exchange took.
 
-A second socket listens for address removals and link changes.  Our own
-renewals come back as RTM_NEWADDR notifications; a socket filter drops
-those in the kernel, so holding many VIPs costs no wake-ups.  pyroute2 is
+A second socket listens for address changes and link changes.  Our own
+adds and renewals come back as RTM_NEWADDR notifications; a socket filter
+drops those (and only those) in the kernel, so holding many VIPs costs no
+wake-ups, while an address someone else adds or changes is seen at once.  pyroute2 is
 not used here: its requests go through an asyncio queue (the lifetime
 would be stale by the time the kernel sees it) and its generic parser
 costs far more per message than these few fields (README, "Design choices": netlink).
@@ -83,6 +84,7 @@ class Netlink:
         self._events: _EventReader | None = None
         self._seq = 0
         self.on_address_removed: Callable[[str, int], None] = lambda ip, lifetime_left: None
+        self.on_address_added: Callable[[str], None] = lambda ip: None  # by someone else (or changed)
         self.on_link_up: Callable[[], None] = lambda: None
         self.on_events_lost: Callable[[], None] = lambda: None
         self.last_exchange = 0.0  # seconds the newest apply() took
@@ -93,13 +95,24 @@ class Netlink:
     def start(self) -> defer.Deferred:
         self._requests = _socket()
         if self._reactor is not None:
-            self._events = _EventReader(self)
+            self._events = _EventReader(self, self.port)
             self._reactor.addReader(self._events)
         try:
             self.lookup()
         except InterfaceMissing as e:
             log.warn("{e}; VIPs wait for it", e=e)
         return defer.succeed(None)
+
+    @property
+    def port(self) -> int:
+        """The netlink port id of our request socket: the kernel stamps it on what our requests cause."""
+        return self._requests.getsockname()[0]
+
+    @property
+    def sees_others_adds(self) -> bool:
+        """Whether addresses added by others arrive as events (the socket filter is on); if not,
+        only reading the interface back finds them."""
+        return self._events is not None and self._events.filtered
 
     def stop(self) -> defer.Deferred:
         if self._events is not None:
@@ -250,6 +263,11 @@ class Netlink:
             address = rtnl.parse_address(message)
             if address is not None and address.index == self.index and address.prefixlen == 32:
                 self.on_address_removed(address.ip, address.valid)  # valid: its lifetime left, 0 if it ran out
+        elif message.type == rtnl.RTM_NEWADDR:  # not ours: the socket filter drops those
+            address = rtnl.parse_address(message)
+            if address is not None and address.index == self.index and address.prefixlen == 32 \
+                    and self.sees_others_adds:
+                self.on_address_added(address.ip)
         elif message.type in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
             link = rtnl.parse_link(message)
             if link is None or (link.name != self.interface and link.index != self.index):
@@ -269,13 +287,16 @@ class Netlink:
 class _EventReader:
     """The notification socket, read by the reactor."""
 
-    def __init__(self, netlink: Netlink):
+    def __init__(self, netlink: Netlink, own_port: int):
         self._netlink = netlink
         self._sock = _socket(rtnl.RTMGRP_IPV4_IFADDR | rtnl.RTMGRP_LINK)
+        self.filtered = False
         try:
-            self._sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _filter_program())
+            self._sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, _filter_program(own_port))
+            self.filtered = True
         except OSError as e:
-            log.info("netlink event filter not attached ({e}); renewals will wake us", e=e)
+            log.info("netlink event filter not attached ({e}); renewals will wake us, and addresses "
+                     "added by others are found by reading the interface back", e=e)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -308,11 +329,11 @@ class _EventReader:
         self._sock.close()
 
 
-def _filter_program():
+def _filter_program(own_port: int):
     """A ``struct sock_fprog`` for SO_ATTACH_FILTER; the bytes must outlive the call only."""
     import ctypes
 
-    code = rtnl.drop_type_filter(rtnl.RTM_NEWADDR)
+    code = rtnl.drop_own_filter(rtnl.RTM_NEWADDR, own_port)
     buffer = ctypes.create_string_buffer(code, len(code))
 
     class SockFprog(ctypes.Structure):

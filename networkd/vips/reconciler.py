@@ -25,7 +25,7 @@ from networkd.vips.appkeys import AppKeys
 from networkd.vips.arp import Announcer
 from networkd.vips.fencing import Fencing
 from networkd.vips.health import VipHealth
-from networkd.vips.host import ADDRESS_CHECK, FIREWALL_CHECK, VipHost
+from networkd.vips.host import VipHost
 from networkd.vips.inputs import VipInputs
 from networkd.vips.locks import STOP_TIMEOUT, LockKeeper
 from networkd.vips.netlink import Netlink
@@ -36,7 +36,7 @@ from networkd.vips.wants import HostWants
 
 log = Logger()
 
-TICK = 0.5  # seconds between checks for a level-triggered pass (see _tick); also a fallback fencing check
+TICK = 0.5  # seconds between checks while a pass waits on time (see _tick); also a fallback fencing check
 ANTI_ENTROPY = 5.0  # a full pass at least this often even when nothing changed
 MAX_KICK_DELAY = 0.1  # seconds a kicked pass may wait behind costly earlier ones
 RENEW_AHEAD = 1.5  # an address with less life left (at most a keep-alive interval + 0.5 s) is renewed
@@ -88,7 +88,7 @@ class VipManager(Fencing, service.Service):
         self.host_ready = self.stopping = self._cleaned = False
         self._fenced_in_last_pass = True
         self._last_pass = self._pass_cost = 0.0
-        self._kick_call = self._started = self._fence_call = None
+        self._kick_call = self._started = self._fence_call = self._tick_call = None
         self._loops: list = []
 
     # -- views ---------------------------------------------------------------
@@ -136,9 +136,10 @@ class VipManager(Fencing, service.Service):
             self._watchers[name].subscribe(lambda snapshot, handler=handler: (handler(snapshot), self.kick()))
         self._loops = [
             every(self._reactor, interval, tick, f"VIP {tick.__name__}")
-            for interval, tick in ((TICK, self._tick),
-                                   (ADDRESS_CHECK, self._check_addresses), (FIREWALL_CHECK, self.host.verify_firewall))
+            for interval, tick in ((self.host.audit_every(), self._check_addresses),
+                                   (self.host.firewall_every(), self.host.verify_firewall))
         ]
+        self._arm_tick()
         if self._session.lease is not None:
             self._acked(self._session.lease)
         self.kick()
@@ -155,7 +156,7 @@ class VipManager(Fencing, service.Service):
         for loop in self._loops:
             if loop.running:
                 loop.stop()
-        for call in (self._kick_call, self._fence_call, self.readiness.timer):
+        for call in (self._kick_call, self._fence_call, self._tick_call, self.readiness.timer):
             if call is not None and call.active():
                 call.cancel()
         if self._started is not None and not self._started.called:
@@ -211,13 +212,39 @@ class VipManager(Fencing, service.Service):
             self._reconcile()
         except Exception:  # never let one bad pass end the kicks
             log.failure("VIP pass failed")
+        finally:
+            self._arm_tick()
+
+    def _waits_on_time(self) -> bool:
+        """A pass would find something new by time alone: a lock not yet seen in the snapshot,
+        a contest put off, an error to retry, locks being retaken after an outage."""
+        return bool(self.locks.unsettled() or self.locks.errors or self.failsafe.retaking)
 
     def _tick(self) -> None:
         """A pass when something waits on time, else every ANTI_ENTROPY s (inputs kick their own)."""
-        self._fence()
-        if self.locks.unsettled() or self.locks.errors or self.failsafe.retaking \
-                or self._clock() - self._last_pass >= ANTI_ENTROPY:
-            self._reconcile()
+        self._tick_call = None
+        try:
+            self._fence()
+            if self._waits_on_time() or self._clock() - self._last_pass >= ANTI_ENTROPY:
+                self._reconcile()
+        except Exception:
+            log.failure("VIP tick failed")
+        finally:
+            self._arm_tick()
+
+    def _arm_tick(self) -> None:
+        """The next tick: in TICK while something waits on time, else at the next anti-entropy pass.
+        Everything that makes a pass wait on time happens in a pass or kicks one, and every pass
+        re-arms this, so an idle node wakes for it once every ANTI_ENTROPY s instead of twice a second."""
+        if self.stopping or not self.host_ready:
+            return
+        delay = TICK if self._waits_on_time() else max(TICK, self._last_pass + ANTI_ENTROPY - self._clock())
+        call = self._tick_call
+        if call is not None and call.active():
+            if call.getTime() > self._reactor.seconds() + delay:
+                call.reset(delay)
+            return
+        self._tick_call = self._reactor.callLater(delay, self._tick)
 
     def _reconcile(self) -> None:
         if not self.host_ready or self.stopping:

@@ -192,20 +192,24 @@ def parse_link(message: Message) -> Link | None:
     return Link(index, name, mac, flags)
 
 
-def drop_type_filter(kind: int) -> bytes:
-    """A classic BPF program (for SO_ATTACH_FILTER) that drops messages of type ``kind``.
+def drop_own_filter(kind: int, portid: int) -> bytes:
+    """A classic BPF program (for SO_ATTACH_FILTER) that drops messages of type ``kind`` caused by
+    the netlink socket ``portid``.
 
-    Notifications come one per datagram; our own lifetime renewals come back as
-    RTM_NEWADDR, and nothing here needs them: dropped in the kernel, they never
-    wake the reactor.  BPF loads half-words in network order, so the type is
-    compared in the byte order the host writes it.
+    Notifications come one per datagram and carry the port id of the socket whose request caused
+    them (0 for the kernel's own).  Our own adds and lifetime renewals come back as RTM_NEWADDR,
+    and nothing here needs them: dropped in the kernel, they never wake the reactor, while an
+    address someone else adds or changes still does.  BPF loads half-words and words in network
+    order, so both are compared in the byte order the host writes them.
     """
-    wire = kind.to_bytes(2, sys.byteorder)
-    as_loaded = int.from_bytes(wire, "big")
-    ld_h_abs, jeq_k, ret_k = 0x28, 0x15, 0x06
+    as_loaded_type = int.from_bytes(kind.to_bytes(2, sys.byteorder), "big")
+    as_loaded_pid = int.from_bytes(portid.to_bytes(4, sys.byteorder), "big")
+    ld_h_abs, ld_w_abs, jeq_k, ret_k = 0x28, 0x20, 0x15, 0x06
     insns = [
         (ld_h_abs, 0, 0, 4),  # A = nlmsg_type
-        (jeq_k, 0, 1, as_loaded),  # A == kind ? next : skip one
+        (jeq_k, 0, 3, as_loaded_type),  # A == kind ? next : keep
+        (ld_w_abs, 0, 0, 12),  # A = nlmsg_pid
+        (jeq_k, 0, 1, as_loaded_pid),  # A == ours ? drop : keep
         (ret_k, 0, 0, 0),  # drop
         (ret_k, 0, 0, 0xFFFFFFFF),  # keep whole
     ]

@@ -15,11 +15,12 @@ from networkd.vips.rtnl import Address
 class FakeNetlink:
     mac = b"\x02\x00\x00\x00\x00\x01"
     last_exchange = last_span = 0.0  # exchanges take no time here
+    sees_others_adds = False  # no events here: the read-back finds what others add
 
     def __init__(self, journal):
         self.journal = journal
         self.present = {}
-        self.on_address_removed = self.on_link_up = self.on_events_lost = None
+        self.on_address_removed = self.on_link_up = self.on_events_lost = self.on_address_added = None
 
     def start(self):
         return defer.succeed(None)
