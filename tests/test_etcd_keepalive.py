@@ -195,9 +195,9 @@ async def test_one_late_keep_alive_keeps_the_connection_and_its_watches(private_
     try:
         await eventually(lambda: session.last_ack is not None and client.watcher.status.connected)
         reconnects = client.watcher.status.reconnects
-        # The next keep-alive goes 0.5 s after the answered one and times out 0.5 s later; the
+        # The next keep-alive goes 0.67 s after the answered one and times out 0.5 s later; the
         # one sent again after it finds etcd back.
-        connected, late = await one_keep_alive_stalled(private_etcd, client, session, 1.1)
+        connected, late = await one_keep_alive_stalled(private_etcd, client, session, 1.3)
         assert late == 1, f"{late} keep-alives timed out"
         assert all(connected), "the watch stayed connected through one late keep-alive"
         assert client.watcher.status.reconnects == reconnects

@@ -28,7 +28,7 @@ X, Y = "10.9.0.1", "10.9.0.2"
 class Session:
     def __init__(self, clock, ttl=3):
         self.clock, self.lease, self.last_ack, self.last_error = clock, 0xA, clock.seconds(), None
-        self.ttl, self.interval = ttl, ttl / 6
+        self.ttl, self.interval, self.bound = ttl, ttl * 2 / 9, ttl / 6
 
     def ack_age(self):
         return None if self.last_ack is None else self.clock.seconds() - self.last_ack

@@ -28,7 +28,7 @@ SECRET = b"correct horse battery staple"
 
 
 class FakeSession:
-    ttl, interval = 3, 0.5
+    ttl, interval, bound = 3, 2 / 3, 0.5
 
     def __init__(self, reachable: bool):
         self.lease = 0x1234 if reachable else None

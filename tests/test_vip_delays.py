@@ -317,6 +317,7 @@ class MonotonicSession:
 
     ttl = TTL
     interval = 1.0  # the test acknowledges about once a second
+    bound = TTL / 6
 
     def __init__(self):
         self.clock = time.monotonic

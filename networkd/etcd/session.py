@@ -1,4 +1,4 @@
-"""The process lease: granted once, kept alive every TTL/6, revoked on stop.
+"""The process lease: granted once, kept alive every 2/9 of the TTL, revoked on stop.
 
 Locks borrow this lease; they never own one.  ``last_ack`` is the time
 (on ``clock``, monotonic in the daemon) at which the newest *acknowledged*
@@ -48,9 +48,15 @@ class Session(service.Service):
 
     @property
     def interval(self) -> float:
-        """Keep-alives go out every TTL/6, each bounded by this too, and a failed one is retried at once
-        elsewhere: an etcd leader election (0.5-2 s, when no keep-alive can be answered) then ends
-        before the fencing deadline (TTL - margin after the last acknowledged one) in most cases."""
+        """Keep-alives go out every 2/9 of the TTL (1.5 a second at TTL 3: issue 13's etcd load at rest),
+        each bounded by ``bound``, and a failed one is sent again at once elsewhere: an etcd leader
+        election (0.5-1 s LAN-tuned, when no keep-alive can be answered) then ends before the fencing
+        deadline (TTL - margin after the last acknowledged one) when interval + election + bound fit in it."""
+        return self.ttl * 2 / 9
+
+    @property
+    def bound(self) -> float:
+        """How long one keep-alive may take before it is given up and sent again (TTL/6)."""
         return self.ttl / 6
 
     def ack_age(self) -> float | None:
@@ -100,7 +106,7 @@ class Session(service.Service):
                     self.lease = await self._client.grant_lease(self.ttl)
                     log.info("granted lease {lease:x} with TTL {ttl}s", lease=self.lease, ttl=self.ttl)
                 else:
-                    granted = await self._client.keep_alive(self.lease, timeout=self.interval)
+                    granted = await self._client.keep_alive(self.lease, timeout=self.bound)
                     if granted <= 0:
                         raise SessionExpired(f"lease {self.lease:x} expired")
                 self._acked(sent)

@@ -113,7 +113,7 @@ class Failsafe:
                  a=self.channel.address, p=self.promise)
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = self._reactor
-        self._loop.start(self._session.interval / 2, now=False).addErrback(
+        self._loop.start(self._session.bound / 2, now=False).addErrback(
             lambda f: log.failure("failsafe loop died", f))
 
     def stop(self):
@@ -251,7 +251,7 @@ class Failsafe:
                      ips=", ".join(sorted(holding)))
         last = self.rounds.get(self._round)
         complete = last is not None and len(last.promised) == len(last.asked)
-        if last is None or now - last.sent >= (self.promise / 4 if complete else self._session.interval / 2):
+        if last is None or now - last.sent >= (self.promise / 4 if complete else self._session.bound / 2):
             self._send_round(now)
 
     def _in_lease(self) -> bool:

@@ -22,6 +22,7 @@ class Journal(list):
 class FakeSession:
     ttl = 3
     interval = 1.0  # the tests acknowledge keep-alives once a second
+    bound = 0.5  # how long one keep-alive may take (TTL/6 at the tests' TTL 3)
 
     def __init__(self, clock):
         self._clock = clock
