@@ -109,6 +109,12 @@ class LockKeeper:
         record = self.records.get(ip)
         return record is not None and record.releasing
 
+    def in_flight(self) -> bool:
+        """A lock request, read-back or release is under way or waiting its turn: its answer (or its
+        failure, which kicks nothing) may leave something for the next pass to do."""
+        return bool(self._campaigning or self._to_verify or self._verify_call is not None
+                    or any(r.releasing for r in self.records.values()))
+
     def unsettled(self) -> bool:
         """A lock we took that the snapshot has not shown yet, or one of ours we do not know."""
         return (any(not r.confirmed for r in self.records.values())

@@ -217,8 +217,10 @@ class VipManager(Fencing, service.Service):
 
     def _waits_on_time(self) -> bool:
         """A pass would find something new by time alone: a lock not yet seen in the snapshot,
-        a contest put off, an error to retry, locks being retaken after an outage."""
-        return bool(self.locks.unsettled() or self.locks.errors or self.failsafe.retaking)
+        a contest put off, an error to retry, locks being retaken after an outage, or a lock
+        request under way (a failed one sets an error and kicks no pass: the tick retries it)."""
+        return bool(self.locks.unsettled() or self.locks.errors or self.failsafe.retaking
+                    or self.locks.in_flight())
 
     def _tick(self) -> None:
         """A pass when something waits on time, else every ANTI_ENTROPY s (inputs kick their own)."""
