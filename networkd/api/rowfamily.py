@@ -66,9 +66,12 @@ class RowFamily(Metric):
         fields = ",".join(f'{labels[i]}="{{{i}}}"' for i in sorted(range(len(labels)), key=labels.__getitem__))
         template = f"{name}{{{{{fields}}}}} " if fields else f"{name} "
         old = {} if kept is None else kept.get(name, {})
-        new, lines = {}, []
+        new, lines, made = {}, [], 0
         for n, (values, value) in enumerate(self.rows, 1):
-            prefix = new[values] = old.get(values) or template.format(*map(_escape, values))
+            prefix = old.get(values)
+            if prefix is None:
+                prefix, made = template.format(*map(_escape, values)), made + 1
+            new[values] = prefix
             number = _SIMPLE.get(value) if type(value) is float else None
             lines.append(f"{prefix}{number or floatToGoString(value)}\n")
             if not n % piece:
@@ -76,7 +79,7 @@ class RowFamily(Metric):
                 lines = []
         if lines:
             yield "".join(lines).encode()
-        if kept is not None:
+        if kept is not None and (made or len(new) != len(old)):  # else the old dict stays (it is older)
             kept[name] = new
 
 
