@@ -304,9 +304,10 @@ def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter", n
                     raise RuntimeError(f"GET {path}: {status}")
                 lat += prober.latencies
                 lost += prober.lost
-            out[path] = {"p50": pct(took, 50), "max": max(took), "bytes": size,
+            out[path] = {"p50": pct(took, 50), "max": max(took), "first": took[0], "bytes": size,
                          "dns_p99": pct(lat, 99), "dns_max": max(lat), "dns_n": len(lat), "dns_lost": lost}
-            log(f"  GET {path} x{fetches}: p50 {ms(pct(took, 50))} max {ms(max(took))} ms, {size:,} bytes; "
+            log(f"  GET {path} x{fetches}: p50 {ms(pct(took, 50))} max {ms(max(took))} (first {ms(took[0])}) ms, "
+                f"{size:,} bytes; "
                 f"{HOT} meanwhile p99 {ms(pct(lat, 99))} max {ms(max(lat))} ms over {len(lat)}, {lost} lost")
     finally:
         if querier is not None:
