@@ -7,7 +7,7 @@ clock: ``--configs`` floating VIP configs, ``--local`` of them on apps with a
 container on this node, 10 per app.  Then, ``--repeat`` times: the entries'
 JSON as the API wrote it before (``json.dumps(indent=2)``, the pure-Python
 encoder, in one turn), the ``/v1/vips`` body as the API makes it now (entries
-made and C-encoded 25 a piece, in 2 ms slices) on a first fetch and on the
+made and C-encoded 10 a piece, in 1 ms slices as the API runs them) on a first fetch and on the
 next one a second later (each unchanged entry's text kept), ``/metrics`` by
 ``generate_latest`` in one turn and by the API's sliced renderer (per-VIP
 families from plain rows) on a first and a next scrape.  Times are the
@@ -31,7 +31,7 @@ from twisted.internet import defer, task  # noqa: E402
 
 from networkd.api import metrics  # noqa: E402
 from networkd.api.parts import ApiParts  # noqa: E402
-from networkd.api.resources import _vips_renderer  # noqa: E402
+from networkd.api.resources import SHORT_BUDGET, _vips_renderer  # noqa: E402
 from networkd.api.vipstatus import EntryTexts, add_held_for, vip_entries  # noqa: E402
 from networkd.etcd.client import KeyValue  # noqa: E402
 from networkd.keys import Keys  # noqa: E402
@@ -88,7 +88,7 @@ def cpu(f):
     return time.thread_time() - t0, result
 
 
-def sliced(renderer, budget: float = 0.002):
+def sliced(renderer, budget: float = SHORT_BUDGET):
     """Run a renderer as networkd/api/slices.py does: (longest turn, all turns, body)."""
     longest = total = 0.0
     while True:

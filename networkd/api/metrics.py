@@ -184,7 +184,9 @@ def metrics_renderer(registry: CollectorRegistry, kept: dict | None = None):
     """``render_metrics(registry)`` as chunks, a family or ``PIECE`` samples at a time: with 1,000
     VIP configs a few families have 1,000 samples each (~30 ms of one turn written whole).  The
     bytes are generate_latest's: each family's text is its HELP and TYPE lines, then one line per
-    sample in order, so a family written in parts drops the repeated two header lines."""
+    sample in order, so a family written in parts drops the repeated two header lines.  The per-VIP
+    families (``RowFamily``) write their own lines, ``ROW_PIECE`` at a time; ``kept`` (the API's,
+    one per resource) keeps their names and labels from one scrape to the next."""
     chunks = []
     for family in registry.collect():
         if isinstance(family, RowFamily):  # the per-VIP families: text from their rows

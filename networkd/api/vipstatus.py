@@ -16,6 +16,7 @@ from networkd.vips.planner import local_container
 PIECE = 100  # entries made between two yields of iter_vip_entries (~1 ms)
 BODY_PIECE = 10  # entries made and encoded between two yields of EntryTexts.renderer (~0.3 ms)
 MOVING = ("held_for", "unheld_seconds")  # what changes with time alone: written after the kept text
+_encode = json.JSONEncoder(sort_keys=True).encode  # json.dumps(sort_keys=True) without a new encoder a call
 
 
 def vip_entries(manager) -> list[dict]:
@@ -160,7 +161,7 @@ class EntryTexts:
             key = str(steady.get("key"))
             old = kept.get(key)
             if old is None or old[0] != steady:
-                old = (steady, json.dumps(steady, sort_keys=True))
+                old = (steady, _encode(steady))
                 self.encoded += 1
             # The kept objects stay the same while equal: the fresh entry dies young, and a fetch
             # moves no thousand dicts into the oldest GC generation (each move nears a full collection).
