@@ -205,7 +205,7 @@ def test_candidates_come_from_the_container_index_not_a_walk_of_every_pod(node):
 def test_row_families_write_what_generate_latest_writes():
     rows = [(("10.0.0.1", 'a"b\\c\nd', "web"), 1.0), (("10.0.0.2", "é", "web"), 0.0),
             (("10.0.0.3", "x", "y"), 1_800_000_000.25), (("10.0.0.4", "x", "y"), 3), (("10.0.0.5", "", ""), 0.1),
-            (("10.0.0.6", "x", "y"), float("inf"))]
+            (("10.0.0.6", "x", "y"), float("inf")), (("10.0.0.7", "x", "y"), -0.0), (("10.0.0.8", "x", "y"), 0)]
     ours = [RowFamily("g", 'help "q" \\ and\nnl', "gauge", ["vip", "app", "proc"], rows),
             RowFamily("c", "a counter", "counter", ["vip", "app", "proc"], rows),
             RowFamily("e", "empty", "gauge", ["vip"], [])]

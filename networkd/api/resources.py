@@ -16,7 +16,7 @@ from networkd.api import dnsdump, metrics
 from networkd.api.parts import ApiParts
 from networkd.api.slices import BodyCache, run_sliced
 from networkd.api.status import EtcdProbe, full_status, health_problems
-from networkd.api.vipstatus import EntryTexts, with_held_for, lock_records, each_vip_entry
+from networkd.api.vipstatus import EntryTexts, each_vip_entry, lock_records, with_held_for
 from networkd.views import DnsConfigView
 
 log = Logger()

@@ -4,8 +4,9 @@ With 1,000 VIP configs ``/metrics`` has ~5,000 per-VIP samples; made as
 ``Sample`` tuples with a label dict each and formatted by ``generate_latest``
 (label names validated and escaped per sample) they cost ~30 ms of CPU a
 scrape.  A ``RowFamily`` holds plain rows, ``(label values, value)``, and
-``write`` formats them a piece at a time: the label names are sorted and
-checked once per family, each line is one f-string.  The bytes are
+``write`` formats them a piece at a time: the label names are sorted once
+per family into one format string, and each line's name and labels can be
+kept from the last scrape.  The bytes are
 ``generate_latest``'s (the tests compare the two); its ``samples`` are still
 there, made only when something asks for them (``generate_latest``, the
 tests' reference, another registry user).
@@ -13,6 +14,7 @@ tests' reference, another registry user).
 
 from __future__ import annotations
 
+import math
 from typing import Iterator, Sequence
 
 from prometheus_client import generate_latest
@@ -22,7 +24,6 @@ from prometheus_client.utils import floatToGoString
 
 Row = tuple  # (tuple of label values in ``labels`` order, value)
 
-_SIMPLE = {0.0: "0.0", 1.0: "1.0"}  # the values most per-VIP samples have (floatToGoString's text)
 
 
 class RowFamily(Metric):
@@ -72,8 +73,7 @@ class RowFamily(Metric):
             if prefix is None:
                 prefix, made = template.format(*map(_escape, values)), made + 1
             new[values] = prefix
-            number = _SIMPLE.get(value) if type(value) is float else None
-            lines.append(f"{prefix}{number or floatToGoString(value)}\n")
+            lines.append(f"{prefix}{_number(value)}\n")
             if not n % piece:
                 yield "".join(lines).encode()
                 lines = []
@@ -81,6 +81,16 @@ class RowFamily(Metric):
             yield "".join(lines).encode()
         if kept is not None and (made or len(new) != len(old)):  # else the old dict stays (it is older)
             kept[name] = new
+
+
+def _number(value) -> str:
+    """floatToGoString(value), without its work for the two values most per-VIP samples have."""
+    if type(value) is float:
+        if value == 1.0:
+            return "1.0"
+        if value == 0.0 and math.copysign(1.0, value) > 0:  # not -0.0 (written "-0.0")
+            return "0.0"
+    return floatToGoString(value)
 
 
 def _escape(value) -> str:
