@@ -507,6 +507,8 @@ def run_size(size: int, args, work: str) -> dict:
         # 5: the API while a local name is asked every ms
         if args.api_fetches:
             result["api"] = api_step(api_port, port, args.api_fetches, writer, ns)
+            result["rss_after_api"] = rss_mb(pid)  # the API keeps what it made (dump bodies, VIP texts)
+            log(f"{size}: RSS after the API fetches {result['rss_after_api']:.0f} MB")
         if node is not None:
             missing = set(result["local_ips"]) - node.node.addresses()
             result["vips_missing_end"] = len(missing)
