@@ -115,6 +115,8 @@ def test_vips_body_follows_holder_and_health_changes(node):  # noqa: F811
     body, _ = get(node, api, "/v1/vips")
     assert json.loads(body) == fresh_entries(node)
     assert by_key(json.loads(body))["10.78.0.1"]["holder"] == "n2"
+    assert [p["running"] for c in by_key(json.loads(body))["10.78.0.2"]["candidates"] if c["node"] == "n2"
+            for p in c["pods"]] == [True]
     encoded = api.vip_texts.encoded
     held_for = {e["key"]: e["held_for"] for e in json.loads(body) if e.get("held_for") is not None}
     assert held_for, "n1 holds some VIPs"
@@ -138,7 +140,8 @@ def test_vips_body_follows_holder_and_health_changes(node):  # noqa: F811
     body, _ = get(node, api, "/v1/vips")
     assert json.loads(body) == fresh_entries(node)
     candidates = {c["node"]: c for c in by_key(json.loads(body))["10.78.0.2"]["candidates"]}
-    assert candidates["n2"]["pods"] == [p for p in candidates["n2"]["pods"] if not p["running"]]
+    assert [p["running"] for p in candidates["n2"]["pods"]] == [False], "the kept text of before is not served"
+    assert candidates["n2"]["candidate"] is False
 
     publish_vips(node, 30)  # ten VIPs gone, the locks released
     tick(node, 1)
