@@ -30,9 +30,11 @@ etcd's HTTP gateway (one client, one connection).  Then:
 5. the HTTP API: each of ``/v1/dns/config`` (text and JSON), ``/metrics``,
    ``/v1/status`` and ``/v1/vips`` fetched ``--api-fetches`` times in a row
    while a client asks a fixed local name every ms: each endpoint's fetch time
-   p50 / max and the local name's p99 / max meanwhile (from 10 ms before to
-   10 ms after each fetch); the DNS dump also with a put before each fetch (the
-   put answered before the fetch starts), so that each body is made anew.
+   p50 / max (and the first fetch, logged: what the API keeps is then empty)
+   and the local name's p99 / max meanwhile (from 10 ms before to 10 ms after
+   each fetch); the DNS dump also with a put before each fetch (the put
+   answered before the fetch starts), so that each body is made anew; then the
+   daemon's RSS (logged).
 
 With ``--vips N`` (``--local M``, default 100; ``--containers absent|listening``
 as bench/hold.py) the daemon runs with VIPs on, inside node namespace "n1"
