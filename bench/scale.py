@@ -30,9 +30,11 @@ etcd's HTTP gateway (one client, one connection).  Then:
 5. the HTTP API: each of ``/v1/dns/config`` (text and JSON), ``/metrics``,
    ``/v1/status`` and ``/v1/vips`` fetched ``--api-fetches`` times in a row
    while a client asks a fixed local name every ms: each endpoint's fetch time
-   p50 / max and the local name's p99 / max meanwhile (from 10 ms before to
-   10 ms after each fetch); the DNS dump also with a put before each fetch (the
-   put answered before the fetch starts), so that each body is made anew.
+   p50 / max (and the first fetch, logged: what the API keeps is then empty)
+   and the local name's p99 / max meanwhile (from 10 ms before to 10 ms after
+   each fetch); the DNS dump also with a put before each fetch (the put
+   answered before the fetch starts), so that each body is made anew; then the
+   daemon's RSS (logged).
 
 With ``--vips N`` (``--local M``, default 100; ``--containers absent|listening``
 as bench/hold.py) the daemon runs with VIPs on, inside node namespace "n1"
@@ -304,9 +306,10 @@ def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter", n
                     raise RuntimeError(f"GET {path}: {status}")
                 lat += prober.latencies
                 lost += prober.lost
-            out[path] = {"p50": pct(took, 50), "max": max(took), "bytes": size,
+            out[path] = {"p50": pct(took, 50), "max": max(took), "first": took[0], "bytes": size,
                          "dns_p99": pct(lat, 99), "dns_max": max(lat), "dns_n": len(lat), "dns_lost": lost}
-            log(f"  GET {path} x{fetches}: p50 {ms(pct(took, 50))} max {ms(max(took))} ms, {size:,} bytes; "
+            log(f"  GET {path} x{fetches}: p50 {ms(pct(took, 50))} max {ms(max(took))} (first {ms(took[0])}) ms, "
+                f"{size:,} bytes; "
                 f"{HOT} meanwhile p99 {ms(pct(lat, 99))} max {ms(max(lat))} ms over {len(lat)}, {lost} lost")
     finally:
         if querier is not None:
@@ -506,6 +509,8 @@ def run_size(size: int, args, work: str) -> dict:
         # 5: the API while a local name is asked every ms
         if args.api_fetches:
             result["api"] = api_step(api_port, port, args.api_fetches, writer, ns)
+            result["rss_after_api"] = rss_mb(pid)  # the API keeps what it made (dump bodies, VIP texts)
+            log(f"{size}: RSS after the API fetches {result['rss_after_api']:.0f} MB")
         if node is not None:
             missing = set(result["local_ips"]) - node.node.addresses()
             result["vips_missing_end"] = len(missing)

@@ -16,7 +16,7 @@ from twisted.web import server
 
 from networkd.api import dnsdump
 from networkd.api.parts import ApiParts
-from networkd.api.resources import ApiResource, _json_renderer
+from networkd.api.resources import ApiResource
 from networkd.api.slices import run_sliced
 from networkd.dns.zone import Record
 from networkd.views import DnsConfigView
@@ -78,13 +78,6 @@ def test_sliced_dump_is_byte_for_byte_the_old_one():
             assert run(dnsdump.text_renderer(view)) == old_text(pairs), n
             assert run(dnsdump.json_renderer(view)) == old_json(pairs), n
             assert dnsdump.render_text(view) == old_text(pairs)
-
-
-def test_vips_json_in_slices_is_what_json_dumps_printed():
-    rng = random.Random(5)
-    entries = [{"key": f"10.0.0.{i}", "ports": [{"proto": "tcp", "src": i}], "health": None, "ok": bool(i % 2),
-                "note": "é\"\\", "n": rng.random()} for i in range(500)] + [[], {}, ""]
-    assert run(_json_renderer(entries, piece=7)) == json.dumps(entries, indent=2, sort_keys=True).encode() + b"\n"
 
 
 class StepReactor:

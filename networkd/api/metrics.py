@@ -12,12 +12,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from networkd.api.parts import ApiParts
+from networkd.api.rowfamily import RowFamily, _One
 from networkd.api.vipstatus import floating_active
 from networkd.views import UPSTREAM_BUCKETS
 
 __all__ = ["CONTENT_TYPE_LATEST", "NetworkdCollector", "make_registry", "metrics_renderer", "render_metrics"]
 
 PIECE = 500  # samples written between two yields (networkd/api/slices.py)
+ROW_PIECE = 200  # per-VIP lines written between two yields (~0.3 ms)
 _OPENMETRICS_ONLY = ("_created", "_gsum", "_gcount")  # samples generate_latest moves to the end
 
 
@@ -54,11 +56,9 @@ class NetworkdCollector:
     def _vip_active(self, vips):
         """One sample per floating VIP this node knows: 1 while it carries it.  Summed over the
         nodes it says how many carry each VIP (packaging/monitoring: unheld, two holders)."""
-        active = GaugeMetricFamily("networkd_vip_active", "1 while this node carries the floating VIP.",
-                                   labels=["vip", "app", "proc"])
-        for ip, app, proc, on in floating_active(vips):
-            active.add_metric([ip, app, proc], 1.0 if on else 0.0)
-        yield active
+        yield RowFamily("networkd_vip_active", "1 while this node carries the floating VIP.", "gauge",
+                        ["vip", "app", "proc"],
+                        [((ip, app, proc), 1.0 if on else 0.0) for ip, app, proc, on in floating_active(vips)])
 
     def _vip_health(self, vips):
         """Probe results and verdicts, transitions by event and kind of reason, seconds without a holder."""
@@ -69,13 +69,10 @@ class NetworkdCollector:
             for result, count in sorted(health.prober.results.items()):
                 results.add_metric([result], count)
             yield results
-            healthy = GaugeMetricFamily("networkd_vip_healthy", "This node's probe verdict per VIP (1 healthy, "
-                                        "0 unhealthy; absent while undecided).", labels=["vip"])
-            for ip in sorted(health.targets):
-                verdict = health.local(ip)
-                if verdict is not None:
-                    healthy.add_metric([ip], 1.0 if verdict else 0.0)
-            yield healthy
+            verdicts = ((ip, health.local(ip)) for ip in sorted(health.targets))
+            yield RowFamily("networkd_vip_healthy", "This node's probe verdict per VIP (1 healthy, "
+                            "0 unhealthy; absent while undecided).", "gauge", ["vip"],
+                            [((ip,), 1.0 if verdict else 0.0) for ip, verdict in verdicts if verdict is not None])
         if transitions is not None:
             history = transitions.history
             counts = CounterMetricFamily("networkd_vip_transitions", "VIP transitions on this node.",
@@ -87,26 +84,20 @@ class NetworkdCollector:
 
     def _vip_holders(self, history):
         """Per floating VIP, as this node saw the locks (so also for VIPs held elsewhere)."""
-        holder = GaugeMetricFamily("networkd_vip_holder", "1 for the node holding each floating VIP "
-                                   "(holder=\"\" while none does).", labels=["vip", "holder"])
-        since = GaugeMetricFamily("networkd_vip_holder_since_timestamp_seconds", "Since when each floating VIP's "
-                                  "holder (or lack of one) is what it is (at most since this daemon started).",
-                                  labels=["vip"])
-        for ip, (name, wall) in sorted(history.holders.items()):
-            holder.add_metric([ip, name or ""], 1.0)
-            since.add_metric([ip], wall)
-        yield holder
-        yield since
-        changes = CounterMetricFamily("networkd_vip_holder_changes", "Changes of each floating VIP's holder (to "
-                                      "and from none included).", labels=["vip"])
-        for ip in sorted(set(history.holders) | set(history.holder_changes)):
-            changes.add_metric([ip], history.holder_changes.get(ip, 0))
-        yield changes
-        unheld = CounterMetricFamily("networkd_vip_unheld_seconds", "Seconds each floating VIP had no holder "
-                                     "(as this node saw the locks).", labels=["vip"])
-        for ip, seconds in sorted(history.unheld_seconds().items()):
-            unheld.add_metric([ip], seconds)
-        yield unheld
+        holders = sorted(history.holders.items())
+        yield RowFamily("networkd_vip_holder", "1 for the node holding each floating VIP "
+                        "(holder=\"\" while none does).", "gauge", ["vip", "holder"],
+                        [((ip, name or ""), 1.0) for ip, (name, _) in holders])
+        yield RowFamily("networkd_vip_holder_since_timestamp_seconds", "Since when each floating VIP's "
+                        "holder (or lack of one) is what it is (at most since this daemon started).", "gauge",
+                        ["vip"], [((ip,), wall) for ip, (_, wall) in holders])
+        changes = history.holder_changes
+        yield RowFamily("networkd_vip_holder_changes", "Changes of each floating VIP's holder (to "
+                        "and from none included).", "counter", ["vip"],
+                        [((ip,), changes.get(ip, 0)) for ip in sorted(set(history.holders) | set(changes))])
+        yield RowFamily("networkd_vip_unheld_seconds", "Seconds each floating VIP had no holder "
+                        "(as this node saw the locks).", "counter", ["vip"],
+                        [((ip,), seconds) for ip, seconds in sorted(history.unheld_seconds().items())])
 
     def _vip_safety(self, vips):
         yield from self._vip_active(vips)
@@ -189,23 +180,20 @@ def render_metrics(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
-class _One:
-    """A registry of one metric family, for generate_latest."""
-
-    def __init__(self, family):
-        self._family = family
-
-    def collect(self):
-        yield self._family
-
-
-def metrics_renderer(registry: CollectorRegistry):
+def metrics_renderer(registry: CollectorRegistry, kept: dict | None = None):
     """``render_metrics(registry)`` as chunks, a family or ``PIECE`` samples at a time: with 1,000
     VIP configs a few families have 1,000 samples each (~30 ms of one turn written whole).  The
     bytes are generate_latest's: each family's text is its HELP and TYPE lines, then one line per
-    sample in order, so a family written in parts drops the repeated two header lines."""
+    sample in order, so a family written in parts drops the repeated two header lines.  The per-VIP
+    families (``RowFamily``) write their own lines, ``ROW_PIECE`` at a time; ``kept`` (the API's,
+    one per resource) keeps their names and labels from one scrape to the next."""
     chunks = []
     for family in registry.collect():
+        if isinstance(family, RowFamily):  # the per-VIP families: text from their rows
+            for chunk in family.write(ROW_PIECE, kept):
+                chunks.append(chunk)
+                yield
+            continue
         samples = family.samples
         whole = len(samples) <= PIECE or any(s.name != family.name and s.name.endswith(_OPENMETRICS_ONLY)
                                              for s in samples)

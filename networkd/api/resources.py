@@ -16,11 +16,15 @@ from networkd.api import dnsdump, metrics
 from networkd.api.parts import ApiParts
 from networkd.api.slices import BodyCache, run_sliced
 from networkd.api.status import EtcdProbe, full_status, health_problems
+from networkd.api.vipstatus import EntryTexts, each_vip_entry, lock_records, with_held_for
 from networkd.views import DnsConfigView
 
 log = Logger()
 
 TEXT = b"text/plain; charset=utf-8"
+# /v1/vips and /metrics are made anew on every fetch (a scrape loop, a status watch): their slices are
+# shorter than the DNS dump's (kept), so a query waits less behind them; they end within tens of ms.
+SHORT_BUDGET = 0.001
 JSON = b"application/json"
 
 
@@ -41,6 +45,8 @@ class ApiResource(resource.Resource):
         self._probe = probe or EtcdProbe(parts.client, parts.probe_key, parts.reactor)
         self._registry = registry or metrics.make_registry(parts)
         self.bodies = BodyCache(parts.reactor)
+        self.vip_texts = EntryTexts()
+        self.metric_lines: dict = {}  # per-VIP metric lines' names and labels (networkd/api/rowfamily.py)
 
     def render(self, request):
         path = request.path.decode("utf-8", errors="replace").rstrip("/") or "/"
@@ -69,12 +75,14 @@ class ApiResource(resource.Resource):
         return _later(request, body, lambda body: _reply(request, 200, body))
 
     def _get_vips(self, request):
-        """The entries made ~100 a turn, then their JSON (~0.5-1 MB with 1,000 VIPs) in slices
-        (networkd/api/slices.py).  Not kept: ``held_for`` and the durations move with time."""
+        """The entries made and encoded a few at a time (networkd/api/slices.py), each entry's text
+        kept while it is the same (networkd/api/vipstatus.py ``EntryTexts``).  The body itself is not
+        kept: ``held_for`` and the durations move with time."""
         vips = self._parts.vips
         if vips is None:
             return _json(request, [])
-        body = run_sliced(self._parts.reactor, _vips_renderer(vips, self._parts.reactor))
+        body = run_sliced(self._parts.reactor, _vips_renderer(vips, self._parts.reactor, self.vip_texts),
+                          budget=SHORT_BUDGET)
         return _later(request, body, lambda body: _reply(request, 200, body, JSON))
 
     def _get_status(self, request):
@@ -93,8 +101,10 @@ class ApiResource(resource.Resource):
         return _later(request, self._probe_if_needed(), respond)
 
     def _get_metrics(self, request):
-        """Written in slices, a metric family or part of one at a time (not kept: counters move)."""
-        body = run_sliced(self._parts.reactor, metrics.metrics_renderer(self._registry))
+        """Written in slices, a metric family or part of one at a time (not kept: counters move); the
+        per-VIP lines' labels kept from one scrape to the next."""
+        body = run_sliced(self._parts.reactor, metrics.metrics_renderer(self._registry, self.metric_lines),
+                          budget=SHORT_BUDGET)
         return _later(request, body, lambda body: _reply(request, 200, body, metrics.CONTENT_TYPE_LATEST.encode()))
 
     def _probe_if_needed(self) -> defer.Deferred:
@@ -123,29 +133,13 @@ def _json(request, data) -> bytes:
     return _reply(request, 200, body, JSON)
 
 
-def _json_renderer(data, piece: int = 2000):
-    """``_json``'s body as chunks, ``piece`` pieces of the encoder at a time (networkd/api/slices.py)."""
-    chunks, pieces = [], []
-    for i, text in enumerate(json.JSONEncoder(indent=2, sort_keys=True).iterencode(data), 1):
-        pieces.append(text)
-        if not i % piece:
-            chunks.append("".join(pieces).encode())
-            pieces = []
-            yield
-    pieces.append("\n")
-    chunks.append("".join(pieces).encode())
-    return chunks
-
-
-def _vips_renderer(vips, reactor):
-    from networkd.api.vipstatus import add_held_for, iter_vip_entries
-
-    if getattr(vips, "inputs", None) is not None:  # the VIP manager: its entries in slices
-        entries = yield from iter_vip_entries(vips)
+def _vips_renderer(vips, reactor, texts: EntryTexts):
+    if getattr(vips, "inputs", None) is not None:  # the VIP manager: its entries made as they are written
+        entries = each_vip_entry(vips)
     else:  # a part that only gives them whole
-        entries = list(vips.status())
-    add_held_for(entries, vips, reactor.seconds())
-    return (yield from _json_renderer(entries))
+        entries = iter([dict(entry) for entry in vips.status()])  # copies: the renderer takes values out
+    records, now = lock_records(vips), reactor.seconds()
+    return (yield from texts.renderer(with_held_for(entry, records, now) for entry in entries))
 
 
 def _later(request, deferred: defer.Deferred, respond) -> object:

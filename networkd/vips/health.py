@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from networkd.vips.planner import (
-    UNHEALTHY, CandidateHealth, FloatingPlan, local_container, member_value, nodes_running, plan_floating,
+    UNHEALTHY, CandidateHealth, FloatingPlan, every_of, local_container, member_value, nodes_running, plan_floating,
 )
 from networkd.vips.probes import Prober, Target, targets_of
 
@@ -186,10 +186,9 @@ class VipHealth:
         daemon is live, and its health (ours from the probes, the others' from their members values)."""
         inputs, ip = self._inputs, config.ip
         nodes: dict[str, list] = {}
-        for c in inputs.containers:
-            if c.app == config.app and c.proc == config.proc:
-                nodes.setdefault(c.node_name, []).append(
-                    {"instance": c.instance, "state": c.state, "health": c.health, "running": c.candidate})
+        for c in every_of(inputs.containers, config.app, config.proc):  # not a walk of every container per VIP
+            nodes.setdefault(c.node_name, []).append(
+                {"instance": c.instance, "state": c.state, "health": c.health, "running": c.candidate})
         out = []
         for node, pods in sorted(nodes.items()):
             live = node in inputs.members or node == self._hostname

@@ -60,13 +60,16 @@ class ContainerIndex(tuple):
 
     Built once per pod-group snapshot, so a pass over a thousand VIP configs
     finds each config's containers without scanning them all.  ``by_proc``
-    holds candidates only: pods deployd says are running (``Container.candidate``).
+    holds candidates only: pods deployd says are running (``Container.candidate``);
+    ``every_of_proc`` every pod whatever its state (what ``/v1/vips`` shows per candidate node).
     """
 
     def __new__(cls, containers: Iterable[Container] = ()):
         self = super().__new__(cls, sorted(containers))
         self.by_proc: dict[tuple[str, str], list[Container]] = defaultdict(list)
+        self.every_of_proc: dict[tuple[str, str], list[Container]] = defaultdict(list)
         for c in self:
+            self.every_of_proc[(c.app, c.proc)].append(c)
             if c.candidate:
                 self.by_proc[(c.app, c.proc)].append(c)
         return self
@@ -78,6 +81,14 @@ def _of(containers: Iterable[Container], app: str, proc: str) -> Iterable[Contai
     if by_proc is not None:
         return by_proc.get((app, proc), ())
     return [c for c in containers if c.app == app and c.proc == proc and c.candidate]
+
+
+def every_of(containers: Iterable[Container], app: str, proc: str) -> Iterable[Container]:
+    """Every container of app/proc, candidate or not, in the containers' order."""
+    every = getattr(containers, "every_of_proc", None)
+    if every is not None:
+        return every.get((app, proc), ())
+    return [c for c in containers if c.app == app and c.proc == proc]
 
 
 def local_container(config: VipConfig, containers: Iterable[Container], hostname: str) -> Container | None:
