@@ -230,9 +230,9 @@ def truncated(response: bytes, question_end: int, edns_do: bool | None) -> bytes
     return response[:2] + struct.pack(">HHHHH", flags, 1, 0, 0, 1 if extra else 0) + response[12:question_end] + extra
 
 
-@dataclass
+@dataclass(slots=True)
 class UpstreamAnswer:
-    """What the cache needs from an upstream answer, found by one walk."""
+    """What the cache needs from an upstream answer, found by one walk (one per cache entry: slots)."""
 
     rcode: int
     flags: int
