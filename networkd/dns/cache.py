@@ -166,7 +166,7 @@ def render(entry: Entry, query: wire.Query, now: float, stale: bool = False) -> 
     answer = entry.answer
     body = bytearray(answer.body)
     age = int(now - entry.stored_at)
-    for offset, ttl in answer.ttl_offsets:
+    for offset, ttl in answer.ttls():
         struct.pack_into(">I", body, offset, STALE_TTL if stale else max(0, ttl - age))
     flags = wire.response_flags(query.flags, answer.rcode, ad=bool(answer.flags & wire.AD))
     body[0:2] = query.id

@@ -72,7 +72,7 @@ class HotAnswers:
             return None
         body = bytearray(hit.body)
         age = int(now - entry.stored_at)
-        for offset, ttl in entry.answer.ttl_offsets:
+        for offset, ttl in entry.answer.ttls():
             _TTL.pack_into(body, offset - 2, max(0, ttl - age))
         hit = HotEntry(bytes(body), hit.counter, entry.stored_at + age + 1, entry)
         self.cached[key] = hit
