@@ -44,7 +44,7 @@ bench-hold: deps venv
 bench-scale: deps venv
 	$(PY) bench/scale.py --sizes 1000,10000
 	$(PY) bench/scale.py --sizes 40000 --puts 20 --burst 200 --burst-timeout 240
-	$(PY) bench/scale.py --sizes 10000 --vips 1000 --local 100 --containers listening
+	$(PY) bench/scale.py --sizes 10000 --vips 1000 --local 100 --containers listening --forwarded 100000
 
 # 20 namespaced nodes, 10 apps on all of them, 200 VIPs in one burst, SIGKILL of the busiest, etcd at rest (root; ~5 minutes).
 bench-cluster: deps venv

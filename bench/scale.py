@@ -27,6 +27,14 @@ etcd's HTTP gateway (one client, one connection).  Then:
    every ~10 ms: its latency p50 / p99 / max, the CPU then (mostly answering:
    ~0.25 ms a query, i.e. ~2.4 %), and the RSS at the end.
 
+With ``--forwarded N`` (issue 13's memory case), after step 4: N distinct
+names ``f<i>.fwd.test``, each asked once (64 in flight), which the daemon
+forwards to a stub upstream on 127.0.0.x:53 (its resolv.conf's nameserver;
+inside the node namespace with ``--vips``) answering each with one A record,
+TTL 1 hour, so every answer is cacheable; then the RSS again (its target is
+64 MB: a full ``--dns-cache-size`` cache of 10,000 beside the domains and the
+VIP configs) and how many were answered.
+
 5. the HTTP API: each of ``/v1/dns/config`` (text and JSON), ``/metrics``,
    ``/v1/status`` and ``/v1/vips`` fetched ``--api-fetches`` times in a row
    while a client asks a fixed local name every ms: each endpoint's fetch time
@@ -84,10 +92,11 @@ import traceback
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from dnslib import DNSRecord  # noqa: E402
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord  # noqa: E402
 
 from bench.vipnode import AddressWatch, EtcdWriter, VipNode, build_workload  # noqa: E402
 from tests.support.vipnodes import in_netns, join_netns  # noqa: E402
+from tests.support.dnsstub import StubServer  # noqa: E402
 from tests.support.etcd_server import EtcdServer  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
@@ -241,6 +250,73 @@ def pct(values: list[float], p: float) -> float:
     return ordered[max(0, min(len(ordered) - 1, int(round(p / 100 * len(ordered) + 0.5)) - 1))]
 
 
+# -- many distinct forwarded names (--forwarded) ------------------------------------------
+
+FORWARDED = "fwd.test"  # f<i>.fwd.test: not local, so forwarded; the stub answers every one
+
+
+class ForwardStub(StubServer):
+    """A stub upstream that answers any ``f<i>.fwd.test`` A question with 172.16.x.y, TTL 1 hour
+    (the tests' StubServer answers from a table; 100,000 entries there would be as good, but slower
+    to fill); it keeps no record of the questions."""
+
+    def answer(self, data: bytes, proto: str) -> bytes | None:
+        request = DNSRecord.parse(data)
+        reply = request.reply()
+        label = str(request.q.qname).split(".", 1)[0]
+        if request.q.qtype == QTYPE.A and label[:1] == "f" and label[1:].isdigit():
+            i = int(label[1:])
+            reply.add_answer(RR(request.q.qname, QTYPE.A, ttl=self.ttl, rdata=A(f"172.16.{i >> 8 & 255}.{i & 255}")))
+        else:
+            reply.header.rcode = RCODE.NXDOMAIN
+        return reply.pack()
+
+
+def forwarded_question(i: int) -> bytes:
+    """An A question for f<i>.fwd.test with ID 0 (the sender puts its own), RD set."""
+    qname = b"".join(bytes([len(label)]) + label for label in (f"f{i}".encode(), b"fwd", b"test")) + b"\0"
+    return b"\0\0\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + qname + b"\x00\x01\x00\x01"
+
+
+def ask_forwarded(port: int, n: int, netns: str | None, window: int = 64, timeout: float = 2.0) -> dict:
+    """Ask f0..f<n-1>.fwd.test once each, ``window`` in flight (below --dns-forward-max), from a thread
+    that joined ``netns``; a question unanswered after ``timeout`` s counts as lost.  Counts and seconds."""
+    out = {"answered": 0, "servfail": 0, "lost": 0}
+
+    def run() -> None:
+        if netns is not None:
+            join_netns(netns)
+        pending: dict[int, tuple[int, float]] = {}  # ID -> (i, sent at)
+        nxt, t0 = 0, time.monotonic()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.05)
+            while nxt < n or pending:
+                while nxt < n and len(pending) < window:
+                    qid = nxt & 0xFFFF
+                    if qid in pending:  # 65,536 questions back still unanswered: wait for it first
+                        break
+                    s.sendto(qid.to_bytes(2, "big") + forwarded_question(nxt)[2:], ("127.0.0.1", port))
+                    pending[qid] = (nxt, time.monotonic())
+                    nxt += 1
+                try:
+                    data = s.recv(4096)
+                except socket.timeout:
+                    data = b""
+                if len(data) >= 4:
+                    if pending.pop(int.from_bytes(data[:2], "big"), None) is not None:
+                        out["servfail" if data[3] & 0x0F == 2 else "answered"] += 1
+                now = time.monotonic()
+                for qid in [q for q, (_, at) in pending.items() if now - at > timeout]:
+                    del pending[qid]
+                    out["lost"] += 1
+        out["seconds"] = time.monotonic() - t0
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join()
+    return out
+
+
 def ms(v: float) -> str:
     if v != v:
         return "—"
@@ -361,16 +437,28 @@ def case(r: dict) -> str:
     return label
 
 
-def start_daemon(size: int, args, work: str, etcd, writer: EtcdWriter, result: dict):
+def write_resolv(resolv: str, args, netns: str | None, stubs: list) -> None:
+    """The daemon's resolv.conf: with --forwarded, its nameserver is a ForwardStub (in ``netns``), added
+    to ``stubs`` (the caller stops them); else 127.0.0.1 (nothing is forwarded)."""
+    host = "127.0.0.1"
+    if args.forwarded:
+        stub = in_netns(netns, lambda: ForwardStub(host="127.0.0.2" if netns else None, ttl=3600))
+        stubs.append(stub)
+        host = stub.host
+    with open(resolv, "w") as f:
+        f.write(f"nameserver {host}\n")
+
+
+def start_daemon(size: int, args, work: str, etcd, writer: EtcdWriter, result: dict, stubs: list):
     """Start the daemon as the case asks: (pid, DNS port, API port, netns or None, its log, the VipNode
-    or None, the Popen to stop or None, the AddressWatch or None); ``result["started"]``: when."""
+    or None, the Popen to stop or None, the AddressWatch or None); ``result["started"]``: when.
+    With --forwarded the stub upstream it forwards to is added to ``stubs``."""
     hosts = os.path.join(work, "hosts")
     resolv = os.path.join(work, "resolv.conf")
     open(hosts, "w").close()
-    with open(resolv, "w") as f:
-        f.write("nameserver 127.0.0.1\n")
     env = {**os.environ, "PYTHONPATH": args.daemon_repo}  # that checkout's networkd, not the venv's
     if not args.vips:
+        write_resolv(resolv, args, None, stubs)
         port, api_port = free_port(), free_port()
         daemon_log = os.path.join(work, f"networkd-{size}.log")
         result["started"] = time.monotonic()
@@ -384,6 +472,7 @@ def start_daemon(size: int, args, work: str, etcd, writer: EtcdWriter, result: d
         return proc.pid, port, api_port, None, daemon_log, None, proc, None
     node = VipNode(etcd, ROOT, log=log)
     try:
+        write_resolv(resolv, args, node.netns, stubs)
         t0 = time.monotonic()
         pods, vips, local = build_workload(ROOT, args.vips, args.local, VIPS_PER_APP, node.ip)
         writer.put_all(pods)
@@ -407,6 +496,7 @@ def run_size(size: int, args, work: str) -> dict:
                     "load_before": loadavg()}
     etcd = EtcdServer().start()
     proc = node = watch = querier = None
+    stubs: list = []
     writer = EtcdWriter(etcd.endpoint)
     try:
         t0 = time.monotonic()
@@ -415,7 +505,7 @@ def run_size(size: int, args, work: str) -> dict:
         writer.put_all(items)
         log(f"{size}: wrote {len(items)} domains in {time.monotonic() - t0:.1f} s")
 
-        pid, port, api_port, ns, daemon_log, node, proc, watch = start_daemon(size, args, work, etcd, writer, result)
+        pid, port, api_port, ns, daemon_log, node, proc, watch = start_daemon(size, args, work, etcd, writer, result, stubs)
         started = result.pop("started")
         # With --vips every DNS client asks from inside the node's namespace: the put → answer querier
         # from a socket made there, the probers from threads that joined it, the API fetcher a process
@@ -506,6 +596,15 @@ def run_size(size: int, args, work: str) -> dict:
             f"100/s: CPU {rest_cpu * 100:.2f} %, {HOT} p50 {ms(result['rest_p50'])} "
             f"p99 {ms(result['rest_p99'])} max {ms(result['rest_max'])} ms over {len(lat)}, {prober.lost} lost; "
             f"RSS {result['rss']:.0f} MB")
+        # 4b: many distinct forwarded names, each asked once: the cache fills (and stays bounded)
+        if args.forwarded:
+            asked = ask_forwarded(port, args.forwarded, ns)
+            time.sleep(2)
+            result.update(fwd_n=args.forwarded, fwd_answered=asked["answered"], fwd_servfail=asked["servfail"],
+                          fwd_lost=asked["lost"], fwd_seconds=asked["seconds"], rss_forwarded=rss_mb(pid))
+            log(f"{size}: {args.forwarded:,} distinct forwarded names asked in {asked['seconds']:.1f} s: "
+                f"{asked['answered']:,} answered, {asked['servfail']:,} SERVFAIL, {asked['lost']:,} lost; "
+                f"RSS {result['rss_forwarded']:.0f} MB")
         # 5: the API while a local name is asked every ms
         if args.api_fetches:
             result["api"] = api_step(api_port, port, args.api_fetches, writer, ns)
@@ -526,6 +625,8 @@ def run_size(size: int, args, work: str) -> dict:
             stop_process(proc)
         if node is not None:
             node.close()
+        for stub in stubs:
+            stub.close()
         etcd.destroy()
         result["load_after"] = loadavg()
         result.pop("local_ips", None)
@@ -556,6 +657,12 @@ def print_table(results: list[dict], args) -> None:
             f"{ms(r['rest_p50'])} / {ms(r['rest_p99'])} ({ms(r['rest_max'])})" if "rest_p99" in r else "—"
             for r in results]),
         ("at rest: RSS", [f"{r['rss']:.0f} MB" if "rss" in r else "—" for r in results]),
+    ] + ([
+        ("distinct forwarded names asked: answered / SERVFAIL / lost (seconds)", [
+            f"{r['fwd_answered']:,} / {r['fwd_servfail']:,} / {r['fwd_lost']:,} ({r['fwd_seconds']:.0f} s)"
+            if "fwd_n" in r else "—" for r in results]),
+        ("after them: RSS", [f"{r['rss_forwarded']:.0f} MB" if "rss_forwarded" in r else "—" for r in results]),
+    ] if args.forwarded else []) + [
         ("start-up: first answer for the last domain", [f"{r['startup']:.2f} s" if "startup" in r else "—"
                                                         for r in results]),
     ] + ([
@@ -594,6 +701,7 @@ FIGURES = [
     ("at rest, asked 100/s: daemon CPU", lambda r: r.get("rest_cpu"), "%", None),
     ("at rest: local name p99", lambda r: r.get("rest_p99"), "ms", ("<", 0.005)),
     ("at rest: RSS", lambda r: r.get("rss"), "MB", ("<=", 50.0)),
+    ("after --forwarded distinct names: RSS", lambda r: r.get("rss_forwarded"), "MB", ("<=", 64.0)),
     ("start-up: the last domain answered after", lambda r: r.get("startup"), "s", ("<", 1.5)),
 ] + [
     (f"GET {path}: {what}", _api(path, key), "ms", target)
@@ -679,6 +787,8 @@ def main() -> None:
                         help="with --vips: how many of them are local to the node (default 100)")
     parser.add_argument("--containers", default="absent", choices=("absent", "listening"),
                         help="with --vips: listening makes every container address answer on port 80 in the node")
+    parser.add_argument("--forwarded", type=int, default=0, metavar="N",
+                        help="after the rest: N distinct names forwarded to a stub upstream, then the RSS again")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     args = parser.parse_args()
     if args.vips and not (0 <= args.local <= args.vips <= 250 * 250):

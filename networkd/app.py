@@ -184,10 +184,12 @@ def makeService(options) -> Networkd:
     from networkd.systemd.notify import Notifier
 
     from networkd.gcfreeze import freeze_startup
+    from networkd.memtrim import trim_after_startup
 
     reactor = install_asyncio_reactor()
     root = build(options, reactor, make_client(options), notifier=Notifier.from_environ())
     reactor.callWhenRunning(freeze_startup)  # after startService: everything start-up made
+    reactor.callWhenRunning(trim_after_startup, reactor)  # what start-up dropped goes back to the kernel
     return root
 
 

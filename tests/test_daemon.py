@@ -141,3 +141,54 @@ def test_console_script_takes_the_same_options():
     bad = subprocess.run([sys.executable, "-m", "networkd", *BASE, "--lock-ttl", "0"], capture_output=True,
                          text=True, timeout=30, env=d.env, cwd=d.workdir)
     assert bad.returncode == 2 and "--lock-ttl: 0 is out of range 2-3600" in bad.stderr
+
+
+def test_console_script_runs_the_daemon_until_sigterm():
+    """``networkd [options]`` (what the RPM's unit runs) is the daemon itself, not only its options."""
+    import sys
+
+    d = Daemon([])
+    api = free_port()
+    with open(d.log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "networkd", *BASE, "--etcd", f"http://127.0.0.1:{free_port()}",
+             "--api-listen", f"127.0.0.1:{api}"], cwd=d.workdir, stdout=log, stderr=subprocess.STDOUT, env=d.env)
+    d.process = process
+    try:
+        d.wait_for_log("networkd started")
+        assert d.stop() == 0, d.log()
+        assert "Traceback" not in d.log()
+    finally:
+        d.kill()
+
+
+LOADED_BY_TWISTD_PLUGINS = ("twisted.trial", "unittest", "twisted.words", "twisted.cred.strcred", "twisted.conch")
+
+
+def _modules_after_parsing(options_class: str) -> list[str]:
+    """The modules (of LOADED_BY_TWISTD_PLUGINS and twisted.plugins.*) a fresh interpreter holds
+    once ``options_class`` parsed a daemon command line."""
+    import sys
+
+    code = (
+        "import sys\n"
+        f"{options_class}\n"
+        "o = Options()\n"
+        "o.parseOptions(['--nodaemon', '--pidfile=', 'networkd', '--no-vips', '--no-dns'])\n"
+        f"print(sorted(m for m in sys.modules if m.startswith({LOADED_BY_TWISTD_PLUGINS!r} + ('twisted.plugins.',))))\n"
+    )
+    d = Daemon([])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=d.env,
+                         cwd=d.workdir)
+    assert out.returncode == 0, out.stderr
+    return eval(out.stdout)
+
+
+def test_console_script_loads_no_other_twisted_plugin():
+    """twistd loads every Twisted plugin to list its sub-commands (trial, unittest, words... ~1.2 MB
+    of RSS, more where the plugin caches are read-only); the console script knows its only one."""
+    loaded = _modules_after_parsing("from networkd.cli import server_options; Options = server_options()")
+    assert loaded == ["twisted.plugins.networkd_plugin"]
+    # What it avoids: twistd's own options load them (if Twisted changes that, this test says so).
+    loaded = _modules_after_parsing("from twisted.scripts.twistd import ServerOptions as Options")
+    assert "twisted.trial" in loaded and "twisted.plugins.networkd_plugin" in loaded

@@ -312,7 +312,7 @@ def test_socket_unit_listens_where_the_daemon_does(tmp_path):
     if analyze is None:
         return
     service = open(os.path.join(REPO, "packaging/rpm/networkd.service")).read()
-    (tmp_path / "networkd.service").write_text(service.replace("/opt/networkd/bin/twistd", shutil.which("true")))
+    (tmp_path / "networkd.service").write_text(service.replace("/opt/networkd/bin/networkd", shutil.which("true")))
     (tmp_path / "networkd.socket").write_text(unit)
     result = subprocess.run([analyze, "verify", str(tmp_path / "networkd.socket"), str(tmp_path / "networkd.service")],
                             capture_output=True, text=True, timeout=60)

@@ -82,6 +82,11 @@ def test_packaged_daemon_runs_from_its_venv(rpm):
     with open(os.path.join(root, "usr/lib/systemd/system/networkd.service")) as f:
         exec_start = re.search(r"^ExecStart=(\S+)", f.read(), re.M)[1]
     assert os.path.exists(root + exec_start), exec_start
+    with open(root + exec_start) as f:
+        assert f.readline().startswith(f"#!{VENV}/bin/python"), "the unit's program runs on the venv"
+    unit_help = subprocess.run([os.path.join(venv, "bin/python"), root + exec_start, "--help"],
+                               capture_output=True, text=True, timeout=60, cwd=root, env=CLEAN_ENV)
+    assert unit_help.returncode == 0 and "--dns-listen" in unit_help.stdout, unit_help.stderr
     python = os.path.join(venv, "bin/python")
     shown = subprocess.run([python, os.path.join(venv, "bin/twistd"), "networkd", "--help"],
                            capture_output=True, text=True, timeout=60, cwd=root, env=CLEAN_ENV)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from networkd.dns import wire
 
@@ -37,14 +37,16 @@ STALE_MAX = 86400  # seconds past its TTL an answer may still be served stale (-
 STALE_TTL = 30  # the TTL of a stale answer (RFC 8767 s4)
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
+    """One cached answer or failure (``--dns-cache-size`` of them): slots, no ``__dict__`` each."""
+
     answer: wire.UpstreamAnswer | None  # None for a cached failure
     rcode: int
     stored_at: float
     expires_at: float
     key: object = None  # its key in the cache
-    hot_keys: list = field(default_factory=list)  # its keys in the hot table
+    hot_keys: tuple = ()  # its keys in the hot table (a tuple: most entries never get one, and () is shared)
     stale_until: float = 0.0  # after a failed refresh: served stale without asking upstream until then
     hits: int = 0  # uses while live (hot hits count once a second)
     prefetched: bool = False  # a refresh ahead of expiry was started
@@ -164,7 +166,7 @@ def render(entry: Entry, query: wire.Query, now: float, stale: bool = False) -> 
     answer = entry.answer
     body = bytearray(answer.body)
     age = int(now - entry.stored_at)
-    for offset, ttl in answer.ttl_offsets:
+    for offset, ttl in answer.ttls():
         struct.pack_into(">I", body, offset, STALE_TTL if stale else max(0, ttl - age))
     flags = wire.response_flags(query.flags, answer.rcode, ad=bool(answer.flags & wire.AD))
     body[0:2] = query.id

@@ -52,7 +52,7 @@ class HotAnswers:
         self.cached_limit = cached_limit
         self.local: dict = {}
         self.cached: OrderedDict = OrderedDict()  # oldest first, popped in O(1)
-        self._names: dict[str, set] = {}  # lower-case name -> its keys in cached (drop_names)
+        self._names: dict[str, bytes | set] = {}  # lower-case name -> its key(s) in cached (drop_names; _index)
         self.touch = lambda entry: None  # tells the cache an entry is in use (its LRU order)
 
     def lookup(self, key: bytes, now: float) -> HotEntry | None:
@@ -72,7 +72,7 @@ class HotAnswers:
             return None
         body = bytearray(hit.body)
         age = int(now - entry.stored_at)
-        for offset, ttl in entry.answer.ttl_offsets:
+        for offset, ttl in entry.answer.ttls():
             _TTL.pack_into(body, offset - 2, max(0, ttl - age))
         hit = HotEntry(bytes(body), hit.counter, entry.stored_at + age + 1, entry)
         self.cached[key] = hit
@@ -108,8 +108,9 @@ class HotAnswers:
                 return
             while len(table) > self.cached_limit - len(keys):
                 self._unindex(table.popitem(last=False)[0])  # the oldest
-            hit.entry.hot_keys.extend(k for k in keys if k not in hit.entry.hot_keys)
-            self._names.setdefault(_name(key), set()).update(keys)
+            entry = hit.entry
+            entry.hot_keys += tuple(k for k in keys if k not in entry.hot_keys)
+            self._index(_name(key), keys)
         for k in keys:
             table[k] = hit
 
@@ -128,13 +129,34 @@ class HotAnswers:
         self.cached.clear()
         self._names.clear()
 
+    def _index(self, name: str, keys: tuple) -> None:
+        """``name`` -> its keys in ``cached``: one key (nearly always) as itself, several as a set,
+        which weighs ~200 bytes more, once per cached name."""
+        held = self._names.get(name)
+        if held is None and len(keys) == 1:
+            self._names[name] = keys[0]
+        elif held is None:
+            self._names[name] = set(keys)
+        elif isinstance(held, bytes):
+            if keys != (held,):
+                self._names[name] = {held, *keys}
+        else:
+            held.update(keys)
+
     def _unindex(self, key: bytes) -> None:
         name = _name(key)
-        keys = self._names.get(name)
-        if keys is not None:
-            keys.discard(key)
-            if not keys:
+        held = self._names.get(name)
+        if held is None:
+            return
+        if isinstance(held, bytes):
+            if held == key:
                 del self._names[name]
+            return
+        held.discard(key)
+        if len(held) == 1:
+            self._names[name] = next(iter(held))
+        elif not held:
+            del self._names[name]
 
     def drop_cached(self, owned) -> None:
         """Forget the upstream answers to every name ``owned(name)`` claims
@@ -150,13 +172,18 @@ class HotAnswers:
         under one of ``under`` (wildcard bases): names a zone change made
         local.  Looked up by name, so a put costs the same whatever the
         size of the table; only a new wildcard walks the names."""
-        doomed = [key for name in names for key in self._names.pop(name, ())]
+        doomed = [key for name in names for key in _keys(self._names.pop(name, ()))]
         if under:
             suffixes = tuple("." + base for base in under)
             for name in [n for n in self._names if n in under or n.endswith(suffixes)]:
-                doomed.extend(self._names.pop(name))
+                doomed.extend(_keys(self._names.pop(name)))
         for key in doomed:
             self.cached.pop(key, None)
+
+
+def _keys(held) -> tuple | set:
+    """The keys of one name in ``HotAnswers._names``: a single key is kept as itself."""
+    return (held,) if isinstance(held, bytes) else held
 
 
 def _name(key: bytes) -> str:

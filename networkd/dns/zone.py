@@ -24,9 +24,12 @@ from networkd.dns.names import BadName, split_wildcard
 from networkd.dns.ptrindex import PtrIndex
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
-    """The addresses of one local name (text for the view, packed for answers)."""
+    """The addresses of one local name (text for the view, packed for answers).
+
+    Slots: one per local name (40,000 of them at scale), and an instance
+    without a ``__dict__`` weighs ~100 bytes less."""
 
     ips: tuple[str, ...]
     v4: tuple[bytes, ...] = field(init=False)

@@ -19,7 +19,7 @@ class InvalidValue(ValueError):
     """An etcd value (or key) that cannot be used; the message names the key."""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class PortMap:
     """``ip:src/proto`` is forwarded to ``container:dest``."""
 
@@ -28,7 +28,7 @@ class PortMap:
     dest: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HealthCheck:
     """A VIP config's ``"health"`` object: how this node probes its local container.
 
@@ -70,7 +70,7 @@ def parse_health(data) -> HealthCheck:
     return HealthCheck("http", port, path, expect)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VipConfig:
     """One ``<root>/config/vips/<KEY>`` value.
 
@@ -100,7 +100,7 @@ class VipConfig:
         return hostname in self.excluded_nodes
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class Container:
     """A container deployd placed on some node (from a pod group)."""
 
