@@ -3,7 +3,7 @@
 aetcd's ``refresh_lease`` opens a new LeaseKeepAlive stream for every
 request: a new HTTP/2 stream, its call objects, a task consuming the
 request iterator and grpc's callbacks into the event loop.  At one
-keep-alive every TTL/6 that was the largest part of what a daemon at rest
+keep-alive every TTL/6 (now 2/9 of it) that was the largest part of what a daemon at rest
 spends (py-spy, 1,000 VIP configs: ~40 % of its samples).  etcd's own
 client keeps one stream open and writes each request on it
 (clientv3 ``lease.go``, ``sendKeepAliveLoop``); so do we.
