@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from networkd.api.parts import ApiParts
-from networkd.api.rowfamily import RowFamily, _One
+from networkd.api.rowfamily import RowFamily, OneFamily
 from networkd.api.vipstatus import floating_active
 from networkd.views import UPSTREAM_BUCKETS
 
@@ -198,13 +198,13 @@ def metrics_renderer(registry: CollectorRegistry, kept: dict | None = None):
         whole = len(samples) <= PIECE or any(s.name != family.name and s.name.endswith(_OPENMETRICS_ONLY)
                                              for s in samples)
         if whole:
-            chunks.append(generate_latest(_One(family)))
+            chunks.append(generate_latest(OneFamily(family)))
             yield
             continue
         for i in range(0, len(samples), PIECE):
             part = Metric(family.name, family.documentation, family.type, family.unit)
             part.samples = samples[i:i + PIECE]
-            text = generate_latest(_One(part))
+            text = generate_latest(OneFamily(part))
             chunks.append(text if not i else text.split(b"\n", 2)[2])
             yield
     return chunks

@@ -25,7 +25,6 @@ from prometheus_client.utils import floatToGoString
 Row = tuple  # (tuple of label values in ``labels`` order, value)
 
 
-
 class RowFamily(Metric):
     """A gauge or counter family given as rows; ``name`` without ``_total`` for a counter (as
     CounterMetricFamily takes it)."""
@@ -55,7 +54,7 @@ class RowFamily(Metric):
 
     def header(self) -> bytes:
         """The HELP and TYPE lines, written by generate_latest itself (its escaping of the help text)."""
-        return generate_latest(_One(Metric(self.name, self.documentation, self.type)))
+        return generate_latest(OneFamily(Metric(self.name, self.documentation, self.type)))
 
     def write(self, piece: int, kept: dict | None = None) -> Iterator[bytes]:
         """The family's text: the header, then ``piece`` lines a chunk.  ``kept`` (name -> {label
@@ -101,7 +100,7 @@ def _escape(value) -> str:
     return value
 
 
-class _One:
+class OneFamily:
     """A registry of one metric family, for generate_latest."""
 
     def __init__(self, family):

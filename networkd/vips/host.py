@@ -178,9 +178,7 @@ class VipHost:
     def _added_by_others(self, ip: str) -> None:
         """Someone else added or changed a /32 on our interface: read it back soon (it may be a VIP
         we do not hold, or one of ours given a longer lifetime than the lease allows)."""
-        if self._event_audit is None or not self._event_audit.active():
-            delay = max(EVENT_AUDIT_DELAY, self._next_audit - self._clock())
-            self._event_audit = self._reactor.callLater(delay, self.audit)
+        self._event_audit = self._soon(self._event_audit, EVENT_AUDIT_DELAY, self._next_audit, self.audit)
 
     def audit(self) -> None:
         """Addresses read back (networkd.vips.addresses), within a small CPU budget."""
@@ -213,10 +211,15 @@ class VipHost:
 
     def _nat_changed(self) -> None:
         """Someone (maybe us) changed the nat table: read our chains back soon, within the budget."""
-        if self._event_verify is None or not self._event_verify.active():
-            due = self._next_firewall_check if self._next_firewall_check != math.inf else 0.0
-            delay = max(FIREWALL_EVENT_DELAY, due - self._clock())
-            self._event_verify = self._reactor.callLater(delay, self.verify_firewall, True)
+        due = self._next_firewall_check if self._next_firewall_check != math.inf else 0.0  # inf: one under way
+        self._event_verify = self._soon(self._event_verify, FIREWALL_EVENT_DELAY, due, self.verify_firewall, True)
+
+    def _soon(self, pending, delay: float, budget_due: float, f, *args):
+        """The read-back an event asks for: ``pending`` if it has not run yet (a burst of events is one
+        read-back), else ``f(*args)`` in ``delay`` seconds, or when the CPU budget allows if later."""
+        if pending is not None and pending.active():
+            return pending
+        return self._reactor.callLater(max(delay, budget_due - self._clock()), f, *args)
 
     def verify_firewall(self, changed: bool = False) -> None:
         """Read our chains back and rewrite them if they drifted, within the same CPU budget

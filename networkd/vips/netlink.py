@@ -263,10 +263,9 @@ class Netlink:
             address = rtnl.parse_address(message)
             if address is not None and address.index == self.index and address.prefixlen == 32:
                 self.on_address_removed(address.ip, address.valid)  # valid: its lifetime left, 0 if it ran out
-        elif message.type == rtnl.RTM_NEWADDR:  # not ours: the socket filter drops those
+        elif message.type == rtnl.RTM_NEWADDR and self.sees_others_adds:  # not ours: the filter drops those
             address = rtnl.parse_address(message)
-            if address is not None and address.index == self.index and address.prefixlen == 32 \
-                    and self.sees_others_adds:
+            if address is not None and address.index == self.index and address.prefixlen == 32:
                 self.on_address_added(address.ip)
         elif message.type in (rtnl.RTM_NEWLINK, rtnl.RTM_DELLINK):
             link = rtnl.parse_link(message)
@@ -282,6 +281,23 @@ class Netlink:
                 self.mac = link.mac
             if link.up and not was:
                 self.on_link_up()
+
+
+def drain(sock: socket.socket, datagram: Callable[[bytes], None], lost: Callable[[], None],
+          limit: int = 256) -> None:
+    """Hand what a notification socket holds to ``datagram``, at most ``limit`` datagrams a reactor
+    turn; a receive overrun (ENOBUFS: the kernel dropped notifications) is told to ``lost``."""
+    for _ in range(limit):
+        try:
+            data = sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                raise
+            lost()
+            continue
+        datagram(data)
 
 
 class _EventReader:
@@ -305,22 +321,18 @@ class _EventReader:
         return "netlink events"
 
     def doRead(self) -> None:
-        for _ in range(256):  # yield to the reactor now and then
+        drain(self._sock, self._datagram, self._lost)
+
+    def _datagram(self, data: bytes) -> None:
+        for message in rtnl.messages(data):
             try:
-                data = self._sock.recv(1 << 16)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    log.warn("netlink events were lost; checking the interface")
-                    self._netlink.on_events_lost()
-                    continue
-                raise
-            for message in rtnl.messages(data):
-                try:
-                    self._netlink._event(message)
-                except Exception:
-                    log.failure("netlink event handler failed")
+                self._netlink._event(message)
+            except Exception:
+                log.failure("netlink event handler failed")
+
+    def _lost(self) -> None:
+        log.warn("netlink events were lost; checking the interface")
+        self._netlink.on_events_lost()
 
     def connectionLost(self, reason) -> None:
         pass

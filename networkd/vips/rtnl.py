@@ -141,7 +141,7 @@ def error_code(message: Message) -> int:
     return -code
 
 
-def _attrs(body: bytes, offset: int) -> Iterator[tuple[int, bytes]]:
+def attributes(body: bytes, offset: int) -> Iterator[tuple[int, bytes]]:
     while offset + _ATTR.size <= len(body):
         length, kind = _ATTR.unpack_from(body, offset)
         if length < _ATTR.size:
@@ -184,7 +184,7 @@ def parse_link(message: Message) -> Link | None:
         return None
     _, _, index, flags, _ = _IFINFO.unpack_from(message.body)
     name = mac = None
-    for kind, payload in _attrs(message.body, _IFINFO.size):
+    for kind, payload in attributes(message.body, _IFINFO.size):
         if kind == IFLA_IFNAME:
             name = payload.split(b"\0", 1)[0].decode(errors="replace")
         elif kind == IFLA_ADDRESS:

@@ -11,7 +11,6 @@ periodic read-back stays frequent (networkd.vips.host).
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
 from typing import Callable
@@ -19,6 +18,7 @@ from typing import Callable
 from twisted.logger import Logger
 
 from networkd.vips import rtnl
+from networkd.vips.netlink import drain
 
 log = Logger()
 
@@ -42,7 +42,7 @@ def touches_nat(message: rtnl.Message) -> bool:
     family = message.body[0]
     if family != NFPROTO_IPV4:
         return False
-    for kind, payload in rtnl._attrs(message.body, _NFGENMSG.size):
+    for kind, payload in rtnl.attributes(message.body, _NFGENMSG.size):
         if kind == TABLE_ATTR:
             return payload.split(b"\0", 1)[0] == b"nat"
     return False
@@ -56,6 +56,7 @@ class NatChanges:
         self._reactor = reactor
         self._changed = changed
         self._sock: socket.socket | None = None
+        self._seen = False  # a read found a change to the nat table
 
     def open(self) -> None:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
@@ -81,21 +82,16 @@ class NatChanges:
         return "nf_tables events"
 
     def doRead(self) -> None:
-        changed = False
-        for _ in range(256):  # yield to the reactor now and then
-            try:
-                data = self._sock.recv(1 << 16)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno != errno.ENOBUFS:
-                    raise
-                changed = True  # events were lost: they may have been about us
-                continue
-            if not changed:
-                changed = any(touches_nat(m) for m in rtnl.messages(data))
-        if changed:
+        self._seen = False
+        drain(self._sock, self._datagram, self._lost)
+        if self._seen:
             self._changed()
+
+    def _datagram(self, data: bytes) -> None:
+        self._seen = self._seen or any(touches_nat(m) for m in rtnl.messages(data))
+
+    def _lost(self) -> None:
+        self._seen = True  # notifications were dropped: they may have been about our chains
 
     def connectionLost(self, reason) -> None:
         pass
