@@ -127,7 +127,12 @@ class Networkd(service.MultiService):
         # twistd starts its log observers before the services: filter them now.
         filter_debug_logs(self.options["verbose"])
         super().startService()
-        self.reactor.callWhenRunning(self._install_signal_handlers)
+        self.reactor.callWhenRunning(self._running)
+
+    def _running(self) -> None:
+        """Our signal handlers in place, then the "started" line: a SIGTERM sent once it is logged stops
+        the daemon with exit status 0 (sent before, Twisted's handler would end it with -15)."""
+        self._install_signal_handlers()
         log.info(
             "networkd started: host {host}, node IP {ip}, etcd {etcd}, root {root}",
             host=self.options["hostname"], ip=self.options["node-ip"],
