@@ -284,8 +284,9 @@ def test_an_address_someone_else_adds_or_makes_permanent_is_undone_at_once(clust
     made_permanent = time.monotonic()
     wait_until(lambda: valid_lifetime(n1, VIP) not in ("forever", None), 2, interval=0.01,
                message="a lease-bound lifetime again")
+    # Either the event's read-back ("past the lease deadline") or the next renewal, which comes with
+    # each acknowledged keep-alive, may get there first: both give the lifetime back its bound.
     assert time.monotonic() - made_permanent < 0.5
-    assert "past the lease deadline" in n1.daemon.log()
 
 
 def test_our_chains_flushed_by_someone_else_are_restored_at_once_on_nftables(cluster_factory):
