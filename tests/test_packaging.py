@@ -61,6 +61,7 @@ def rpm_query(path: str, *what: str) -> list:
     return subprocess.run(["rpm", "-qp", *what, path], capture_output=True, text=True, check=True).stdout.split("\n")
 
 
+@pytest.mark.timeout(600)  # the module fixture builds the RPM: minutes on a loaded host
 def test_package_holds_the_daemon_unit_and_config(rpm):
     path, _ = rpm
     files = rpm_query(path, "-l")

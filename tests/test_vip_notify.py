@@ -29,6 +29,12 @@ def lines(log):
     return log.read_text().splitlines() if log.exists() else []
 
 
+def assert_alternating(told):
+    """acquired, released, acquired...: each transition of one VIP on one node told once, in order."""
+    words = [line.split()[0] for line in told]
+    assert words == ["acquired", "released"] * (len(told) // 2) + ["acquired"] * (len(told) % 2)
+
+
 @pytest_twisted.ensureDeferred
 async def test_events_run_in_order_per_vip_with_arguments_and_environment(tmp_path):
     path, log = script(tmp_path)
@@ -99,24 +105,33 @@ def test_namespaced_nodes_tell_their_script_every_transition_in_order(cluster_fa
         assert lines(logs[holder])[0] .startswith(f"acquired {VIP} lock held on lease ")
         listeners.pop(holder).close()  # its probe goes down: unhealthy, and it hands the VIP over
         wait_until(lambda: c.holders_of(VIP) == {other}, 8, message="moved for ill health")
-        wait_until(lambda: len(lines(logs[holder])) >= 3 and lines(logs[other]), 5, message="events")
-        assert [line.split()[0] for line in lines(logs[holder])] == ["acquired", "unhealthy", "released"]
-        assert "probe tcp://" in lines(logs[holder])[1] and "unhealthy here" in lines(logs[holder])[2]
-        assert lines(logs[other]) == [f"acquired {VIP} " + lines(logs[other])[0].split(" ", 2)[2]]
+        wait_until(lambda: lines(logs[holder])[-1:] and lines(logs[holder])[-1].startswith("released")
+                   and lines(logs[other]), 5, message="events")
+        # A loaded host may add a blip before (the kernel lifetime ran out while keep-alives were late:
+        # released, acquired again): those are transitions too, told in order; the ill-health ones end it.
+        told = lines(logs[holder])
+        assert told[0].startswith(f"acquired {VIP} lock held on lease ")
+        assert [line.split()[0] for line in told][-3:] == ["acquired", "unhealthy", "released"]
+        assert "probe tcp://" in told[-2] and "unhealthy here" in told[-1]
+        assert_alternating(told[:-2])
+        told_other = lines(logs[other])
+        assert told_other[-1].startswith(f"acquired {VIP} ")
+        assert_alternating(told_other)
 
         slow.touch()  # from now on "acquired" runs sleep 30 s
         c[other].daemon.signal(signal.SIGTERM)
         wait_until(lambda: c.holders_of(VIP) == {holder}, 5, message="the unhealthy node is the only one left")
-        wait_until(lambda: len(lines(logs[other])) >= 2 and len(lines(logs[holder])) >= 4, 3, message="events")
-        assert lines(logs[other])[1] == f"released {VIP} networkd is stopping"
-        assert lines(logs[holder])[3].startswith(f"acquired {VIP}")  # its run now sleeps 30 s
+        wait_until(lambda: len(lines(logs[other])) > len(told_other) and len(lines(logs[holder])) > len(told),
+                   3, message="events")
+        assert lines(logs[other])[len(told_other)] == f"released {VIP} networkd is stopping"
+        assert lines(logs[holder])[len(told)].startswith(f"acquired {VIP}")  # its run now sleeps 30 s
         with AddressSampler([c[holder]], VIP) as sampler:
             asked = time.monotonic()
             pods(c, {1: {"State": 3}, 2: {"State": 3}})  # deployd: both pods exited
             wait_until(lambda: sampler.first(lambda h: not h, after=asked), 3, interval=0.05, message="released")
         gone = sampler.first(lambda h: not h, after=asked)
         assert gone - asked < 1.0, f"the release took {gone - asked:.2f}s behind a sleeping script"
-        assert len(lines(logs[holder])) == 4, "its \"released\" waits for the sleeping run (in order per VIP)"
+        assert len(lines(logs[holder])) == len(told) + 1, "its \"released\" waits for the sleeping run (in order per VIP)"
     finally:
         for s in listeners.values():
             s.close()
