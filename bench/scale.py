@@ -44,6 +44,11 @@ VIP configs) and how many were answered.
    answered before the fetch starts), so that each body is made anew; then the
    daemon's RSS (logged).
 
+Steps 1-5 also log the daemon's own count of reactor turns over 5 ms during
+the step and its longest turn since start (``networkd_reactor_turn_seconds``
+in its /metrics, networkd/turns.py: wall time, so a host that did not run
+the daemon shows too), beside what the client saw.
+
 With ``--vips N`` (``--local M``, default 100; ``--containers absent|listening``
 as bench/hold.py) the daemon runs with VIPs on, inside node namespace "n1"
 (bench/vipnode.py: nothing on the host changes; etcd stays on the host's
@@ -272,6 +277,48 @@ class ForwardStub(StubServer):
         return reply.pack()
 
 
+class Turns:
+    """The daemon's own count of its reactor turns (``networkd_reactor_turn_seconds`` in /metrics):
+    ``over(before)`` says how many turns since ``before`` took more than 5 ms, the longest since start
+    beside it.  A scrape is one small turn of its own.  ``None`` when the daemon has no such metric
+    (``--daemon-repo`` of a checkout before it)."""
+
+    def __init__(self, api_port: int, netns: str | None):
+        self.api_port, self.netns = api_port, netns
+
+    def read(self) -> dict | None:
+        url = f"http://127.0.0.1:{self.api_port}/metrics"
+        command = ["curl", "-sS", "--max-time", "5", url]
+        if self.netns:
+            command = ["ip", "netns", "exec", self.netns] + command
+        try:
+            text = subprocess.run(command, capture_output=True, text=True, timeout=10).stdout
+        except subprocess.SubprocessError:
+            return None
+        found = {}
+        for line in text.splitlines():
+            if line.startswith("networkd_reactor_turn_seconds_bucket{le="):
+                bound, _, count = line[len("networkd_reactor_turn_seconds_bucket{le=\""):].partition("\"} ")
+                found[bound] = float(count)
+            elif line.startswith("networkd_reactor_longest_turn_seconds "):
+                found["longest"] = float(line.split()[1])
+        return found if "+Inf" in found and "0.005" in found else None
+
+    @staticmethod
+    def over(before: dict | None, after: dict | None) -> tuple[int, float] | None:
+        """(turns over 5 ms between the two reads, the longest turn since start) or None."""
+        if before is None or after is None:
+            return None
+        over = (after["+Inf"] - after["0.005"]) - (before["+Inf"] - before["0.005"])
+        return int(over), after.get("longest", float("nan"))
+
+
+def turns_text(over: tuple[int, float] | None) -> str:
+    if over is None:
+        return "daemon turns: not measured"
+    return f"daemon turns over 5 ms: {over[0]} (its longest since start {ms(over[1])} ms)"
+
+
 def forwarded_question(i: int) -> bytes:
     """An A question for f<i>.fwd.test with ID 0 (the sender puts its own), RD set."""
     qname = b"".join(bytes([len(label)]) + label for label in (f"f{i}".encode(), b"fwd", b"test")) + b"\0"
@@ -351,7 +398,8 @@ def _fetcher(conn_end, api_port: int, netns: str | None) -> None:
     conn.close()
 
 
-def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter", netns: str | None = None) -> dict:
+def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter", netns: str | None = None,
+             turns: Turns | None = None) -> dict:
     """Each endpoint fetched ``fetches`` times in a row (one kept-alive connection, in a process
     of its own), a local name asked every ms meanwhile: per endpoint the fetch time p50 / max, the
     body size, and the local name's p99 / max during its fetches.  The DNS dump twice more with a
@@ -366,6 +414,7 @@ def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter", n
     try:
         for path in API_PATHS + tuple(p + CHANGED for p in API_PATHS[:2]):
             took, size, lat, lost = [], 0, [], 0
+            turns0 = turns.read() if turns else None
             for i in range(fetches):
                 if path.endswith(CHANGED):
                     ip = f"10.252.{i // 250}.{i % 250 + 1}"
@@ -382,11 +431,14 @@ def api_step(api_port: int, dns_port: int, fetches: int, writer: "EtcdWriter", n
                     raise RuntimeError(f"GET {path}: {status}")
                 lat += prober.latencies
                 lost += prober.lost
+            over = Turns.over(turns0, turns.read() if turns else None)
             out[path] = {"p50": pct(took, 50), "max": max(took), "first": took[0], "bytes": size,
-                         "dns_p99": pct(lat, 99), "dns_max": max(lat), "dns_n": len(lat), "dns_lost": lost}
+                         "dns_p99": pct(lat, 99), "dns_max": max(lat), "dns_n": len(lat), "dns_lost": lost,
+                         "turns": over}
             log(f"  GET {path} x{fetches}: p50 {ms(pct(took, 50))} max {ms(max(took))} (first {ms(took[0])}) ms, "
                 f"{size:,} bytes; "
-                f"{HOT} meanwhile p99 {ms(pct(lat, 99))} max {ms(max(lat))} ms over {len(lat)}, {lost} lost")
+                f"{HOT} meanwhile p99 {ms(pct(lat, 99))} max {ms(max(lat))} ms over {len(lat)}, {lost} lost; "
+                f"{turns_text(over)}")
     finally:
         if querier is not None:
             querier.close()
@@ -526,7 +578,9 @@ def run_size(size: int, args, work: str) -> dict:
         time.sleep(2)  # let start-up work settle
 
         # 1 + 2: put → answer, CPU per put
+        turns = Turns(api_port, ns)
         delays = []
+        turns0 = turns.read()
         with Prober(port, HOT, HOT_IP, interval=0.001, netns=ns) as stall:
             cpu0 = cpu_seconds(pid)
             for i in range(1, args.puts + 1):
@@ -537,17 +591,19 @@ def run_size(size: int, args, work: str) -> dict:
             cpu_used = cpu_seconds(pid) - cpu0
         result["put_p50"], result["put_p99"], result["put_max"] = pct(delays, 50), pct(delays, 99), max(delays)
         result["cpu_per_put"] = cpu_used / args.puts
+        result["put_turns"] = Turns.over(turns0, turns.read())
         lat = stall.latencies
         result.update(put_hot_p99=pct(lat, 99), put_hot_max=max(lat), put_hot_n=len(lat))
         log(f"{size}: put → answer p50 {ms(result['put_p50'])} p99 {ms(result['put_p99'])} "
             f"max {ms(result['put_max'])} ms over {args.puts}; CPU/put {ms(result['cpu_per_put'])} ms; "
             f"{HOT} asked every ms meanwhile: p99 {ms(result['put_hot_p99'])} max {ms(result['put_hot_max'])} ms "
-            f"over {len(lat)}")
+            f"over {len(lat)}; {turns_text(result['put_turns'])}")
         time.sleep(1)
 
         # 3: burst
         n = min(args.burst, size)
         burst = [(domain_key(f"d{i}.scale.lain"), domain_value(domain_ip(i, salt=1))) for i in range(n)]
+        turns0 = turns.read()
         with Prober(port, HOT, HOT_IP, netns=ns) as prober:
             time.sleep(0.5)
             cpu0 = cpu_seconds(pid)
@@ -559,13 +615,15 @@ def run_size(size: int, args, work: str) -> dict:
                                        args.burst_timeout, sock=querier)
             burst_cpu = cpu_seconds(pid) - cpu0
             time.sleep(0.5)
+        result["burst_turns"] = Turns.over(turns0, turns.read())
         lat = prober.latencies
         result.update(burst_n=n, burst_write=w1 - w0, burst_served=served, burst_cpu=burst_cpu,
                       burst_hot_p50=pct(lat, 50), burst_hot_p99=pct(lat, 99), burst_hot_max=max(lat),
                       burst_hot_n=len(lat), burst_wrong=prober.wrong, burst_lost=prober.lost)
         log(f"{size}: burst of {n} written in {w1 - w0:.2f} s; last served {ms(served)} ms after the last write "
             f"({burst_cpu:.1f} s CPU); {HOT} p50 {ms(pct(lat, 50))} p99 {ms(pct(lat, 99))} max {ms(max(lat))} ms "
-            f"over {len(lat)} queries, {prober.lost} lost (counted as 1 s), {prober.wrong} wrong")
+            f"over {len(lat)} queries, {prober.lost} lost (counted as 1 s), {prober.wrong} wrong; "
+            f"{turns_text(result['burst_turns'])}")
         if served == float("inf"):  # do not measure "rest" while the daemon still works through the burst
             wait_until_answer(port, f"d{n - 1}.scale.lain", domain_ip(n - 1, salt=1), time.monotonic(),
                               args.burst_timeout, sock=querier)
@@ -585,9 +643,10 @@ def run_size(size: int, args, work: str) -> dict:
             log(f"{size}: at rest, nobody asking, per thread: " + ", ".join(
                 f"{name} {share * 100:.2f} %" for name, share in result["idle_threads"] if share > 0)
                 + f"; children {result['idle_children_cpu'] * 100:.2f} %")
-        cpu0, r0 = cpu_seconds(pid), time.monotonic()
+        cpu0, r0, turns0 = cpu_seconds(pid), time.monotonic(), turns.read()
         with Prober(port, HOT, HOT_IP, netns=ns) as prober:
             time.sleep(args.rest_seconds)
+        result["rest_turns"] = Turns.over(turns0, turns.read())
         rest_cpu = (cpu_seconds(pid) - cpu0) / (time.monotonic() - r0)
         lat = prober.latencies
         result.update(idle_cpu=idle_cpu, rest_cpu=rest_cpu, rest_p50=pct(lat, 50), rest_p99=pct(lat, 99),
@@ -595,7 +654,7 @@ def run_size(size: int, args, work: str) -> dict:
         log(f"{size}: at rest {args.rest_seconds:g} s, nobody asking: CPU {idle_cpu * 100:.2f} %; then asked "
             f"100/s: CPU {rest_cpu * 100:.2f} %, {HOT} p50 {ms(result['rest_p50'])} "
             f"p99 {ms(result['rest_p99'])} max {ms(result['rest_max'])} ms over {len(lat)}, {prober.lost} lost; "
-            f"RSS {result['rss']:.0f} MB")
+            f"RSS {result['rss']:.0f} MB; {turns_text(result['rest_turns'])}")
         # 4b: many distinct forwarded names, each asked once: the cache fills (and stays bounded)
         if args.forwarded:
             asked = ask_forwarded(port, args.forwarded, ns)
@@ -607,7 +666,7 @@ def run_size(size: int, args, work: str) -> dict:
                 f"RSS {result['rss_forwarded']:.0f} MB")
         # 5: the API while a local name is asked every ms
         if args.api_fetches:
-            result["api"] = api_step(api_port, port, args.api_fetches, writer, ns)
+            result["api"] = api_step(api_port, port, args.api_fetches, writer, ns, turns)
             result["rss_after_api"] = rss_mb(pid)  # the API keeps what it made (dump bodies, VIP texts)
             log(f"{size}: RSS after the API fetches {result['rss_after_api']:.0f} MB")
         if node is not None:

@@ -24,6 +24,7 @@ from networkd.etcd.session import Session
 from networkd.keys import Keys
 from networkd.logsetup import filter_debug_logs
 from networkd.timers import sleep_until_due
+from networkd.turns import meter_turns
 
 if TYPE_CHECKING:
     from networkd.api.parts import ApiParts
@@ -49,6 +50,7 @@ def install_asyncio_reactor():
             f"but {type(reactor).__name__} is installed: drop --reactor or use --reactor=asyncio"
         )
     sleep_until_due(reactor)
+    meter_turns(reactor)
     return reactor
 
 

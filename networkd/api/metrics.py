@@ -35,6 +35,7 @@ class NetworkdCollector:
         parts = self._parts
         yield from self._dns(parts.dns)
         yield from self._etcd(parts)
+        yield from self._reactor(getattr(parts.reactor, "turn_meter", None))
         held = GaugeMetricFamily("networkd_vips_held", "VIPs this node holds (address up, DNAT installed).")
         held.add_metric([], float(parts.vips.held_count()) if parts.vips is not None else 0.0)
         yield held
@@ -142,6 +143,16 @@ class NetworkdCollector:
         yield dropped
         if dns is not None:
             yield latency
+
+    def _reactor(self, meter):
+        if meter is None:
+            return
+        turns = HistogramMetricFamily("networkd_reactor_turn_seconds", "How long the reactor's turns took (wall "
+                                      "time; every DNS query waits for the turn in progress).")
+        turns.add_metric([], [(_bound(bound), count) for bound, count in meter.cumulative()], meter.total)
+        yield turns
+        yield GaugeMetricFamily("networkd_reactor_longest_turn_seconds", "The longest reactor turn since start.",
+                                value=meter.longest)
 
     def _etcd(self, parts: ApiParts):
         connected = GaugeMetricFamily("networkd_etcd_connected", "1 while the etcd watch of a prefix is live.",
