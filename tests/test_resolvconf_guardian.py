@@ -407,3 +407,46 @@ async def test_upstreams_are_known_when_start_returns(tmp_path, guard):
     dns = FakeDns(listening=True)
     guard(path, dns, run_blocking=lambda f, *args: defer.Deferred())  # the background look never returns
     assert dns.upstreams == [("10.0.0.2", 53), ("10.0.0.3", 53)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_writer_rewriting_it_in_place_is_not_cut_short(tmp_path, guard):
+    """A writer that rewrites the file in place truncates it first: a look that finds it empty waits
+    (as for a missing file) instead of putting a file of ours in its place, which would lose the text
+    the writer is still writing (its write would go to the file we replaced)."""
+    path = tmp_path / "resolv.conf"
+    write_in_place(path, ORIGINAL)
+    guardian = guard(path, missing_grace=2.0)
+    await eventually(lambda: read(path) == GUARDED, timeout=5)
+    with open(path, "w") as writer:  # truncated; the text comes a moment later
+        guardian._kick()  # a look now (another event, the periodic re-check: anything may cause one)
+        await sleep(0.2)
+        writer.write(ORIGINAL)
+    await eventually(lambda: read(path) == GUARDED, timeout=5)
+    assert guardian.status.undone == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_between_our_look_and_our_write_is_looked_at_not_overwritten(tmp_path, guard):
+    """The file is replaced only if it still reads as the look saw it: a writer that got in between
+    has its text looked at (and our line put first in it), not thrown away."""
+    from twisted.internet import threads
+
+    path = tmp_path / "resolv.conf"
+    write_in_place(path, ORIGINAL)
+    raced = []
+
+    def run_blocking(f, *args):
+        if not raced and f.__name__ != "look_at":  # our write, after a look that saw ORIGINAL
+            raced.append(f.__name__)
+            write_in_place(path, "nameserver 10.0.0.9\n")  # another writer, right before it
+        return threads.deferToThread(f, *args)
+
+    guard(path, run_blocking=run_blocking, recheck=60.0)
+    await eventually(lambda: raced and nameservers(read(path)) == ["127.0.0.1", "10.0.0.9"], timeout=5)
+    await sleep(0.2)
+    assert nameservers(read(path)) == ["127.0.0.1", "10.0.0.9"], "and it stays so"
+
+
+def nameservers(text: str | None) -> list[str]:
+    return [line.split()[1] for line in (text or "").splitlines() if line.startswith("nameserver ")]

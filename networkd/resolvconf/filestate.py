@@ -58,6 +58,15 @@ def look_at(path: str, systemd_path: str) -> FileState:
     return FileState(path, text, realpath, is_symlink, inode, uid, stub, upstream_text)
 
 
+def replace_if_unchanged(path: str, seen: str | None, data: bytes) -> str | None:
+    """``replace_file`` only if the file still reads as ``seen`` (None: missing); None if it changed
+    since: another writer got there between our look and now, and its text must be looked at first
+    (replacing it would throw its change away)."""
+    if read_text(path) != seen:
+        return None
+    return replace_file(path, data)
+
+
 def restore_file(path: str, ours: str) -> str | None:
     """Take our nameserver line out of the file; how it was written, None if nothing changed."""
     text = read_text(path)

@@ -11,7 +11,10 @@ Level-triggered: every change (and a periodic re-check) asks for a look,
 which reads the file and computes what it should be; our own writes read
 back as already right, so they cause no further write.  Looks run through
 a SerialJob: one at a time, a burst of events folded into one, a failed
-look retried with backoff.
+look retried with backoff.  Another writer is never overwritten with what
+we made of an older text: the file is replaced only if it still reads as
+the look saw it, and an empty file (truncated by a writer rewriting it in
+place) waits as a missing one does.
 """
 
 from __future__ import annotations
@@ -26,11 +29,10 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from networkd.atomicfile import replace_file
 from networkd.backoff import Backoff, every
 from networkd.dirwatch import DirectoryWatcher
 from networkd.options import ListenAddress
-from networkd.resolvconf.filestate import FileState, look_at, restore_file
+from networkd.resolvconf.filestate import FileState, look_at, replace_if_unchanged, restore_file
 from networkd.resolvconf.ratelimit import RewriteLimit
 from networkd.resolvconf.text import DNS_PORT, describe_writer, resolv_conf_address, rewrite, upstreams
 from networkd.serial import SerialJob
@@ -242,12 +244,15 @@ class ResolvConfGuardian(service.Service):
         self._feed(state)
         if not self._writing:
             return
-        if state.text is None:
+        if not state.text:
+            # Missing, or empty: a writer that rewrites it in place truncates it first, and a file we
+            # replaced now would take the place of the one it is still writing (its text lost).
             now = self._reactor.seconds()
             if self._missing_since is None:
                 self._missing_since = now
-                log.info("resolv.conf: {path} is missing; recreating it unless someone else does",
-                         path=self.path)
+                if state.text is None:
+                    log.info("resolv.conf: {path} is missing; recreating it unless someone else does",
+                             path=self.path)
                 self._kick(self._missing_grace)
                 return
             if now - self._missing_since < self._missing_grace:
@@ -273,7 +278,11 @@ class ResolvConfGuardian(service.Service):
         if wait > 0:
             self._kick(wait)
             return
-        how = await self._run_blocking(replace_file, self.path, desired.encode())
+        how = await self._run_blocking(replace_if_unchanged, self.path, state.text, desired.encode())
+        if how is None:  # written by someone else since our look: look again rather than undo it
+            log.debug("resolv.conf: {path} changed while we looked at it; looking again", path=self.path)
+            self._kick()
+            return
         self._limit.record()
         self.status.writes += 1
         self.status.last_error = None
