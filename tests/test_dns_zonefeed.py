@@ -107,6 +107,13 @@ def answers(zone) -> dict:
     return out
 
 
+def build(feed: ZoneFeed, clock: task.Clock) -> None:
+    """Run the reactor turns that fill the zone from the first snapshot."""
+    while not feed.built:
+        assert clock.getDelayedCalls(), "the first snapshot is being applied: a turn is scheduled"
+        clock.advance(0)
+
+
 def assert_same(feed: ZoneFeed, inputs: Inputs, step):
     reference, invalid = inputs.scratch()
     assert feed.pending() == 0
@@ -129,7 +136,8 @@ def test_incremental_zone_answers_as_one_built_from_scratch(seed):
                     budget=rng.choice([0.0, 0.003]))  # 0: one key a slice, the most interleaving
     for name in rng.sample(NAMES, 6):
         inputs.values[name] = random_value(rng)
-    feed.domains(inputs.snapshot(None))  # the first one is applied whole at once
+    feed.domains(inputs.snapshot(None))  # the first one, in slices too
+    build(feed, clock)
     feed.zone.ptr_index()  # from now on it is kept up to date, not built again
     assert_same(feed, inputs, "first snapshot")
     lost = False
@@ -171,6 +179,7 @@ def test_a_lost_event_converges_on_the_next_full_read_in_slices():
     for i in range(50):
         inputs.values[f"n{i}.lain"] = json.dumps({"ips": [f"10.0.0.{i}"]})
     feed.domains(inputs.snapshot(None))
+    build(feed, clock)
     inputs.values["n1.lain"] = '{"ips": ["10.5.5.5"]}'  # delivered
     inputs.values["n2.lain"] = '{"ips": ["10.6.6.6"]}'  # its event was lost
     del inputs.values["n3.lain"]  # lost too
@@ -200,6 +209,7 @@ def test_a_big_whole_comparison_starts_in_the_turn_after_the_snapshot(monkeypatc
     for i in range(20):
         inputs.values[f"n{i}.lain"] = json.dumps({"ips": [f"10.0.0.{i}"]})
     feed.domains(inputs.snapshot(None))
+    build(feed, clock)
     inputs.values["n1.lain"] = '{"ips": ["10.5.5.5"]}'  # its event was lost
     feed.domains(inputs.snapshot(None))  # 40 keys to compare: over BIG_SCAN
     assert feed.pending() == 40 and clock.getDelayedCalls(), "nothing compared in the snapshot's turn"
@@ -211,11 +221,41 @@ def test_a_big_whole_comparison_starts_in_the_turn_after_the_snapshot(monkeypatc
     assert feed.pending() == 0 and feed.zone.exact["n2.lain"].ips == ("10.6.6.6",), "a put still goes at once"
 
 
-def test_a_subscriber_that_missed_a_snapshot_compares_everything():
+def test_the_first_snapshot_is_applied_in_slices_and_said_built_once():
+    """Whole, the first snapshot was one reactor turn (~1 s at 10,000 domains, in which no lease
+    keep-alive could go out): it is sliced like any comparison, and ``built`` (with one on_built)
+    says when the zone holds all of it, which the DNS service waits for before reading a query."""
+    clock = task.Clock()
     inputs = Inputs()
+    built, slices = [], []
+    feed = ZoneFeed(clock, ttl=60, node_ip=NODE, key_prefix=PREFIX, budget=0.0, on_built=lambda: built.append(1),
+                    on_change=lambda added, wild: slices.append(len(added)))
+    for i in range(600):
+        inputs.values[f"n{i}.lain"] = json.dumps({"ips": [f"10.0.{i >> 8}.{i & 255}"]})
+    feed.domains(inputs.snapshot(None))
+    assert not feed.built and 0 < len(feed.zone.exact) < 600, "a first slice only"
+    build(feed, clock)
+    assert built == [1] and len(slices) > 1 and sum(slices) == 600, "in slices, the reactor free in between"
+    assert_same(feed, inputs, "first snapshot")
+    inputs.values["n1.lain"] = '{"ips": ["10.5.5.5"]}'
+    feed.domains(inputs.snapshot(None))  # a re-read later: no second on_built
+    while clock.getDelayedCalls():
+        clock.advance(0)
+    assert built == [1] and feed.zone.exact["n1.lain"].ips == ("10.5.5.5",)
+
+
+def test_an_empty_first_snapshot_is_built_at_once():
     feed = ZoneFeed(task.Clock(), ttl=60, node_ip=NODE)
+    feed.domains(Inputs().snapshot(None))
+    assert feed.built
+
+
+def test_a_subscriber_that_missed_a_snapshot_compares_everything():
+    inputs, clock = Inputs(), task.Clock()
+    feed = ZoneFeed(clock, ttl=60, node_ip=NODE)
     inputs.values["a.lain"] = '{"ips": ["10.0.0.1"]}'
     feed.domains(inputs.snapshot(None))
+    build(feed, clock)
     inputs.values["b.lain"] = '{"ips": ["10.0.0.2"]}'
     inputs.snapshot({"b.lain"})  # never delivered to the feed
     inputs.values["c.lain"] = '{"ips": ["10.0.0.3"]}'
@@ -230,11 +270,12 @@ def test_a_put_touches_one_name_whatever_the_number_of_domains(monkeypatch):
     post_init = zone_module.Record.__post_init__
     monkeypatch.setattr(zone_module.Record, "__post_init__", lambda self: (made.append(1), post_init(self)))
     for size in (1_000, 20_000):
-        inputs = Inputs()
-        feed = ZoneFeed(task.Clock(), ttl=60, node_ip=NODE)
+        inputs, clock = Inputs(), task.Clock()
+        feed = ZoneFeed(clock, ttl=60, node_ip=NODE)
         inputs.values.update({f"d{i}.lain": json.dumps({"ips": [f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}"]})
                               for i in range(size)})
         feed.domains(inputs.snapshot(None))
+        build(feed, clock)
         feed.zone.ptr_index()
         made.clear()
         touched = feed.touched_names

@@ -16,7 +16,7 @@ from twisted.internet import reactor as real_reactor
 from twisted.internet import task
 
 from networkd.dns.service import DnsService
-from networkd.etcd.reflector import PrefixStatus
+from networkd.etcd.reflector import PrefixStatus, Snapshot
 from networkd.options import ListenAddress
 from networkd.systemd.service import SystemdNotify
 from tests.support.dnsstub import random_loopback_host
@@ -111,8 +111,9 @@ def test_dns_first_snapshot_wait_ends_once_the_passed_sockets_are_read(tmp_path)
     hosts = tmp_path / "hosts"
     hosts.write_text("")
     clock = CountingClock()
+    subscribers = []
     pending = SimpleNamespace(snapshot=None, status=PrefixStatus("/lain/config/domains/"),
-                              subscribe=lambda callback: None)
+                              subscribe=subscribers.append)
     dns = DnsService(FakeClockReactor(clock), listen=ListenAddress(host, port), hosts_file=str(hosts),
                      domains=pending, inherited=[udp, tcp], poll_interval=1.0)
     readers = set(real_reactor.getReaders())
@@ -121,7 +122,9 @@ def test_dns_first_snapshot_wait_ends_once_the_passed_sockets_are_read(tmp_path)
         assert dns.socket_activated
         clock.wakeups(1)
         assert dns._holding, "the passed sockets wait for the first snapshot"
-        pending.snapshot = {}
+        pending.snapshot = Snapshot("/lain/config/domains/", 1, generation=1)
+        for subscriber in subscribers:
+            subscriber(pending.snapshot)
         clock.wakeups(0.1)
         assert not dns._holding
         # At rest only the hosts-file check (once a second) wakes DNS: 60 a minute, not 60 + 3,000.

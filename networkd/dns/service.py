@@ -79,7 +79,7 @@ class DnsService(service.Service):
         self._domains_prefix = domains_prefix
         self._servers_prefix = domain_servers_prefix
         self._feed = ZoneFeed(reactor, ttl=ttl, node_ip=node_ip, key_prefix=domains_prefix,
-                              on_change=self._zone_changed)
+                              on_change=self._zone_changed, on_built=lambda: self._check_hold())
         self.resolver.set_zone(self._feed.zone)
         self._hosts: list = []
         self._hosts_file = FileChangeWatcher(hosts_file) if hosts_file else None
@@ -228,13 +228,18 @@ class DnsService(service.Service):
 
     def _check_hold(self) -> None:
         """Read the sockets once every watched prefix has its first
-        snapshot or has failed to get one, or after HOLD_MAX seconds."""
-        if not self._holding or not self.listening():
-            return
+        snapshot or has failed to get one, or after HOLD_MAX seconds, and
+        the first domains snapshot is in the zone whole (it is applied in
+        slices, and it always ends: HOLD_MAX is for etcd, not for that)."""
+        if not self._holding or not self.listening() or self._hold_started is None:
+            return  # (None: startService has not begun the wait; it asks at once when it does)
         waited = self.reactor.seconds() - self._hold_started
         pending = [w for w in self._watchers if w is not None and w.snapshot is None and w.status.lost_at is None]
         if pending and waited < HOLD_MAX:
             return
+        domains = self._watchers[0]
+        if domains is not None and domains.snapshot is not None and not self._feed.built:
+            return  # the zone is being filled: on_built asks again
         self._holding = False
         self._hold_loop.stop()  # start-up only: no 50 wake-ups a second for the daemon's whole life
         self._udp_port.startReading()
