@@ -228,7 +228,8 @@ def test_the_first_snapshot_is_applied_in_slices_and_said_built_once():
     clock = task.Clock()
     inputs = Inputs()
     built, slices = [], []
-    feed = ZoneFeed(clock, ttl=60, node_ip=NODE, key_prefix=PREFIX, budget=0.0, on_built=lambda: built.append(1),
+    feed = ZoneFeed(clock, ttl=60, node_ip=NODE, key_prefix=PREFIX, budget=0.0, first_budget=0.0,
+                    on_built=lambda: built.append(1),
                     on_change=lambda added, wild: slices.append(len(added)))
     for i in range(600):
         inputs.values[f"n{i}.lain"] = json.dumps({"ips": [f"10.0.{i >> 8}.{i & 255}"]})

@@ -35,6 +35,9 @@ from networkd.dns.zone import Record, Zone, parse_domain_value
 log = Logger()
 
 BUDGET = 0.002  # seconds of work at most per reactor turn
+# ... while the first snapshot goes in: no query is read before it is whole, so its slices are longer
+# (fewer turns of other start-up work in between), still short enough for keep-alives and the rest
+FIRST_BUDGET = 0.05
 BIG_SCAN = 8192  # keys of a whole comparison above which it starts in the turn after the snapshot
 _STALE = object()  # an applied value that must be evaluated again (webrouter IPs changed)
 
@@ -42,7 +45,7 @@ _STALE = object()  # an applied value that must be evaluated again (webrouter IP
 class ZoneFeed:
     def __init__(self, reactor, *, ttl: int, node_ip: str | None, key_prefix: str = "",
                  on_change=lambda added, added_wildcards: None, budget: float = BUDGET,
-                 on_built=lambda: None):
+                 on_built=lambda: None, first_budget: float = FIRST_BUDGET):
         self.zone = Zone({}, {}, ttl)
         self.invalid: dict[str, str] = {}  # full etcd key -> why it is ignored
         self._reactor = reactor
@@ -52,6 +55,7 @@ class ZoneFeed:
         self._on_built = on_built
         self.built = False  # the first domains snapshot is applied whole
         self._budget = budget
+        self._first_budget = first_budget
         self._values = {}  # the latest domains snapshot (read, never copied)
         self._generation: int | None = None  # of the snapshot applied last
         self._applied: dict[str, object] = {}  # key -> the raw value the zone reflects
@@ -133,7 +137,7 @@ class ZoneFeed:
         """Apply dirty keys, then walk the comparison, until the budget is
         spent; the rest in a later reactor turn."""
         clock = time.perf_counter  # the work's real cost (the reactor's clock may be a test's)
-        deadline = clock() + self._budget
+        deadline = clock() + (self._budget if self.built else max(self._budget, self._first_budget))
         dirty, scan, applied, values = self._dirty, self._scan, self._applied, self._values
         n = 0
         while dirty or scan:
