@@ -56,3 +56,35 @@ def test_the_keep_alive_pass_takes_renewals_due_within_half_an_interval(node):  
     node.manager.keeper.pass_now = lambda ahead=0.0: (asked.append(ahead), original(ahead))
     node.session.ack()
     assert asked and asked[0] == node.session.interval / 2
+
+
+def test_a_pass_at_rest_walks_no_vip_config(node, monkeypatch):  # noqa: F811
+    """The anti-entropy pass every 5 s planned every VIP config again (which has a container here):
+    ~5 ms of one reactor turn with 1,000 configs.  What only the snapshots decide is memoized on them
+    (networkd.vips.wants), so a pass at rest looks at no config; a new snapshot is looked at once."""
+    import json
+
+    from networkd.vips import planner, wants
+    from tests.test_vip_reconciler import VIP
+    from tests.support.vipnodes import pod_group
+
+    others = {f"10.1.{i >> 8}.{i & 255}": json.dumps({"app": "ghost", "proc": "web", "ports": [{"src": 80, "dest": 80}]})
+              for i in range(1000)}
+    hold_vip(node)
+    node.publish(vips={**others, VIP: json.dumps({"app": "hello", "proc": "web", "ports": [{"src": 80, "dest": 8080}]})},
+                 pods={"hello/hello.proc.web": pod_group("hello", "web", [(1, "n1", "10.9.0.1", "172.20.0.5")]),
+                       "ghost/ghost.proc.web": pod_group("ghost", "web", [(1, "n2", "10.9.0.2", "172.20.0.6")])})
+    node.clock.pump([0.1] * 10)
+    node.session.ack()
+    looked = []
+    for module in (planner, wants):
+        original = module.local_container
+        monkeypatch.setattr(module, "local_container", lambda *a, _f=original: looked.append(1) or _f(*a))
+    passes = count_calls(node.manager, "_reconcile")
+    for _ in range(6):  # six seconds at rest: at least one anti-entropy pass
+        node.clock.pump([0.1] * 10)
+        node.session.ack()
+    assert passes and node.manager.held_count() == 1
+    assert looked == [], f"{len(looked)} configs looked at in {len(passes)} pass(es) at rest"
+    node.publish(vips={**others, VIP: json.dumps({"app": "hello", "proc": "web", "ports": [{"src": 81, "dest": 8080}]})})
+    assert len(looked) >= 1000, "a new snapshot is planned whole"

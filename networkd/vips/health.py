@@ -129,7 +129,7 @@ class VipHealth:
         self._verdicts = verdicts
 
     def plan(self, held: frozenset[str], settled: frozenset[str] | None = None,
-             unready: frozenset[str] = frozenset()) -> FloatingPlan:
+             unready: frozenset[str] = frozenset(), *, floating=None, wanted=None) -> FloatingPlan:
         """The planner's answer with every candidate's health and readiness (networkd.vips.readiness);
         hold-downs start for VIPs we release for ill health."""
         inputs, now = self._inputs, self._reactor.seconds()
@@ -139,7 +139,7 @@ class VipHealth:
         fresh = frozenset(ip for ip, seen in self.first_seen.items() if now - seen < FRESH)
         health = CandidateHealth(inputs.member_health, mine, frozenset(self.hold_down), fresh)
         plan = plan_floating(inputs.configs, inputs.containers, self._hostname, inputs.holders, inputs.members,
-                             held, health, settled, unready)
+                             held, health, settled, unready, floating, wanted)
         self.notes = {}
         for ip in plan.release:
             if plan.reasons.get(ip) == UNHEALTHY:

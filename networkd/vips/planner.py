@@ -91,6 +91,11 @@ def every_of(containers: Iterable[Container], app: str, proc: str) -> Iterable[C
     return [c for c in containers if c.app == app and c.proc == proc]
 
 
+def floating_configs(configs: Mapping[str, VipConfig]) -> dict[str, VipConfig]:
+    """The floating VIP configs by IP."""
+    return {c.ip: c for c in configs.values() if c.floating}
+
+
 def local_container(config: VipConfig, containers: Iterable[Container], hostname: str) -> Container | None:
     """The container of ``config``'s app/proc on this node with the lowest instance number."""
     if config.excludes(hostname):
@@ -178,6 +183,8 @@ def plan_floating(
     health: "CandidateHealth | None" = None,
     settled: frozenset[str] | None = None,
     unready: frozenset[str] = frozenset(),
+    floating: Mapping[str, VipConfig] | None = None,
+    wanted: frozenset[str] | None = None,
 ) -> FloatingPlan:
     """Which floating VIPs to contest now / later, keep and release.
 
@@ -190,10 +197,14 @@ def plan_floating(
     for ill health (``hold_down``) is contested only after the grace period:
     another healthy candidate takes it first.  ``unready``: members that say
     they cannot take a VIP now (ignored as rivals); ``settled``: those ready
-    long enough to be handed one for balance (None: every member).
+    long enough to be handed one for balance (None: every member).  ``floating`` (ip -> config) and
+    ``wanted`` (the floating VIPs placeable here) may come memoized on the snapshots (networkd.vips.wants):
+    then a pass costs in proportion to this node's VIPs, not to every config.
     """
-    floating = {c.ip: c for c in configs.values() if c.floating}
-    wanted = {ip for ip, c in floating.items() if local_container(c, containers, hostname) is not None}
+    if floating is None:
+        floating = floating_configs(configs)
+    if wanted is None:
+        wanted = frozenset(ip for ip, c in floating.items() if local_container(c, containers, hostname) is not None)
     release: dict[str, str] = {}
     for ip in held - wanted:
         if ip not in floating:

@@ -263,7 +263,9 @@ class VipManager(Fencing, service.Service):
             self._cleaned = True
             self._check_addresses()  # a crashed predecessor's addresses go before we contest
         if inputs.complete and not self.fenced() and not self.failsafe.outage():  # healthy candidates first
-            plan = self.readiness.blind(self.health.plan(self.locks.held(), *self.readiness.receivers()))
+            plan = self.readiness.blind(self.health.plan(self.locks.held(), *self.readiness.receivers(),
+                                                         floating=self.wants.floating(),
+                                                         wanted=self.wants.placeable()))
             plan = self.failsafe.filter(plan, self.locks.held())
             if plan is not None:
                 self.locks.drive(plan)
