@@ -22,7 +22,10 @@ on CPU 1), so the figures are event times, not samples:
   live nodes with counts differing by at most one (the daemons balance per
   app/proc; the spread of the nodes' totals is printed too);
   ``moves after`` counts holdings begun after that, until ``--observe`` s later;
-* overlaps: any period in which two nodes had one VIP (never expected);
+* overlaps: any period in which two nodes had one VIP (never expected); the
+  moment one begins, bench/overlap_evidence.py captures both nodes' addresses
+  (with lifetimes), the lock key's and the nodes' leases in etcd, and both
+  daemons' /v1/vips entry (in the report, the JSON and ``--json``.evidence.jsonl);
 * SIGKILL of the node holding most: the time until each of its VIPs is on
   another node (max over its VIPs; target TTL + 1 s), and until balanced
   among the N-1 again;
@@ -67,6 +70,7 @@ from collections import Counter, defaultdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.hold import host_cpu, loadavg, proc_cpu  # noqa: E402
+from bench.overlap_evidence import OverlapEvidence  # noqa: E402
 from bench.vipnode import EtcdWriter, start_listener  # noqa: E402
 from tests.support.addrmonitor import AddressMonitor  # noqa: E402
 from tests.support.etcd_server import EtcdServer  # noqa: E402
@@ -369,10 +373,14 @@ def one_run(args, run: int) -> dict:
         judge = Judge(app_of)
         namespaces = {n: cluster[n].ns.name for n in names}
         result["loadavg_burst"] = loadavg()
-        with AddressMonitor(namespaces, set(app_of), poll=0.01) as monitor:
+        with AddressMonitor(namespaces, set(app_of), poll=0.01) as monitor, \
+                OverlapEvidence(monitor, etcd_endpoint=etcd.endpoint, root=ROOT, namespaces=namespaces,
+                                written=time.monotonic(),
+                                path=f"{args.json}.evidence.jsonl" if args.json else None) as evidence:
+            result["evidence"] = evidence.captures  # filled the moment two nodes carry one VIP
             live = set(names)
             cpu_before, requests_before = cpu_snapshot(cluster, names, etcd), etcd_requests(etcd)
-            written = time.monotonic()
+            written = evidence.written = time.monotonic()
             writer = EtcdWriter(etcd.endpoint)
             try:
                 writer.put_all(pods)
@@ -565,6 +573,15 @@ def report(args, runs: list[dict]) -> bool:
     overlaps = [o for r in runs for o in r["overlaps"]]
     print(f"overlaps (two nodes with one VIP): {len(overlaps)} in {len(runs)} runs" +
           (f": {overlaps[:5]}" if overlaps else ""))
+    for r in runs:
+        for c in r.get("evidence", ()):
+            lock = [(kv.get("value"), f"{int(kv.get('lease', 0)):x}") for kv in c.get("etcd", {}).get("lock", [])]
+            mine = {n: [(e.get("held_by_me"), e.get("holder")) for e in d.get("vip") or [] if isinstance(e, dict)]
+                    for n, d in c.get("daemons", {}).items()}
+            leases = {n: (d.get("status") or {}).get("session") for n, d in c.get("daemons", {}).items()}
+            print(f"   evidence, run {r['run']}: {c['ip']} on {c['nodes']} at +{c['at']} s (follow-up {c['follow_up']}, "
+                  f"still overlapping {c['still_overlapping']}): lock {lock}; held_by_me/holder {mine}; "
+                  f"sessions {leases}; addresses {c.get('addresses_after')}")
     ok.append(not overlaps)
     for r in runs:
         print(f"   run {r['run']}: held {r['held']:.2f} s, balanced {r['balanced']:.2f} s, for good {r['settled']:.2f} s; "
@@ -615,7 +632,8 @@ def main() -> int:
             r = runs[-1]
             log(f"run {run}: held {r['held']:.2f} s, balanced {r['balanced']:.2f} s; SIGKILL of {r['victim']}: "
                 f"elsewhere {r['failover']:.2f} s, balanced {r['rebalanced']:.2f} s; etcd {r['etcd_rps']:.1f}/s at rest, "
-                f"daemon CPU {r['daemon_cpu_mean']:.2f} %; overlaps {len(r['overlaps'])}")
+                f"daemon CPU {r['daemon_cpu_mean']:.2f} %; overlaps {len(r['overlaps'])}, "
+                f"evidence captures {len(r['evidence'])}; loadavg {r['loadavg_burst']} at the burst")
     except KeyboardInterrupt:
         log("interrupted")
         return 2
