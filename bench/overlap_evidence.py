@@ -149,7 +149,7 @@ class OverlapEvidence:
         try:
             status = json.loads(text)
             out["status"] = {"session": status.get("session"), "vips": status.get("vips"),
-                             "etcd": {k: v for k, v in (status.get("etcd") or {}).items() if k != "prefixes"}}
+                             "etcd": status.get("etcd")}  # with each watched prefix's revision: a stale one?
         except ValueError:
             out["status"] = text[:3000]
         text = _run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "4", "http://127.0.0.1:3000/v1/vips"])
