@@ -70,7 +70,7 @@ from collections import Counter, defaultdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.hold import host_cpu, loadavg, proc_cpu  # noqa: E402
-from bench.overlap_evidence import OverlapEvidence  # noqa: E402
+from bench.overlap_evidence import OverlapEvidence, stale_views  # noqa: E402
 from bench.vipnode import EtcdWriter, start_listener  # noqa: E402
 from tests.support.addrmonitor import AddressMonitor  # noqa: E402
 from tests.support.etcd_server import EtcdServer  # noqa: E402
@@ -462,6 +462,12 @@ def one_run(args, run: int) -> dict:
             result.update(rest_seconds=span, etcd_rps=sum(by_method.values()), etcd_rps_by_method=by_method,
                           live_nodes=len(live), daemon_cpu_mean=statistics.mean(cpus), daemon_cpu_max=max(cpus),
                           etcd_cpu=100 * (etcd_cpu1 - etcd_cpu0) / span, loadavg_rest=loadavg())
+            try:  # at rest, every daemon's lock snapshot should agree with etcd
+                result["stale_views"] = stale_views(etcd.endpoint, ROOT, {n: namespaces[n] for n in sorted(live)})
+            except Exception as e:  # noqa: BLE001 - a diagnostic, not a figure
+                result["stale_views"] = {"error": repr(e)}
+            if result["stale_views"].get("nodes"):
+                log(f"run {run}: daemons whose lock view disagrees with etcd at rest: {result['stale_views']}")
         monitor.check()
         result["overlaps"] = [(ip, nodes, round(s - written, 3), round(e - s, 3)) for ip, nodes, s, e in monitor.overlaps()]
         if args.json:

@@ -160,3 +160,40 @@ class OverlapEvidence:
         except ValueError:
             out["vip"] = text[:3000]
         return out
+
+
+def stale_views(etcd_endpoint: str, root: str, namespaces: dict[str, str]) -> dict:
+    """At the end of a run (at rest): per daemon, the VIPs whose holder in its lock snapshot is not the
+    lock's holder in etcd, and those it says it holds (``held_by_me``) whose lock is not its own.
+
+    A daemon whose lock watch went silent (no error, no events) keeps an old snapshot until the
+    periodic re-read (300 s): it would neither see its own lock deleted nor another node take it.
+    """
+    prefix = f"{root}/networkd/vips/"
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    reply = _post(etcd_endpoint, "/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
+    locks = {}
+    for kv in reply.get("kvs", []):
+        key = base64.b64decode(kv["key"]).decode()
+        if key.endswith(".lock"):
+            locks[key[len(prefix):-len(".lock")]] = base64.b64decode(kv.get("value", "")).decode()
+    out: dict = {"etcd_revision": reply.get("header", {}).get("revision"), "nodes": {}}
+    for node, ns in sorted(namespaces.items()):
+        text = _run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "10", "http://127.0.0.1:3000/v1/vips"], 15)
+        try:
+            body = json.loads(text)
+        except ValueError:
+            out["nodes"][node] = {"error": text[:300]}
+            continue
+        entries = body if isinstance(body, list) else body.get("vips", [])
+        wrong_view = {e["ip"]: [e.get("holder"), locks.get(e["ip"])] for e in entries
+                      if e.get("floating") and e.get("holder") != locks.get(e["ip"])}
+        not_ours = {e["ip"]: locks.get(e["ip"]) for e in entries if e.get("held_by_me") and locks.get(e["ip"]) != node}
+        status = _run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "5", "http://127.0.0.1:3000/v1/status"])
+        try:
+            revisions = {p["prefix"]: p["revision"] for p in json.loads(status)["etcd"]["prefixes"]}
+        except (ValueError, KeyError, TypeError):
+            revisions = status[:300]
+        if wrong_view or not_ours:
+            out["nodes"][node] = {"wrong_view": wrong_view, "held_by_me_not_ours": not_ours, "revisions": revisions}
+    return out
