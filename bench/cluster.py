@@ -378,6 +378,20 @@ def one_run(args, run: int) -> dict:
                                 written=time.monotonic(),
                                 path=f"{args.json}.evidence.jsonl" if args.json else None) as evidence:
             result["evidence"] = evidence.captures  # filled the moment two nodes carry one VIP
+
+            def failed(message: str) -> RuntimeError:
+                """A run that fails still says what the monitor saw and how the daemons' lock views stood."""
+                held = monitor.holders_now()
+                counts = Counter(min(len(held.get(ip, ())), 2) for ip in app_of)
+                overlaps = [(ip, nodes, round(s - written, 3), round(e - s, 3)) for ip, nodes, s, e in monitor.overlaps()]
+                log(f"run {run} failed: VIPs on 0/1/2+ nodes now: {counts[0]}/{counts[1]}/{counts[2]}; "
+                    f"overlaps so far {len(overlaps)}: {overlaps[:20]}")
+                try:
+                    views = stale_views(etcd.endpoint, ROOT, {n: namespaces[n] for n in sorted(live)})
+                    log(f"run {run} failed: daemons whose lock view disagrees with etcd: {views}")
+                except Exception as e:  # noqa: BLE001
+                    log(f"run {run} failed: could not compare lock views: {e!r}")
+                return RuntimeError(message)
             live = set(names)
             cpu_before, requests_before = cpu_snapshot(cluster, names, etcd), etcd_requests(etcd)
             written = evidence.written = time.monotonic()
@@ -399,8 +413,8 @@ def one_run(args, run: int) -> dict:
 
             if wait_for(balanced_yet, args.timeout) is None:
                 held = monitor.holders_now()
-                raise RuntimeError(f"not balanced within {args.timeout} s: {sum(len(h) == 1 for h in held.values())}"
-                                   f"/{len(app_of)} held by one node, spread {judge.spread(held, live)}")
+                raise failed(f"not balanced within {args.timeout} s: {sum(len(h) == 1 for h in held.values())}"
+                             f"/{len(app_of)} held by one node, spread {judge.spread(held, live)}")
             result["txn_timeline"] = [(round(t, 2), c) for t, c in timeline]
             result["burst_cpu"] = cpu_used(cpu_before, cpu_snapshot(cluster, names, etcd), time.monotonic() - written)
             requests = etcd_requests(etcd)  # our own two Txn writes are in it too
@@ -428,9 +442,9 @@ def one_run(args, run: int) -> dict:
                 return all(held.get(ip, frozenset()) - {victim} for ip in theirs)
 
             if wait_for(moved, args.lock_ttl + 15) is None:
-                raise RuntimeError(f"{victim}'s VIPs not held elsewhere within {args.lock_ttl + 15} s")
+                raise failed(f"{victim}'s VIPs not held elsewhere within {args.lock_ttl + 15} s")
             if wait_for(lambda: judge.balanced(monitor.holders_now(), live), args.timeout) is None:
-                raise RuntimeError(f"not balanced among the {len(live)} within {args.timeout} s after the kill")
+                raise failed(f"not balanced among the {len(live)} within {args.timeout} s after the kill")
             time.sleep(args.observe)
             observed2 = time.monotonic()
             events = list(monitor.events)
