@@ -158,6 +158,14 @@ class EtcdClient(EtcdConnection):
                 try:
                     async for event in watch:
                         kv = event.kv
+                        if not kv.key.startswith(prefix):
+                            # aetcd hands the "created" answer of a watch request given up (our call timed
+                            # out) to the next watch request on that stream: this watch carries another
+                            # prefix's events.  Passed on, they would put foreign keys in the snapshot and
+                            # move its revision past events of ours it never saw (the next watch would
+                            # start after them).  The stream is not to be trusted: a fresh client.
+                            raise aetcd_exceptions.ConnectionFailedError(
+                                f"the watch of {prefix!r} delivered {kv.key!r}: another watch's events")
                         on_event(WatchEvent(event.kind == "DELETE", kv.key, kv.value, kv.mod_revision))
                 except asyncio.CancelledError:
                     await _quietly(watch.cancel())
