@@ -22,7 +22,10 @@ on CPU 1), so the figures are event times, not samples:
   live nodes with counts differing by at most one (the daemons balance per
   app/proc; the spread of the nodes' totals is printed too);
   ``moves after`` counts holdings begun after that, until ``--observe`` s later;
-* overlaps: any period in which two nodes had one VIP (never expected);
+* overlaps: any period in which two nodes had one VIP (never expected); the
+  moment one begins, bench/overlap_evidence.py captures both nodes' addresses
+  (with lifetimes), the lock key's and the nodes' leases in etcd, and both
+  daemons' /v1/vips entry (in the report, the JSON and ``--json``.evidence.jsonl);
 * SIGKILL of the node holding most: the time until each of its VIPs is on
   another node (max over its VIPs; target TTL + 1 s), and until balanced
   among the N-1 again;
@@ -67,6 +70,7 @@ from collections import Counter, defaultdict
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.hold import host_cpu, loadavg, proc_cpu  # noqa: E402
+from bench.overlap_evidence import OverlapEvidence, stale_views  # noqa: E402
 from bench.vipnode import EtcdWriter, start_listener  # noqa: E402
 from tests.support.addrmonitor import AddressMonitor  # noqa: E402
 from tests.support.etcd_server import EtcdServer  # noqa: E402
@@ -369,10 +373,28 @@ def one_run(args, run: int) -> dict:
         judge = Judge(app_of)
         namespaces = {n: cluster[n].ns.name for n in names}
         result["loadavg_burst"] = loadavg()
-        with AddressMonitor(namespaces, set(app_of), poll=0.01) as monitor:
+        with AddressMonitor(namespaces, set(app_of), poll=0.01) as monitor, \
+                OverlapEvidence(monitor, etcd_endpoint=etcd.endpoint, root=ROOT, namespaces=namespaces,
+                                written=time.monotonic(),
+                                path=f"{args.json}.evidence.jsonl" if args.json else None) as evidence:
+            result["evidence"] = evidence.captures  # filled the moment two nodes carry one VIP
+
+            def failed(message: str) -> RuntimeError:
+                """A run that fails still says what the monitor saw and how the daemons' lock views stood."""
+                held = monitor.holders_now()
+                counts = Counter(min(len(held.get(ip, ())), 2) for ip in app_of)
+                overlaps = [(ip, nodes, round(s - written, 3), round(e - s, 3)) for ip, nodes, s, e in monitor.overlaps()]
+                log(f"run {run} failed: VIPs on 0/1/2+ nodes now: {counts[0]}/{counts[1]}/{counts[2]}; "
+                    f"overlaps so far {len(overlaps)}: {overlaps[:20]}")
+                try:
+                    views = stale_views(etcd.endpoint, ROOT, {n: namespaces[n] for n in sorted(live)})
+                    log(f"run {run} failed: daemons whose lock view disagrees with etcd: {views}")
+                except Exception as e:  # noqa: BLE001
+                    log(f"run {run} failed: could not compare lock views: {e!r}")
+                return RuntimeError(message)
             live = set(names)
             cpu_before, requests_before = cpu_snapshot(cluster, names, etcd), etcd_requests(etcd)
-            written = time.monotonic()
+            written = evidence.written = time.monotonic()
             writer = EtcdWriter(etcd.endpoint)
             try:
                 writer.put_all(pods)
@@ -391,8 +413,8 @@ def one_run(args, run: int) -> dict:
 
             if wait_for(balanced_yet, args.timeout) is None:
                 held = monitor.holders_now()
-                raise RuntimeError(f"not balanced within {args.timeout} s: {sum(len(h) == 1 for h in held.values())}"
-                                   f"/{len(app_of)} held by one node, spread {judge.spread(held, live)}")
+                raise failed(f"not balanced within {args.timeout} s: {sum(len(h) == 1 for h in held.values())}"
+                             f"/{len(app_of)} held by one node, spread {judge.spread(held, live)}")
             result["txn_timeline"] = [(round(t, 2), c) for t, c in timeline]
             result["burst_cpu"] = cpu_used(cpu_before, cpu_snapshot(cluster, names, etcd), time.monotonic() - written)
             requests = etcd_requests(etcd)  # our own two Txn writes are in it too
@@ -420,9 +442,9 @@ def one_run(args, run: int) -> dict:
                 return all(held.get(ip, frozenset()) - {victim} for ip in theirs)
 
             if wait_for(moved, args.lock_ttl + 15) is None:
-                raise RuntimeError(f"{victim}'s VIPs not held elsewhere within {args.lock_ttl + 15} s")
+                raise failed(f"{victim}'s VIPs not held elsewhere within {args.lock_ttl + 15} s")
             if wait_for(lambda: judge.balanced(monitor.holders_now(), live), args.timeout) is None:
-                raise RuntimeError(f"not balanced among the {len(live)} within {args.timeout} s after the kill")
+                raise failed(f"not balanced among the {len(live)} within {args.timeout} s after the kill")
             time.sleep(args.observe)
             observed2 = time.monotonic()
             events = list(monitor.events)
@@ -454,8 +476,17 @@ def one_run(args, run: int) -> dict:
             result.update(rest_seconds=span, etcd_rps=sum(by_method.values()), etcd_rps_by_method=by_method,
                           live_nodes=len(live), daemon_cpu_mean=statistics.mean(cpus), daemon_cpu_max=max(cpus),
                           etcd_cpu=100 * (etcd_cpu1 - etcd_cpu0) / span, loadavg_rest=loadavg())
+            try:  # at rest, every daemon's lock snapshot should agree with etcd
+                result["stale_views"] = stale_views(etcd.endpoint, ROOT, {n: namespaces[n] for n in sorted(live)})
+            except Exception as e:  # noqa: BLE001 - a diagnostic, not a figure
+                result["stale_views"] = {"error": repr(e)}
+            if result["stale_views"].get("nodes"):
+                log(f"run {run}: daemons whose lock view disagrees with etcd at rest: {result['stale_views']}")
         monitor.check()
         result["overlaps"] = [(ip, nodes, round(s - written, 3), round(e - s, 3)) for ip, nodes, s, e in monitor.overlaps()]
+        # Added and removed within one read of the monitor (e.g. an exchange that overran, its addresses removed
+        # at once): real but too short to date; no overlap can be made of them.
+        result["instant_holdings"] = [(n, ip, round(s - written, 3)) for n, ip, s, e in monitor.intervals() if e <= s]
         if args.json:
             result["events"] = [(round(t - written, 4), n, ip, what) for t, n, ip, what in monitor.events]
         return result
@@ -565,7 +596,19 @@ def report(args, runs: list[dict]) -> bool:
     overlaps = [o for r in runs for o in r["overlaps"]]
     print(f"overlaps (two nodes with one VIP): {len(overlaps)} in {len(runs)} runs" +
           (f": {overlaps[:5]}" if overlaps else ""))
+    for r in runs:
+        for c in r.get("evidence", ()):
+            lock = [(kv.get("value"), f"{int(kv.get('lease', 0)):x}") for kv in c.get("etcd", {}).get("lock", [])]
+            mine = {n: [(e.get("held_by_me"), e.get("holder")) for e in d.get("vip") or [] if isinstance(e, dict)]
+                    for n, d in c.get("daemons", {}).items()}
+            leases = {n: (d.get("status") or {}).get("session") for n, d in c.get("daemons", {}).items()}
+            print(f"   evidence, run {r['run']}: {c['ip']} on {c['nodes']} at +{c['at']} s (follow-up {c['follow_up']}, "
+                  f"still overlapping {c['still_overlapping']}): lock {lock}; held_by_me/holder {mine}; "
+                  f"sessions {leases}; addresses {c.get('addresses_after')}")
     ok.append(not overlaps)
+    instant = [h for r in runs for h in r.get("instant_holdings", ())]
+    print(f"holdings added and removed within one read of the monitor (no overlap is made of them): {len(instant)}"
+          + (f": {instant[:5]}" if instant else ""))
     for r in runs:
         print(f"   run {r['run']}: held {r['held']:.2f} s, balanced {r['balanced']:.2f} s, for good {r['settled']:.2f} s; "
               f"killed {r['victim']} ({r['victim_vips']} VIPs): elsewhere {r['failover']:.2f} s, "
@@ -615,7 +658,8 @@ def main() -> int:
             r = runs[-1]
             log(f"run {run}: held {r['held']:.2f} s, balanced {r['balanced']:.2f} s; SIGKILL of {r['victim']}: "
                 f"elsewhere {r['failover']:.2f} s, balanced {r['rebalanced']:.2f} s; etcd {r['etcd_rps']:.1f}/s at rest, "
-                f"daemon CPU {r['daemon_cpu_mean']:.2f} %; overlaps {len(r['overlaps'])}")
+                f"daemon CPU {r['daemon_cpu_mean']:.2f} %; overlaps {len(r['overlaps'])}, "
+                f"evidence captures {len(r['evidence'])}; loadavg {r['loadavg_burst']} at the burst")
     except KeyboardInterrupt:
         log("interrupted")
         return 2

@@ -64,3 +64,44 @@ async def test_a_read_back_answered_after_our_release_does_not_adopt_the_lock_ag
     finally:
         await session.stopService()
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_release_applied_late_does_not_delete_the_lock_we_took_again(etcd_server, etcd_root):
+    """A release's delete whose call failed (its connection closed under it) may still reach etcd, after
+    the retry released the lock and we took it again on the same lease: it must not delete that new lock.
+    Deleted behind our back, the lock goes to another node while our watch may not have told us yet."""
+    keys = Keys(etcd_root)
+    client = EtcdClient(parse_endpoints(etcd_server.endpoint), call_timeout=2.0)
+    session = Session(client, ttl=5, reactor=reactor)
+    locks = LeaseLocks(client)
+    release = locks.release
+    stranded = []  # the first delete: its call failed here, etcd gets it only when the test says
+
+    def first_call_cut(*args):
+        if not stranded:
+            stranded.append(args)
+            return defer.fail(RuntimeError("etcd: call cancelled, its connection was closed"))
+        return release(*args)
+
+    locks.release = first_call_cut
+    keeper = LockKeeper(locks=locks, keys=keys, hostname="n1", session=session, reactor=reactor,
+                        changed=lambda: None, clear_host=lambda ip: defer.succeed(None))
+    lock = keys.vip_lock(VIP)
+    session.startService()
+    try:
+        await eventually(lambda: session.lease is not None, message="a lease")
+        keeper.drive(FloatingPlan(campaign_now=frozenset({VIP})))
+        await eventually(lambda: VIP in keeper.records, message="took the lock")
+        with LogCapture():
+            keeper.release(VIP, "rebalancing")
+            await eventually(lambda: VIP not in keeper.records, message="released by the retry")
+        assert stranded and etcd_server.get_prefix(lock) == {}
+        keeper.drive(FloatingPlan(campaign_now=frozenset({VIP})))  # ours again, on the same lease
+        await eventually(lambda: VIP in keeper.records, message="took the lock again")
+        assert keeper.records[VIP].lease == session.lease
+        await release(*stranded[0])  # the first delete reaches etcd only now
+        assert etcd_server.get_prefix(lock) == {lock: "n1"}, "the lock we hold now was deleted"
+    finally:
+        await session.stopService()
+        await client.close()

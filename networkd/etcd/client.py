@@ -42,6 +42,7 @@ class KeyValue:
     value: bytes
     mod_revision: int
     lease: int
+    create_revision: int = 0  # which incarnation of the key this is (0: not known)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class EtcdClient(EtcdConnection):
             if not page:
                 result = await client.get_prefix(prefix)
                 return result.header.revision, [
-                    KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) if convert is None
+                    KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease, kv.create_revision) if convert is None
                     else convert(kv.key, kv.value) for kv in result.kvs
                 ]
             await client.connect()
@@ -119,7 +120,8 @@ class EtcdClient(EtcdConnection):
                     for kv in response.kvs:
                         sink(kv.key, kv.value)
                 elif convert is None:
-                    out.extend(KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in response.kvs)
+                    out.extend(KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease, kv.create_revision)
+                               for kv in response.kvs)
                 else:
                     out.extend(convert(kv.key, kv.value) for kv in response.kvs)
                 if not response.more or not response.kvs:
@@ -134,7 +136,7 @@ class EtcdClient(EtcdConnection):
 
         async def op(client):
             kv = await client.get(key)
-            return None if kv is None else KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease)
+            return None if kv is None else KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease, kv.create_revision)
 
         return self._call(op)
 
@@ -156,6 +158,14 @@ class EtcdClient(EtcdConnection):
                 try:
                     async for event in watch:
                         kv = event.kv
+                        if not kv.key.startswith(prefix):
+                            # aetcd hands the "created" answer of a watch request given up (our call timed
+                            # out) to the next watch request on that stream: this watch carries another
+                            # prefix's events.  Passed on, they would put foreign keys in the snapshot and
+                            # move its revision past events of ours it never saw (the next watch would
+                            # start after them).  The stream is not to be trusted: a fresh client.
+                            raise aetcd_exceptions.ConnectionFailedError(
+                                f"the watch of {prefix!r} delivered {kv.key!r}: another watch's events")
                         on_event(WatchEvent(event.kind == "DELETE", kv.key, kv.value, kv.mod_revision))
                 except asyncio.CancelledError:
                     await _quietly(watch.cancel())
@@ -206,8 +216,9 @@ class EtcdClient(EtcdConnection):
         return self._call(op)
 
     def create_or_get(self, key: bytes, value: bytes, lease: int | None = None) -> Deferred:
-        """Like ``put_if_absent``, in one transaction: (True, None) if created, else (False, the KeyValue
-        there, or None if it went meanwhile): a caller that lost learns at which revision it was taken."""
+        """Like ``put_if_absent``, in one transaction: (True, the KeyValue we created, with its create
+        revision) if created, else (False, the KeyValue there, or None if it went meanwhile): a caller
+        that lost learns at which revision it was taken."""
 
         async def op(client):
             tx = client.transactions
@@ -217,22 +228,24 @@ class EtcdClient(EtcdConnection):
                 failure=[tx.get(key)],
             )
             if ok:
-                return True, None
+                revision = responses[0].response_put.header.revision  # the put's: the key's create revision
+                return True, KeyValue(key, value, revision, lease or 0, revision)
             found = responses[0] if responses else []
             kv = found[0][1] if found else None
-            return False, None if kv is None else KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease)
+            return False, None if kv is None else KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease,
+                                                           kv.create_revision)
 
         return self._call(op)
 
-    def delete_if_lease(self, key: bytes, lease: int) -> Deferred:
-        """Delete ``key`` only if it is attached to ``lease``; True if deleted."""
+    def delete_if_lease(self, key: bytes, lease: int, created: int = 0) -> Deferred:
+        """Delete ``key`` only if it is attached to ``lease`` and, given ``created``, only if it is
+        still the incarnation created at that revision; True if deleted."""
 
         async def op(client):
-            ok, _ = await client.transaction(
-                compare=[_LeaseCompare(key) == lease],
-                success=[client.transactions.delete(key)],
-                failure=[],
-            )
+            compare = [_LeaseCompare(key) == lease]
+            if created:
+                compare.append(client.transactions.create(key) == created)
+            ok, _ = await client.transaction(compare=compare, success=[client.transactions.delete(key)], failure=[])
             return ok
 
         return self._call(op)

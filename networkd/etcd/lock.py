@@ -26,15 +26,24 @@ class LeaseLocks:
         return self._client.put_if_absent(key.encode(), owner.encode(), lease)
 
     def contest(self, key: str, owner: str, lease: int) -> Deferred:
-        """Fires (True, None) if we created the lock on ``lease``, else (False, the lock's KeyValue or None)."""
+        """Fires (True, our lock's KeyValue or None) if we created the lock on ``lease``, else (False,
+        the lock's KeyValue or None).  Ours carries its create revision: pass it to ``release``."""
         return self._client.create_or_get(key.encode(), owner.encode(), lease)
 
-    def release(self, key: str, lease: int) -> Deferred:
-        """Delete the lock if it is still on ``lease``.
+    def release(self, key: str, lease: int, created: int = 0) -> Deferred:
+        """Delete the lock if it is still on ``lease`` and, given ``created`` (its create revision),
+        still the one we took then.
 
         Fires True if we deleted it, False if it was already gone or no
-        longer ours: both mean it is released.
+        longer ours: both mean it is released.  The create revision matters
+        because a delete may be applied long after it was sent (its call was
+        cancelled with its connection, it is tried again, the first one still
+        reaches etcd): by then we may have taken the lock again on the same
+        lease, and a delete guarded by the lease alone would remove that new
+        lock behind our back (etcd's own mutex compares the create revision).
         """
+        if created:
+            return self._client.delete_if_lease(key.encode(), lease, created)
         return self._client.delete_if_lease(key.encode(), lease)
 
     def read(self, key: str) -> Deferred:

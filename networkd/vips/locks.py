@@ -51,6 +51,7 @@ class LockRecord:
     releasing: bool = False
     revision: int = 0  # we know it was ours at this etcd revision: an older snapshot cannot say otherwise
     reason: str = ""  # why we release it
+    created: int = 0  # the lock's create revision, when known: a release deletes only this incarnation
 
 
 class LockKeeper:
@@ -277,13 +278,14 @@ class LockKeeper:
                 if there is not None:
                     self._beaten[ip] = (there.mod_revision, self._reactor.seconds())
                 return
-            self.records[ip] = LockRecord(lease, self._reactor.seconds())
+            incarnation = getattr(there, "create_revision", 0) if there is not None else 0
+            self.records[ip] = LockRecord(lease, self._reactor.seconds(), created=incarnation)
             self._changed_record(ip)
             self.later.pop(ip, None)
             self.errors.pop(ip, None)
             log.info("took the lock of VIP {ip} on lease {lease:x}", ip=ip, lease=lease)
             if self.stopping:
-                self._locks.release(key, lease).addErrback(
+                self._locks.release(key, lease, incarnation).addErrback(
                     lambda f: log.warn("could not release VIP {ip} on the way out: {e}", ip=ip, e=describe(f)))
             self._changed()
 
@@ -343,6 +345,7 @@ class LockKeeper:
                 log.info("the lock of VIP {ip} is on our lease {lease:x}: holding it", ip=ip, lease=lease)
                 record = self.records[ip] = LockRecord(lease, self._reactor.seconds())
                 self.errors.pop(ip, None)  # e.g. a request cancelled after etcd applied it: ours after all
+            record.created = getattr(kv, "create_revision", 0) or record.created  # etcd's word is the newest
             record.confirmed = True
             record.revision = max(record.revision, kv.mod_revision)
         elif record is not None and not record.confirmed and not record.releasing:
@@ -370,7 +373,7 @@ class LockKeeper:
     async def _release(self, ip: str, record: LockRecord) -> None:
         try:
             await self._clear_host(ip)
-            await self._locks.release(self._keys.vip_lock(ip), record.lease)
+            await self._locks.release(self._keys.vip_lock(ip), record.lease, record.created)
         except Exception as e:
             self.errors[ip] = f"release: {describe(e, self._locks.endpoint)}"
             log.warn("could not release VIP {ip}: {e}; trying again", ip=ip, e=self.errors[ip])
@@ -392,8 +395,8 @@ class LockKeeper:
         self._contest_failures.flush()  # the failures not yet summed up, before the way-out lines
         lease = self._session.lease
         held = sorted(ip for ip, r in self.records.items() if r.lease == lease)
-        releases = [self._locks.release(self._keys.vip_lock(ip), lease).addTimeout(STOP_TIMEOUT, self._reactor)
-                    for ip in held]
+        releases = [self._locks.release(self._keys.vip_lock(ip), lease, self.records[ip].created)
+                    .addTimeout(STOP_TIMEOUT, self._reactor) for ip in held]
         for ip, (ok, result) in zip(held, await defer.DeferredList(releases, consumeErrors=True)):
             if not ok:
                 log.warn("could not release VIP {ip} on the way out: {e}; it goes with our lease",

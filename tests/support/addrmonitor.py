@@ -323,6 +323,10 @@ class AddressMonitor:
         """
         per_ip: dict[str, list[tuple[float, int, str]]] = {}
         for node, ip, start, end in self.intervals():
+            if end <= start:
+                # Added and removed within one read: no time at all, so no overlap of any length.  (Kept,
+                # its end sorted before its start would leave the node holding the address for good.)
+                continue
             per_ip.setdefault(ip, []).append((start, 1, node))
             per_ip.setdefault(ip, []).append((end, 0, node))  # ends sort before starts at equal times
         found = []
