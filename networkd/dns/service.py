@@ -241,6 +241,8 @@ class DnsService(service.Service):
         if domains is not None and domains.snapshot is not None and not self._feed.built:
             return  # the zone is being filled: on_built asks again
         self._holding = False
+        if not self._feed.built:
+            self._feed.first_at_once()  # read from now on: no slices of a first snapshot to be seen
         self._hold_loop.stop()  # start-up only: no 50 wake-ups a second for the daemon's whole life
         self._udp_port.startReading()
         self._tcp_port.startReading()

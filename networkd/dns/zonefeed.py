@@ -118,6 +118,11 @@ class ZoneFeed:
                 self._settle((name, False))
         self._flush()
 
+    def first_at_once(self) -> None:
+        """Queries are read before the first snapshot came (etcd was slow to answer at start-up): it
+        goes into the zone in one turn when it comes, as a half-filled zone must never be seen."""
+        self._first_budget = float("inf")
+
     def pending(self) -> int:
         """Keys still to be looked at (0: the zone reflects the inputs)."""
         return len(self._dirty) + len(self._scan)
