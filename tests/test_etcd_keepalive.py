@@ -8,6 +8,7 @@ import signal
 import urllib.request
 from types import SimpleNamespace
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
@@ -144,6 +145,25 @@ async def test_a_request_never_takes_the_reply_meant_for_one_given_up():
     assert len(client.calls) == 2, "the second's stream, idle again, is reused"
     client.calls[1].replies.put_nowait(SimpleNamespace(TTL=3, tag="third"))
     assert (await defer.Deferred.fromFuture(third)).tag == "third"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reply_for_another_lease_is_no_acknowledgement():
+    """Each reply names the lease it renewed; one that names another is no reply to ours (the session
+    would date our lease from it): the stream is dropped, and the next refresh takes a new one."""
+    from networkd.etcd.keepalive import StreamEnded
+
+    stream, client = KeepAliveStream(), FakeClient()
+    first = asyncio.ensure_future(stream.refresh(client, 7))
+    await sleep(0.01)
+    client.calls[0].replies.put_nowait(SimpleNamespace(ID=8, TTL=3))
+    with pytest.raises(StreamEnded, match="lease 7 for lease 8"):
+        await defer.Deferred.fromFuture(first)
+    assert client.calls[0].cancelled
+    second = asyncio.ensure_future(stream.refresh(client, 7))
+    await sleep(0.01)
+    client.calls[1].replies.put_nowait(SimpleNamespace(ID=7, TTL=3))
+    assert (await defer.Deferred.fromFuture(second)).TTL == 3 and len(client.calls) == 2
 
 
 async def one_keep_alive_stalled(private_etcd, client, session, stall: float) -> tuple[list, int]:

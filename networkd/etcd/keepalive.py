@@ -67,6 +67,11 @@ class KeepAliveStream:
         if reply is grpc.aio.EOF:
             self._drop(call)
             raise StreamEnded("etcd ended the lease keep-alive stream")
+        if getattr(reply, "ID", lease) != lease:
+            # etcd answers each request with its lease's ID: another one means the reply is not ours to
+            # date the lease from (the session would fence on the wrong deadline).  Not to be trusted.
+            self._drop(call)
+            raise StreamEnded(f"etcd answered a keep-alive of lease {lease:x} for lease {reply.ID:x}")
         if call is self._call:
             self._busy = False
         return reply
