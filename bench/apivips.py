@@ -86,7 +86,7 @@ def cpu(f):
     return time.thread_time() - t0, result
 
 
-def sliced(renderer, budget: float = 0.001):  # networkd/api/resources.py SHORT_BUDGET
+def sliced(renderer, budget: float = 0.001):  # networkd/api/slices.py BUDGET
     """Run a renderer as networkd/api/slices.py does: (longest turn, all turns, body)."""
     longest = total = 0.0
     while True:

@@ -39,7 +39,6 @@ class TurnMeter:
         self.counts = [0] * len(BUCKETS)  # per bucket, not cumulative
         self.total = 0.0  # seconds in all turns
         self.longest = 0.0
-        self.longest_at: float | None = None  # time.time() of its end
         # The end of the last wait: the start of the turn running now.  Until the loop first waits, what
         # runs is the daemon being set up before the reactor starts, no turn anything waits for.
         self._returned: float | None = None
@@ -69,7 +68,7 @@ class TurnMeter:
         self.counts[bisect.bisect_left(BUCKETS, turn)] += 1
         self.total += turn
         if turn > self.longest:
-            self.longest, self.longest_at = turn, time.time()
+            self.longest = turn
         if turn >= WARN_AFTER:
             self._slow += 1
             now = self._clock()

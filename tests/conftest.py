@@ -58,3 +58,17 @@ def upstream():
     stub.records["example.com"] = ["93.184.216.34"]
     yield stub
     stub.close()
+
+
+@pytest.fixture
+def own_asyncio_reactor():
+    """A Twisted asyncio reactor on a loop of its own, as the daemon runs it (not pytest-twisted's)."""
+    import asyncio
+
+    from twisted.internet.asyncioreactor import AsyncioSelectorReactor
+
+    loop = asyncio.new_event_loop()
+    made = AsyncioSelectorReactor(loop)
+    yield made
+    made.disconnectAll()
+    loop.close()

@@ -19,7 +19,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from networkd.api import metrics
 from networkd.api.parts import ApiParts
-from networkd.api import resources
+from networkd.api import slices
 from networkd.api.resources import ApiResource
 from networkd.api.rowfamily import RowFamily
 from networkd.api.vipstatus import BODY_PIECE, EntryTexts, add_held_for, each_vip_entry, vip_entries
@@ -186,7 +186,7 @@ def test_vips_entries_are_made_and_written_a_few_at_a_time(node, monkeypatch):  
         body = b"".join(stop.value)
     assert max(turns) <= 10 and len(turns) >= 6, f"entries made per slice: {turns}"
     assert len(json.loads(body)) == 61
-    monkeypatch.setattr(resources, "SHORT_BUDGET", 0.0)  # one piece a reactor turn
+    monkeypatch.setattr(slices, "BUDGET", 0.0)  # one piece a reactor turn
     body, turns = get(node, api_of(node), "/v1/vips")
     assert turns >= 61 // BODY_PIECE, f"the API's own render took {turns} turns for 61 entries"
     assert len(json.loads(body)) == 61
@@ -249,7 +249,7 @@ def test_metrics_follow_holder_changes_and_vips_going(node, monkeypatch):  # noq
     publish_vips(node, 40, holders={"10.78.0.1": "n2"})
     tick(node, 1)
     api = api_of(node)
-    monkeypatch.setattr(resources, "SHORT_BUDGET", 0.0)  # one family (or piece of one) a reactor turn
+    monkeypatch.setattr(slices, "BUDGET", 0.0)  # one family (or piece of one) a reactor turn
     body, turns = get(node, api, "/metrics")
     assert body == metrics.render_metrics(metrics.make_registry(api._parts))
     families = list(text_string_to_metric_families(body.decode()))

@@ -3,21 +3,14 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
-from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
 from networkd.timers import sleep_until_due
 
 
 @pytest.fixture
-def reactor():
-    loop = asyncio.new_event_loop()
-    made = AsyncioSelectorReactor(loop)
-    yield made
-    made.disconnectAll()
-    loop.close()
+def reactor(own_asyncio_reactor):
+    return own_asyncio_reactor
 
 
 def test_a_cancelled_call_no_longer_shortens_the_sleep(reactor):

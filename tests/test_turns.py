@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 from twisted.logger import capturedLogs
 
 from networkd import turns
@@ -18,12 +17,8 @@ from tests.test_api_daemon import curl, daemon_factory  # noqa: F401  (a fixture
 
 
 @pytest.fixture
-def reactor():
-    loop = asyncio.new_event_loop()
-    made = AsyncioSelectorReactor(loop)
-    yield made
-    made.disconnectAll()
-    loop.close()
+def reactor(own_asyncio_reactor):
+    return own_asyncio_reactor
 
 
 def test_a_blocking_call_on_the_real_loop_is_one_long_turn(reactor):

@@ -51,7 +51,7 @@ class Etcd:
     def get_prefix(self, prefix):
         return defer.succeed((self.revision, [kv for key, kv in sorted(self.kv.items()) if key.startswith(prefix)]))
 
-    def delete_if_lease(self, key, lease):
+    def delete_if_lease(self, key, lease, created=0):
         if key in self.kv and self.kv[key].lease == lease:
             self.revision += 1
             del self.kv[key]
@@ -176,7 +176,7 @@ def test_a_release_whose_delete_failed_is_finished_never_undone():
     k.observe({"10.0.0.5": "n1"}, revision=etcd.revision)
     applied_but_failed = []
 
-    def delete_then_fail(key, lease):
+    def delete_then_fail(key, lease, created=0):
         applied_but_failed.append(key)
         del etcd.kv[key]  # etcd applied it ...
         return defer.fail(TimeoutError())  # ... but the answer never came
@@ -200,7 +200,7 @@ def test_our_own_release_seen_in_a_snapshot_first_is_no_lost_lock():
     k.observe({"10.0.0.5": "n1"}, revision=etcd.revision)
     answer = defer.Deferred()
     applied = etcd.delete_if_lease
-    etcd.delete_if_lease = lambda key, lease: (applied(key, lease), answer)[1]  # applied, answer still on its way
+    etcd.delete_if_lease = lambda key, lease, created=0: (applied(key, lease), answer)[1]  # applied, answer still on its way
     with LogCapture() as logs:
         k.release("10.0.0.5", "rebalancing")
         clock.advance(0)
@@ -250,7 +250,7 @@ def test_our_release_seen_with_the_next_holders_lock_first_is_no_lost_lock():
     k.observe({"10.0.0.5": "n1"}, revision=etcd.revision)
     answer = defer.Deferred()
     applied = etcd.delete_if_lease
-    etcd.delete_if_lease = lambda key, lease: (applied(key, lease), answer)[1]
+    etcd.delete_if_lease = lambda key, lease, created=0: (applied(key, lease), answer)[1]
     with LogCapture() as logs:
         k.release("10.0.0.5", "rebalancing")
         etcd.put_if_absent("/lain/networkd/vips/10.0.0.5.lock", b"n2", 0x43)  # n2 takes it at once
@@ -276,7 +276,7 @@ def test_a_lock_released_before_its_read_back_answered_is_not_called_lost():
     with LogCapture() as logs:
         release = defer.Deferred()
         applied = etcd.delete_if_lease
-        etcd.delete_if_lease = lambda key, lease: (applied(key, lease), release)[1]
+        etcd.delete_if_lease = lambda key, lease, created=0: (applied(key, lease), release)[1]
         k.release("10.0.0.5", "rebalancing")
         answer.callback(None)  # read after our delete: gone
         release.callback(True)

@@ -22,9 +22,6 @@ from networkd.views import DnsConfigView
 log = Logger()
 
 TEXT = b"text/plain; charset=utf-8"
-# /v1/vips and /metrics are made anew on every fetch (a scrape loop, a status watch), in 1 ms slices so
-# that a query waits little behind them; they end within tens of ms.  (The DNS dump's slices are 1 ms too.)
-SHORT_BUDGET = 0.001
 JSON = b"application/json"
 
 
@@ -81,8 +78,7 @@ class ApiResource(resource.Resource):
         vips = self._parts.vips
         if vips is None:
             return _json(request, [])
-        body = run_sliced(self._parts.reactor, _vips_renderer(vips, self._parts.reactor, self.vip_texts),
-                          budget=SHORT_BUDGET)
+        body = run_sliced(self._parts.reactor, _vips_renderer(vips, self._parts.reactor, self.vip_texts))
         return _later(request, body, lambda body: _reply(request, 200, body, JSON))
 
     def _get_status(self, request):
@@ -103,8 +99,7 @@ class ApiResource(resource.Resource):
     def _get_metrics(self, request):
         """Written in slices, a metric family or part of one at a time (not kept: counters move); the
         per-VIP lines' labels kept from one scrape to the next."""
-        body = run_sliced(self._parts.reactor, metrics.metrics_renderer(self._registry, self.metric_lines),
-                          budget=SHORT_BUDGET)
+        body = run_sliced(self._parts.reactor, metrics.metrics_renderer(self._registry, self.metric_lines))
         return _later(request, body, lambda body: _reply(request, 200, body, metrics.CONTENT_TYPE_LATEST.encode()))
 
     def _probe_if_needed(self) -> defer.Deferred:

@@ -25,8 +25,9 @@ Body = list  # of bytes chunks
 Renderer = Generator[None, None, Body]
 
 
-def run_sliced(reactor, renderer: Renderer, budget: float = BUDGET) -> defer.Deferred:
-    """Fire with what ``renderer`` returns, having run it ``budget`` seconds per reactor turn."""
+def run_sliced(reactor, renderer: Renderer, budget: float | None = None) -> defer.Deferred:
+    """Fire with what ``renderer`` returns, having run it ``budget`` (default ``BUDGET``) seconds per reactor turn."""
+    budget = BUDGET if budget is None else budget
     done = defer.Deferred()
     clock = time.perf_counter  # the work's real cost (the reactor's clock may be a test's)
 
@@ -55,7 +56,7 @@ class BodyCache:
     ``generation`` None means "unknown": never cached.  ``renders`` counts the
     renders started (what the tests look at)."""
 
-    def __init__(self, reactor, budget: float = BUDGET):
+    def __init__(self, reactor, budget: float | None = None):
         self._reactor = reactor
         self._budget = budget
         self._bodies: dict[str, tuple[Hashable, Body]] = {}

@@ -13,30 +13,13 @@ import time
 from networkd.vips.planner import local_container
 
 
-PIECE = 100  # entries made between two yields of iter_vip_entries (~1 ms)
 BODY_PIECE = 10  # entries made and encoded between two yields of EntryTexts.renderer (~0.3 ms)
 MOVING = ("held_for", "unheld_seconds")  # what changes with time alone: written after the kept text
 _encode = json.JSONEncoder(sort_keys=True).encode  # json.dumps(sort_keys=True) without a new encoder a call
 
 
 def vip_entries(manager) -> list[dict]:
-    entries = iter_vip_entries(manager)
-    try:
-        while True:
-            next(entries)
-    except StopIteration as stop:
-        return stop.value
-
-
-def iter_vip_entries(manager, piece: int = PIECE):
-    """``vip_entries`` as a renderer (networkd/api/slices.py): yields every ``piece`` entries and
-    returns them all."""
-    out = []
-    for n, entry in enumerate(each_vip_entry(manager), 1):
-        out.append(entry)
-        if not n % piece:
-            yield
-    return out
+    return list(each_vip_entry(manager))
 
 
 def each_vip_entry(manager):

@@ -79,7 +79,7 @@ class DnsService(service.Service):
         self._domains_prefix = domains_prefix
         self._servers_prefix = domain_servers_prefix
         self._feed = ZoneFeed(reactor, ttl=ttl, node_ip=node_ip, key_prefix=domains_prefix,
-                              on_change=self._zone_changed, on_built=lambda: self._check_hold())
+                              on_change=self._zone_changed, on_built=self._check_hold)
         self.resolver.set_zone(self._feed.zone)
         self._hosts: list = []
         self._hosts_file = FileChangeWatcher(hosts_file) if hosts_file else None

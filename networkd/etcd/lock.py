@@ -42,9 +42,7 @@ class LeaseLocks:
         lease, and a delete guarded by the lease alone would remove that new
         lock behind our back (etcd's own mutex compares the create revision).
         """
-        if created:
-            return self._client.delete_if_lease(key.encode(), lease, created)
-        return self._client.delete_if_lease(key.encode(), lease)
+        return self._client.delete_if_lease(key.encode(), lease, created)
 
     def read(self, key: str) -> Deferred:
         """Fires with the lock's KeyValue (``.value`` owner, ``.lease``), or None."""

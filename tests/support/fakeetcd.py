@@ -66,7 +66,7 @@ class FakeEtcd:
             return defer.succeed((False, KeyValue(key, held, 1, on)))
         return self.put_if_absent(key, value, lease).addCallback(lambda created: (created, None))
 
-    def delete_if_lease(self, key, lease):
+    def delete_if_lease(self, key, lease, created=0):
         if self.kv.get(key, (None, None))[1] == lease:
             del self.kv[key]
             self.journal.append(("unlock", key.decode().rsplit("/", 1)[-1]))
