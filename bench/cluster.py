@@ -53,7 +53,6 @@ Run as root from the repository:
 from __future__ import annotations
 
 import argparse
-import base64
 import calendar
 import json
 import os
@@ -71,7 +70,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.hold import host_cpu, loadavg, proc_cpu  # noqa: E402
 from bench.overlap_evidence import OverlapEvidence, stale_views  # noqa: E402
-from bench.vipnode import EtcdWriter, start_listener  # noqa: E402
+from bench.vipnode import EtcdWriter, etcd_range, start_listener  # noqa: E402
 from tests.support.addrmonitor import AddressMonitor  # noqa: E402
 from tests.support.etcd_server import EtcdServer  # noqa: E402
 from tests.support.netns import Lan  # noqa: E402
@@ -112,19 +111,6 @@ def workload(apps: int, per_app: int, nodes: list[tuple[str, str]]):
             vips[f"{ROOT}/config/vips/{ip}"] = vip_value(app, "web", [{"src": "80", "proto": "tcp", "dest": "80"}])
             app_of[ip] = app
     return pods, vips, app_of
-
-
-def etcd_range(etcd: EtcdServer, prefix: str) -> dict[str, str]:
-    """key -> value under ``prefix``, through etcd's HTTP gateway (one unary Range)."""
-    b64 = lambda s: base64.b64encode(s.encode()).decode()  # noqa: E731
-    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-    body = json.dumps({"key": b64(prefix), "range_end": b64(end)}).encode()
-    request = urllib.request.Request(f"{etcd.endpoint}/v3/kv/range", data=body,
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        reply = json.loads(answer.read())
-    return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")).decode()
-            for kv in reply.get("kvs", [])}
 
 
 # -- etcd's own counters ---------------------------------------------------------------
@@ -312,7 +298,7 @@ def start_daemons(cluster: Cluster, starting: int, timeout: float) -> float:
 
 
 def members_ready(etcd: EtcdServer, names: set[str]) -> bool:
-    values = etcd_range(etcd, f"{ROOT}/networkd/vips/members/")
+    values = etcd_range(etcd.endpoint, f"{ROOT}/networkd/vips/members/")
     ready = {k.rsplit("/", 1)[-1] for k, v in values.items() if json.loads(v or "{}").get("ready") is True}
     return names <= ready
 
@@ -350,6 +336,11 @@ def cpu_used(before: dict, after: dict, span: float) -> dict:
     return out
 
 
+def dated_overlaps(monitor, written: float) -> list:
+    """(ip, nodes, start after the write, seconds) of every period in which two nodes had one VIP."""
+    return [(ip, nodes, round(s - written, 3), round(e - s, 3)) for ip, nodes, s, e in monitor.overlaps()]
+
+
 def one_run(args, run: int) -> dict:
     etcd = lan = cluster = None
     listeners: list[subprocess.Popen] = []
@@ -383,7 +374,7 @@ def one_run(args, run: int) -> dict:
                 """A run that fails still says what the monitor saw and how the daemons' lock views stood."""
                 held = monitor.holders_now()
                 counts = Counter(min(len(held.get(ip, ())), 2) for ip in app_of)
-                overlaps = [(ip, nodes, round(s - written, 3), round(e - s, 3)) for ip, nodes, s, e in monitor.overlaps()]
+                overlaps = dated_overlaps(monitor, written)
                 log(f"run {run} failed: VIPs on 0/1/2+ nodes now: {counts[0]}/{counts[1]}/{counts[2]}; "
                     f"overlaps so far {len(overlaps)}: {overlaps[:20]}")
                 try:
@@ -483,7 +474,7 @@ def one_run(args, run: int) -> dict:
             if result["stale_views"].get("nodes"):
                 log(f"run {run}: daemons whose lock view disagrees with etcd at rest: {result['stale_views']}")
         monitor.check()
-        result["overlaps"] = [(ip, nodes, round(s - written, 3), round(e - s, 3)) for ip, nodes, s, e in monitor.overlaps()]
+        result["overlaps"] = dated_overlaps(monitor, written)
         # Added and removed within one read of the monitor (e.g. an exchange that overran, its addresses removed
         # at once): real but too short to date; no overlap can be made of them.
         result["instant_holdings"] = [(n, ip, round(s - written, 3)) for n, ip, s, e in monitor.intervals() if e <= s]

@@ -30,20 +30,16 @@ import json
 import subprocess
 import threading
 import time
-import urllib.request
+
+from bench.vipnode import b64, etcd_post, etcd_range
 
 FOLLOW_UPS = (1.0, 3.0, 10.0)  # seconds after the first capture
 
 
-def _b64(s: str) -> str:
-    return base64.b64encode(s.encode()).decode()
-
-
-def _post(endpoint: str, path: str, body: dict, timeout: float = 5.0) -> dict:
-    request = urllib.request.Request(f"{endpoint}{path}", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as answer:
-        return json.loads(answer.read())
+def _api(ns: str, path: str, timeout: float = 4.0) -> str:
+    """GET ``path`` of the daemon's API in namespace ``ns`` (it listens on 127.0.0.1:3000 there)."""
+    return _run(["ip", "netns", "exec", ns, "curl", "-s", "-m", f"{timeout:g}", f"http://127.0.0.1:3000{path}"],
+                timeout + 5)
 
 
 def _run(cmd: list[str], timeout: float = 5.0) -> str:
@@ -121,21 +117,21 @@ class OverlapEvidence:
     def _etcd(self, ip: str, nodes: list[str]) -> dict:
         out: dict = {}
         lock = f"{self.root}/networkd/vips/{ip}.lock"
-        reply = _post(self.etcd, "/v3/kv/range", {"key": _b64(lock)})
+        reply = etcd_post(self.etcd, "/v3/kv/range", {"key": b64(lock)})
         out["lock"] = [{k: (base64.b64decode(v).decode() if k in ("key", "value") else v) for k, v in kv.items()}
                        for kv in reply.get("kvs", [])]
         out["revision"] = reply.get("header", {}).get("revision")
         members = {}
         for n in nodes:
             key = f"{self.root}/networkd/vips/members/{n}"
-            kvs = _post(self.etcd, "/v3/kv/range", {"key": _b64(key)}).get("kvs", [])
+            kvs = etcd_post(self.etcd, "/v3/kv/range", {"key": b64(key)}).get("kvs", [])
             members[n] = [{"lease": kv.get("lease"), "create_revision": kv.get("create_revision"),
                            "mod_revision": kv.get("mod_revision")} for kv in kvs]
         out["members"] = members
         leases = {}
         ids = {kv.get("lease") for kv in out["lock"]} | {m["lease"] for v in members.values() for m in v}
         for lease in sorted(i for i in ids if i):
-            reply = _post(self.etcd, "/v3/lease/timetolive", {"ID": lease, "keys": True})
+            reply = etcd_post(self.etcd, "/v3/lease/timetolive", {"ID": lease, "keys": True})
             leases[lease] = {"TTL": reply.get("TTL"), "grantedTTL": reply.get("grantedTTL"),
                              "keys": [base64.b64decode(k).decode() for k in reply.get("keys", [])
                                       if b".lock" in base64.b64decode(k)]}
@@ -145,14 +141,14 @@ class OverlapEvidence:
     def _daemon(self, node: str, ip: str) -> dict:
         ns = self.namespaces[node]
         out: dict = {}
-        text = _run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "4", "http://127.0.0.1:3000/v1/status"])
+        text = _api(ns, "/v1/status")
         try:
             status = json.loads(text)
             out["status"] = {"session": status.get("session"), "vips": status.get("vips"),
                              "etcd": status.get("etcd")}  # with each watched prefix's revision: a stale one?
         except ValueError:
             out["status"] = text[:3000]
-        text = _run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "4", "http://127.0.0.1:3000/v1/vips"])
+        text = _api(ns, "/v1/vips")
         try:
             body = json.loads(text)
             entries = body if isinstance(body, list) else body.get("vips", body)
@@ -170,16 +166,11 @@ def stale_views(etcd_endpoint: str, root: str, namespaces: dict[str, str]) -> di
     periodic re-read (300 s): it would neither see its own lock deleted nor another node take it.
     """
     prefix = f"{root}/networkd/vips/"
-    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
-    reply = _post(etcd_endpoint, "/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
-    locks = {}
-    for kv in reply.get("kvs", []):
-        key = base64.b64decode(kv["key"]).decode()
-        if key.endswith(".lock"):
-            locks[key[len(prefix):-len(".lock")]] = base64.b64decode(kv.get("value", "")).decode()
-    out: dict = {"etcd_revision": reply.get("header", {}).get("revision"), "nodes": {}}
+    locks = {key[len(prefix):-len(".lock")]: holder
+             for key, holder in etcd_range(etcd_endpoint, prefix).items() if key.endswith(".lock")}
+    out: dict = {"nodes": {}}
     for node, ns in sorted(namespaces.items()):
-        text = _run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "10", "http://127.0.0.1:3000/v1/vips"], 15)
+        text = _api(ns, "/v1/vips", 10)
         try:
             body = json.loads(text)
         except ValueError:
@@ -189,7 +180,7 @@ def stale_views(etcd_endpoint: str, root: str, namespaces: dict[str, str]) -> di
         wrong_view = {e["ip"]: [e.get("holder"), locks.get(e["ip"])] for e in entries
                       if e.get("floating") and e.get("holder") != locks.get(e["ip"])}
         not_ours = {e["ip"]: locks.get(e["ip"]) for e in entries if e.get("held_by_me") and locks.get(e["ip"]) != node}
-        status = _run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "5", "http://127.0.0.1:3000/v1/status"])
+        status = _api(ns, "/v1/status", 5)
         try:
             revisions = {p["prefix"]: p["revision"] for p in json.loads(status)["etcd"]["prefixes"]}
         except (ValueError, KeyError, TypeError):

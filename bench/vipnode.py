@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
@@ -94,7 +95,7 @@ class EtcdWriter:
         return reply
 
     def put(self, key: str, value: str) -> None:
-        self._post("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
+        self._post("/v3/kv/put", {"key": b64(key), "value": b64(value)})
 
     def put_all(self, items, batch: int = 128) -> None:
         """Write ``items`` ((key, value) pairs or a dict) in transactions of ``batch`` puts
@@ -102,7 +103,7 @@ class EtcdWriter:
         items = list(items.items()) if isinstance(items, dict) else list(items)
         for k in range(0, len(items), batch):
             reply = self._post("/v3/kv/txn", {"success": [
-                {"requestPut": {"key": _b64(key), "value": _b64(value)}} for key, value in items[k:k + batch]]})
+                {"requestPut": {"key": b64(key), "value": b64(value)}} for key, value in items[k:k + batch]]})
             if not reply.get("succeeded"):
                 raise RuntimeError(f"etcd txn failed: {reply}")
 
@@ -110,8 +111,24 @@ class EtcdWriter:
         self.conn.close()
 
 
-def _b64(s: str) -> str:
+def b64(s: str) -> str:
     return base64.b64encode(s.encode()).decode()
+
+
+def etcd_post(endpoint: str, path: str, body: dict, timeout: float = 10.0) -> dict:
+    """One request to etcd's HTTP gateway (JSON, keys and values base64), its JSON answer."""
+    request = urllib.request.Request(f"{endpoint}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as answer:
+        return json.loads(answer.read())
+
+
+def etcd_range(endpoint: str, prefix: str) -> dict[str, str]:
+    """key -> value under ``prefix``, through etcd's HTTP gateway (one unary Range)."""
+    end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+    reply = etcd_post(endpoint, "/v3/kv/range", {"key": b64(prefix), "range_end": b64(end)})
+    return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", "")).decode()
+            for kv in reply.get("kvs", [])}
 
 
 # -- the node -----------------------------------------------------------------------
