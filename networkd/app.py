@@ -50,7 +50,6 @@ def install_asyncio_reactor():
             f"but {type(reactor).__name__} is installed: drop --reactor or use --reactor=asyncio"
         )
     sleep_until_due(reactor)
-    meter_turns(reactor)
     return reactor
 
 
@@ -194,6 +193,7 @@ def makeService(options) -> Networkd:
     from networkd.memtrim import trim_after_startup
 
     reactor = install_asyncio_reactor()
+    meter_turns(reactor)  # the daemon's turns, for /metrics (not the command-line tools')
     root = build(options, reactor, make_client(options), notifier=Notifier.from_environ())
     reactor.callWhenRunning(freeze_startup)  # after startService: everything start-up made
     reactor.callWhenRunning(trim_after_startup, reactor)  # what start-up dropped goes back to the kernel

@@ -135,3 +135,35 @@ def test_dns_first_snapshot_wait_ends_once_the_passed_sockets_are_read(tmp_path)
         udp.close()
         tcp.close()
     assert set(real_reactor.getReaders()) == readers, "the listeners left the real reactor"
+
+
+def test_a_first_snapshot_after_the_wait_gave_up_goes_into_the_zone_at_once(tmp_path):
+    """etcd slow at start-up: after HOLD_MAX the sockets are read before any domains snapshot; the
+    first one then goes into the zone in one turn (not in slices: a query would see it half filled)."""
+    import json
+
+    from networkd.dns import service
+
+    host = random_loopback_host()
+    port = free_port(host)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("")
+    clock = CountingClock()
+    subscribers = []
+    pending = SimpleNamespace(snapshot=None, status=PrefixStatus("/lain/config/domains/"),
+                              subscribe=subscribers.append)
+    dns = DnsService(FakeClockReactor(clock), listen=ListenAddress(host, port), hosts_file=str(hosts),
+                     domains=pending, poll_interval=1.0)
+    dns.startService()
+    dns._feed._first_budget = 0.0  # slices of one key, were it sliced
+    try:
+        clock.wakeups(service.HOLD_MAX + 0.1, step=0.05)
+        assert not dns._holding, "queries are read: etcd took too long"
+        values = {f"n{i}.lain": json.dumps({"ips": [f"10.0.{i >> 8}.{i & 255}"]}) for i in range(300)}
+        pending.snapshot = Snapshot("/lain/config/domains/", 1, values, generation=1)
+        for subscriber in subscribers:
+            subscriber(pending.snapshot)
+        assert dns._feed.built and len(dns.resolver.zone.exact) == 300, "all of it, in the snapshot's turn"
+    finally:
+        dns.stopService()
+        clock.advance(1)
