@@ -46,6 +46,32 @@ def test_held_vips_are_announced_again_every_interval_at_a_phase_of_their_own():
     assert not clock.getDelayedCalls()
 
 
+def test_a_hundred_held_vips_are_announced_again_in_four_wake_ups_an_interval_each_once():
+    """A timer per VIP woke the reactor 1.7 times a second at rest for 100 VIPs (60 s); phases
+    of up to 32 VIPs make it four wake-ups a minute, and still every VIP once an interval."""
+    clock = task.Clock()
+    arp = Recording(clock, refresh_every=60.0)
+    ips = [f"10.0.1.{i + 1}" for i in range(100)]
+    for k, ip in enumerate(ips):
+        clock.advance(0.05)  # acquired one after the other
+        arp.announce(ip)
+    clock.pump([0.5] * 400)  # 200 s
+    window = [(t, ip) for t, ip in arp.log if 100.0 <= t < 160.0]
+    assert sorted(ip for _, ip in window) == sorted(ips), "each VIP once an interval"
+    assert len({t for t, _ in window}) <= 4, sorted({t for t, _ in window})
+    started = {ip: 0.05 * (k + 1) for k, ip in enumerate(ips)}
+    first = {ip: min(t for t, i in arp.log if i == ip and t > started[ip] + 3.5) for ip in ips}
+    assert all(60.0 <= first[ip] - started[ip] < 120.0 for ip in ips), "an interval after its start at the earliest"
+    for ip in ips[:90]:
+        arp.cancel(ip)
+    before = len(arp.log)
+    clock.pump([0.5] * 120)
+    assert sorted({ip for _, ip in arp.log[before:]}) == sorted(ips[90:])
+    assert len({t for t, _ in arp.log[before:]}) <= 2, "ten VIPs: one phase"
+    arp.cancel_all()
+    assert not clock.getDelayedCalls()
+
+
 def test_no_periodic_announcements_with_interval_0():
     clock = task.Clock()
     arp = Recording(clock)

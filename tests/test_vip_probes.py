@@ -12,6 +12,7 @@ from twisted.internet.protocol import Factory, Protocol
 
 from networkd.vips.model import Container, HealthCheck, InvalidValue, parse_vip
 from networkd.vips.probes import ProbeFailed, Prober, Target, probe_once, targets_of
+from networkd.vips.tcpcheck import Connects
 
 C = Container("hello", "web", 1, "n1", "10.9.0.1", "172.20.0.5")
 
@@ -274,6 +275,35 @@ async def test_connects_in_flight_are_one_reader_for_the_reactor_and_each_verdic
         assert all(p.up(t) is False and p.states[t].last_error == "connection refused" for t in closed)
         assert all(p.up(t) is False and p.states[t].last_error == "no answer within 0.3s" for t in silent)
         assert not registered["writer"] and len(registered["reader"]) == 1, registered
+    finally:
+        p.stop()
+        for s in sockets:
+            s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_already_in_are_read_in_the_probes_turn_without_waking_the_reactor_again(monkeypatch):
+    """A container on this node answers a connect within the syscall: its answer is read right after
+    the step's connects, not in a reactor wake-up of its own (one a second more at rest)."""
+    from tests.support.waiting import eventually
+
+    host = "127.0.0.10"
+    sockets = []
+    for _ in range(10):
+        s = socket.socket()
+        s.bind((host, 0))
+        s.listen(128)
+        sockets.append(s)
+    targets = [Target("tcp", host, s.getsockname()[1]) for s in sockets]
+    woken = []
+    read = Connects.doRead
+    monkeypatch.setattr(Connects, "doRead", lambda self: (woken.append(1), read(self)))
+    p = Prober(reactor, interval=0.05, timeout=0.5, rise=2, fall=2)
+    try:
+        p.track(targets)
+        await eventually(lambda: sum(p.states[t].probes for t in targets) >= 100, 5, message="ten rounds")
+        assert all(p.up(t) is True for t in targets)
+        assert len(woken) <= 1, f"the reactor woke {len(woken)} times for answers of ten rounds"
     finally:
         p.stop()
         for s in sockets:

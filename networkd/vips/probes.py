@@ -282,6 +282,8 @@ class Prober:
         for target, state in list(slot.items()):
             if state.running is None:  # the previous probe has not finished: no second one beside it
                 self._start(target, state, now)
+        if self._connects is not None and self._running:
+            self._connects.collect()  # the answers already in, in this turn rather than one more wake-up
         if self.states:
             self._schedule(now)
 

@@ -93,6 +93,15 @@ class Connects:
             self._done(entry[1], why)
 
     def doRead(self) -> None:
+        self.collect()
+
+    def collect(self) -> None:
+        """Report every check that has its answer.  Called by the reactor when one is ready, and by
+        the prober right after it started a batch: a container on this node answers a connect
+        within the syscall (loopback or a veth pair to a namespace), so its answer is read in the
+        same turn, and the reactor need not wake again for it (~0.2 ms of CPU a wake-up on a VM)."""
+        if self._epoll is None:
+            return
         for fd, _ in self._epoll.poll(0):
             entry = self._flight.pop(fd, None)
             if entry is None:
