@@ -177,12 +177,14 @@ class Networkd(service.MultiService):
                 log.failure("stopping {name} failed", name=getattr(child, "name", child))
 
 
-def make_client(options) -> EtcdClient:
+def make_client(options, reactor=None) -> EtcdClient:
+    """``reactor``: lease keep-alives through etcd's JSON gateway where they can (the daemon's)."""
     tls = None
     if options["etcd-ca"] or options["etcd-cert"]:
         tls = TLSFiles(options["etcd-ca"], options["etcd-cert"], options["etcd-key"])
     return EtcdClient(
-        options["etcd-endpoints"], tls=tls, user=options["etcd-user"], password=options["etcd-password"]
+        options["etcd-endpoints"], tls=tls, user=options["etcd-user"], password=options["etcd-password"],
+        reactor=reactor,
     )
 
 
@@ -194,7 +196,7 @@ def makeService(options) -> Networkd:
 
     reactor = install_asyncio_reactor()
     meter_turns(reactor)  # the daemon's turns, for /metrics (not the command-line tools')
-    root = build(options, reactor, make_client(options), notifier=Notifier.from_environ())
+    root = build(options, reactor, make_client(options, reactor), notifier=Notifier.from_environ())
     reactor.callWhenRunning(freeze_startup)  # after startService: everything start-up made
     reactor.callWhenRunning(trim_after_startup, reactor)  # what start-up dropped goes back to the kernel
     return root

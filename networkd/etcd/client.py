@@ -14,6 +14,7 @@ from typing import Callable
 
 from aetcd import exceptions as aetcd_exceptions, rpc, transactions, utils as aetcd_utils
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 
 from networkd.etcd.connection import (  # noqa: F401  (re-exported: imported from here)
     AETCD_VERSION,
@@ -28,7 +29,10 @@ from networkd.etcd.connection import (  # noqa: F401  (re-exported: imported fro
     _translate,
     _twisted_cancel,
 )
+from networkd.etcd.gateway import GatewayKeepAlive, GatewayMissing
 from networkd.etcd.keepalive import KeepAliveStream
+
+log = Logger()
 
 __all__ = [
     "AETCD_VERSION", "CHANNEL_OPTIONS", "CONNECTION_ERRORS", "Compacted", "EtcdClient", "EtcdUnavailable",
@@ -75,13 +79,19 @@ class WatchHandle:
 class EtcdClient(EtcdConnection):
     """etcd v3 over aetcd, with endpoint fail-over; every method returns a Deferred."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, reactor=None, **kwargs):
+        """``reactor``: lease keep-alives go through etcd's JSON gateway with it (networkd.etcd.gateway)
+        where they can (plain http, no user); without it, or where they cannot, on a grpc stream."""
         super().__init__(*args, **kwargs)
         self.keepalives = KeepAliveStream()
+        plain = self._tls is None and self._user is None and not any(e.secure for e in self.endpoints)
+        self.gateway = GatewayKeepAlive(reactor) if reactor is not None and plain else None
         self._keepalive_late = False  # the last keep-alive timed out
 
     def close(self) -> Deferred:
         self.keepalives.close()
+        if self.gateway is not None:
+            self.gateway.close()
         return super().close()
 
     # -- reads ---------------------------------------------------------------
@@ -291,6 +301,14 @@ class EtcdClient(EtcdConnection):
         several endpoints a timeout moves to the next at once (a dead etcd leader)."""
 
         async def op(client):
+            if self.gateway is not None:
+                try:
+                    return await self.gateway.refresh(self.endpoint, lease)
+                except GatewayMissing as e:
+                    log.info("etcd {endpoint}: {e}; lease keep-alives go over grpc from now on",
+                             endpoint=self.endpoint, e=e)
+                    self.gateway.close()
+                    self.gateway = None
             reply = await self.keepalives.refresh(client, lease)
             return max(0, reply.TTL)
 

@@ -18,9 +18,10 @@ ETCDCTL = shutil.which("etcdctl") or "/usr/bin/etcdctl"
 class EtcdServer:
     """Start, stop and restart one etcd member with its own data dir and ports."""
 
-    def __init__(self, tls: dict | None = None):
+    def __init__(self, tls: dict | None = None, extra_args: tuple[str, ...] = ()):
         """``tls``: {"cert": path, "key": path, "ca": path} to serve https (client certs verified)."""
         self.tls = tls
+        self.extra_args = tuple(extra_args)
         self.data_dir = tempfile.mkdtemp(prefix="networkd-etcd-")
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -50,6 +51,7 @@ class EtcdServer:
                 "--election-timeout", "500",
                 "--log-level", "warn",
                 *self._tls_args(),
+                *self.extra_args,
             ],
             stdout=log, stderr=subprocess.STDOUT,
             env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.environ.get("ETCD_UNSUPPORTED_ARCH", "")},
