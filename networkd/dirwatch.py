@@ -163,25 +163,46 @@ class FileChangeWatcher:
     the signature, and every ``recheck``-th look does anyway: inotify misses
     a bind-mounted file written through its other mount.  The inotify fd
     opens at the first look, not here.
+
+    With ``reactor`` and ``on_event``, the reactor reads the inotify fd and
+    ``on_event()`` is called when something may have changed: the owner
+    looks then, and otherwise only rarely (``blind`` says when it must keep
+    looking often), instead of waking the reactor every second for a look.
     """
 
-    def __init__(self, path: str, recheck: int = 30):
+    def __init__(self, path: str, recheck: int = 30, reactor=None, on_event: Callable[[], None] | None = None):
         self.path = path
-        self._watcher = DirectoryWatcher(None)
+        self._on_event = on_event
+        self._watcher = DirectoryWatcher(reactor if on_event else None, self._event)
         self._signature: tuple | None = ("never",)
         self._blind = True  # some directory is not watched (yet)
         self._recheck = recheck
         self._looks = 0
+        self._seen = False  # the reactor read an event since the last look
+        self._started = False
 
-    def changed(self) -> bool:
+    @property
+    def blind(self) -> bool:
+        """Some change could go unseen by inotify: the owner must look often."""
+        return self._blind
+
+    def _event(self, directory: str, name: str, mask: int) -> None:
+        if not self._seen:
+            self._seen = True
+            self._on_event()
+
+    def changed(self, compare: bool = False) -> bool:
+        """Whether the file changed since the last look; ``compare``: check its signature anyway."""
         self._looks += 1
-        if self._looks == 1:
+        if not self._started:  # (at the first look, and the first after ``close``)
+            self._started = True
             try:
                 self._watcher.start()
             except OSError as e:
                 log.warn("cannot watch {path} with inotify ({e}); comparing its stat on every look",
                          path=self.path, e=e)
-        if self._watcher.poll() or self._blind or self._looks % self._recheck == 0:
+        seen, self._seen = self._seen, False
+        if self._watcher.poll() or seen or compare or self._blind or self._looks % self._recheck == 0:
             # Re-aimed at every look that saw something: a symlink may point elsewhere now.
             problems = self._watcher.watch(directories_of(self.path, os.path.realpath(self.path)))
             self._blind = bool(problems) or not self._watcher.started
@@ -208,3 +229,5 @@ class FileChangeWatcher:
 
     def close(self) -> None:
         self._watcher.stop()
+        self._started = False
+        self._blind = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 from types import SimpleNamespace
 
+import pytest_twisted
 from twisted.internet import reactor as real_reactor
 from twisted.internet import task
 
@@ -127,8 +128,8 @@ def test_dns_first_snapshot_wait_ends_once_the_passed_sockets_are_read(tmp_path)
             subscriber(pending.snapshot)
         clock.wakeups(0.1)
         assert not dns._holding
-        # At rest only the hosts-file check (once a second) wakes DNS: 60 a minute, not 60 + 3,000.
-        assert clock.wakeups(60) <= 61
+        # At rest only the hosts-file recheck (inotify sees changes) wakes DNS: 2 a minute, not 60 + 3,000.
+        assert clock.wakeups(60) <= 3
     finally:
         dns.stopService()
         clock.advance(1)  # the listeners' connectionLost runs from a timer: on this clock
@@ -164,6 +165,39 @@ def test_a_first_snapshot_after_the_wait_gave_up_goes_into_the_zone_at_once(tmp_
         for subscriber in subscribers:
             subscriber(pending.snapshot)
         assert dns._feed.built and len(dns.resolver.zone.exact) == 300, "all of it, in the snapshot's turn"
+    finally:
+        dns.stopService()
+        clock.advance(1)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_hosts_file_is_looked_at_when_inotify_sees_a_change_not_every_second(tmp_path):
+    """A look every second woke the reactor 60 times a minute at rest; inotify on the real reactor
+    says when to look (a replacement is served with no timer having fired), a recheck every 30 s
+    catches what it misses, and a missing directory is looked for every second until it appears."""
+    from tests.support.waiting import eventually
+
+    host = random_loopback_host()
+    port = free_port(host)
+    etc = tmp_path / "etc"
+    hosts = etc / "hosts"
+    clock = CountingClock()
+    dns = DnsService(FakeClockReactor(clock), listen=ListenAddress(host, port), hosts_file=str(hosts),
+                     poll_interval=1.0)
+    dns.startService()
+    try:
+        assert clock.wakeups(10, step=0.1) >= 9, "no directory yet: looked for every second"
+        etc.mkdir()
+        hosts.write_text("10.7.0.1 db\n")
+        clock.wakeups(1.0, step=0.1)
+        assert "db" in dns.resolver.zone.exact
+        assert clock.wakeups(60, step=0.1) <= 3, "watched: a recheck every 30 s"
+        fired = clock.fired
+        replacement = etc / "hosts.new"
+        replacement.write_text("10.7.0.2 db2\n")
+        replacement.rename(hosts)
+        await eventually(lambda: "db2" in dns.resolver.zone.exact, timeout=3, message="the new file served")
+        assert clock.fired == fired, "seen through inotify, no timer"
     finally:
         dns.stopService()
         clock.advance(1)

@@ -43,6 +43,8 @@ from networkd.views import DnsConfigView
 
 log = Logger()
 
+HOSTS_RECHECK = 30.0  # seconds between looks at a hosts file inotify watches
+
 
 HOLD_MAX = 10.0  # seconds at most that queries wait for the first etcd snapshots
 
@@ -82,7 +84,8 @@ class DnsService(service.Service):
                               on_change=self._zone_changed, on_built=self._check_hold)
         self.resolver.set_zone(self._feed.zone)
         self._hosts: list = []
-        self._hosts_file = FileChangeWatcher(hosts_file) if hosts_file else None
+        self._hosts_file = FileChangeWatcher(hosts_file, reactor=reactor, on_event=self._hosts_event) if hosts_file else None
+        self._hosts_call = None
         self._poll_interval = poll_interval
         self._udp_port = None
         self._tcp_port = None
@@ -167,7 +170,8 @@ class DnsService(service.Service):
                 domains.subscribe(self._on_domains)
             if domain_servers is not None:
                 domain_servers.subscribe(self._on_domain_servers)
-        self._loops = [every(self.reactor, self._poll_interval, self._poll_files, "DNS hosts-file check")]
+        self._loops = []
+        self._schedule_hosts_look()
         if self._holding:
             self._hold_started = self.reactor.seconds()
             self._hold_loop = every(self.reactor, 0.02, self._check_hold, "DNS first-snapshot wait")
@@ -179,6 +183,11 @@ class DnsService(service.Service):
     def stopService(self):
         super().stopService()
         self._feed.stop()
+        if self._hosts_call is not None and self._hosts_call.active():
+            self._hosts_call.cancel()
+        self._hosts_call = None
+        if self._hosts_file is not None:
+            self._hosts_file.close()
         for loop in self._loops:
             if loop.running:
                 loop.stop()
@@ -286,8 +295,34 @@ class DnsService(service.Service):
                 cleaned[zone] = kept
         self.resolver.set_forward_zones(ForwardZones(cleaned))
 
-    def _poll_files(self) -> None:
-        if self._hosts_file is not None and self._hosts_file.changed():
+    def _schedule_hosts_look(self) -> None:
+        """The next look at the hosts file: soon while inotify could miss a change (its directory is
+        missing, no inotify), else every HOSTS_RECHECK s for what it misses (a bind-mounted file
+        written through its other mount); changes it sees are looked at as they come (_hosts_event).
+        A look every second woke the reactor 60 times a minute at rest."""
+        if self._hosts_file is None or not self.running:
+            return
+        blind = self._hosts_file.blind
+        delay = self._poll_interval if blind else max(self._poll_interval, HOSTS_RECHECK)
+        self._hosts_call = self.reactor.callLater(delay, self._hosts_look, not blind)
+
+    def _hosts_look(self, compare: bool) -> None:
+        self._hosts_call = None
+        try:
+            self._poll_files(compare)
+        except Exception:
+            log.failure("DNS hosts-file check failed")
+        self._schedule_hosts_look()
+
+    def _hosts_event(self) -> None:
+        """inotify saw a change in the hosts file's directory: look now."""
+        try:
+            self._poll_files()
+        except Exception:
+            log.failure("DNS hosts-file check failed")
+
+    def _poll_files(self, compare: bool = False) -> None:
+        if self._hosts_file is not None and self._hosts_file.changed(compare):
             self._read_hosts(checked=True)
             self._feed.set_hosts(self._hosts)
 
