@@ -112,10 +112,6 @@ class Canned(Protocol):
             answer, tail = answer + tail, b""
             for k in range(len(answer)):
                 reactor.callLater(0.001 * k, self.transport.write, answer[k:k + 1])
-        elif self.factory.head_gap:  # the head at once, etcd's reply when it comes, as the gateway does
-            head = answer.index(b"\r\n\r\n") + 4
-            self.transport.write(answer[:head])
-            reactor.callLater(self.factory.head_gap, self.transport.write, answer[head:])
         else:
             self.transport.write(answer)
         if tail:
@@ -136,7 +132,7 @@ def chunked(status: str, body: bytes) -> bytes:
 @pytest.fixture
 def canned():
     factory = Factory.forProtocol(Canned)
-    factory.bytewise, factory.tail, factory.tail_delay, factory.head_gap = False, b"", 0.0, 0.0
+    factory.bytewise, factory.tail, factory.tail_delay = False, b"", 0.0
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     factory.endpoint = f"http://127.0.0.1:{port.getHost().port}"
     yield factory
@@ -174,34 +170,6 @@ async def test_the_answer_comes_with_its_first_message_and_its_last_chunk_wakes_
 
 
 @pytest_twisted.ensureDeferred
-async def test_the_head_sent_ahead_and_the_reply_are_read_in_one_wake_up(canned, monkeypatch):
-    """The gateway sends its answer's head at once and etcd's reply when etcd answers: after the first
-    answer on a connection the socket is readable only once more than a head is in, so each
-    keep-alive reads once, not twice."""
-    from networkd.etcd import gateway
-
-    reads = []
-    original = gateway._Connection.dataReceived
-    monkeypatch.setattr(gateway._Connection, "dataReceived", lambda self, data: (reads.append(data), original(self, data)))
-    canned.answer, canned.tail = streamed("200 OK", b'{"result":{"header":{},"ID":"4660","TTL":"3"}}')
-    canned.head_gap, canned.tail_delay = 0.05, 0.06
-    client = gateway_client(canned.endpoint)
-    try:
-        assert await client.keep_alive(0x1234) == 3  # learns the head's size
-        for _ in range(5):
-            await deferLater(reactor, 0.1, lambda: None)  # the previous answer's last chunk sent
-            count = len(reads)
-            assert await client.keep_alive(0x1234) == 3
-            assert len(reads) - count == 1, reads[count:]
-        await deferLater(reactor, 0.1, lambda: None)
-        canned.answer, canned.tail = streamed("503 Service Unavailable", b'{"error":{"message":"no leader"}}')
-        with pytest.raises(EtcdUnavailable, match="no leader"):
-            await client.keep_alive(0x1234)
-    finally:
-        await client.close()
-
-
-@pytest_twisted.ensureDeferred
 async def test_answers_are_read_whole_and_only_ours_count(canned):
     client = gateway_client(canned.endpoint)
     try:
@@ -232,12 +200,11 @@ def test_parse_and_granted_ttl():
     body = b'{"result":{"ID":"10","TTL":"5"}}'
     first, tail = streamed("200 OK", body)
     assert all(_parse(first[:k]) is None for k in range(len(first)))
-    head = first.index(b"\r\n\r\n") + 4
-    assert _parse(first) == (200, body + b"\n", len(first), False, head), "at the first message"
-    assert _parse(first + tail) == (200, body + b"\n", len(first), False, head)
+    assert _parse(first) == (200, body + b"\n", len(first), False), "at the first message"
+    assert _parse(first + tail) == (200, body + b"\n", len(first), False)
     unlined = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
-    assert _parse(unlined) == (200, b"{}", len(unlined), True, unlined.index(b"2\r\n")), "no newline: all of it"
-    assert _parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}") == (200, b"{}", 40, True, 38)
+    assert _parse(unlined) == (200, b"{}", len(unlined), True), "no newline: the whole answer"
+    assert _parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}") == (200, b"{}", 40, True)
     assert granted_ttl(10, 200, body) == 5
     assert granted_ttl(10, 200, b'{"result":{"ID":"10"}}') == 0, "TTL 0 is left out of the JSON: gone"
     with pytest.raises(GatewayError):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 from twisted.internet import defer, endpoints
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -33,7 +32,6 @@ from networkd.options import Endpoint
 
 PATH = b"/v3/lease/keepalive"
 MAX_ANSWER = 64 * 1024  # a keep-alive answer is ~200 bytes: more is not etcd's gateway
-LOW_WATER_MARGIN = 16  # bytes past a head's size before the socket is worth reading (``_Connection._answered``)
 
 
 class GatewayMissing(Exception):
@@ -60,7 +58,6 @@ class _Connection(Protocol):
         self._waiting: defer.Deferred | None = None
         self._tail = False  # the previous answer's last chunk(s) are still to be skipped
         self._paused = False
-        self._mark = 1  # the socket's SO_RCVLOWAT (see ``_answered``)
         self.lost = False
 
     def connectionLost(self, reason):
@@ -98,32 +95,13 @@ class _Connection(Protocol):
             if waiting is not None:
                 waiting.errback(e)
             return
-        if answer is None:
-            self._low_water(1)  # a part is in: the rest, however short, must wake us
-            return
-        waiting, self._waiting = self._waiting, None
-        self._paused = True
-        self.transport.pauseProducing()  # until the next request (see the class)
-        self._low_water(answer[2] + LOW_WATER_MARGIN)
-        waiting.callback(answer[:2])
+        if answer is not None:
+            waiting, self._waiting = self._waiting, None
+            self._paused = True
+            self.transport.pauseProducing()  # until the next request (see the class)
+            waiting.callback(answer)
 
-    def _low_water(self, mark: int) -> None:
-        """The gateway sends an answer's head at once and etcd's reply when it comes, in two packets:
-        two wake-ups a keep-alive.  After an answer the socket is made readable only once more than
-        a head's worth (that answer's, + LOW_WATER_MARGIN) is in, so one wake-up reads both; once
-        part of an answer is read, any byte wakes us again.  A whole answer shorter than the mark
-        is not expected on this connection (the gateway's messages are ~100 bytes or more); were
-        one to come, the keep-alive would time out and the next go on a new connection.  A closed
-        connection is readable whatever the mark."""
-        if mark == self._mark:
-            return
-        try:
-            self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
-        except (AttributeError, OSError):
-            return
-        self._mark = mark
-
-    def _answer(self) -> tuple[int, bytes, int] | None:
+    def _answer(self) -> tuple[int, bytes] | None:
         """The answer to the request waiting, once its first message is in; GatewayError if unusable."""
         if len(self._buffer) > MAX_ANSWER:
             raise GatewayError(f"answer longer than {MAX_ANSWER} bytes")
@@ -139,16 +117,16 @@ class _Connection(Protocol):
         parsed = _parse(self._buffer)
         if parsed is None:
             return None
-        status, body, used, finished, head = parsed
+        status, body, used, finished = parsed
         self._buffer, self._tail = self._buffer[used:], not finished
         if finished and self._buffer:
             raise GatewayError("data after the answer")
-        return status, body, head
+        return status, body
 
 
-def _parse(buffer: bytes) -> tuple[int, bytes, int, bool, int] | None:
-    """(status, body so far, bytes used, whole, head size) of an HTTP/1.1 answer in ``buffer``, once
-    its head and (chunked) its first message line are in; None while they are not."""
+def _parse(buffer: bytes) -> tuple[int, bytes, int, bool] | None:
+    """(status, body so far, bytes used, whole) of an HTTP/1.1 answer in ``buffer``, once its head
+    and (chunked) its first message line are in; None while they are not."""
     head_end = buffer.find(b"\r\n\r\n")
     if head_end < 0:
         return None
@@ -163,12 +141,12 @@ def _parse(buffer: bytes) -> tuple[int, bytes, int, bool, int] | None:
     start = head_end + 4
     if headers.get(b"transfer-encoding") == b"chunked":
         got = _chunks(buffer, start, first_line=True)
-        return None if got is None else (int(parts[1]), got[0], got[1], got[2], start)
+        return None if got is None else (int(parts[1]), got[0], got[1], got[2])
     if b"content-length" in headers:
         length = int(headers[b"content-length"])
         if len(buffer) - start < length:
             return None
-        return int(parts[1]), buffer[start:start + length], start + length, True, start
+        return int(parts[1]), buffer[start:start + length], start + length, True
     raise GatewayError("answer with neither a length nor chunks")
 
 
