@@ -10,7 +10,6 @@ import signal
 import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
-from twisted.internet.task import deferLater
 from twisted.internet.protocol import Factory, Protocol
 
 from networkd.etcd.client import EtcdClient, EtcdUnavailable
@@ -101,72 +100,32 @@ async def test_a_keep_alive_given_up_takes_its_connection_with_it(private_etcd):
 
 
 class Canned(Protocol):
-    """A fake gateway: answers every request with ``factory.answer`` (a byte at a time if asked), and
-    its last chunk ``factory.tail`` ``tail_delay`` s later, as the gateway does when etcd's stream ends."""
+    """A fake gateway: answers every request with ``factory.answer``, a byte at a time if asked."""
 
     def dataReceived(self, data):
         if b"\r\n\r\n" not in data:
             return
-        answer, tail = self.factory.answer, self.factory.tail
+        answer = self.factory.answer
         if self.factory.bytewise:
-            answer, tail = answer + tail, b""
             for k in range(len(answer)):
                 reactor.callLater(0.001 * k, self.transport.write, answer[k:k + 1])
         else:
             self.transport.write(answer)
-        if tail:
-            reactor.callLater(self.factory.tail_delay, self.transport.write, tail)
-
-
-def streamed(status: str, message: bytes) -> tuple[bytes, bytes]:
-    """(head and the message's chunk, the last chunk) of a gateway's streamed answer."""
-    line = message + b"\n"
-    head = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-    return head.encode() + f"{len(line):x}\r\n".encode() + line + b"\r\n", b"0\r\n\r\n"
 
 
 def chunked(status: str, body: bytes) -> bytes:
-    return b"".join(streamed(status, body))
+    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            f"{len(body):x}\r\n").encode() + body + b"\r\n0\r\n\r\n"
 
 
 @pytest.fixture
 def canned():
     factory = Factory.forProtocol(Canned)
-    factory.bytewise, factory.tail, factory.tail_delay = False, b"", 0.0
+    factory.bytewise = False
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     factory.endpoint = f"http://127.0.0.1:{port.getHost().port}"
     yield factory
     port.stopListening()
-
-
-@pytest_twisted.ensureDeferred
-async def test_the_answer_comes_with_its_first_message_and_its_last_chunk_wakes_nobody(canned, monkeypatch):
-    """The gateway's last chunk follows etcd's reply a moment later: the keep-alive is answered
-    without waiting for it, the connection reads nothing more until the next request (no wake-up of
-    its own at rest), and the next request skips it and gets its own answer."""
-    from networkd.etcd import gateway
-
-    reads = []
-    original = gateway._Connection.dataReceived
-    monkeypatch.setattr(gateway._Connection, "dataReceived", lambda self, data: (reads.append(data), original(self, data)))
-    canned.answer, canned.tail = streamed("200 OK", b'{"result":{"header":{},"ID":"4660","TTL":"3"}}')
-    canned.tail_delay = 3600  # never, in this test: the answer does not wait for it
-    client = gateway_client(canned.endpoint)
-    try:
-        assert await client.keep_alive(0x1234) == 3
-    finally:
-        await client.close()
-    canned.tail_delay = 0.05
-    client = gateway_client(canned.endpoint)
-    try:
-        for k in range(3):
-            assert await client.keep_alive(0x1234) == 3
-            count = len(reads)
-            await deferLater(reactor, 0.3, lambda: None)  # the last chunk is in the socket by now
-            assert len(reads) == count, f"keep-alive {k}: read {reads[count:]} while idle"
-        assert client.gateway.opened == 1
-    finally:
-        await client.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -176,7 +135,6 @@ async def test_answers_are_read_whole_and_only_ours_count(canned):
         canned.answer = chunked("200 OK", b'{"result":{"header":{},"ID":"4660","TTL":"3"}}')
         canned.bytewise = True  # every byte its own read
         assert await client.keep_alive(0x1234) == 3
-        await deferLater(reactor, 0.3, lambda: None)  # the canned server's last bytes written
         canned.bytewise = False
         assert await client.keep_alive(0x1234) == 3 and client.gateway.opened == 1
         canned.answer = chunked("200 OK", b'{"result":{"header":{},"ID":"4661","TTL":"3"}}')
@@ -198,13 +156,10 @@ async def test_answers_are_read_whole_and_only_ours_count(canned):
 
 def test_parse_and_granted_ttl():
     body = b'{"result":{"ID":"10","TTL":"5"}}'
-    first, tail = streamed("200 OK", body)
-    assert all(_parse(first[:k]) is None for k in range(len(first)))
-    assert _parse(first) == (200, body + b"\n", len(first), False), "at the first message"
-    assert _parse(first + tail) == (200, body + b"\n", len(first), False)
-    unlined = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
-    assert _parse(unlined) == (200, b"{}", len(unlined), True), "no newline: the whole answer"
-    assert _parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}") == (200, b"{}", 40, True)
+    whole = chunked("200 OK", body)
+    assert all(_parse(whole[:k]) is None for k in range(len(whole)))
+    assert _parse(whole) == (200, body)
+    assert _parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}") == (200, b"{}")
     assert granted_ttl(10, 200, body) == 5
     assert granted_ttl(10, 200, b'{"result":{"ID":"10"}}') == 0, "TTL 0 is left out of the JSON: gone"
     with pytest.raises(GatewayError):

@@ -43,21 +43,11 @@ class GatewayError(ConnectionError):
 
 
 class _Connection(Protocol):
-    """One HTTP/1.1 connection, one request at a time: ``ask`` fires with (status, first message).
-
-    The gateway streams its answer: the first chunk holds etcd's reply, the
-    last one (empty) follows when etcd's stream ends, a moment later and often
-    in a packet of its own.  The answer is handed on at the first complete
-    message, and the connection stops reading until the next request: the
-    rest of the answer waits in the socket and is skipped then, instead of
-    waking the reactor on its own.
-    """
+    """One HTTP/1.1 connection, one request at a time: ``ask`` fires with (status, body)."""
 
     def __init__(self):
         self._buffer = b""
         self._waiting: defer.Deferred | None = None
-        self._tail = False  # the previous answer's last chunk(s) are still to be skipped
-        self._paused = False
         self.lost = False
 
     def connectionLost(self, reason):
@@ -72,10 +62,8 @@ class _Connection(Protocol):
             self.transport.abortConnection()
 
     def ask(self, request: bytes) -> defer.Deferred:
+        self._buffer = b""
         self._waiting = defer.Deferred(self._given_up)
-        if self._paused:
-            self._paused = False
-            self.transport.resumeProducing()
         self.transport.write(request)
         return self._waiting
 
@@ -87,46 +75,26 @@ class _Connection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
+        if self._waiting is None:  # nothing was asked: not an answer to anything of ours
+            self.close()
+            return
         try:
-            answer = self._answer()
+            answer = _parse(self._buffer)
         except GatewayError as e:
             waiting, self._waiting = self._waiting, None
             self.close()
-            if waiting is not None:
-                waiting.errback(e)
+            waiting.errback(e)
             return
         if answer is not None:
             waiting, self._waiting = self._waiting, None
-            self._paused = True
-            self.transport.pauseProducing()  # until the next request (see the class)
+            self._buffer = b""
             waiting.callback(answer)
 
-    def _answer(self) -> tuple[int, bytes] | None:
-        """The answer to the request waiting, once its first message is in; GatewayError if unusable."""
-        if len(self._buffer) > MAX_ANSWER:
-            raise GatewayError(f"answer longer than {MAX_ANSWER} bytes")
-        if self._tail:
-            skipped = _chunks(self._buffer, 0, first_line=False)
-            if skipped is None:
-                return None
-            self._buffer, self._tail = self._buffer[skipped[1]:], False
-        if not self._buffer:
-            return None
-        if self._waiting is None:
-            raise GatewayError("data nobody asked for")
-        parsed = _parse(self._buffer)
-        if parsed is None:
-            return None
-        status, body, used, finished = parsed
-        self._buffer, self._tail = self._buffer[used:], not finished
-        if finished and self._buffer:
-            raise GatewayError("data after the answer")
-        return status, body
 
-
-def _parse(buffer: bytes) -> tuple[int, bytes, int, bool] | None:
-    """(status, body so far, bytes used, whole) of an HTTP/1.1 answer in ``buffer``, once its head
-    and (chunked) its first message line are in; None while they are not."""
+def _parse(buffer: bytes) -> tuple[int, bytes] | None:
+    """(status, body) of a whole HTTP/1.1 answer in ``buffer``, None while it is incomplete."""
+    if len(buffer) > MAX_ANSWER:
+        raise GatewayError(f"answer longer than {MAX_ANSWER} bytes")
     head_end = buffer.find(b"\r\n\r\n")
     if head_end < 0:
         return None
@@ -138,23 +106,19 @@ def _parse(buffer: bytes) -> tuple[int, bytes, int, bool] | None:
     for line in lines[1:]:
         name, _, value = line.partition(b":")
         headers[name.strip().lower()] = value.strip().lower()
-    start = head_end + 4
+    rest = buffer[head_end + 4:]
     if headers.get(b"transfer-encoding") == b"chunked":
-        got = _chunks(buffer, start, first_line=True)
-        return None if got is None else (int(parts[1]), got[0], got[1], got[2])
+        body = _dechunk(rest)
+        return None if body is None else (int(parts[1]), body)
     if b"content-length" in headers:
         length = int(headers[b"content-length"])
-        if len(buffer) - start < length:
-            return None
-        return int(parts[1]), buffer[start:start + length], start + length, True
+        return None if len(rest) < length else (int(parts[1]), rest[:length])
     raise GatewayError("answer with neither a length nor chunks")
 
 
-def _chunks(data: bytes, at: int, first_line: bool) -> tuple[bytes, int, bool] | None:
-    """Chunks from ``at``: (their data, where they end, whether the last chunk was among them).
-    With ``first_line``, stops after the chunk that completes the first line (a streamed message
-    ends with a newline).  None while what is asked for is not all in."""
-    body = []
+def _dechunk(data: bytes) -> bytes | None:
+    """The body of a whole chunked encoding, None while the last chunk has not come."""
+    body, at = [], 0
     while True:
         line_end = data.find(b"\r\n", at)
         if line_end < 0:
@@ -164,14 +128,11 @@ def _chunks(data: bytes, at: int, first_line: bool) -> tuple[bytes, int, bool] |
         except ValueError:
             raise GatewayError("malformed chunk size") from None
         if size == 0:
-            end = data.find(b"\r\n\r\n", line_end)  # after the trailers, if any
-            return None if end < 0 else (b"".join(body), end + 4, True)
+            return b"".join(body) if data.find(b"\r\n", line_end + 2) >= 0 else None
         if len(data) < line_end + 2 + size + 2:
             return None
         body.append(data[line_end + 2:line_end + 2 + size])
         at = line_end + 2 + size + 2
-        if first_line and b"\n" in body[-1]:
-            return b"".join(body), at, False
 
 
 def granted_ttl(lease: int, status: int, body: bytes) -> int:
