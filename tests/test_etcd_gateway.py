@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import signal
 
 import pytest
@@ -166,3 +168,26 @@ def test_parse_and_granted_ttl():
         granted_ttl(10, 200, b'{"result":{"ID":"10","TTL":"x"}}')
     with pytest.raises(GatewayError):
         _parse(b"HTTP/1.1 200 OK\r\n\r\n")
+
+
+def test_importing_the_client_leaves_systemds_passed_sockets_to_the_daemon():
+    """twisted.internet.endpoints takes LISTEN_PID and LISTEN_FDS out of the environment when imported:
+    the gateway used it, and the DNS listeners systemd passed were never found."""
+    code = ("import os; os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='2', LISTEN_FDNAMES='dns:dns'); "
+            "import networkd.app, networkd.etcd.client, networkd.etcd.gateway; "
+            "print(sorted(k for k in os.environ if k.startswith('LISTEN_')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout
+    assert out.strip() == "['LISTEN_FDNAMES', 'LISTEN_FDS', 'LISTEN_PID']"
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_endpoint_that_refuses_is_an_etcd_outage():
+    from tests.support.ports import free_port
+
+    client = gateway_client(f"http://127.0.0.1:{free_port()}")
+    try:
+        with pytest.raises(EtcdUnavailable, match="cannot connect"):
+            await client.keep_alive(0x1234)
+    finally:
+        await client.close()

@@ -98,4 +98,4 @@ def test_the_daemon_shows_its_turns_in_metrics(private_etcd, etcd_root, tmp_path
     first = scraped()
     second = scraped()
     assert second[0] > first[0] > 0, "each request is served in turns of the daemon's reactor"
-    assert second[1] >= first[1] > 0 and 0 < second[2] < 60
+    assert second[1] >= first[1] > 0 and 0 <= second[2] < 60  # (0 while every turn is under the first bucket)

@@ -24,9 +24,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from twisted.internet import defer, endpoints
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.protocol import Protocol
+from twisted.internet import defer
+from twisted.internet.protocol import ClientFactory, Protocol
 
 from networkd.options import Endpoint
 
@@ -49,6 +48,11 @@ class _Connection(Protocol):
         self._buffer = b""
         self._waiting: defer.Deferred | None = None
         self.lost = False
+
+    def connectionMade(self):
+        connected = getattr(self.factory, "connected", None)
+        if connected is not None and not connected.called:
+            connected.callback(self)
 
     def connectionLost(self, reason):
         self.lost = True
@@ -163,6 +167,21 @@ def granted_ttl(lease: int, status: int, body: bytes) -> int:
     return max(0, ttl)
 
 
+class _Connecting(ClientFactory):
+    """Fires ``connected`` with the connection, or fails it with why it could not be made."""
+
+    connected: defer.Deferred
+
+    def buildProtocol(self, addr):
+        connection = _Connection()
+        connection.factory = self
+        return connection
+
+    def clientConnectionFailed(self, connector, reason):
+        if not self.connected.called:
+            self.connected.errback(GatewayError(f"cannot connect: {reason.getErrorMessage()}"))
+
+
 class GatewayKeepAlive:
     """``refresh(endpoint, lease)``: the TTL granted, over one HTTP/1.1 connection reused across calls."""
 
@@ -192,15 +211,13 @@ class GatewayKeepAlive:
         return ttl
 
     async def _connect(self, endpoint: Endpoint, loop) -> _Connection:
-        host = endpoint.host
-        if isIPAddress(host):
-            point = endpoints.TCP4ClientEndpoint(self._reactor, host, endpoint.port, self._connect_timeout)
-        elif isIPv6Address(host):
-            point = endpoints.TCP6ClientEndpoint(self._reactor, host, endpoint.port, self._connect_timeout)
-        else:
-            point = endpoints.HostnameEndpoint(self._reactor, host.encode("idna"), endpoint.port,
-                                               self._connect_timeout)
-        connection = await endpoints.connectProtocol(point, _Connection()).asFuture(loop)
+        # reactor.connectTCP, not twisted.internet.endpoints: importing that module takes LISTEN_PID and
+        # LISTEN_FDS out of the environment (its systemd parser reads them at import), and the DNS
+        # listeners systemd passed were then never found (tests/test_dns_activation.py).
+        factory = _Connecting()
+        connector = self._reactor.connectTCP(endpoint.host, endpoint.port, factory, self._connect_timeout)
+        factory.connected = defer.Deferred(lambda _: connector.disconnect())
+        connection = await factory.connected.asFuture(loop)
         self._connection, self._endpoint, self._busy = connection, endpoint, False
         self.opened += 1
         return connection
