@@ -168,6 +168,8 @@ def test_parse_and_granted_ttl():
         granted_ttl(10, 200, b'{"result":{"ID":"10","TTL":"x"}}')
     with pytest.raises(GatewayError):
         _parse(b"HTTP/1.1 200 OK\r\n\r\n")
+    with pytest.raises(GatewayError):
+        _parse(b"HTTP/1.1 200 OK\r\nContent-Length: lots\r\n\r\n")
 
 
 def test_importing_the_client_leaves_systemds_passed_sockets_to_the_daemon():

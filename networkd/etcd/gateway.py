@@ -114,7 +114,7 @@ def _parse(buffer: bytes) -> tuple[int, bytes] | None:
     if headers.get(b"transfer-encoding") == b"chunked":
         body = _dechunk(rest)
         return None if body is None else (int(parts[1]), body)
-    if b"content-length" in headers:
+    if headers.get(b"content-length", b"").isdigit():
         length = int(headers[b"content-length"])
         return None if len(rest) < length else (int(parts[1]), rest[:length])
     raise GatewayError("answer with neither a length nor chunks")
