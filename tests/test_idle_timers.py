@@ -100,6 +100,31 @@ class FakeClockReactor:
         return getattr(real_reactor, name)
 
 
+class PendingDomains:
+    """A domains watcher with no snapshot yet; ``publish`` hands one to its subscribers."""
+
+    def __init__(self):
+        self.snapshot = None
+        self.status = PrefixStatus("/lain/config/domains/")
+        self._subscribers = []
+
+    def subscribe(self, subscriber):
+        self._subscribers.append(subscriber)
+
+    def publish(self, snapshot):
+        self.snapshot = snapshot
+        for subscriber in self._subscribers:
+            subscriber(snapshot)
+
+
+def dns_on_fake_clock(tmp_path, clock, host, port, domains, **kw) -> DnsService:
+    """A DNS service whose timers run on ``clock`` (sockets on the real reactor), an empty hosts file."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("")
+    return DnsService(FakeClockReactor(clock), listen=ListenAddress(host, port), hosts_file=str(hosts),
+                      domains=domains, poll_interval=1.0, **kw)
+
+
 def test_dns_first_snapshot_wait_ends_once_the_passed_sockets_are_read(tmp_path):
     host = random_loopback_host()
     port = free_port(host)
@@ -109,23 +134,15 @@ def test_dns_first_snapshot_wait_ends_once_the_passed_sockets_are_read(tmp_path)
     tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     tcp.bind((host, port))
     tcp.listen(8)
-    hosts = tmp_path / "hosts"
-    hosts.write_text("")
-    clock = CountingClock()
-    subscribers = []
-    pending = SimpleNamespace(snapshot=None, status=PrefixStatus("/lain/config/domains/"),
-                              subscribe=subscribers.append)
-    dns = DnsService(FakeClockReactor(clock), listen=ListenAddress(host, port), hosts_file=str(hosts),
-                     domains=pending, inherited=[udp, tcp], poll_interval=1.0)
+    clock, pending = CountingClock(), PendingDomains()
+    dns = dns_on_fake_clock(tmp_path, clock, host, port, pending, inherited=[udp, tcp])
     readers = set(real_reactor.getReaders())
     dns.startService()
     try:
         assert dns.socket_activated
         clock.wakeups(1)
         assert dns._holding, "the passed sockets wait for the first snapshot"
-        pending.snapshot = Snapshot("/lain/config/domains/", 1, generation=1)
-        for subscriber in subscribers:
-            subscriber(pending.snapshot)
+        pending.publish(Snapshot("/lain/config/domains/", 1, generation=1))
         clock.wakeups(0.1)
         assert not dns._holding
         # At rest only the hosts-file recheck (inotify sees changes) wakes DNS: 2 a minute, not 60 + 3,000.
@@ -147,23 +164,15 @@ def test_a_first_snapshot_after_the_wait_gave_up_goes_into_the_zone_at_once(tmp_
 
     host = random_loopback_host()
     port = free_port(host)
-    hosts = tmp_path / "hosts"
-    hosts.write_text("")
-    clock = CountingClock()
-    subscribers = []
-    pending = SimpleNamespace(snapshot=None, status=PrefixStatus("/lain/config/domains/"),
-                              subscribe=subscribers.append)
-    dns = DnsService(FakeClockReactor(clock), listen=ListenAddress(host, port), hosts_file=str(hosts),
-                     domains=pending, poll_interval=1.0)
+    clock, pending = CountingClock(), PendingDomains()
+    dns = dns_on_fake_clock(tmp_path, clock, host, port, pending)
     dns.startService()
     dns._feed._first_budget = 0.0  # slices of one key, were it sliced
     try:
         clock.wakeups(service.HOLD_MAX + 0.1, step=0.05)
         assert not dns._holding, "queries are read: etcd took too long"
         values = {f"n{i}.lain": json.dumps({"ips": [f"10.0.{i >> 8}.{i & 255}"]}) for i in range(300)}
-        pending.snapshot = Snapshot("/lain/config/domains/", 1, values, generation=1)
-        for subscriber in subscribers:
-            subscriber(pending.snapshot)
+        pending.publish(Snapshot("/lain/config/domains/", 1, values, generation=1))
         assert dns._feed.built and len(dns.resolver.zone.exact) == 300, "all of it, in the snapshot's turn"
     finally:
         dns.stopService()

@@ -84,7 +84,7 @@ class DnsService(service.Service):
                               on_change=self._zone_changed, on_built=self._check_hold)
         self.resolver.set_zone(self._feed.zone)
         self._hosts: list = []
-        self._hosts_file = FileChangeWatcher(hosts_file, reactor=reactor, on_event=self._hosts_event) if hosts_file else None
+        self._hosts_file = FileChangeWatcher(hosts_file, reactor=reactor, on_event=self._look_at_hosts) if hosts_file else None
         self._hosts_call = None
         self._poll_interval = poll_interval
         self._udp_port = None
@@ -298,7 +298,7 @@ class DnsService(service.Service):
     def _schedule_hosts_look(self) -> None:
         """The next look at the hosts file: soon while inotify could miss a change (its directory is
         missing, no inotify), else every HOSTS_RECHECK s for what it misses (a bind-mounted file
-        written through its other mount); changes it sees are looked at as they come (_hosts_event).
+        written through its other mount); changes it sees are looked at as they come (its ``on_event``).
         A look every second woke the reactor 60 times a minute at rest."""
         if self._hosts_file is None or not self.running:
             return
@@ -308,23 +308,17 @@ class DnsService(service.Service):
 
     def _hosts_look(self, compare: bool) -> None:
         self._hosts_call = None
-        try:
-            self._poll_files(compare)
-        except Exception:
-            log.failure("DNS hosts-file check failed")
+        self._look_at_hosts(compare)
         self._schedule_hosts_look()
 
-    def _hosts_event(self) -> None:
-        """inotify saw a change in the hosts file's directory: look now."""
+    def _look_at_hosts(self, compare: bool = False) -> None:
+        """A timed look, or inotify saw a change in the hosts file's directory: serve it if it changed."""
         try:
-            self._poll_files()
+            if self._hosts_file is not None and self._hosts_file.changed(compare):
+                self._read_hosts(checked=True)
+                self._feed.set_hosts(self._hosts)
         except Exception:
             log.failure("DNS hosts-file check failed")
-
-    def _poll_files(self, compare: bool = False) -> None:
-        if self._hosts_file is not None and self._hosts_file.changed(compare):
-            self._read_hosts(checked=True)
-            self._feed.set_hosts(self._hosts)
 
     def _read_hosts(self, checked: bool = False) -> None:
         if self._hosts_file is None:

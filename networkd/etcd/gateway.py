@@ -50,9 +50,8 @@ class _Connection(Protocol):
         self.lost = False
 
     def connectionMade(self):
-        connected = getattr(self.factory, "connected", None)
-        if connected is not None and not connected.called:
-            connected.callback(self)
+        if not self.factory.connected.called:  # (not given up meanwhile)
+            self.factory.connected.callback(self)
 
     def connectionLost(self, reason):
         self.lost = True
@@ -168,9 +167,15 @@ def granted_ttl(lease: int, status: int, body: bytes) -> int:
 
 
 class _Connecting(ClientFactory):
-    """Fires ``connected`` with the connection, or fails it with why it could not be made."""
+    """Fires ``connected`` with the connection, or fails it with why it could not be made;
+    cancelling ``connected`` stops the attempt."""
 
-    connected: defer.Deferred
+    def __init__(self):
+        self._connector = None
+        self.connected = defer.Deferred(lambda _: self._connector and self._connector.disconnect())
+
+    def startedConnecting(self, connector):
+        self._connector = connector
 
     def buildProtocol(self, addr):
         connection = _Connection()
@@ -215,8 +220,7 @@ class GatewayKeepAlive:
         # LISTEN_FDS out of the environment (its systemd parser reads them at import), and the DNS
         # listeners systemd passed were then never found (tests/test_dns_activation.py).
         factory = _Connecting()
-        connector = self._reactor.connectTCP(endpoint.host, endpoint.port, factory, self._connect_timeout)
-        factory.connected = defer.Deferred(lambda _: connector.disconnect())
+        self._reactor.connectTCP(endpoint.host, endpoint.port, factory, self._connect_timeout)
         connection = await factory.connected.asFuture(loop)
         self._connection, self._endpoint, self._busy = connection, endpoint, False
         self.opened += 1
