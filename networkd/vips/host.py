@@ -10,7 +10,6 @@ the lock may go after.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Iterable
 
 from twisted.internet import defer
@@ -22,6 +21,7 @@ from networkd.vips.addresses import AddressKeeper, Justification
 from networkd.vips.arp import Announcer
 from networkd.vips.netlink import InterfaceMissing, Netlink
 from networkd.vips.planner import DnatRule
+from networkd.vips.readback import ReadBackBudget
 
 log = Logger()
 
@@ -32,6 +32,7 @@ AUDIT_BUDGET = 0.002
 FIREWALL_CHECK = 5.0  # read-back of iptables, likewise within AUDIT_BUDGET
 FIREWALL_RECHECK = 60.0  # the same where nf_tables announces every change to the nat table
 FIREWALL_EVENT_DELAY = 0.1  # a nat table change is read back this soon (coalescing a burst)
+FIREWALL_BURST = 0.05  # seconds of iptables read-back that may be spent at once (our own writes are changes too)
 ANNOUNCE_WINDOW = 1.0  # seconds over which every held VIP is announced again (link up, etcd back)
 
 
@@ -56,7 +57,9 @@ class VipHost:
             self.arp.allowed = self.may_announce
         self.firewall: fw.Firewall | None = None
         self._to_announce: dict[str, object] = {}  # ip -> the call that announces it (next reactor turn)
-        self._next_audit = self._next_firewall_check = 0.0
+        self._address_budget = ReadBackBudget(clock, AUDIT_BUDGET, ADDRESS_CHECK * AUDIT_BUDGET)
+        self._firewall_budget = ReadBackBudget(clock, AUDIT_BUDGET, FIREWALL_BURST)
+        self._firewall_checks = 0  # read-backs of our chains under way
         self._event_audit = None  # the read-back an address added by someone else asked for
         self._nat_changes: NatChanges | None = None  # nf_tables hosts: changes to the nat table, as they happen
         self._event_verify = None  # the read-back a nat table change asked for
@@ -178,12 +181,12 @@ class VipHost:
     def _added_by_others(self, ip: str) -> None:
         """Someone else added or changed a /32 on our interface: read it back soon (it may be a VIP
         we do not hold, or one of ours given a longer lifetime than the lease allows)."""
-        self._event_audit = self._soon(self._event_audit, EVENT_AUDIT_DELAY, self._next_audit, self.audit)
+        self._event_audit = self._soon(self._event_audit, EVENT_AUDIT_DELAY, self._address_budget.due(), self.audit)
 
     def audit(self) -> None:
         """Addresses read back (networkd.vips.addresses), within a small CPU budget."""
         now = self._clock()
-        if now < self._next_audit:
+        if now < self._address_budget.due():
             return
         try:
             self.keeper.audit()
@@ -192,7 +195,8 @@ class VipHost:
         except OSError as e:
             log.warn("could not read the addresses of {iface} back: {e}", iface=self.interface, e=e)
             return
-        self._next_audit = now + max(0.0, (self._clock() - now) / AUDIT_BUDGET - ADDRESS_CHECK)
+        finally:
+            self._address_budget.spent(now, self._clock() - now)
 
     def _listen_to_nat_changes(self) -> None:
         changes = NatChanges(self._reactor, self._nat_changed)
@@ -211,7 +215,7 @@ class VipHost:
 
     def _nat_changed(self) -> None:
         """Someone (maybe us) changed the nat table: read our chains back soon, within the budget."""
-        due = self._next_firewall_check if self._next_firewall_check != math.inf else 0.0  # inf: one under way
+        due = 0.0 if self._firewall_checks else self._firewall_budget.due()
         self._event_verify = self._soon(self._event_verify, FIREWALL_EVENT_DELAY, due, self.verify_firewall, True)
 
     def _soon(self, pending, delay: float, budget_due: float, f, *args):
@@ -225,12 +229,14 @@ class VipHost:
         """Read our chains back and rewrite them if they drifted, within the same CPU budget
         (``changed``: the nat table changed; a read-back under way folds this one in)."""
         now = self._clock()
-        if self.firewall is None or (now < self._next_firewall_check and not changed):
+        if self.firewall is None:
             return
-        self._next_firewall_check = math.inf  # until this one finished
+        if not changed and (self._firewall_checks or now < self._firewall_budget.due()):
+            return
+        self._firewall_checks += 1
 
         def done(_):
-            took = self._clock() - now
-            self._next_firewall_check = now + max(0.0, took / AUDIT_BUDGET - FIREWALL_CHECK)
+            self._firewall_checks -= 1
+            self._firewall_budget.spent(now, self._clock() - now)
 
         self.firewall.sync(verify=True).addBoth(done)
