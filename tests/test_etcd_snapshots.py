@@ -351,3 +351,31 @@ async def test_a_watch_waiting_out_its_backoff_retries_at_once_when_etcd_answers
         await watcher.stopService()
         await client.close()
         proxy.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_snapshots_say_at_which_revision_each_key_was_deleted(etcd_server, etcd_root):
+    """Keys on one lease go at one revision when it is revoked (or expires); keys deleted one by one go
+    at their own.  The VIP lock keeper tells a holder's expiry from its release this way
+    (networkd.vips.locks.EXPIRY_GRACE)."""
+    prefix = f"{etcd_root}/networkd/vips/"
+    lease = etcd_server.ctl("lease", "grant", "60").stdout.split()[1]
+    for key in ("10.0.0.5.lock", "members/n2"):
+        etcd_server.ctl("put", "--lease", lease, prefix + key, "n2")
+    etcd_server.put(prefix + "10.0.0.6.lock", "n3")
+    etcd_server.put(prefix + "members/n3", "10.9.0.3")
+    async with Watching(etcd_server.endpoint, prefix) as (watcher, seen):
+        await eventually(lambda: seen.last and len(seen.values()) == 4, message="first snapshot")
+        assert seen.last.deleted is None, "a whole read: which keys went is not known"
+        etcd_server.delete(prefix + "10.0.0.6.lock")
+        etcd_server.delete(prefix + "members/n3")
+        etcd_server.ctl("lease", "revoke", lease)
+        await eventually(lambda: seen.values() == {}, message="all gone")
+        deleted = {}
+        for snapshot in seen.snapshots[1:]:
+            deleted.update(snapshot.deleted)
+        assert deleted["10.0.0.5.lock"] == deleted["members/n2"], "one lease: one revision"
+        assert deleted["10.0.0.6.lock"] < deleted["members/n3"] < deleted["10.0.0.5.lock"]
+        etcd_server.put(prefix + "members/n3", "back")
+        await eventually(lambda: seen.values() == {"members/n3": "back"})
+        assert "members/n3" not in seen.last.deleted, "put again: no longer deleted"

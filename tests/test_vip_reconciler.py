@@ -407,3 +407,79 @@ def test_at_rest_the_level_triggered_tick_comes_every_anti_entropy_pass_not_twic
         node.clock.advance(0.5)
     assert node.manager.held_count() == 1 and node.manager.fenced_since is None
     assert 60 / reconciler.ANTI_ENTROPY - 1 <= len(ticks) <= 60 / reconciler.ANTI_ENTROPY + 1, ticks
+
+
+def _held_by_n2_then(node, locks_after):
+    """n2 holds VIP (only n1 has a container for it); then the lock snapshot becomes ``locks_after``."""
+    node.publish(
+        vips={VIP: json.dumps({"app": "hello", "proc": "web", "ports": [{"src": 80, "dest": 8080}]})},
+        pods={"hello/hello.proc.web": pod_group("hello", "web", [(1, "n1", "10.9.0.1", "172.20.0.5")])},
+        locks={"members/n1": "10.9.0.1", "members/n2": "10.9.0.2", f"{VIP}.lock": "n2"},
+    )
+    assert ("lock", f"{VIP}.lock") not in node.journal
+    node.publish(locks=locks_after)
+    node.clock.advance(0)
+    assert ("lock", f"{VIP}.lock") in node.journal, "n1 took the free lock at once"
+
+
+def test_a_lock_gone_with_its_holders_lease_is_taken_but_its_address_waits_a_grace(node):
+    """An expired holder's kernel drops the address by its own deadline, a margin before etcd expires the
+    lease; on a starved node the kernel ran later than that margin (tests/test_vip_starvation.py).  A lock
+    that went together with its holder's members key (the lease expired) is taken at once, its address
+    added EXPIRY_GRACE later."""
+    from networkd.vips.locks import EXPIRY_GRACE
+
+    _held_by_n2_then(node, {"members/n1": "10.9.0.1"})
+    node.publish(locks={"members/n1": "10.9.0.1", f"{VIP}.lock": "n1"})
+    node.clock.pump([0.05] * int(EXPIRY_GRACE / 0.05 - 2))
+    assert not [e for e in node.journal if e[0] == "addr"], "no address within the grace"
+    node.clock.pump([0.05] * 4)
+    assert ("addr", VIP, 2) in node.journal or ("addr", VIP, 1) in node.journal
+    assert node.manager.held_count() == 1
+
+
+def test_a_lock_its_live_holder_released_is_used_at_once(node):
+    """A voluntary release (the holder is still a member: it removed its address before the lock)."""
+    _held_by_n2_then(node, {"members/n1": "10.9.0.1", "members/n2": "10.9.0.2"})
+    node.publish(locks={"members/n1": "10.9.0.1", "members/n2": "10.9.0.2", f"{VIP}.lock": "n1"})
+    assert ("addr", VIP, 2) in node.journal
+
+
+def test_a_holder_that_stops_releases_then_revokes_and_its_lock_is_used_at_once(node):
+    """What the watch says tells a stop from an expiry: a stopping holder deletes its locks, then revokes
+    its lease (its members key goes at a later revision); an expired lease deletes both at one revision."""
+    from networkd.etcd.reflector import Snapshot
+
+    def locks(values, deleted):
+        node.watchers.subscribers[node.keys.vip_locks](Snapshot(node.keys.vip_locks, 20, values, deleted=deleted))
+        node.clock.advance(0)
+
+    node.publish(
+        vips={VIP: json.dumps({"app": "hello", "proc": "web", "ports": [{"src": 80, "dest": 8080}]})},
+        pods={"hello/hello.proc.web": pod_group("hello", "web", [(1, "n1", "10.9.0.1", "172.20.0.5")])},
+        locks={"members/n1": "10.9.0.1", "members/n2": "10.9.0.2", f"{VIP}.lock": "n2"},
+    )
+    locks({"members/n1": "10.9.0.1"}, {f"{VIP}.lock": 18, "members/n2": 19})
+    locks({"members/n1": "10.9.0.1", f"{VIP}.lock": "n1"}, {})
+    assert ("addr", VIP, 2) in node.journal, "a stop's release: the address at once"
+
+
+def test_a_lock_and_members_key_deleted_at_one_revision_is_an_expiry(node):
+    from networkd.etcd.reflector import Snapshot
+    from networkd.vips.locks import EXPIRY_GRACE
+
+    def locks(values, deleted):
+        node.watchers.subscribers[node.keys.vip_locks](Snapshot(node.keys.vip_locks, 20, values, deleted=deleted))
+        node.clock.advance(0)
+
+    node.publish(
+        vips={VIP: json.dumps({"app": "hello", "proc": "web", "ports": [{"src": 80, "dest": 8080}]})},
+        pods={"hello/hello.proc.web": pod_group("hello", "web", [(1, "n1", "10.9.0.1", "172.20.0.5")])},
+        locks={"members/n1": "10.9.0.1", "members/n2": "10.9.0.2", f"{VIP}.lock": "n2"},
+    )
+    locks({"members/n1": "10.9.0.1"}, {f"{VIP}.lock": 19, "members/n2": 19})
+    assert ("lock", f"{VIP}.lock") in node.journal
+    locks({"members/n1": "10.9.0.1", f"{VIP}.lock": "n1"}, {})
+    assert not [e for e in node.journal if e[0] == "addr"], "no address within the grace"
+    node.clock.pump([0.05] * int(EXPIRY_GRACE / 0.05 + 2))
+    assert [e for e in node.journal if e[0] == "addr"]

@@ -42,13 +42,16 @@ class Snapshot:
     ``changed``: the keys put or deleted since the snapshot of ``generation - 1``
     (the previous publish), or None when unknown (a full read of the prefix:
     compare everything).  A subscriber that did not see that previous snapshot
-    must compare everything too (``changes_since``)."""
+    must compare everything too (``changes_since``).  ``deleted``: of those, the
+    keys deleted, each with the revision that deleted it (None when unknown):
+    keys deleted at one revision went in one transaction, or with one lease."""
 
     prefix: str
     revision: int
     values: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     generation: int = 0
     changed: frozenset | None = None
+    deleted: Mapping[str, int] | None = None
 
     def changes_since(self, generation: int | None) -> frozenset | None:
         """The keys changed since the snapshot of ``generation`` (the last one a
@@ -93,6 +96,7 @@ class PrefixWatcher(service.Service):
         self._discard = Discard(reactor)
         self._revision = 0
         self._changed: set | None = None  # keys changed since the last publish; None: everything
+        self._deleted: dict[str, int] = {}  # of those, the deleted ones -> the revision that deleted them
         self._generation = 0
         self._quiet_relist = False  # anti-entropy: publish only if something changed
         self._must_relist = True
@@ -146,8 +150,10 @@ class PrefixWatcher(service.Service):
         started = time.perf_counter()  # the subscribers' real cost (the reactor's clock may be a test's)
         self._generation += 1
         changed, self._changed = self._changed, set()
+        deleted, self._deleted = self._deleted, {}
         self.snapshot = Snapshot(self.prefix, self._revision, self._values.frozen(),
-                                 self._generation, None if changed is None else frozenset(changed))
+                                 self._generation, None if changed is None else frozenset(changed),
+                                 None if changed is None else MappingProxyType(deleted))
         notify(self._subscribers, self.snapshot, what=f"snapshot subscriber of {self.prefix}")
         cost = time.perf_counter() - started
         self._next_publish_at = self._reactor.seconds() + (min(cost, MAX_PUBLISH_PAUSE)
@@ -238,6 +244,7 @@ class PrefixWatcher(service.Service):
         if changed:
             self._values.replace(values)
             self._changed = None  # which keys differ is for the subscribers to find out (in chunks)
+            self._deleted = {}
         del values
         self._revision = revision
         self._must_relist = False
@@ -260,8 +267,10 @@ class PrefixWatcher(service.Service):
         key = self._relative(event.key)
         if event.deleted:
             self._values.delete(key)
+            self._deleted[key] = event.mod_revision
         else:
             self._values.put(key, _text(event.value))
+            self._deleted.pop(key, None)
         if self._changed is not None:
             self._changed.add(key)
         self._revision = max(self._revision, event.mod_revision)

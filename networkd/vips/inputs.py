@@ -28,6 +28,7 @@ class VipInputs:
         self.containers: ContainerIndex = ContainerIndex()
         self.holders: dict[str, str] = {}  # ip -> hostname, from the lock snapshot
         self.locks_revision = 0  # that snapshot's etcd revision
+        self.locks_deleted = None  # its keys deleted since the snapshot before, at which revision
         self.members: frozenset[str] = frozenset()  # live daemons (presence keys)
         self.member_health: dict[str, frozenset[str] | None] = {}  # daemon -> VIPs it is healthy for (None: says not)
         self.member_ready: dict[str, bool | None] = {}  # daemon -> ready to receive a VIP (None: says nothing)
@@ -79,6 +80,7 @@ class VipInputs:
             self._member_values, self.member_health = values, {n: member_health(v) for n, v in values.items()}
             self.member_ready = {n: member_ready(v) for n, v in values.items()}
         self.locks_revision = snapshot.revision
+        self.locks_deleted = getattr(snapshot, "deleted", None)  # which lock went with its holder's lease (networkd.vips.locks)
         self.seen["locks"] = True
         self.on_change()
 

@@ -174,7 +174,8 @@ class VipManager(Fencing, service.Service):
 
     def _on_locks(self, snapshot) -> None:
         self.inputs.locks_snapshot(snapshot)
-        if self.locks.observe(self.inputs.holders, self.inputs.locks_revision):
+        if self.locks.observe(self.inputs.holders, self.inputs.locks_revision, self.inputs.members,
+                              self.inputs.locks_deleted):
             self.keeper.pass_now()  # a lost lock's address goes now, not after the next pass
 
     def _acked(self, lease: int) -> None:
@@ -256,7 +257,7 @@ class VipManager(Fencing, service.Service):
         if self._fenced_in_last_pass:
             self._fence()
         inputs = self.inputs
-        self.locks.observe(inputs.holders, inputs.locks_revision)
+        self.locks.observe(inputs.holders, inputs.locks_revision, inputs.members, inputs.locks_deleted)
         self.health.sync()
         self.readiness.sync()
         if inputs.complete and not self._cleaned:
