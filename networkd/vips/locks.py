@@ -41,12 +41,12 @@ CAMPAIGN_GRACE = 1.0  # a node that is not the least loaded waits this long for 
 DEALT_GRACE_TTLS = 1.0
 STOP_TIMEOUT = 1.0  # each etcd call on the way out
 RELEASE_RETRY = 0.5  # seconds between attempts to delete a lock we are releasing
-# A lock that went with its holder's lease (expiry: its members key went in the same snapshot) is taken,
-# but its address is added only this long after we saw it go.  The old holder's kernel drops the address
-# by its own fencing deadline, a margin (TTL/4) before etcd can expire the lease; yet on a CPU-starved
-# node the kernel's expiry of addresses ran more than that margin late (two holders for 0.01 s in
-# tests/test_vip_starvation.py).  A voluntary release (the holder removed its address first, and is
-# still a member) is taken at once.
+# A lock that went with its holder's lease (expired or revoked: the lock and the holder's members key
+# deleted at one etcd revision) is taken, but its address is added only this long after we saw it go.
+# The old holder's kernel drops the address by its own fencing deadline, a margin (TTL/4) before etcd
+# can expire the lease; yet on a CPU-starved node the kernel's expiry ran more than that margin late
+# (two holders for 0.01 s in tests/test_vip_starvation.py).  A lock its holder deleted itself (a move,
+# a stop: the address went first) is used at once.
 EXPIRY_GRACE = 0.3
 
 
