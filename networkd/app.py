@@ -196,9 +196,8 @@ def makeService(options) -> Networkd:
 
     reactor = install_asyncio_reactor()
     meter_turns(reactor)  # the daemon's turns, for /metrics (not the command-line tools')
-    # Keep-alives stay on grpc: through the gateway (make_client(options, reactor)) the etcd leader-kill
-    # test dropped a VIP in 2 of ~10 runs; not understood yet (README, "Idle CPU, third pass").
-    root = build(options, reactor, make_client(options), notifier=Notifier.from_environ())
+    # Keep-alives through etcd's JSON gateway where it serves one (networkd/etcd/gateway.py).
+    root = build(options, reactor, make_client(options, reactor), notifier=Notifier.from_environ())
     reactor.callWhenRunning(freeze_startup)  # after startService: everything start-up made
     reactor.callWhenRunning(trim_after_startup, reactor)  # what start-up dropped goes back to the kernel
     return root
