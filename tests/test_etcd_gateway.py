@@ -19,6 +19,7 @@ from networkd.etcd.gateway import GatewayError, _parse, granted_ttl
 from networkd.etcd.session import Session
 from networkd.options import parse_endpoints
 from tests.support.etcd_server import EtcdServer
+from tests.support.freezing import freeze
 from tests.support.waiting import eventually
 
 
@@ -89,7 +90,7 @@ async def test_a_keep_alive_given_up_takes_its_connection_with_it(private_etcd):
     try:
         lease = await client.grant_lease(30)
         assert await client.keep_alive(lease) == 30 and client.gateway.opened == 1
-        os.kill(private_etcd.process.pid, signal.SIGSTOP)
+        freeze(private_etcd.process.pid)
         try:
             with pytest.raises((EtcdUnavailable, defer.TimeoutError, defer.CancelledError)):
                 await client.keep_alive(lease, timeout=0.3)

@@ -16,6 +16,7 @@ from networkd.etcd.keepalive import KeepAliveStream
 from networkd.etcd.reflector import PrefixWatcher
 from networkd.etcd.session import Session
 from tests.test_etcd_snapshots import client_for
+from tests.support.freezing import freeze
 from tests.support.waiting import eventually, sleep
 
 
@@ -182,7 +183,7 @@ async def one_keep_alive_stalled(private_etcd, client, session, stall: float) ->
     client.keep_alive = watched
     count = len(answered)
     await eventually(lambda: len(answered) > count, timeout=3, message="a keep-alive is answered")
-    private_etcd.process.send_signal(signal.SIGSTOP)
+    freeze(private_etcd.process.pid)
     try:
         connected = []
         for _ in range(int(stall / 0.01)):

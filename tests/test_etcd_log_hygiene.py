@@ -10,6 +10,7 @@ from twisted.internet import reactor
 from networkd.etcd.client import EtcdClient, EtcdUnavailable
 from networkd.etcd.session import Session
 from networkd.options import parse_endpoints
+from tests.support.freezing import freeze
 from tests.support.logcapture import LogCapture
 from tests.support.waiting import eventually, sleep
 
@@ -35,7 +36,7 @@ async def test_a_keep_alive_cancelled_by_its_closed_connection_is_one_quiet_line
     try:
         await eventually(lambda: in_flight and in_flight[-1].called, message="first keep-alive answered")
         with LogCapture() as logs:
-            private_etcd.process.send_signal(signal.SIGSTOP)
+            freeze(private_etcd.process.pid)
             stopped = True
             count = len(in_flight)
             await eventually(lambda: len(in_flight) > count, timeout=3, message="a keep-alive is sent")

@@ -11,6 +11,7 @@ import tempfile
 import time
 
 from tests.support.etcd_server import ETCD, ETCDCTL
+from tests.support.freezing import freeze
 from tests.support.ports import free_port
 
 
@@ -121,7 +122,7 @@ class EtcdCluster:
         """SIGSTOP every live member: the whole cluster stops answering at once (a paused VM, a stuck disk)."""
         for member in self.members:
             if member.process is not None and member.process.poll() is None:
-                member.process.send_signal(signal.SIGSTOP)
+                freeze(member.process.pid)
 
     def thaw(self) -> None:
         """SIGCONT every member (destroy() kills frozen members too: SIGKILL needs no SIGCONT)."""
