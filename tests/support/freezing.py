@@ -29,8 +29,9 @@ def stopped(pid: int) -> bool:
     return all(state in ("T", "t") for state in _states(pid))
 
 
-def freeze(pid: int, timeout: float = 2.0) -> None:
-    """SIGSTOP ``pid`` and return once every thread of it has stopped."""
+def freeze(pid: int, timeout: float = 5.0) -> None:
+    """SIGSTOP ``pid`` and return once every thread of it has stopped (a thread inside a system call,
+    an fsync say, stops when the call returns)."""
     os.kill(pid, signal.SIGSTOP)
     give_up = time.monotonic() + timeout
     while not stopped(pid):
