@@ -197,7 +197,7 @@ def makeService(options) -> Networkd:
     reactor = install_asyncio_reactor()
     meter_turns(reactor)  # the daemon's turns, for /metrics (not the command-line tools')
     # Keep-alives stay on grpc: through the gateway (make_client(options, reactor)) the etcd leader-kill
-    # test fenced a node in 3 of ~12 clean-clone suite runs, none on grpc (README, "Idle CPU, third pass").
+    # test fenced a node in 3 of ~12 clean-clone suite runs, none known on grpc (README, "Idle CPU, third pass").
     root = build(options, reactor, make_client(options), notifier=Notifier.from_environ())
     reactor.callWhenRunning(freeze_startup)  # after startService: everything start-up made
     reactor.callWhenRunning(trim_after_startup, reactor)  # what start-up dropped goes back to the kernel

@@ -6,11 +6,22 @@ import sys
 
 from tests.support.freezing import freeze, stopped
 
+SPINNING_THREADS = """
+import threading, time
+def spin():
+    while True:
+        pass
+for _ in range(4):
+    threading.Thread(target=spin, daemon=True).start()
+print("spinning", flush=True)
+time.sleep(60)
+"""
+
 
 def test_freeze_returns_with_every_thread_stopped_and_sigcont_resumes_them():
-    busy_threads = "import threading\nfor _ in range(4):\n    threading.Thread(target=lambda: [0 for _ in iter(int, 1)]).start()\n"
-    process = subprocess.Popen([sys.executable, "-c", busy_threads + "import time; time.sleep(60)"])
+    process = subprocess.Popen([sys.executable, "-c", SPINNING_THREADS], stdout=subprocess.PIPE, text=True)
     try:
+        assert process.stdout.readline().strip() == "spinning"  # four threads on the CPU, or waiting for it
         assert not stopped(process.pid)
         freeze(process.pid)
         assert stopped(process.pid), "every thread stopped when freeze returns"
