@@ -193,6 +193,36 @@ def timeline(bench: Bench, monitor: AddressMonitor, window: Window) -> str:
     return "\n".join(f"{t - window.start:+8.3f} {text}" for t, text in sorted(rows))
 
 
+def daemon_lines(bench: Bench, window: Window):
+    """(node, monotonic time, message) of every daemon log line within the window."""
+    offset = time.time() - time.monotonic()
+    for name, node in bench.nodes.nodes.items():
+        for line in node.daemon.log().splitlines():
+            try:
+                entry = json.loads(line)
+                at = calendar.timegm(time.strptime(entry["time"][:19], "%Y-%m-%dT%H:%M:%S"))
+                at += float(entry["time"][19:-1] or 0) - offset
+            except (ValueError, KeyError):
+                continue
+            if window.start <= at <= window.end:
+                yield name, at, entry.get("message", "")
+
+
+def keepalive_notes(bench: Bench, window: Window) -> dict:
+    """The longest keep-alive outage any node logged in the window ("acknowledges keep-alives again
+    after X s"), how many keep-alives were acknowledged late (answered after they were given up), and
+    how many nodes fenced."""
+    outages, late, fenced = [0.0], 0, set()
+    for name, _, message in daemon_lines(bench, window):
+        if "acknowledges keep-alives again after" in message:
+            outages.append(float(message.split("after ")[1].split("s")[0]))
+        elif "s after it was sent (given up" in message:
+            late += 1
+        elif message.startswith("fencing:"):
+            fenced.add(name)
+    return {"longest keep-alive outage s": max(outages), "late answers taken": late, "nodes fenced": len(fenced)}
+
+
 def summary(name: str, values: list[float], unit: str = "ms", scale: float = 1000, digits: int = 0) -> str:
     v = [x * scale for x in values]
     f = f"8.{digits}f"
@@ -207,6 +237,8 @@ def main() -> int:
     parser.add_argument("--firewall", default="nft", choices=("nft", "legacy"))
     parser.add_argument("--timeline", action="store_true", help="print each run's holdings and daemon logs")
     parser.add_argument("--outage", type=float, default=10.0, help="seconds etcd-outage freezes etcd")
+    parser.add_argument("--keepalives", default="gateway", choices=("gateway", "grpc"),
+                        help="the daemons' --etcd-keepalives")
     parser.add_argument("--failsafe", default="on", choices=("on", "off"),
                         help="give the nodes a shared --peer-secret-file (the peer-confirmed failsafe)")
     args = parser.parse_args()
@@ -226,7 +258,7 @@ def main() -> int:
     try:
         for i, name in enumerate(NODES):
             nodes.add(name, 11 + i)
-            nodes[name].extra_args = ["--log-format", "json"]
+            nodes[name].extra_args = ["--log-format", "json", "--etcd-keepalives", args.keepalives]
             if args.failsafe == "on":
                 nodes[name].extra_args += ["--peer-secret-file", secret.name]
         nodes.put_pods("hello", "web", [(i + 1, n, f"10.77.0.{11 + i}") for i, n in enumerate(NODES)])
@@ -243,6 +275,7 @@ def main() -> int:
                     time.sleep(2)  # settled
                     window = SCENARIOS[scenario](bench, run)
                 monitor.check()
+                window.notes.update(keepalive_notes(bench, window))
                 result = judge(monitor, window)
                 results[scenario].append(result)
                 notes = ", ".join(f"{k} {v:.2f}" for k, v in result.notes.items())
@@ -253,7 +286,7 @@ def main() -> int:
                     print(timeline(bench, monitor, window), flush=True)
 
         print(f"\nVIP faults: 3-member etcd, 3 nodes, 3 VIPs, lock TTL {args.lock_ttl}s, firewall {args.firewall}, "
-              f"failsafe {args.failsafe}, {args.runs} runs each; netlink events in every namespace")
+              f"failsafe {args.failsafe}, keep-alives {args.keepalives}, {args.runs} runs each; netlink events in every namespace")
         for scenario, rs in results.items():
             print(f"{scenario}:")
             print(summary("  longest unheld VIP per run", [r.unheld for r in rs]))

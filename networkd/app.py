@@ -196,9 +196,11 @@ def makeService(options) -> Networkd:
 
     reactor = install_asyncio_reactor()
     meter_turns(reactor)  # the daemon's turns, for /metrics (not the command-line tools')
-    # Keep-alives stay on grpc: through the gateway (make_client(options, reactor)) the etcd leader-kill
-    # test fenced a node in 3 of ~12 clean-clone suite runs, none known on grpc (README, "Idle CPU, third pass").
-    root = build(options, reactor, make_client(options), notifier=Notifier.from_environ())
+    # Keep-alives through etcd's JSON gateway unless --etcd-keepalives grpc: at rest grpc's own threads
+    # cost ~0.3 % of a core for 1.5 keep-alives a second (README, "Idle CPU, fourth pass").
+    gateway = options["etcd-keepalives"] == "gateway"
+    root = build(options, reactor, make_client(options, reactor if gateway else None),
+                 notifier=Notifier.from_environ())
     reactor.callWhenRunning(freeze_startup)  # after startService: everything start-up made
     reactor.callWhenRunning(trim_after_startup, reactor)  # what start-up dropped goes back to the kernel
     return root

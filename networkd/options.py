@@ -28,6 +28,7 @@ GO_ALIASES = {
 
 FIREWALL_BACKENDS = ("auto", "legacy", "nft")
 LOG_FORMATS = ("text", "json")
+KEEPALIVE_TRANSPORTS = ("gateway", "grpc")
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,9 @@ class Options(usage.Options):
          "TTL 30) while no upstream answers; 0: never (RFC 8767)."],
         ["domain", None, None, "The cluster's own domain, forwarded to tinydns besides lain (with --tinydns)."],
         ["log-format", None, "text", "Log lines as text, or json (one JSON object per line, to standard output)."],
+        ["etcd-keepalives", None, "gateway",
+         "How lease keep-alives reach etcd: gateway (etcd's JSON gateway, one HTTP/1.1 connection; grpc where "
+         "there is none, or with TLS or a user) or grpc (one grpc stream)."],
         ["firewall-backend", None, "auto", "iptables back end: auto, legacy (python-iptables) or nft (iptables-restore)."],
         ["vip-probe", None, "on", "Probe each VIP's local container (TCP connect or its health object): on or off."],
         ["vip-probe-interval", None, "1", "Seconds between two probes of one target."],
@@ -266,6 +270,10 @@ class Options(usage.Options):
         self["dns-allow"] = parse_cidrs(self["dns-allow"], "--dns-allow")
         if self["log-format"] not in LOG_FORMATS:
             raise usage.UsageError(f"--log-format: {self['log-format']!r} is not one of {', '.join(LOG_FORMATS)}")
+        if self["etcd-keepalives"] not in KEEPALIVE_TRANSPORTS:
+            raise usage.UsageError(
+                f"--etcd-keepalives: {self['etcd-keepalives']!r} is not one of {', '.join(KEEPALIVE_TRANSPORTS)}"
+            )
         if self["firewall-backend"] not in FIREWALL_BACKENDS:
             raise usage.UsageError(
                 f"--firewall-backend: {self['firewall-backend']!r} is not one of {', '.join(FIREWALL_BACKENDS)}"

@@ -20,7 +20,7 @@ from networkd.etcd.session import Session
 from networkd.options import parse_endpoints
 from tests.support.etcd_server import EtcdServer
 from tests.support.freezing import freeze
-from tests.support.waiting import eventually
+from tests.support.waiting import eventually, sleep
 
 
 def gateway_client(*endpoints: str, call_timeout: float = 1.0) -> EtcdClient:
@@ -192,5 +192,128 @@ async def test_an_endpoint_that_refuses_is_an_etcd_outage():
     try:
         with pytest.raises(EtcdUnavailable, match="cannot connect"):
             await client.keep_alive(0x1234)
+    finally:
+        await client.close()
+
+
+class Held(Protocol):
+    """A fake gateway that answers each request ``factory.delays[k]`` seconds after it came (k: the
+    requests so far, all connections together), with ``factory.answers[k]`` (default: ours, TTL 3)."""
+
+    def connectionMade(self):
+        self.factory.opened.append(self)
+
+    def dataReceived(self, data):
+        if b"\r\n\r\n" not in data:
+            return
+        k = len(self.factory.asked)
+        self.factory.asked.append(self)
+        answer = self.factory.answers.get(k, chunked("200 OK", b'{"result":{"header":{},"ID":"4660","TTL":"3"}}'))
+        delay = self.factory.delays.get(k, 0.0)
+        reactor.callLater(delay, lambda: self.transport.connected and self.transport.write(answer))
+
+    def connectionLost(self, reason):
+        self.factory.closed.append((self, reactor.seconds()))
+
+
+@pytest.fixture
+def held():
+    factory = Factory.forProtocol(Held)
+    factory.delays, factory.answers, factory.opened, factory.asked, factory.closed = {}, {}, [], [], []
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    factory.endpoint = f"http://127.0.0.1:{port.getHost().port}"
+    yield factory
+    port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keep_alive_given_up_is_still_heard_when_its_answer_comes(held):
+    """An etcd follower holds a keep-alive through a leader election and answers it once a new leader
+    is known: given up at its bound, the request stays on its connection, and its answer goes to the
+    late listener with its age; the next keep-alive goes on a new connection meanwhile."""
+    client = gateway_client(held.endpoint)
+    heard = []
+    assert client.hear_late_keep_alives(lambda *a: heard.append((*a, reactor.seconds())), window=2.0)
+    try:
+        held.delays[0] = 0.6
+        asked_at = reactor.seconds()
+        with pytest.raises(EtcdUnavailable):
+            await client.keep_alive(0x1234, timeout=0.2)
+        assert held.closed == [], "given up, its connection stays to hear the answer"
+        assert await client.keep_alive(0x1234, timeout=1.0) == 3, "the next one, on a new connection"
+        assert client.gateway.opened == 2
+        await eventually(lambda: heard, timeout=3, message="the late answer is heard")
+        lease, ttl, age, at = heard[0]
+        assert (lease, ttl) == (0x1234, 3)
+        assert 0.55 <= age <= at - asked_at + 0.01, f"its age ({age:.3f}s) counts from its sending"
+        await eventually(lambda: held.opened[0] in [c for c, _ in held.closed], timeout=1,
+                         message="the connection closes once it was heard")
+        assert held.opened[1] not in [c for c, _ in held.closed], "the connection in use stays"
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_late_answers_heard_are_ours_in_time_and_one_per_endpoint(held):
+    client = gateway_client(held.endpoint)
+    heard = []
+    client.hear_late_keep_alives(lambda *a: heard.append(a), window=0.5)
+    try:
+        # Another lease's answer is no answer to ours.
+        held.delays[0], held.answers[0] = 0.3, chunked("200 OK", b'{"result":{"header":{},"ID":"4661","TTL":"3"}}')
+        with pytest.raises(EtcdUnavailable):
+            await client.keep_alive(0x1234, timeout=0.1)
+        # An answer after the window: its connection was closed at the window, nothing is heard.
+        held.delays[1] = 1.0
+        given_up = reactor.seconds()
+        with pytest.raises(EtcdUnavailable):
+            await client.keep_alive(0x1234, timeout=0.1)
+        await sleep(1.2)
+        assert heard == []
+        closed_at = dict(held.closed)[held.asked[1]]
+        assert 0.35 <= closed_at - given_up <= 0.8, "closed at the window, 0.5 s after its sending"
+        # Two given up in a row on one endpoint: the newer one is listened to, the older closed.
+        held.delays[2] = held.delays[3] = 0.4
+        with pytest.raises(EtcdUnavailable):
+            await client.keep_alive(0x1234, timeout=0.1)
+        with pytest.raises(EtcdUnavailable):
+            await client.keep_alive(0x1234, timeout=0.1)
+        await eventually(lambda: heard, timeout=2, message="the newer one's answer")
+        await sleep(0.1)
+        assert len(heard) == 1 and heard[0][2] < 0.45
+        assert held.asked[2] in dict(held.closed)
+    finally:
+        await client.close()
+    assert len(held.closed) == len(held.opened), "closing the client closes every connection"
+
+
+@pytest.fixture
+def etcd_cluster():
+    from tests.support.etcdcluster import EtcdCluster
+
+    cluster = EtcdCluster(3).start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_follower_answers_a_keep_alive_given_up_during_a_leader_election(etcd_cluster):
+    """The real thing: the etcd leader is killed and a keep-alive goes to a follower at once.  No
+    leader can be elected within its bound (0.3 s; the election timeout is 0.5 s), so it is given
+    up; the follower answers it when the new leader is known, and the answer is heard."""
+    leader = etcd_cluster.leader()
+    follower = next(m for m in etcd_cluster.members if m is not leader)
+    client = gateway_client(follower.endpoint)
+    heard = []
+    client.hear_late_keep_alives(lambda *a: heard.append(a), window=5.0)
+    try:
+        lease = await client.grant_lease(10)
+        assert await client.keep_alive(lease) == 10
+        etcd_cluster.kill(leader)
+        with pytest.raises((EtcdUnavailable, defer.TimeoutError)):
+            await client.keep_alive(lease, timeout=0.3)
+        await eventually(lambda: heard, timeout=8, message="the follower's answer after the election")
+        assert heard[0][0] == lease and heard[0][1] > 0
+        assert 0.3 <= heard[0][2] < 5.0
     finally:
         await client.close()

@@ -324,5 +324,14 @@ class EtcdClient(EtcdConnection):
 
         return self._call(op, timeout, spare_on_timeout=spare).addCallbacks(answered, failed)
 
+    def hear_late_keep_alives(self, listener: Callable[[int, int, float], None], window: float) -> bool:
+        """``listener(lease, ttl, age)`` hears the answers to keep-alives given up by a timeout that come
+        within ``window`` seconds of their sending (``age``: how long ago the request was sent).  Only the
+        gateway keeps a given-up request listening (networkd.etcd.gateway); False where there is none."""
+        if self.gateway is None:
+            return False
+        self.gateway.late, self.gateway.late_window = listener, window
+        return True
+
     def revoke_lease(self, lease: int, timeout: float | None = None) -> Deferred:
         return self._call(lambda client: client.revoke_lease(lease), timeout)

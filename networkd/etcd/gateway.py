@@ -14,20 +14,35 @@ and the client keeps grpc from then on.
 
 Safety, as for the stream: the session dates the lease from the send time of
 the request it believes answered.  So one request at a time on a connection;
-a request given up (a timeout, a cancellation, an error) closes the
-connection, so that its late answer reaches nobody; and an answer counts
-only if it names our lease.
+a request given up (a timeout, a cancellation, an error) leaves its
+connection, so that its late answer can never be read as the answer to
+another request; and an answer counts only if it names our lease.
+
+A request given up at its bound is not always lost, though: during an etcd
+leader election a follower holds every keep-alive until a new leader is
+known and then answers it, before any request sent later elsewhere.  With a
+listener for late answers (``late``), a request given up by a timeout stays
+on its connection, now its own, for ``late_window`` seconds; its answer goes
+to the listener with the request's age, so the session can date the lease
+from when that request was sent (never later).  One such connection per
+endpoint: a newer one replaces it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
+from typing import Callable
 
 from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from networkd.options import Endpoint
+
+log = Logger()
 
 PATH = b"/v3/lease/keepalive"
 MAX_ANSWER = 64 * 1024  # a keep-alive answer is ~200 bytes: more is not etcd's gateway
@@ -188,32 +203,91 @@ class _Connecting(ClientFactory):
 
 
 class GatewayKeepAlive:
-    """``refresh(endpoint, lease)``: the TTL granted, over one HTTP/1.1 connection reused across calls."""
+    """``refresh(endpoint, lease)``: the TTL granted, over one HTTP/1.1 connection reused across calls.
 
-    def __init__(self, reactor, connect_timeout: float = 3.0):
+    ``late(lease, ttl, age)``, when set, hears the answers to requests given up by a timeout that
+    came within ``late_window`` seconds of their sending (module docstring)."""
+
+    def __init__(self, reactor, connect_timeout: float = 3.0, clock: Callable[[], float] = time.monotonic):
         self._reactor = reactor
         self._connect_timeout = connect_timeout
+        self._clock = clock
         self._connection: _Connection | None = None
         self._endpoint: Endpoint | None = None
         self._busy = False  # a request is outstanding on ``_connection``
+        self._waiting_late: dict[Endpoint, _Connection] = {}  # given-up requests still listened to
+        self.late: Callable[[int, int, float], None] | None = None
+        self.late_window = 0.0
         self.opened = 0  # connections opened so far (tests, diagnostics)
+        self.late_answers = 0  # answers heard after their request was given up (tests, diagnostics)
 
     async def refresh(self, endpoint: Endpoint, lease: int) -> int:
         loop = asyncio.get_running_loop()
         connection = self._connection
         if connection is None or connection.lost or self._endpoint != endpoint or self._busy:
-            self.close()  # (another endpoint now, the previous request given up, or etcd closed it)
+            self._close_current()  # (another endpoint now, the previous request given up, or etcd closed it)
             connection = await self._connect(endpoint, loop)
         self._busy = True
+        asked_at = self._clock()
+        asked = connection.ask(_request(endpoint, lease))
+        answer = loop.create_future()
+        asked.addBoth(_hand_to, answer)
         try:
-            status, body = await connection.ask(_request(endpoint, lease)).asFuture(loop)
+            result = await answer
+            if isinstance(result, Failure):
+                result.raiseException()
+            status, body = result
             ttl = granted_ttl(lease, status, body)
+        except asyncio.CancelledError:
+            if self.late is not None and not connection.lost:
+                self._listen_late(endpoint, connection, asked, lease, asked_at)
+            else:
+                asked.addErrback(lambda _: None)  # (its CancelledError is ours, already raised)
+                asked.cancel()
+                self._drop(connection)
+            raise
         except BaseException:
             self._drop(connection)
             raise
         if connection is self._connection:
             self._busy = False
         return ttl
+
+    def _listen_late(self, endpoint: Endpoint, connection: _Connection, asked: defer.Deferred,
+                     lease: int, asked_at: float) -> None:
+        """The request given up stays on ``connection``, which leaves the pool: its answer, if it
+        comes within ``late_window``, goes to ``late``; then the connection is closed."""
+        if connection is self._connection:
+            self._connection, self._endpoint, self._busy = None, None, False
+        older = self._waiting_late.pop(endpoint, None)
+        if older is not None:
+            older.close()  # the newer request's answer dates the lease later
+        self._waiting_late[endpoint] = connection
+        expiry = self._reactor.callLater(self.late_window, connection.close)
+
+        def heard(result):
+            if expiry.active():
+                expiry.cancel()
+            if self._waiting_late.get(endpoint) is connection:
+                del self._waiting_late[endpoint]
+            connection.close()  # it served its one request
+            if isinstance(result, Failure):
+                return None  # closed, replaced, expired or etcd failed: nothing heard
+            try:
+                ttl = granted_ttl(lease, *result)
+            except (GatewayError, GatewayMissing) as e:
+                log.info("etcd {endpoint}: a late keep-alive answer is no answer: {e}", endpoint=endpoint, e=e)
+                return None
+            listener = self.late
+            if listener is not None:
+                self.late_answers += 1
+                try:
+                    listener(lease, ttl, self._clock() - asked_at)
+                except Exception:
+                    log.failure("late keep-alive listener failed")
+            return None
+
+        asked.addBoth(heard)
 
     async def _connect(self, endpoint: Endpoint, loop) -> _Connection:
         # reactor.connectTCP, not twisted.internet.endpoints: importing that module takes LISTEN_PID and
@@ -231,10 +305,25 @@ class GatewayKeepAlive:
         if connection is self._connection:
             self._connection, self._endpoint, self._busy = None, None, False
 
-    def close(self) -> None:
+    def _close_current(self) -> None:
         connection, self._connection, self._endpoint, self._busy = self._connection, None, None, False
         if connection is not None:
             connection.close()
+
+    def close(self) -> None:
+        """Every connection, those listening for late answers too (the client is closing)."""
+        self._close_current()
+        waiting, self._waiting_late = list(self._waiting_late.values()), {}
+        for connection in waiting:
+            connection.close()
+
+
+def _hand_to(result, answer: asyncio.Future):
+    """The connection's answer (or Failure) to ``refresh``; passed on untouched once it gave up."""
+    if answer.done():
+        return result
+    answer.set_result(result)
+    return None
 
 
 def _request(endpoint: Endpoint, lease: int) -> bytes:

@@ -45,6 +45,10 @@ class Session(service.Service):
         self._failing_since: float | None = None  # the first failed keep-alive since the last acknowledged one
         self._loop: defer.Deferred | None = None
         self._sleep = Pause(reactor)
+        hear_late = getattr(client, "hear_late_keep_alives", None)
+        if hear_late is not None:
+            hear_late(self._late_answer, self.ttl)
+        self.late_acks = 0  # keep-alives acknowledged after they were given up (tests, diagnostics)
 
     @property
     def interval(self) -> float:
@@ -132,6 +136,24 @@ class Session(service.Service):
                 delay = self._backoff.next()
             if self.running:
                 await self._sleep(delay)
+
+    def _late_answer(self, lease: int, granted: int, age: float) -> None:
+        """A keep-alive given up at its bound was answered after all: in an etcd leader election a
+        follower holds it until a new leader is known, and its answer is often the first to come
+        back.  The lease dates from when that request was sent (``age`` seconds ago), if that is
+        newer than the last acknowledgement and the lease is not already past its fencing deadline."""
+        if not self.running or lease != self.lease or granted <= 0:
+            return  # (a lease gone is for the keep-alive loop to find out, as it always does)
+        now = self.clock()
+        sent = now - age
+        if self.last_ack is not None and sent <= self.last_ack:
+            return
+        if age >= self.ttl - fencing_margin(self.ttl):
+            return  # too late to hold anything on: the next acknowledgement starts afresh
+        self.late_acks += 1
+        log.info("etcd answered a keep-alive of lease {lease:x} {age:.2f}s after it was sent (given up "
+                 "after {bound:.1f}s): the lease dates from then", lease=lease, age=age, bound=self.bound)
+        self._acked(sent)
 
     def _acked(self, sent: float) -> None:
         self.last_ack = sent
