@@ -84,8 +84,9 @@ async def test_an_etcd_without_the_gateway_gets_its_keep_alives_over_grpc(etcd_w
 
 @pytest_twisted.ensureDeferred
 async def test_a_keep_alive_given_up_takes_its_connection_with_it(private_etcd):
-    """etcd stopped: the keep-alive times out and its connection is closed, so the answer etcd sends
-    when it resumes reaches nobody; the next keep-alive goes on a new connection and is answered."""
+    """Nobody listening for late answers, etcd stopped: the keep-alive times out and its connection is
+    closed, so the answer etcd sends when it resumes reaches nobody; the next keep-alive goes on a new
+    connection and is answered."""
     client = gateway_client(private_etcd.endpoint, call_timeout=0.3)
     try:
         lease = await client.grant_lease(30)
@@ -317,3 +318,26 @@ async def test_a_follower_answers_a_keep_alive_given_up_during_a_leader_election
         assert 0.3 <= heard[0][2] < 5.0
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("transport, through_gateway", [("gateway", True), ("grpc", False)])
+def test_the_daemon_keeps_its_lease_alive_as_etcd_keepalives_says(monkeypatch, transport, through_gateway):
+    """--etcd-keepalives gateway (the default) gives the daemon's client the reactor, which puts its
+    keep-alives on the gateway; grpc does not."""
+    import networkd.app as app
+    from twisted.internet.task import Clock
+
+    from networkd.options import Options
+
+    assert dict((p[0], p[2]) for p in Options.optParameters)["etcd-keepalives"] == "gateway"
+    class FakeReactor(Clock):
+        def callWhenRunning(self, f, *args):
+            pass
+
+    given = []
+    monkeypatch.setattr(app, "install_asyncio_reactor", lambda: FakeReactor())
+    monkeypatch.setattr(app, "meter_turns", lambda reactor: None)
+    monkeypatch.setattr(app, "build", lambda *a, **k: object())
+    monkeypatch.setattr(app, "make_client", lambda options, reactor=None: given.append(reactor))
+    app.makeService({"etcd-keepalives": transport})
+    assert (given[0] is not None) is through_gateway

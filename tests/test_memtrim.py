@@ -36,5 +36,5 @@ def test_the_daemon_schedules_it(monkeypatch):
     monkeypatch.setattr(app, "install_asyncio_reactor", lambda: FakeReactor())
     monkeypatch.setattr(app, "build", lambda *a, **k: object())
     monkeypatch.setattr(app, "make_client", lambda options, reactor=None: None)
-    app.makeService({})
+    app.makeService({"etcd-keepalives": "gateway"})
     assert "trim_after_startup" in scheduled and "freeze_startup" in scheduled

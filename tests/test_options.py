@@ -71,6 +71,7 @@ def test_etcd_root_is_normalised():
     (["--node-ip", "10.0.0.300"], "--node-ip: '10.0.0.300' is not an IPv4 address"),
     (["--dns-allow", "10.0.0.0/33"], "--dns-allow: '10.0.0.0/33' is not a CIDR"),
     (["--firewall-backend", "pf"], "--firewall-backend: 'pf' is not one of auto, legacy, nft"),
+    (["--etcd-keepalives", "http"], "--etcd-keepalives: 'http' is not one of gateway, grpc"),
     (["--interface", "a-very-long-interface-name"], "is not an interface name"),
     (["--domain", "bad..name"], "--domain: 'bad..name' is not a domain name"),
 ])

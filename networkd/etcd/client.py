@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from aetcd import exceptions as aetcd_exceptions, rpc, transactions, utils as aetcd_utils
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from networkd.etcd.connection import (  # noqa: F401  (re-exported: imported from here)
@@ -299,16 +299,10 @@ class EtcdClient(EtcdConnection):
         answered one keep-alive late (20 daemons on 2 cores: 64 watches lost in a burst, which made
         the load worse).  A second one in a row drops it, as any other error does at once; with
         several endpoints a timeout moves to the next at once (a dead etcd leader)."""
+        if self.gateway is not None:
+            return self._gateway_keep_alive(lease, timeout)
 
         async def op(client):
-            if self.gateway is not None:
-                try:
-                    return await self.gateway.refresh(self.endpoint, lease)
-                except GatewayMissing as e:
-                    log.info("etcd {endpoint}: {e}; lease keep-alives go over grpc from now on",
-                             endpoint=self.endpoint, e=e)
-                    self.gateway.close()
-                    self.gateway = None
             reply = await self.keepalives.refresh(client, lease)
             return max(0, reply.TTL)
 
@@ -323,6 +317,35 @@ class EtcdClient(EtcdConnection):
             return failure
 
         return self._call(op, timeout, spare_on_timeout=spare).addCallbacks(answered, failed)
+
+    def _gateway_keep_alive(self, lease: int, timeout: float | None) -> Deferred:
+        """The keep-alive through etcd's JSON gateway: no asyncio task, the same fail-over as ``_call``
+        (a timeout spared once with one endpoint; any other failure moves to the next endpoint)."""
+        endpoint = self.endpoint
+        spare = len(self.endpoints) == 1 and not self._keepalive_late
+
+        def answered(ttl):
+            self._keepalive_late = False
+            self._answered(endpoint)
+            return ttl
+
+        def failed(failure):
+            if failure.check(GatewayMissing):
+                log.info("etcd {endpoint}: {e}; lease keep-alives go over grpc from now on",
+                         endpoint=endpoint, e=failure.value)
+                if self.gateway is not None:
+                    self.gateway.close()
+                    self.gateway = None
+                return self.keep_alive(lease, timeout)
+            if failure.check(CancelledError):
+                return failure  # our own stop
+            timed_out = failure.check(TimeoutError) is not None
+            self._keepalive_late = timed_out
+            if not (timed_out and spare):
+                self._fail_over()
+            raise EtcdUnavailable(f"etcd {endpoint}: keep-alive: {failure.getErrorMessage()}") from failure.value
+
+        return self.gateway.refresh(endpoint, lease, timeout or self.call_timeout).addCallbacks(answered, failed)
 
     def hear_late_keep_alives(self, listener: Callable[[int, int, float], None], window: float) -> bool:
         """``listener(lease, ttl, age)`` hears the answers to keep-alives given up by a timeout that come

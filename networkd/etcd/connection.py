@@ -201,7 +201,7 @@ class EtcdConnection:
             )
         return self._client
 
-    def _failed(self, client: _Client) -> None:
+    def _failed(self, client: _Client | None) -> None:
         """Drop ``client`` after a connection error; with several endpoints, use the next."""
         if client is not self._client:
             return
@@ -219,7 +219,8 @@ class EtcdConnection:
                 self._outage = (time.monotonic(), 0)
                 log.warn("etcd: failing over to {endpoint}", endpoint=self.endpoint)
             self._outage = (self._outage[0], self._outage[1] + 1)
-        asyncio.ensure_future(_close_quietly(client))
+        if client is not None:
+            asyncio.ensure_future(_close_quietly(client))
 
     def _healthiest(self) -> int:
         """The next endpoint in turn among those that failed longest ago (never, first): after a
@@ -250,12 +251,21 @@ class EtcdConnection:
                 if translated is e:
                     raise
                 raise translated from e
-            if self._outage is not None and self._settling is None:
-                self._settling = asyncio.get_running_loop().call_later(
-                    self.outage_settle, self._settled, endpoint, time.monotonic())
+            self._answered(endpoint)
             return result
 
         return Deferred.fromFuture(asyncio.ensure_future(run())).addErrback(_twisted_cancel, self.endpoint)
+
+    def _answered(self, endpoint: Endpoint) -> None:
+        """A call was answered: in an outage, it ends once calls were answered for ``outage_settle`` s."""
+        if self._outage is not None and self._settling is None:
+            self._settling = asyncio.get_running_loop().call_later(
+                self.outage_settle, self._settled, endpoint, time.monotonic())
+
+    def _fail_over(self) -> None:
+        """A call that is not the client's own (the gateway's keep-alive) failed on the endpoint in use:
+        as ``_failed`` for the client of that endpoint, whether one is open or not."""
+        self._failed(self._client)
 
     def _settled(self, endpoint: Endpoint, answered_at: float) -> None:
         """Calls were answered for ``outage_settle`` seconds, none failed: the outage is over."""

@@ -1,11 +1,13 @@
 """Lease keep-alives through etcd's JSON gateway, on one persistent HTTP/1.1 connection.
 
-At rest a daemon's keep-alives are most of what it spends: grpc.aio
-completes the write and the read of each on its poller thread and wakes the
-event loop for each, and every wake-up costs ~0.2 ms of CPU on a VM.  The
-same keep-alive as an HTTP/1.1 request to the gateway etcd serves on its
-client port (``POST /v3/lease/keepalive``) is one write and, nearly always,
-one read in one wake-up.  Watches, reads and writes stay on grpc (aetcd).
+At rest a daemon's keep-alives are most of what it spends: on grpc each one
+wakes grpc's own threads some twenty times and then the event loop twice
+(~2 ms of CPU a keep-alive, bench/keepalive_cost.py).  The same keep-alive
+as an HTTP/1.1 request to the gateway etcd serves on its client port
+(``POST /v3/lease/keepalive``) is one ``send`` in the turn the session's timer
+woke, and one read in the turn the answer wakes: no task, no other turn (an
+asyncio protocol writes at once, where a Twisted transport waits a turn for
+the socket to be writable).  Watches, reads and writes stay on grpc (aetcd).
 
 Used for plain ``http`` endpoints without a user: with TLS or an auth token
 the keep-alives stay on grpc (``KeepAliveStream``).  An endpoint that answers
@@ -36,7 +38,6 @@ import time
 from typing import Callable
 
 from twisted.internet import defer
-from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -56,33 +57,33 @@ class GatewayError(ConnectionError):
     """No usable answer: the connection is closed and the call counts as an etcd outage."""
 
 
-class _Connection(Protocol):
-    """One HTTP/1.1 connection, one request at a time: ``ask`` fires with (status, body)."""
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection, one request at a time: ``ask`` returns a Deferred of (status, body)."""
 
     def __init__(self):
+        self.transport: asyncio.Transport | None = None
         self._buffer = b""
         self._waiting: defer.Deferred | None = None
         self.lost = False
 
-    def connectionMade(self):
-        if not self.factory.connected.called:  # (not given up meanwhile)
-            self.factory.connected.callback(self)
+    def connection_made(self, transport):
+        self.transport = transport
 
-    def connectionLost(self, reason):
+    def connection_lost(self, exc):
         self.lost = True
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
-            waiting.errback(GatewayError(f"connection closed before the answer ({reason.getErrorMessage()})"))
+            waiting.errback(GatewayError(f"connection closed before the answer ({exc or 'closed by etcd'})"))
 
     def close(self) -> None:
         self.lost = True
         if self.transport is not None:
-            self.transport.abortConnection()
+            self.transport.abort()  # connection_lost follows, a turn later
 
     def ask(self, request: bytes) -> defer.Deferred:
         self._buffer = b""
         self._waiting = defer.Deferred(self._given_up)
-        self.transport.write(request)
+        self.transport.write(request)  # sent now, in this turn, while the socket takes it
         return self._waiting
 
     def _given_up(self, waiting: defer.Deferred) -> None:
@@ -91,7 +92,7 @@ class _Connection(Protocol):
             self._waiting = None
         self.close()
 
-    def dataReceived(self, data: bytes) -> None:
+    def data_received(self, data: bytes) -> None:
         self._buffer += data
         if self._waiting is None:  # nothing was asked: not an answer to anything of ours
             self.close()
@@ -181,29 +182,10 @@ def granted_ttl(lease: int, status: int, body: bytes) -> int:
     return max(0, ttl)
 
 
-class _Connecting(ClientFactory):
-    """Fires ``connected`` with the connection, or fails it with why it could not be made;
-    cancelling ``connected`` stops the attempt."""
-
-    def __init__(self):
-        self._connector = None
-        self.connected = defer.Deferred(lambda _: self._connector and self._connector.disconnect())
-
-    def startedConnecting(self, connector):
-        self._connector = connector
-
-    def buildProtocol(self, addr):
-        connection = _Connection()
-        connection.factory = self
-        return connection
-
-    def clientConnectionFailed(self, connector, reason):
-        if not self.connected.called:
-            self.connected.errback(GatewayError(f"cannot connect: {reason.getErrorMessage()}"))
-
-
 class GatewayKeepAlive:
-    """``refresh(endpoint, lease)``: the TTL granted, over one HTTP/1.1 connection reused across calls.
+    """``refresh(endpoint, lease, timeout)``: a Deferred of the TTL granted, over one HTTP/1.1 connection
+    reused across calls.  It fails with GatewayError (the connection, or etcd's answer, failed),
+    GatewayMissing, or TimeoutError (no answer within ``timeout``).
 
     ``late(lease, ttl, age)``, when set, hears the answers to requests given up by a timeout that
     came within ``late_window`` seconds of their sending (module docstring)."""
@@ -221,37 +203,32 @@ class GatewayKeepAlive:
         self.opened = 0  # connections opened so far (tests, diagnostics)
         self.late_answers = 0  # answers heard after their request was given up (tests, diagnostics)
 
-    async def refresh(self, endpoint: Endpoint, lease: int) -> int:
-        loop = asyncio.get_running_loop()
+    def refresh(self, endpoint: Endpoint, lease: int, timeout: float) -> defer.Deferred:
+        call = _Call(self, endpoint, lease, timeout)
         connection = self._connection
         if connection is None or connection.lost or self._endpoint != endpoint or self._busy:
             self._close_current()  # (another endpoint now, the previous request given up, or etcd closed it)
-            connection = await self._connect(endpoint, loop)
-        self._busy = True
-        asked_at = self._clock()
-        asked = connection.ask(_request(endpoint, lease))
-        answer = loop.create_future()
-        asked.addBoth(_hand_to, answer)
-        try:
-            result = await answer
-            if isinstance(result, Failure):
-                result.raiseException()
-            status, body = result
-            ttl = granted_ttl(lease, status, body)
-        except asyncio.CancelledError:
-            if self.late is not None and not connection.lost:
-                self._listen_late(endpoint, connection, asked, lease, asked_at)
-            else:
-                asked.addErrback(lambda _: None)  # (its CancelledError is ours, already raised)
-                asked.cancel()
-                self._drop(connection)
-            raise
-        except BaseException:
-            self._drop(connection)
-            raise
-        if connection is self._connection:
-            self._busy = False
-        return ttl
+            call.connect()
+        else:
+            call.ask(connection)
+        return call.done
+
+    def _connect(self, endpoint: Endpoint) -> defer.Deferred:
+        """A Deferred of a new connection to ``endpoint``, which becomes the one in use."""
+        loop = asyncio.get_running_loop()
+        connecting = asyncio.ensure_future(asyncio.wait_for(
+            loop.create_connection(_Connection, endpoint.host, endpoint.port), self._connect_timeout))
+
+        def made(pair):
+            self._connection, self._endpoint, self._busy = pair[1], endpoint, False
+            self.opened += 1
+            return pair[1]
+
+        def failed(failure):
+            failure.trap(OSError, TimeoutError)
+            raise GatewayError(f"cannot connect: {failure.getErrorMessage() or failure.type.__name__}")
+
+        return defer.Deferred.fromFuture(connecting).addCallbacks(made, failed)
 
     def _listen_late(self, endpoint: Endpoint, connection: _Connection, asked: defer.Deferred,
                      lease: int, asked_at: float) -> None:
@@ -289,18 +266,9 @@ class GatewayKeepAlive:
 
         asked.addBoth(heard)
 
-    async def _connect(self, endpoint: Endpoint, loop) -> _Connection:
-        # reactor.connectTCP, not twisted.internet.endpoints: importing that module takes LISTEN_PID and
-        # LISTEN_FDS out of the environment (its systemd parser reads them at import), and the DNS
-        # listeners systemd passed were then never found (tests/test_dns_activation.py).
-        factory = _Connecting()
-        self._reactor.connectTCP(endpoint.host, endpoint.port, factory, self._connect_timeout)
-        connection = await factory.connected.asFuture(loop)
-        self._connection, self._endpoint, self._busy = connection, endpoint, False
-        self.opened += 1
-        return connection
-
-    def _drop(self, connection: _Connection) -> None:
+    def _drop(self, connection: _Connection | None) -> None:
+        if connection is None:
+            return
         connection.close()
         if connection is self._connection:
             self._connection, self._endpoint, self._busy = None, None, False
@@ -318,12 +286,82 @@ class GatewayKeepAlive:
             connection.close()
 
 
-def _hand_to(result, answer: asyncio.Future):
-    """The connection's answer (or Failure) to ``refresh``; passed on untouched once it gave up."""
-    if answer.done():
-        return result
-    answer.set_result(result)
-    return None
+class _Call:
+    """One keep-alive: connect if need be, ask, and settle ``done`` once, with the TTL, a failure,
+    or TimeoutError at ``timeout``; whatever comes after that is the late listener's or nobody's."""
+
+    def __init__(self, owner: GatewayKeepAlive, endpoint: Endpoint, lease: int, timeout: float):
+        self.owner, self.endpoint, self.lease = owner, endpoint, lease
+        self.done = defer.Deferred(lambda _: self._abandon())  # cancelled (our stop)
+        self.timer = owner._reactor.callLater(timeout, self._timed_out, timeout)
+        self.connecting: defer.Deferred | None = None
+        self.connection: _Connection | None = None
+        self.asked: defer.Deferred | None = None
+        self.asked_at = 0.0
+        self.given_up = False  # timed out: what comes now is the late listener's or nobody's
+
+    def connect(self) -> None:
+        self.connecting = self.owner._connect(self.endpoint)
+        self.connecting.addCallbacks(self._connected, self._settle)
+
+    def _connected(self, connection: _Connection) -> None:
+        self.connecting = None
+        if not (self.given_up or self.done.called):  # (else: timed out while connecting; the connection stays for the next)
+            self.ask(connection)
+
+    def ask(self, connection: _Connection) -> None:
+        self.connection = connection
+        self.owner._busy = True
+        self.asked_at = self.owner._clock()
+        self.asked = connection.ask(_request(self.endpoint, self.lease))
+        self.asked.addBoth(self._settle)
+
+    def _settle(self, result):
+        """The answer (or the failure) while ``done`` waits; passed on untouched once it does not."""
+        if self.given_up or self.done.called:
+            return result
+        self.timer.cancel()
+        self.connecting = None
+        if not isinstance(result, Failure):
+            try:
+                ttl = granted_ttl(self.lease, *result)
+            except (GatewayError, GatewayMissing):
+                result = Failure()
+            else:
+                if self.connection is self.owner._connection:
+                    self.owner._busy = False
+                self.done.callback(ttl)
+                return None
+        self.owner._drop(self.connection)
+        self.done.errback(result)
+        return None
+
+    def _timed_out(self, timeout: float) -> None:
+        # Everything is put away before ``done`` fails: its callbacks may send the next keep-alive at once.
+        self.given_up = True
+        owner = self.owner
+        if self.connecting is not None:
+            connecting, self.connecting = self.connecting, None
+            connecting.addErrback(lambda _: None)
+            connecting.cancel()
+        elif self.asked is not None:
+            if owner.late is not None and not self.connection.lost:
+                owner._listen_late(self.endpoint, self.connection, self.asked, self.lease, self.asked_at)
+            else:
+                self.asked.addErrback(lambda _: None)
+                self.asked.cancel()
+                owner._drop(self.connection)
+        self.done.errback(TimeoutError(f"no answer within {timeout:g}s"))
+
+    def _abandon(self) -> None:
+        """Cancelled by the caller: nothing is listened to."""
+        if self.timer.active():
+            self.timer.cancel()
+        for pending in (self.connecting, self.asked):
+            if pending is not None and not pending.called:
+                pending.addErrback(lambda _: None)
+                pending.cancel()
+        self.owner._drop(self.connection)
 
 
 def _request(endpoint: Endpoint, lease: int) -> bytes:
