@@ -301,12 +301,16 @@ class _Call:
         self.given_up = False  # timed out: what comes now is the late listener's or nobody's
 
     def connect(self) -> None:
-        self.connecting = self.owner._connect(self.endpoint)
+        try:
+            self.connecting = self.owner._connect(self.endpoint)
+        except Exception:  # (no event loop running: not the daemon's case) a failed call, not a raise
+            self._settle(Failure())
+            return
         self.connecting.addCallbacks(self._connected, self._settle)
 
     def _connected(self, connection: _Connection) -> None:
         self.connecting = None
-        if not (self.given_up or self.done.called):  # (else: timed out while connecting; the connection stays for the next)
+        if not (self.given_up or self.done.called):  # (a connect given up was cancelled)
             self.ask(connection)
 
     def ask(self, connection: _Connection) -> None:
