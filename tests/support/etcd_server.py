@@ -57,12 +57,25 @@ class EtcdServer:
             env={**os.environ, "ETCD_UNSUPPORTED_ARCH": os.environ.get("ETCD_UNSUPPORTED_ARCH", "")},
         )
         log.close()
+        try:
+            self._wait_healthy(timeout)
+        except BaseException:
+            self.process.kill()  # a start that failed leaves no etcd behind (a bench's failure path did)
+            self.process.wait()
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            raise
+        return self
+
+    def _wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self.process.returncode}: {self.log_tail()}")
-            if self.ctl("endpoint", "health", check=False, timeout=2).returncode == 0:
-                return self
+            try:
+                if self.ctl("endpoint", "health", check=False, timeout=2).returncode == 0:
+                    return
+            except subprocess.TimeoutExpired:
+                pass  # etcdctl hung on an etcd still starting (a loaded host): ask again
             time.sleep(0.1)
         raise RuntimeError(f"etcd did not become healthy: {self.log_tail()}")
 
