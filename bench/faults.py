@@ -175,26 +175,17 @@ def judge(monitor: AddressMonitor, window: Window) -> Result:
 
 
 def timeline(bench: Bench, monitor: AddressMonitor, window: Window) -> str:
-    """Holdings and daemon log lines around the window, in ms from its start (logs are JSON: ms times)."""
-    offset = time.time() - time.monotonic()
+    """Holdings and daemon log lines around the window, in ms from its start."""
     rows = [(s, f"  {n} has {ip} .. {e - window.start:+.3f}") for n, ip, s, e in monitor.intervals()
             if e >= window.start - 1]
-    for name, node in bench.nodes.nodes.items():
-        for line in node.daemon.log().splitlines():
-            try:
-                entry = json.loads(line)
-                at = calendar.timegm(time.strptime(entry["time"][:19], "%Y-%m-%dT%H:%M:%S"))
-                at += float(entry["time"][19:-1] or 0) - offset
-            except (ValueError, KeyError):
-                continue
-            if window.start - 1 <= at <= window.end and any(w in entry.get("message", "") for w in
-                                                            ("VIP", "lock", "etcd", "lease", "fenc")):
-                rows.append((at, f"  {name}: {entry['message'][:150]}"))
+    rows += [(at, f"  {name}: {message[:150]}") for name, at, message in daemon_lines(bench, window.start - 1, window.end)
+             if any(w in message for w in ("VIP", "lock", "etcd", "lease", "fenc"))]
     return "\n".join(f"{t - window.start:+8.3f} {text}" for t, text in sorted(rows))
 
 
-def daemon_lines(bench: Bench, window: Window):
-    """(node, monotonic time, message) of every daemon log line within the window."""
+def daemon_lines(bench: Bench, start: float, end: float):
+    """(node, monotonic time, message) of every daemon log line from ``start`` to ``end`` (logs are JSON:
+    ms times)."""
     offset = time.time() - time.monotonic()
     for name, node in bench.nodes.nodes.items():
         for line in node.daemon.log().splitlines():
@@ -204,7 +195,7 @@ def daemon_lines(bench: Bench, window: Window):
                 at += float(entry["time"][19:-1] or 0) - offset
             except (ValueError, KeyError):
                 continue
-            if window.start <= at <= window.end:
+            if start <= at <= end:
                 yield name, at, entry.get("message", "")
 
 
@@ -213,7 +204,7 @@ def keepalive_notes(bench: Bench, window: Window) -> dict:
     after X s"), how many keep-alives were acknowledged late (answered after they were given up), and
     how many nodes fenced."""
     outages, late, fenced = [0.0], 0, set()
-    for name, _, message in daemon_lines(bench, window):
+    for name, _, message in daemon_lines(bench, window.start, window.end):
         if "acknowledges keep-alives again after" in message:
             outages.append(float(message.split("after ")[1].split("s")[0]))
         elif "s after it was sent (given up" in message:

@@ -268,16 +268,10 @@ class Options(usage.Options):
         self["dns-stale-max"] = self._integer("dns-stale-max", 0, 30 * 86400)
         self["dns-forward-max"] = self._integer("dns-forward-max", 1, 100_000)
         self["dns-allow"] = parse_cidrs(self["dns-allow"], "--dns-allow")
-        if self["log-format"] not in LOG_FORMATS:
-            raise usage.UsageError(f"--log-format: {self['log-format']!r} is not one of {', '.join(LOG_FORMATS)}")
-        if self["etcd-keepalives"] not in KEEPALIVE_TRANSPORTS:
-            raise usage.UsageError(
-                f"--etcd-keepalives: {self['etcd-keepalives']!r} is not one of {', '.join(KEEPALIVE_TRANSPORTS)}"
-            )
-        if self["firewall-backend"] not in FIREWALL_BACKENDS:
-            raise usage.UsageError(
-                f"--firewall-backend: {self['firewall-backend']!r} is not one of {', '.join(FIREWALL_BACKENDS)}"
-            )
+        for name, choices in (("log-format", LOG_FORMATS), ("etcd-keepalives", KEEPALIVE_TRANSPORTS),
+                              ("firewall-backend", FIREWALL_BACKENDS)):
+            if self[name] not in choices:
+                raise usage.UsageError(f"--{name}: {self[name]!r} is not one of {', '.join(choices)}")
         if len(self["interface"]) > 15 or not self["interface"] or "/" in self["interface"]:
             raise usage.UsageError(f"--interface: {self['interface']!r} is not an interface name")
         self["node-ip"] = self._node_ip()

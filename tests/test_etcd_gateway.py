@@ -122,12 +122,19 @@ def chunked(status: str, body: bytes) -> bytes:
             f"{len(body):x}\r\n").encode() + body + b"\r\n0\r\n\r\n"
 
 
-@pytest.fixture
-def canned():
-    factory = Factory.forProtocol(Canned)
-    factory.bytewise = False
+def serving(protocol, **state):
+    """A fake gateway on 127.0.0.1 speaking ``protocol``: (its factory with ``endpoint`` and ``state``,
+    the listening port to stop)."""
+    factory = Factory.forProtocol(protocol)
+    factory.__dict__.update(state)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     factory.endpoint = f"http://127.0.0.1:{port.getHost().port}"
+    return factory, port
+
+
+@pytest.fixture
+def canned():
+    factory, port = serving(Canned, bytewise=False)
     yield factory
     port.stopListening()
 
@@ -217,14 +224,42 @@ class Held(Protocol):
         self.factory.closed.append((self, reactor.seconds()))
 
 
+def holding():
+    return serving(Held, delays={}, answers={}, opened=[], asked=[], closed=[])
+
+
 @pytest.fixture
 def held():
-    factory = Factory.forProtocol(Held)
-    factory.delays, factory.answers, factory.opened, factory.asked, factory.closed = {}, {}, [], [], []
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-    factory.endpoint = f"http://127.0.0.1:{port.getHost().port}"
+    factory, port = holding()
     yield factory
     port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_keep_alive_timed_out_moves_to_the_next_endpoint_and_one_endpoint_is_spared_once(held):
+    """As for every other call: with several endpoints a keep-alive that timed out moves the client to
+    the next one (a dead leader gives no other sign); with one, the first timeout keeps it."""
+    other, port = holding()
+    try:
+        client = gateway_client(held.endpoint, other.endpoint)
+        held.delays[0] = 1.0
+        with pytest.raises(EtcdUnavailable, match="no answer within 0.2s"):
+            await client.keep_alive(0x1234, timeout=0.2)
+        assert str(client.endpoint) == other.endpoint and client.failovers == 1
+        assert await client.keep_alive(0x1234, timeout=1.0) == 3 and len(other.asked) == 1
+        await client.close()
+
+        client = gateway_client(other.endpoint)
+        other.delays[1] = other.delays[2] = 1.0
+        with pytest.raises(EtcdUnavailable):
+            await client.keep_alive(0x1234, timeout=0.2)
+        assert client._failed_at[0] == float("-inf"), "the first timeout spares the only endpoint"
+        with pytest.raises(EtcdUnavailable):
+            await client.keep_alive(0x1234, timeout=0.2)
+        assert client._failed_at[0] > 0, "the second in a row counts as its failure"
+        await client.close()
+    finally:
+        port.stopListening()
 
 
 @pytest_twisted.ensureDeferred

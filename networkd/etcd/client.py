@@ -342,7 +342,7 @@ class EtcdClient(EtcdConnection):
             timed_out = failure.check(TimeoutError) is not None
             self._keepalive_late = timed_out
             if not (timed_out and spare):
-                self._fail_over()
+                self._failed(self._client)  # the endpoint in use failed, whether a grpc client is open or not
             raise EtcdUnavailable(f"etcd {endpoint}: keep-alive: {failure.getErrorMessage()}") from failure.value
 
         return self.gateway.refresh(endpoint, lease, timeout or self.call_timeout).addCallbacks(answered, failed)

@@ -202,7 +202,8 @@ class EtcdConnection:
         return self._client
 
     def _failed(self, client: _Client | None) -> None:
-        """Drop ``client`` after a connection error; with several endpoints, use the next."""
+        """Drop ``client`` after a connection error; with several endpoints, use the next.  ``None`` while
+        no client is open: a call that is not the client's own (the gateway's keep-alive) failed."""
         if client is not self._client:
             return
         # A fresh aetcd client per connection loss: aetcd's watcher does not
@@ -261,11 +262,6 @@ class EtcdConnection:
         if self._outage is not None and self._settling is None:
             self._settling = asyncio.get_running_loop().call_later(
                 self.outage_settle, self._settled, endpoint, time.monotonic())
-
-    def _fail_over(self) -> None:
-        """A call that is not the client's own (the gateway's keep-alive) failed on the endpoint in use:
-        as ``_failed`` for the client of that endpoint, whether one is open or not."""
-        self._failed(self._client)
 
     def _settled(self, endpoint: Endpoint, answered_at: float) -> None:
         """Calls were answered for ``outage_settle`` seconds, none failed: the outage is over."""

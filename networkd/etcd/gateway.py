@@ -201,13 +201,12 @@ class GatewayKeepAlive:
         self.late: Callable[[int, int, float], None] | None = None
         self.late_window = 0.0
         self.opened = 0  # connections opened so far (tests, diagnostics)
-        self.late_answers = 0  # answers heard after their request was given up (tests, diagnostics)
 
     def refresh(self, endpoint: Endpoint, lease: int, timeout: float) -> defer.Deferred:
         call = _Call(self, endpoint, lease, timeout)
         connection = self._connection
         if connection is None or connection.lost or self._endpoint != endpoint or self._busy:
-            self._close_current()  # (another endpoint now, the previous request given up, or etcd closed it)
+            self._drop(self._connection)  # (another endpoint now, the previous request given up, or etcd closed it)
             call.connect()
         else:
             call.ask(connection)
@@ -257,7 +256,6 @@ class GatewayKeepAlive:
                 return None
             listener = self.late
             if listener is not None:
-                self.late_answers += 1
                 try:
                     listener(lease, ttl, self._clock() - asked_at)
                 except Exception:
@@ -273,14 +271,9 @@ class GatewayKeepAlive:
         if connection is self._connection:
             self._connection, self._endpoint, self._busy = None, None, False
 
-    def _close_current(self) -> None:
-        connection, self._connection, self._endpoint, self._busy = self._connection, None, None, False
-        if connection is not None:
-            connection.close()
-
     def close(self) -> None:
         """Every connection, those listening for late answers too (the client is closing)."""
-        self._close_current()
+        self._drop(self._connection)
         waiting, self._waiting_late = list(self._waiting_late.values()), {}
         for connection in waiting:
             connection.close()
