@@ -319,10 +319,15 @@ class EtcdClient(EtcdConnection):
         return self._call(op, timeout, spare_on_timeout=spare).addCallbacks(answered, failed)
 
     def _gateway_keep_alive(self, lease: int, timeout: float | None) -> Deferred:
-        """The keep-alive through etcd's JSON gateway: no asyncio task, the same fail-over as ``_call``
-        (a timeout spared once with one endpoint; any other failure moves to the next endpoint)."""
+        """The keep-alive through etcd's JSON gateway: no asyncio task.  With several endpoints any
+        failure moves to the next one, as for every call (a dead leader gives no other sign).  With one,
+        a timeout leaves the grpc connection alone: the keep-alive did not travel on it, and the next
+        one goes on a fresh gateway connection anyway.  An etcd slow to apply a burst of writes answers
+        keep-alives late (etcd renews a lease only once its writes are applied), and dropping the grpc
+        connection then cost every watch and every call in flight, read and sent again by every daemon
+        at the moment etcd was busiest (bench/cluster.py: 52 watches lost in one burst)."""
         endpoint = self.endpoint
-        spare = len(self.endpoints) == 1 and not self._keepalive_late
+        spare = len(self.endpoints) == 1
 
         def answered(ttl):
             self._keepalive_late = False
