@@ -305,3 +305,35 @@ def test_a_burst_of_free_vips_is_dealt_out_among_the_least_loaded():
     takers = Counter(ip for n in nodes for ip in plan_floating(fewer, containers, n, {}, frozenset(nodes),
                                                                 frozenset()).campaign_now)
     assert set(takers) == set(fewer) and all(6 <= c <= 7 for c in takers.values()), takers
+
+
+def test_a_rival_that_has_not_said_since_a_burst_is_still_shared_with():
+    """20 nodes, 20 new VIPs of one app; n01's view of the others' members values lags the burst (their
+    healthy lists as it sees them predate the VIPs).  They have not said, so each counts as a candidate
+    and n01 contests its share at once (it contested all 20 once the 2 s of ``fresh`` ran out: ~70 lock
+    requests from each node in bench/cluster.py).  Rivals that did say, and said no, get none."""
+    from networkd.vips.planner import CandidateHealth
+
+    nodes = [f"n{i:02d}" for i in range(1, 21)]
+    containers = [Container("hello", "web", i + 1, n, "", f"172.20.0.{i + 1}") for i, n in enumerate(nodes)]
+    vips = configs(*(f"10.0.0.{i}" for i in range(1, 21)))
+    mine = {ip: True for ip in vips}
+    stale = {n: frozenset() for n in nodes[1:]}
+    appeared = {ip: 100.0 for ip in vips}
+
+    def plan(heard_at, unsaid=appeared):
+        h = CandidateHealth(stale, mine, unsaid=unsaid, heard={n: heard_at for n in nodes[1:]})
+        return plan_floating(vips, containers, "n01", {}, frozenset(nodes), frozenset(), h)
+
+    assert len(plan(heard_at=99.0).campaign_now) == 1, "not said yet: shared out"
+    assert plan(heard_at=101.0).campaign_now == set(vips), "said after the VIPs appeared, and not healthy"
+    assert plan(heard_at=99.0, unsaid={}).campaign_now == set(vips), "not said for too long: no candidates"
+
+
+def test_an_unhealthy_holder_hands_over_only_to_a_rival_that_said_it_is_healthy():
+    """A rival that has not said is shared free VIPs with, but never handed one we hold (it may be down)."""
+    from networkd.vips.planner import CandidateHealth
+
+    h = CandidateHealth({"n2": frozenset()}, {V: False}, unsaid={V: 100.0}, heard={"n2": 99.0})
+    plan = plan_floating(configs(V), BOTH, "n1", {V: "n1"}, frozenset({"n1", "n2"}), frozenset({V}), h)
+    assert plan.keep == {V} and not plan.release

@@ -464,9 +464,10 @@ def test_a_few_targets_wake_the_reactor_once_per_interval_each_not_every_phase()
 
 
 def test_new_vips_are_dealt_out_before_the_others_could_say_they_are_healthy():
-    """Probes off, 8 new VIPs of an app on 4 nodes whose members values predate them (healthy: []): for
-    FRESH seconds the others count as healthy, so we contest our share (2) at once, not all 8 (the first
-    node through a burst took them all); after that, a rival that still says nothing is not healthy."""
+    """Probes off, 8 new VIPs of an app on 4 nodes whose members values predate them (healthy: []): the
+    others count as healthy while they have not said (their healthy lists unchanged since the VIPs
+    appeared, up to UNSAID_MAX), so we contest our share (2) at once, not all 8 (the first node through a
+    burst took them all); one that said, and not these, is not healthy; nor one silent for too long."""
     from networkd.keys import Keys
     from networkd.vips.health import VipHealth
     from networkd.vips.inputs import VipInputs
@@ -489,14 +490,26 @@ def test_new_vips_are_dealt_out_before_the_others_could_say_they_are_healthy():
     inputs.locks_snapshot(Snapshot({f"members/{n}": member_value(f"10.9.0.{i}", [], True) for i, n in enumerate(nodes)}))
     inputs.pods_snapshot(Snapshot({"hello/hello.proc.web": pod_group(
         "hello", "web", [(i + 1, n, f"10.9.0.{i}", f"172.20.0.{i}") for i, n in enumerate(nodes)])}))
-    inputs.configs_snapshot(Snapshot({f"10.0.0.{k}": vip() for k in range(1, 9)}))
+    inputs.configs_snapshot(Snapshot({}))
     clock = task.Clock()
     health = VipHealth(clock, inputs, HostWants(inputs, "n1", "10.9.0.0"), Locks(), "n1", "10.9.0.0", None,
                        lambda: None)
     health.sync()
+    health.plan(frozenset())  # running, the members values heard, before the burst
+    clock.advance(5)
+    inputs.configs_snapshot(Snapshot({f"10.0.0.{k}": vip() for k in range(1, 9)}, revision=2))
+    health.sync()
     plan = health.plan(frozenset())
     assert len(plan.campaign_now) == 2 and len(plan.campaign_later) == 6, plan
-    from networkd.vips.health import FRESH
+    from networkd.vips.health import FRESH, UNSAID_MAX
 
     clock.advance(FRESH)
-    assert len(health.plan(frozenset()).campaign_now) == 8, "the others still say nothing: not healthy"
+    assert len(health.plan(frozenset()).campaign_now) == 2, "the others have not said since: still candidates"
+    inputs.locks_snapshot(Snapshot({f"members/{n}": member_value(f"10.9.0.{i}", ["10.0.0.99"] if n in ("n2", "n3")
+                                                                 else [], True)
+                                    for i, n in enumerate(nodes)}, revision=2))
+    clock.advance(0.1)
+    plan = health.plan(frozenset())
+    assert len(plan.campaign_now) == 4, "n2 and n3 said, and not for these: half of them, shared with n4"
+    clock.advance(UNSAID_MAX - FRESH)
+    assert len(health.plan(frozenset()).campaign_now) == 8, "the others said nothing for too long: not healthy"

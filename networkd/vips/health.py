@@ -17,7 +17,7 @@ campaign grace, if nobody did) nor say we are healthy for it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from networkd.vips.planner import (
     UNHEALTHY, CandidateHealth, FloatingPlan, every_of, local_container, member_value, nodes_running, plan_floating,
@@ -30,6 +30,11 @@ HOLD_DOWN = 10.0  # seconds a VIP lost for ill health is contested only if no ot
 # the first node through a burst of new configs saw no healthy rival and took all of them at once (20 nodes,
 # 200 VIPs, probes off: one node took 70-150; balance then moved them one by one for 10-20 s).
 FRESH = 2.0
+# Besides, for as long as this, a rival whose healthy list has not changed here since a VIP appeared counts
+# as a healthy candidate when free VIPs are shared out (CandidateHealth.may_be_ok): it has not said yet, as
+# far as we can see (our view of the members values may lag a burst by more than FRESH).  Bounded, so that a
+# rival that never says (unhealthy from the start) stops counting.
+UNSAID_MAX = 10.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,8 @@ class VipHealth:
         self.healthy: frozenset[str] = frozenset()  # what our members value says
         self.hold_down: dict[str, float] = {}  # ip -> until when (reactor seconds)
         self.first_seen: dict[str, float] = {}  # floating VIP placeable here -> when it appeared (reactor seconds)
+        self.heard: dict[str, float] = {}  # member -> when its healthy list last changed as we see it
+        self._heard_from: Mapping[str, frozenset[str] | None] = {}  # the members' healthy lists behind ``heard``
         self.notes: dict[str, str] = {}  # ip -> why the placement is what it is (for the API)
         self._memo: tuple = (None, None)
         self._dirty = True
@@ -128,6 +135,14 @@ class VipHealth:
                     self.on_verdict(ip, verdict, self.why(ip))
         self._verdicts = verdicts
 
+    def _listen(self, published: Mapping[str, frozenset[str] | None], now: float) -> None:
+        """Note when each member's healthy list changed, as we see it (a new member: now)."""
+        if published is self._heard_from:
+            return
+        before, self._heard_from = self._heard_from, published
+        self.heard = {n: self.heard[n] if n in self.heard and before.get(n, ()) == healthy else now
+                      for n, healthy in published.items()}
+
     def plan(self, held: frozenset[str], settled: frozenset[str] | None = None,
              unready: frozenset[str] = frozenset(), *, floating=None, wanted=None) -> FloatingPlan:
         """The planner's answer with every candidate's health and readiness (networkd.vips.readiness);
@@ -137,7 +152,9 @@ class VipHealth:
         self.hold_down = {ip: until for ip, until in self.hold_down.items() if until > now}
         mine = {ip: self.local(ip) for ip in self.targets}
         fresh = frozenset(ip for ip, seen in self.first_seen.items() if now - seen < FRESH)
-        health = CandidateHealth(inputs.member_health, mine, frozenset(self.hold_down), fresh)
+        self._listen(inputs.member_health, now)
+        unsaid = {ip: seen for ip, seen in self.first_seen.items() if now - seen < UNSAID_MAX}
+        health = CandidateHealth(inputs.member_health, mine, frozenset(self.hold_down), fresh, unsaid, self.heard)
         plan = plan_floating(inputs.configs, inputs.containers, self._hostname, inputs.holders, inputs.members,
                              held, health, settled, unready, floating, wanted)
         self.notes = {}
