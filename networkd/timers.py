@@ -36,3 +36,28 @@ def sleep_until_due(reactor) -> None:
 
     reactor.timeout = types.MethodType(timeout, reactor)
     reactor._sleeps_until_due = True
+    if hasattr(reactor, "_reschedule") and hasattr(reactor, "_timerHandle"):
+        _rearm_on_cancel(reactor)
+
+
+def _rearm_on_cancel(reactor) -> None:
+    """Twisted's asyncio reactor arms one asyncio timer for its earliest call and re-arms it only when
+    that timer fires or a sooner call comes: a cancelled earliest call still woke the loop, for nothing
+    (one empty wake-up per lease keep-alive, whose 0.5 s bound is cancelled by the answer).  When the
+    call cancelled was the one armed for, the timer is armed for the next call due, or none."""
+    stock = reactor._cancelCallLater
+
+    def cancel_call(self, call) -> None:
+        stock(call)
+        armed = self._scheduledAt
+        if armed is None or self._timerHandle is None or call.getTime() - self.seconds() > armed - self._asyncioEventloop.time() + 0.001:
+            return  # a later call than the one armed for: the timer stays
+        call.cancelled = 1  # (DelayedCall.cancel sets it right after this) so that timeout() skips it
+        due = self.timeout()
+        if due is None:
+            self._timerHandle.cancel()
+            self._timerHandle = self._scheduledAt = None
+        elif self._asyncioEventloop.time() + due > armed + 0.001:
+            self._reschedule()
+
+    reactor._cancelCallLater = types.MethodType(cancel_call, reactor)

@@ -34,3 +34,55 @@ def test_without_it_twisted_would_wake_for_the_cancelled_call(reactor):
     reactor.callLater(0.2, lambda: None).cancel()
     reactor.callLater(5.0, lambda: None)
     assert reactor.timeout() <= 0.2
+
+
+def _count_wakes(reactor) -> list:
+    woken = []
+    stock = reactor._onTimer
+    reactor._onTimer = lambda: (woken.append(reactor.seconds()), stock())
+    return woken
+
+
+def _run(reactor, seconds: float) -> None:
+    """Run the reactor's own loop for ``seconds`` (in a thread of its own: pytest-twisted's loop runs in
+    this one; nothing else touches this reactor meanwhile)."""
+    import asyncio
+    import threading
+
+    runner = threading.Thread(target=reactor._asyncioEventloop.run_until_complete, args=(asyncio.sleep(seconds),))
+    runner.start()
+    runner.join()
+
+
+@pytest.mark.parametrize("later_first", [False, True])
+def test_a_cancelled_call_does_not_wake_the_loop(reactor, later_first):
+    """The asyncio loop itself: a call cancelled before its time (a keep-alive's bound, cancelled by the
+    answer) is no wake-up; the loop wakes for the next call due, and for nothing when none is left."""
+    sleep_until_due(reactor)
+    woken = _count_wakes(reactor)
+    ran = []
+    if later_first:
+        reactor.callLater(0.25, ran.append, "due")
+    bound = reactor.callLater(0.05, ran.append, "cancelled")
+    if not later_first:
+        reactor.callLater(0.25, ran.append, "due")
+    bound.cancel()
+    _run(reactor, 0.2)
+    assert woken == [] and ran == [], "nothing woke the loop before the call due"
+    _run(reactor, 0.15)
+    assert ran == ["due"] and len(woken) == 1
+    reactor.callLater(0.05, ran.append, "cancelled too").cancel()
+    _run(reactor, 0.15)
+    assert len(woken) == 1 and reactor._timerHandle is None, "no call left: no timer"
+    reactor.callLater(0.05, ran.append, "after")
+    _run(reactor, 0.15)
+    assert ran == ["due", "after"], "a new call arms the timer again"
+
+
+def test_without_it_the_asyncio_loop_wakes_for_a_cancelled_call(own_asyncio_reactor):
+    """What it is for: the stock reactor's timer still fires at the cancelled call's time."""
+    woken = _count_wakes(own_asyncio_reactor)
+    own_asyncio_reactor.callLater(0.05, lambda: None).cancel()
+    own_asyncio_reactor.callLater(5.0, lambda: None)
+    _run(own_asyncio_reactor, 0.2)
+    assert len(woken) == 1
