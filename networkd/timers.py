@@ -49,15 +49,15 @@ def _rearm_on_cancel(reactor) -> None:
 
     def cancel_call(self, call) -> None:
         stock(call)
-        armed = self._scheduledAt
-        if armed is None or self._timerHandle is None or call.getTime() - self.seconds() > armed - self._asyncioEventloop.time() + 0.001:
+        armed, loop = self._scheduledAt, self._asyncioEventloop
+        if armed is None or self._timerHandle is None or call.getTime() - self.seconds() > armed - loop.time() + 0.001:
             return  # a later call than the one armed for: the timer stays
         call.cancelled = 1  # (DelayedCall.cancel sets it right after this) so that timeout() skips it
         due = self.timeout()
         if due is None:
             self._timerHandle.cancel()
             self._timerHandle = self._scheduledAt = None
-        elif self._asyncioEventloop.time() + due > armed + 0.001:
+        elif loop.time() + due > armed + 0.001:
             self._reschedule()
 
     reactor._cancelCallLater = types.MethodType(cancel_call, reactor)
