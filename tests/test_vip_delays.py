@@ -257,6 +257,57 @@ def test_at_rest_renewals_ride_on_keep_alive_passes_no_timer_pass_of_their_own(r
     assert tops and all(t <= last_ack + TTL - MARGIN for t in tops), "topped up by a timer"
 
 
+def test_at_the_daemons_cadence_renewals_come_every_other_keep_alive_and_no_timer_pass(rig):
+    """Keep-alives every 2/9 of the TTL (0.67 s at TTL 3), acknowledged 1-40 ms after they are sent, the
+    keeper set as the reconciler sets it: a 2 s lifetime renewed at one acknowledgement has 1.33 s left at
+    the next, which leaves it alone, and is renewed at the one after (it was renewed at every one: 1.5
+    netlink batches of every held address a second); no timer pass of its own at rest; when the
+    keep-alives stop, the timers keep it to just before the deadline and fence there."""
+    import random
+
+    from networkd.vips.reconciler import renewal_lead
+
+    interval = TTL * 2 / 9
+    rng = random.Random(7)
+    keeper = AddressKeeper(reactor=rig.clock, netlink=rig.kernel, clock=rig.now, justify=rig.lease.justify,
+                           renew_ahead=renewal_lead(interval))
+    ips = {f"10.0.0.{i}" for i in range(1, 101)}
+    keeper.want(ips)
+    rig.clock.advance(0)
+    passes = []
+    original = keeper._pass
+
+    def counted(ahead=0.0):
+        passes.append((rig.now(), ahead > 0))
+        original(ahead)
+
+    keeper._pass = counted
+
+    def ack(sent):
+        rig.lease.ack(sent)
+        keeper.pass_now(ahead=interval)  # as the reconciler asks
+        assert set(rig.kernel.expiry) == ips, f"all held at {rig.now():.2f}s"
+
+    acks = 45  # 30 s
+    for k in range(acks):
+        rig.clock.callLater(k * interval + rng.uniform(0.001, 0.04), ack, k * interval)
+    rig.clock.pump([0.005] * 6000)
+    at_rest = [(t, by_ack) for t, by_ack in passes if 2.0 <= t <= 29.9]
+    assert [round(t, 3) for t, by_ack in at_rest if not by_ack] == [], "no timer pass at rest"
+    renewals = [t for t, _, puts in rig.kernel.exchanges if puts and 2.0 <= t <= 29.9]
+    keep_alives = len(at_rest)
+    assert keep_alives // 2 - 1 <= len(renewals) <= keep_alives // 2 + 1, \
+        f"{len(renewals)} renewals for {keep_alives} keep-alives"
+    assert rig.violations() == []
+    last_ack = (acks - 1) * interval
+    rig.clock.pump([0.01] * 300)  # the keep-alives stop: the timers top up, then fence at the deadline
+    assert not keeper.placed and not rig.kernel.expiry and rig.violations() == []
+    tops = [t for t, _, puts in rig.kernel.exchanges if puts and t > last_ack + 0.1]
+    assert tops and all(t <= last_ack + TTL - MARGIN for t in tops), "topped up by a timer"
+    lapsed = max(t for t, removals, puts in rig.kernel.exchanges if puts)
+    assert lapsed >= last_ack + TTL - MARGIN - 1.1, "the last top-up keeps it to about a second before the deadline"
+
+
 def test_long_ttl_renews_every_other_keep_alive(rig):
     """TTL 30: lifetime 22 s, keep-alives every 10 s: a renewal is needed only every 20 s."""
     global TTL, MARGIN

@@ -48,14 +48,19 @@ def test_address_read_back_backs_off_when_it_is_costly(node):  # noqa: F811
     assert 2 <= len(reads) <= 5, reads
 
 
-def test_the_keep_alive_pass_takes_renewals_due_within_half_an_interval(node):  # noqa: F811
-    """So that the address keeper needs no timer pass of its own at rest (tests/test_vip_delays.py)."""
+def test_the_keep_alive_pass_takes_renewals_due_before_the_next_one(node):  # noqa: F811
+    """So that the address keeper needs no timer pass of its own at rest, and renews every other keep-alive
+    (tests/test_vip_delays.py): the pass of an acknowledgement looks one interval ahead, the keeper's
+    own timer renews 3/4 of an interval before a lapse."""
+    from networkd.vips.reconciler import renewal_lead
+
     hold_vip(node)
     asked = []
     original = node.manager.keeper.pass_now
     node.manager.keeper.pass_now = lambda ahead=0.0: (asked.append(ahead), original(ahead))
     node.session.ack()
-    assert asked and asked[0] == node.session.interval / 2
+    assert asked and asked[0] == node.session.interval
+    assert node.manager.keeper.renew_ahead == renewal_lead(node.session.interval) == 0.75 * node.session.interval
 
 
 def test_a_pass_at_rest_walks_no_vip_config(node, monkeypatch):  # noqa: F811

@@ -184,9 +184,9 @@ class AddressKeeper:
         """Run a pass at once (it schedules the next one itself).
 
         ``ahead``: renewals due within that many seconds are done in this pass.  The keep-alive
-        pass gives half a keep-alive interval, so a renewal falls to it rather than to a timer pass
-        of its own a few milliseconds later (each pass plans every address); if no keep-alive is
-        acknowledged, the timers still fire as before.
+        pass gives one keep-alive interval, so a renewal falls to it rather than to a timer pass of
+        its own before the next acknowledgement (each pass plans every address); if no keep-alive is
+        acknowledged, the timers still fire as before (networkd.vips.reconciler.renewal_lead).
         """
         if self._call is not None and self._call.active():
             self._call.cancel()
@@ -293,9 +293,10 @@ class AddressKeeper:
     def _decide(self, expires: float, now: float, life: int, deadline: float, top_up: float, ahead: float):
         """(renew now, else when a renewal may be worth a pass) for an address expiring at ``expires``."""
         gain = now + life - expires if life >= 1 else 0.0
-        if expires - now <= self.renew_ahead + ahead and (
-                gain >= MIN_GAIN or (gain >= TOP_UP_GAIN and expires - now < 1.0)):
-            return True, None
+        due_now = expires - now <= self.renew_ahead + ahead
+        if (due_now and gain >= MIN_GAIN) or (
+                gain >= TOP_UP_GAIN and expires - now < 1.0 and (due_now or now >= top_up - 1e-9)):
+            return True, None  # (the top-up: when it is time for it, whatever the renewal lead)
         due = expires - self.renew_ahead
         if due > now and due + math.floor(deadline - due - SEND_SLACK) >= expires + MIN_GAIN:
             return False, due

@@ -39,7 +39,19 @@ log = Logger()
 TICK = 0.5  # seconds between checks while a pass waits on time (see _tick); also a fallback fencing check
 ANTI_ENTROPY = 5.0  # a full pass at least this often even when nothing changed
 MAX_KICK_DELAY = 0.1  # seconds a kicked pass may wait behind costly earlier ones
-RENEW_AHEAD = 1.5  # an address with less life left (at most a keep-alive interval + 0.5 s) is renewed
+RENEW_AHEAD = 1.5  # the longest lead of a renewal by the keeper's own timer (see renewal_lead)
+
+
+def renewal_lead(interval: float) -> float:
+    """How long before an address lapses the keeper renews it by a timer pass of its own, when no
+    acknowledgement came to do it: 3/4 of a keep-alive interval (at most RENEW_AHEAD).  Each
+    acknowledged keep-alive renews what would lapse within that lead plus one interval (its pass is
+    given ``ahead`` = one interval), so an address renewed at one acknowledgement is left alone at the
+    next (TTL 3: a 2 s lifetime has 1.33 s left, over 0.5 + 0.67 s) and renewed at the one after: half
+    the netlink batches of a renewal at every keep-alive, and the timer, due a quarter interval after
+    that one, only runs when it is late.  (Lead interval + 0.5 s with ahead interval/2 renewed at
+    every keep-alive; a lower lead alone left the renewal to the timer, a wake-up of its own.)"""
+    return min(0.75 * interval, RENEW_AHEAD)
 
 
 class VipManager(Fencing, service.Service):
@@ -77,7 +89,7 @@ class VipManager(Fencing, service.Service):
         self.app_keys = AppKeys(self._etcd, reactor, hostname)
         self.firewall_choice = firewall_backend  # "auto" | "legacy" | "nft", or a back end object
         self.host = VipHost(reactor=reactor, interface=interface, clock=self._clock, justify=self._justification,
-                            renew_ahead=min(session.interval + 0.5, RENEW_AHEAD), managed=self.inputs.floating_ips,
+                            renew_ahead=renewal_lead(session.interval), managed=self.inputs.floating_ips,
                             desired_rules=self._desired_rules, to_thread=to_thread or threads.deferToThread,
                             netlink=netlink, announcer=announcer, garp_interval=garp_interval)
         self.keeper, self.netlink = self.host.keeper, self.host.netlink
@@ -189,7 +201,7 @@ class VipManager(Fencing, service.Service):
                      s=self._reactor.seconds() - self.fenced_since)
             self.fenced_since = None
             changed = True
-        self.keeper.pass_now(self._session.interval / 2)  # the deadline moved: renew what needs it (or soon)
+        self.keeper.pass_now(self._session.interval)  # the deadline moved: renew what needs it before the next
         self._arm_fence()
         if changed:
             self.kick()
