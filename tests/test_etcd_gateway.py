@@ -405,3 +405,26 @@ def test_the_daemon_keeps_its_lease_alive_as_etcd_keepalives_says(monkeypatch, t
     monkeypatch.setattr(app, "make_client", lambda options, reactor=None: given.append(reactor))
     app.makeService({"etcd-keepalives": transport})
     assert (given[0] is not None) is through_gateway
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_keep_alive_after_a_late_answer_goes_to_the_member_that_gave_it(held):
+    """A follower that answers a given-up keep-alive knows a leader now: the next keep-alive goes to it,
+    though the client moved on to the next endpoint meanwhile; the one after, to the client's own."""
+    other, port = holding()
+    try:
+        client = gateway_client(held.endpoint, other.endpoint)
+        heard = []
+        client.hear_late_keep_alives(lambda *a: heard.append(a), window=3.0)
+        held.delays[0] = 0.5
+        with pytest.raises(EtcdUnavailable):
+            await client.keep_alive(0x1234, timeout=0.2)
+        assert str(client.endpoint) == other.endpoint, "moved on"
+        await eventually(lambda: heard, timeout=3, message="the late answer")
+        assert await client.keep_alive(0x1234, timeout=1.0) == 3
+        assert (len(held.asked), len(other.asked)) == (2, 0), "asked where the answer came from"
+        assert await client.keep_alive(0x1234, timeout=1.0) == 3
+        assert (len(held.asked), len(other.asked)) == (2, 1), "then at the client's own endpoint"
+        await client.close()
+    finally:
+        port.stopListening()

@@ -78,3 +78,37 @@ def test_no_late_answers_after_the_session_stopped():
     client.late(0x42, 3, 0.01)
     assert session.late_acks == 0
     del stopping
+
+
+def test_a_late_answer_close_to_the_deadline_asks_again_at_once():
+    """An election: the first keep-alive is answered 1.0 s after its sending, which leaves 1.25 s to the
+    fencing deadline (too little for much of a whole-second address lifetime), while the next one waits
+    at another member.  That one is given up and a keep-alive sent again at once (the client sends it to
+    the member that just answered), not after a backoff or whenever the other member answers."""
+    clock, client, session, acks = started()
+    clock.advance(session.interval)
+    sent = clock.seconds()
+    clock.advance(0.5)
+    client.pending[0].errback(defer.TimeoutError())  # given up at its bound
+    clock.advance(0.2)
+    assert len(client.pending) == 2, "sent again, waiting at another member"
+    clock.advance(0.3)
+    client.late(0x42, 3, clock.seconds() - sent)  # 1.0 s old: deadline 1.25 s away
+    assert session.last_ack == sent and session.asked_again == 1
+    assert client.pending[1].called, "the one in flight is given up"
+    assert len(client.pending) == 3, "and one sent at once"
+    client.pending[2].callback(3)
+    assert session.last_ack == clock.seconds() and session.last_error is None
+
+
+def test_a_late_answer_with_time_left_lets_the_one_in_flight_be():
+    clock, client, session, acks = started()
+    clock.advance(session.interval)
+    sent = clock.seconds()
+    clock.advance(0.5)
+    client.pending[0].errback(defer.TimeoutError())
+    clock.advance(0.1)
+    assert len(client.pending) == 2
+    client.late(0x42, 3, clock.seconds() - sent)  # 0.6 s old: deadline 1.65 s away
+    assert session.last_ack == sent and session.asked_again == 0
+    assert not client.pending[1].called and len(client.pending) == 2

@@ -31,6 +31,7 @@ from networkd.etcd.connection import (  # noqa: F401  (re-exported: imported fro
 )
 from networkd.etcd.gateway import GatewayKeepAlive, GatewayMissing
 from networkd.etcd.keepalive import KeepAliveStream
+from networkd.options import Endpoint
 
 log = Logger()
 
@@ -87,6 +88,7 @@ class EtcdClient(EtcdConnection):
         plain = self._tls is None and self._user is None and not any(e.secure for e in self.endpoints)
         self.gateway = GatewayKeepAlive(reactor) if reactor is not None and plain else None
         self._keepalive_late = False  # the last keep-alive timed out
+        self._answering: Endpoint | None = None  # where a given-up keep-alive was just answered
 
     def close(self) -> Deferred:
         self.keepalives.close()
@@ -326,7 +328,7 @@ class EtcdClient(EtcdConnection):
         keep-alives late (etcd renews a lease only once its writes are applied), and dropping the grpc
         connection then cost every watch and every call in flight, read and sent again by every daemon
         at the moment etcd was busiest (bench/cluster.py: 52 watches lost in one burst)."""
-        endpoint = self.endpoint
+        endpoint, self._answering = self._answering or self.endpoint, None
         spare = len(self.endpoints) == 1
 
         def answered(ttl):
@@ -358,7 +360,12 @@ class EtcdClient(EtcdConnection):
         gateway keeps a given-up request listening (networkd.etcd.gateway); False where there is none."""
         if self.gateway is None:
             return False
-        self.gateway.late, self.gateway.late_window = listener, window
+
+        def late(lease: int, ttl: int, age: float, endpoint: Endpoint) -> None:
+            self._answering = endpoint  # it knows a leader now: the next keep-alive goes there
+            listener(lease, ttl, age)
+
+        self.gateway.late, self.gateway.late_window = late, window
         return True
 
     def revoke_lease(self, lease: int, timeout: float | None = None) -> Deferred:

@@ -187,7 +187,7 @@ class GatewayKeepAlive:
     reused across calls.  It fails with GatewayError (the connection, or etcd's answer, failed),
     GatewayMissing, or TimeoutError (no answer within ``timeout``).
 
-    ``late(lease, ttl, age)``, when set, hears the answers to requests given up by a timeout that
+    ``late(lease, ttl, age, endpoint)``, when set, hears the answers to requests given up by a timeout that
     came within ``late_window`` seconds of their sending (module docstring)."""
 
     def __init__(self, reactor, connect_timeout: float = 3.0, clock: Callable[[], float] = time.monotonic):
@@ -198,7 +198,7 @@ class GatewayKeepAlive:
         self._endpoint: Endpoint | None = None
         self._busy = False  # a request is outstanding on ``_connection``
         self._waiting_late: dict[Endpoint, _Connection] = {}  # given-up requests still listened to
-        self.late: Callable[[int, int, float], None] | None = None
+        self.late: Callable[[int, int, float, Endpoint], None] | None = None
         self.late_window = 0.0
         self.opened = 0  # connections opened so far (tests, diagnostics)
 
@@ -257,7 +257,7 @@ class GatewayKeepAlive:
             listener = self.late
             if listener is not None:
                 try:
-                    listener(lease, ttl, self._clock() - asked_at)
+                    listener(lease, ttl, self._clock() - asked_at, endpoint)
                 except Exception:
                     log.failure("late keep-alive listener failed")
             return None
