@@ -213,20 +213,18 @@ def test_no_backlog_renewals_only_when_needed_one_batch_per_keep_alive(rig):
     assert len(puts) <= 31 and sum(puts) <= 1000 * 31, "one renewal per address per keep-alive at most"
 
 
-def test_at_rest_renewals_ride_on_keep_alive_passes_no_timer_pass_of_their_own(rig):
-    """Keep-alives every TTL/6 (0.5 s), acknowledged 1-40 ms after they are sent.  Each pass plans
-    every address, so a renewal falls due in the keep-alive pass (not in a timer pass of its own a
-    few ms later, as when the keep-alive pass found it not quite due); with no acknowledgement the
-    timers still top up and fence by themselves."""
+def keep_alives_for_30s(rig, *, interval: float, renew_ahead: float, ahead: float, seed: int):
+    """A keeper holding 100 addresses, keep-alives sent every ``interval`` for 30 s and acknowledged 1-40 ms
+    later, each starting a pass with ``ahead``: (the keeper, its passes as (when, by a keep-alive))."""
     import random
 
-    rng = random.Random(11)
+    rng = random.Random(seed)
     keeper = AddressKeeper(reactor=rig.clock, netlink=rig.kernel, clock=rig.now, justify=rig.lease.justify,
-                           renew_ahead=1.0)  # as the reconciler sets it for TTL 3: interval + 0.5
+                           renew_ahead=renew_ahead)
     ips = {f"10.0.0.{i}" for i in range(1, 101)}
     keeper.want(ips)
     rig.clock.advance(0)
-    passes = []  # (when, by a keep-alive)
+    passes = []
     original = keeper._pass
 
     def counted(ahead=0.0):
@@ -237,12 +235,22 @@ def test_at_rest_renewals_ride_on_keep_alive_passes_no_timer_pass_of_their_own(r
 
     def ack(sent):
         rig.lease.ack(sent)
-        keeper.pass_now(ahead=0.25)  # half a keep-alive interval, as the reconciler asks
+        keeper.pass_now(ahead=ahead)
         assert set(rig.kernel.expiry) == ips, f"all held at {rig.now():.2f}s"
 
-    for k in range(60):  # 30 s
-        rig.clock.callLater(k * 0.5 + rng.uniform(0.001, 0.04), ack, k * 0.5)
+    for k in range(int(30 / interval)):
+        rig.clock.callLater(k * interval + rng.uniform(0.001, 0.04), ack, k * interval)
     rig.clock.pump([0.005] * 6000)
+    return keeper, passes
+
+
+def test_at_rest_renewals_ride_on_keep_alive_passes_no_timer_pass_of_their_own(rig):
+    """Keep-alives every TTL/6 (0.5 s), acknowledged 1-40 ms after they are sent.  Each pass plans
+    every address, so a renewal falls due in the keep-alive pass (not in a timer pass of its own a
+    few ms later, as when the keep-alive pass found it not quite due); with no acknowledgement the
+    timers still top up and fence by themselves."""
+    # renew_ahead as the reconciler set it for TTL 3 (interval + 0.5), ahead half a keep-alive interval
+    keeper, passes = keep_alives_for_30s(rig, interval=0.5, renew_ahead=1.0, ahead=0.25, seed=11)
     at_rest = [(t, by_ack) for t, by_ack in passes if 2.0 <= t <= 29.9]
     timer_passes = [round(t, 3) for t, by_ack in at_rest if not by_ack]
     assert timer_passes == [], f"{len(timer_passes)} timer passes beside {len(at_rest) - len(timer_passes)} " \
@@ -263,35 +271,11 @@ def test_at_the_daemons_cadence_renewals_come_every_other_keep_alive_and_no_time
     the next, which leaves it alone, and is renewed at the one after (it was renewed at every one: 1.5
     netlink batches of every held address a second); no timer pass of its own at rest; when the
     keep-alives stop, the timers keep it to just before the deadline and fence there."""
-    import random
-
     from networkd.vips.reconciler import renewal_lead
 
     interval = TTL * 2 / 9
-    rng = random.Random(7)
-    keeper = AddressKeeper(reactor=rig.clock, netlink=rig.kernel, clock=rig.now, justify=rig.lease.justify,
-                           renew_ahead=renewal_lead(interval))
-    ips = {f"10.0.0.{i}" for i in range(1, 101)}
-    keeper.want(ips)
-    rig.clock.advance(0)
-    passes = []
-    original = keeper._pass
-
-    def counted(ahead=0.0):
-        passes.append((rig.now(), ahead > 0))
-        original(ahead)
-
-    keeper._pass = counted
-
-    def ack(sent):
-        rig.lease.ack(sent)
-        keeper.pass_now(ahead=interval)  # as the reconciler asks
-        assert set(rig.kernel.expiry) == ips, f"all held at {rig.now():.2f}s"
-
-    acks = 45  # 30 s
-    for k in range(acks):
-        rig.clock.callLater(k * interval + rng.uniform(0.001, 0.04), ack, k * interval)
-    rig.clock.pump([0.005] * 6000)
+    keeper, passes = keep_alives_for_30s(rig, interval=interval, renew_ahead=renewal_lead(interval), ahead=interval,
+                                         seed=7)  # as the reconciler sets them
     at_rest = [(t, by_ack) for t, by_ack in passes if 2.0 <= t <= 29.9]
     assert [round(t, 3) for t, by_ack in at_rest if not by_ack] == [], "no timer pass at rest"
     renewals = [t for t, _, puts in rig.kernel.exchanges if puts and 2.0 <= t <= 29.9]
@@ -299,7 +283,7 @@ def test_at_the_daemons_cadence_renewals_come_every_other_keep_alive_and_no_time
     assert keep_alives // 2 - 1 <= len(renewals) <= keep_alives // 2 + 1, \
         f"{len(renewals)} renewals for {keep_alives} keep-alives"
     assert rig.violations() == []
-    last_ack = (acks - 1) * interval
+    last_ack = (int(30 / interval) - 1) * interval
     rig.clock.pump([0.01] * 300)  # the keep-alives stop: the timers top up, then fence at the deadline
     assert not keeper.placed and not rig.kernel.expiry and rig.violations() == []
     tops = [t for t, _, puts in rig.kernel.exchanges if puts and t > last_ack + 0.1]

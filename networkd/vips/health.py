@@ -151,9 +151,9 @@ class VipHealth:
         held_down = bool(self.hold_down)
         self.hold_down = {ip: until for ip, until in self.hold_down.items() if until > now}
         mine = {ip: self.local(ip) for ip in self.targets}
-        fresh = frozenset(ip for ip, seen in self.first_seen.items() if now - seen < FRESH)
-        self._listen(inputs.member_health, now)
         unsaid = {ip: seen for ip, seen in self.first_seen.items() if now - seen < UNSAID_MAX}
+        fresh = frozenset(ip for ip, seen in unsaid.items() if now - seen < FRESH)
+        self._listen(inputs.member_health, now)
         health = CandidateHealth(inputs.member_health, mine, frozenset(self.hold_down), fresh, unsaid, self.heard)
         plan = plan_floating(inputs.configs, inputs.containers, self._hostname, inputs.holders, inputs.members,
                              held, health, settled, unready, floating, wanted)
