@@ -2,13 +2,43 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import uuid
 
 import pytest
 
 from tests.support.etcd_server import EtcdServer
 from tests.support.privileges import require_privileged
+
+
+def pytest_configure(config):
+    """Every temporary file of the run, ours and the daemons', goes under one directory.
+
+    Test helpers make work directories (daemon logs, etcd data, hosts
+    files) that tests read after a daemon stopped, so nothing removes
+    them one by one; the run removes them all at its end instead
+    (``pytest_unconfigure``), failed tests included.
+    """
+    if getattr(config, "workerinput", None) is not None or hasattr(config, "_networkd_tmp"):
+        return
+    config._networkd_tmp = (tempfile.tempdir, os.environ.get("TMPDIR"))
+    tempfile.tempdir = tempfile.mkdtemp(prefix="networkd-tests-")
+    os.environ["TMPDIR"] = tempfile.tempdir
+
+
+def pytest_unconfigure(config):
+    saved = getattr(config, "_networkd_tmp", None)
+    if saved is None:
+        return
+    run_dir = tempfile.tempdir
+    tempfile.tempdir, tmpdir = saved
+    if tmpdir is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = tmpdir
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
