@@ -13,7 +13,9 @@ The daemon is started with no config; then every pod group and VIP config is
 written in one burst (etcd transactions of up to 128 puts through etcd's
 HTTP gateway) and the time until all local VIPs are on eth0 is logged.  Then,
 for ``--seconds``, once a second: the daemon's CPU (utime+stime from
-/proc/PID/stat; its waited-for children, i.e. iptables-restore, separately),
+/proc/PID/stat, and every thread's measured time on a CPU from
+/proc/PID/task/*/schedstat, the figure to trust at rest: utime+stime counts
+100 Hz ticks; its waited-for children, i.e. iptables-restore, separately),
 its RSS (VmRSS), how many of the local VIPs are on eth0 (a netlink address
 dump inside the namespace, pyroute2 in a thread of its own), other /32s on
 eth0, and the "fencing:" lines in its log.  Host load (loadavg, busy CPU of
@@ -44,6 +46,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.procstat import RunTime  # noqa: E402
 from bench.vipnode import EtcdWriter, VipNode, build_workload  # noqa: E402
 from tests.support.etcd_server import EtcdServer  # noqa: E402
 
@@ -122,6 +125,7 @@ class Sampler:
 
     def __init__(self, netns: str, pid: int, etcd_pid: int, log_path: str, local: set[str]):
         self.netns, self.pid, self.etcd_pid = netns, pid, etcd_pid
+        self.run_time = RunTime(pid)
         self.local = local
         self.fences = LogCounter(log_path, FENCE_MARK)
         self.tracebacks = LogCounter(log_path, "Traceback")
@@ -161,6 +165,7 @@ class Sampler:
         now = time.monotonic()
         try:
             cpu, children = proc_cpu(self.pid)
+            run_time = self.run_time.seconds()
             rss = proc_rss_kb(self.pid)
         except OSError:
             self.dead = True
@@ -173,7 +178,7 @@ class Sampler:
         except OSError:
             etcd_cpu = float("nan")
         busy, total = host_cpu()
-        return {"t": round(now - t0, 3), "cpu": cpu, "children_cpu": children, "rss_kb": rss,
+        return {"t": round(now - t0, 3), "cpu": cpu, "run_time": run_time, "children_cpu": children, "rss_kb": rss,
                 "present": present, "extra": extra, "fences": self.fences.update(),
                 "tracebacks": self.tracebacks.update(), "etcd_cpu": etcd_cpu,
                 "self_cpu": sum(os.times()[:2]), "host_busy": busy, "host_total": total,
@@ -254,6 +259,8 @@ def report(args, samples: list[dict], settle_took: float | None, settle_max: int
     after = samples[60] if n > 61 else first
     mean_label = "excluding the first minute" if n > 61 else "whole window (shorter than 2 minutes' worth)"
     mean_cpu = pct(last["cpu"] - after["cpu"], last["t"] - after["t"])
+    # the threads' measured time on a CPU (schedstat): utime+stime counts 100 Hz ticks, ~30 a minute at 0.5 %
+    mean_run = pct(last["run_time"] - after["run_time"], last["t"] - after["t"])
     mean_children = pct(last["children_cpu"] - after["children_cpu"], last["t"] - after["t"])
     rss_1m = samples[min(60, n - 1)]["rss_kb"] / 1024
     rss_end = last["rss_kb"] / 1024
@@ -268,6 +275,8 @@ def report(args, samples: list[dict], settle_took: float | None, settle_max: int
     print(f"window:   {span:.0f} s, {n} samples (1/s)")
     print(f"CPU:      daemon {mean_cpu:.1f} % of one core, mean {mean_label}; "
           f"per minute: {', '.join(f'{c:.1f}' for c, _, _ in minutes)} %; max per minute {max(c for c, _, _ in minutes):.1f} %")
+    print(f"          measured time on a CPU (schedstat, every thread): {mean_run:.3f} % mean {mean_label} "
+          f"(utime+stime above, tick-sampled: {mean_cpu:.3f} %)")
     print(f"          its children (iptables-restore...): {mean_children:.1f} % mean, "
           f"per minute: {', '.join(f'{c:.1f}' for _, c, _ in minutes)} %")
     print(f"RSS:      {rss_1m:.1f} MB at t={samples[min(60, n - 1)]['t']:.0f}s, {rss_end:.1f} MB at end, "
@@ -279,7 +288,7 @@ def report(args, samples: list[dict], settle_took: float | None, settle_max: int
     print(f"host:     loadavg {first['loadavg']} at window start, {last['loadavg']} at end; all {cores} cores "
           f"{host_busy:.0f} % busy: daemon+children {daemon_all:.0f} %, etcd {etcd:.0f} %, this bench {bench:.0f} %, "
           f"everything else {others:.0f} % (of one core)")
-    return {"cpu_mean_pct": mean_cpu, "cpu_per_minute_pct": [c for c, _, _ in minutes],
+    return {"cpu_mean_pct": mean_cpu, "run_time_mean_pct": mean_run, "cpu_per_minute_pct": [c for c, _, _ in minutes],
             "children_cpu_mean_pct": mean_children, "rss_1m_mb": rss_1m, "rss_end_mb": rss_end,
             "short_samples": len(short), "samples": n, "min_present": min(s["present"] for s in samples),
             "fences": fences, "host_busy_pct": host_busy, "others_pct_of_core": others}
