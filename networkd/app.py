@@ -197,7 +197,7 @@ def makeService(options) -> Networkd:
     reactor = install_asyncio_reactor()
     meter_turns(reactor)  # the daemon's turns, for /metrics (not the command-line tools')
     # Keep-alives through etcd's JSON gateway unless --etcd-keepalives grpc: at rest grpc's own threads
-    # cost ~0.3 % of a core for 1.5 keep-alives a second (README, "Idle CPU, fourth pass").
+    # cost ~0.3 % of a core for 1.5 keep-alives a second (docs/benchmarks.md, "Idle CPU, fourth pass").
     gateway = options["etcd-keepalives"] == "gateway"
     root = build(options, reactor, make_client(options, reactor if gateway else None),
                  notifier=Notifier.from_environ())

@@ -5,7 +5,7 @@ protobuf message of every key, then their text), the zone built from them
 in slices, the imports' temporary objects.  glibc keeps the memory freed
 inside its heap for later allocations; ``malloc_trim(0)`` returns the whole
 free pages among it to the kernel (``madvise(MADV_DONTNEED)``), which took
-the daemon's RSS down by ~1.3 MB with 10,000 domains (README, Memory).  Once
+the daemon's RSS down by ~1.3 MB with 10,000 domains (docs/benchmarks.md, "Memory").  Once
 only, ``TRIM_AFTER`` seconds after the reactor started (the domains are
 answered within ~1 s, the VIPs held within ~1 s): no timer at rest.  Not
 glibc (musl): nothing to do.
