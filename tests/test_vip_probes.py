@@ -248,8 +248,15 @@ async def test_connects_in_flight_are_one_reader_for_the_reactor_and_each_verdic
         sockets.append(s)
         return s.getsockname()[1]
 
+    def refusing():
+        """A port bound but not listening: it refuses, and no listener made below can take its number."""
+        s = socket.socket()
+        s.bind((host, 0))
+        sockets.append(s)
+        return s.getsockname()[1]
+
     listening = [Target("tcp", host, listener(128)) for _ in range(30)]
-    closed = [Target("tcp", host, closed_port(host)) for _ in range(30)]
+    closed = [Target("tcp", host, refusing()) for _ in range(30)]
     silent = []
     for _ in range(5):
         port = listener(0)
