@@ -31,19 +31,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.procstat import RunTime  # noqa: E402
+
 TRANSPORTS = ("none", "grpc", "gateway")
-
-
-def own_cpu() -> float:
-    """Seconds on a CPU of every thread of this process, in nanoseconds' resolution (schedstat),
-    not the 10 ms ticks of /proc/self/stat (one tick is 0.03 % of 30 s)."""
-    total = 0
-    for task in os.listdir("/proc/self/task"):
-        try:
-            total += int(open(f"/proc/self/task/{task}/schedstat").read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # (a thread that just ended)
-    return total / 1e9
 
 
 def child(transport: str, endpoint: str, ttl: int, settle: float, seconds: float) -> None:
@@ -61,6 +51,7 @@ def child(transport: str, endpoint: str, ttl: int, settle: float, seconds: float
     session = Session(client, ttl, reactor)
     acks = []
     session.on_ack(acks.append)
+    run_time = RunTime(os.getpid())  # every thread's time on a CPU (schedstat), not 10 ms ticks
     out = {}
 
     async def run():
@@ -71,10 +62,10 @@ def child(transport: str, endpoint: str, ttl: int, settle: float, seconds: float
         else:
             session.startService()
         await task.deferLater(reactor, settle, lambda: None)
-        cpu, at, count = own_cpu(), time.monotonic(), len(acks)
+        cpu, at, count = run_time.seconds(), time.monotonic(), len(acks)
         await task.deferLater(reactor, seconds, lambda: None)
         elapsed = time.monotonic() - at
-        out.update(transport=transport, cpu=100 * (own_cpu() - cpu) / elapsed, keepalives=len(acks) - count,
+        out.update(transport=transport, cpu=100 * (run_time.seconds() - cpu) / elapsed, keepalives=len(acks) - count,
                    seconds=elapsed, opened={"gateway": client.gateway.opened if client.gateway else 0,
                                             "grpc": client.keepalives.opened})
         if session.running:

@@ -14,30 +14,31 @@ import os
 
 class RunTime:
     """Seconds on a CPU of every thread ``pid`` has had since this was made (threads that
-    ended keep what they had when last seen)."""
+    ended keep what they had when last seen).  Raises OSError once the process is gone."""
 
     def __init__(self, pid: int):
         self.pid = pid
         self._threads: dict[int, int] = {}  # tid -> ns when last seen
 
-    def threads(self) -> dict[int, tuple[str, float]]:
-        """tid -> (thread name, seconds on a CPU), read now."""
+    def _read(self, names: bool) -> dict[int, str]:
         out = {}
         for tid in os.listdir(f"/proc/{self.pid}/task"):
             try:
                 with open(f"/proc/{self.pid}/task/{tid}/schedstat") as f:
-                    ns = int(f.read().split()[0])
-                with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
-                    name = f.read().strip()
+                    self._threads[int(tid)] = int(f.read().split()[0])
+                if names:
+                    with open(f"/proc/{self.pid}/task/{tid}/comm") as f:
+                        out[int(tid)] = f.read().strip()
             except (OSError, ValueError, IndexError):  # the thread ended meanwhile
                 continue
-            self._threads[int(tid)] = ns
-            out[int(tid)] = (name, ns / 1e9)
         return out
 
+    def threads(self) -> dict[int, tuple[str, float]]:
+        """tid -> (thread name, seconds on a CPU), read now (live threads)."""
+        names = self._read(names=True)
+        return {tid: (name, self._threads[tid] / 1e9) for tid, name in names.items()}
+
     def seconds(self) -> float:
-        """Every thread's time on a CPU so far (raises OSError once the process is gone)."""
-        self.threads()
-        if not os.path.isdir(f"/proc/{self.pid}/task"):
-            raise OSError(f"process {self.pid} is gone")
+        """Every thread's time on a CPU so far."""
+        self._read(names=False)
         return sum(self._threads.values()) / 1e9

@@ -21,19 +21,14 @@ def pytest_configure(config):
     them one by one; the run removes them all at its end instead
     (``pytest_unconfigure``), failed tests included.
     """
-    if getattr(config, "workerinput", None) is not None or hasattr(config, "_networkd_tmp"):
-        return
     config._networkd_tmp = (tempfile.tempdir, os.environ.get("TMPDIR"))
     tempfile.tempdir = tempfile.mkdtemp(prefix="networkd-tests-")
     os.environ["TMPDIR"] = tempfile.tempdir
 
 
 def pytest_unconfigure(config):
-    saved = getattr(config, "_networkd_tmp", None)
-    if saved is None:
-        return
     run_dir = tempfile.tempdir
-    tempfile.tempdir, tmpdir = saved
+    tempfile.tempdir, tmpdir = config._networkd_tmp
     if tmpdir is None:
         os.environ.pop("TMPDIR", None)
     else:

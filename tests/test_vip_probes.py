@@ -242,21 +242,17 @@ async def test_connects_in_flight_are_one_reader_for_the_reactor_and_each_verdic
     sockets = []
 
     def listener(backlog):
+        """A port of our own; ``backlog`` None: bound, not listening, so it refuses (and stays ours: no
+        listener made later takes its number and answers for it)."""
         s = socket.socket()
         s.bind((host, 0))
-        s.listen(backlog)
-        sockets.append(s)
-        return s.getsockname()[1]
-
-    def refusing():
-        """A port bound but not listening: it refuses, and no listener made below can take its number."""
-        s = socket.socket()
-        s.bind((host, 0))
+        if backlog is not None:
+            s.listen(backlog)
         sockets.append(s)
         return s.getsockname()[1]
 
     listening = [Target("tcp", host, listener(128)) for _ in range(30)]
-    closed = [Target("tcp", host, refusing()) for _ in range(30)]
+    closed = [Target("tcp", host, listener(None)) for _ in range(30)]
     silent = []
     for _ in range(5):
         port = listener(0)
